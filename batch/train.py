@@ -1,0 +1,239 @@
+"""Train a lesion classifier on HAM10000 (locally or as a SageMaker training job).
+
+    dermscore train --data ../shared/data/ham10000 --out models/default
+
+The split is lesion-grouped and stratified (``batch.data.lesion_split``);
+class imbalance is handled half by sampling and half by loss weights (each
+~1/sqrt(frequency)), which balances classes in expectation without showing
+the 85 dermatofibroma images sixty times an epoch. After the last epoch the
+validation split calibrates a softmax temperature and picks the melanoma
+threshold; both are stored in the model's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from monai.transforms import (
+    Compose,
+    Lambda,
+    RandAdjustContrast,
+    RandAffine,
+    RandFlip,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
+from torch.utils.data import WeightedRandomSampler
+from tqdm import tqdm
+
+from batch import data as ham
+from batch.metrics import classification_report, fit_temperature, melanoma_threshold, softmax
+from batch.model import ARCHITECTURES, ModelMeta, build_network, save
+from dermscore import __version__
+from dermscore.labels import CLASSES, MELANOMA_INDEX
+
+log = logging.getLogger("dermscore.train")
+DEFAULT_INPUT_SIZE = (144, 192)  # (H, W): 4:3 like HAM10000, divisible by 16
+
+
+def augmentations() -> Compose:
+    """Dermoscopy is orientation-free, so flips and any rotation are safe;
+    RandAffine's zoom + shift acts as a random resized crop; brightness,
+    contrast and per-channel scaling mimic different dermatoscopes."""
+    return Compose([
+        RandFlip(prob=0.5, spatial_axis=0),
+        RandFlip(prob=0.5, spatial_axis=1),
+        RandAffine(prob=0.8, rotate_range=math.pi, scale_range=(0.2, 0.2),
+                   translate_range=(12, 16), padding_mode="reflection"),
+        RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25)),
+        RandScaleIntensity(prob=0.5, factors=0.12, channel_wise=True),
+        RandShiftIntensity(prob=0.3, offsets=12.0),
+        Lambda(lambda x: x.clamp_(0, 255)),
+    ])
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        x = torch.from_numpy(pixels[i : i + batch_size]).to(device, memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            out.append(model(x).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def train(args: argparse.Namespace) -> dict:
+    device = pick_device(args.device)
+    gen = seed_everything(args.seed)
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    size = tuple(args.input_size)
+
+    meta_df = ham.read_metadata(args.data)
+    if args.limit:
+        meta_df = meta_df.sample(n=min(args.limit, len(meta_df)), random_state=args.seed).reset_index(drop=True)
+    train_df, val_df = ham.lesion_split(meta_df, args.val_fraction, args.seed)
+    assert not set(train_df.lesion_id) & set(val_df.lesion_id), "lesion leaked across the split"
+    log.info("split: %d train / %d val images (%d / %d lesions)", len(train_df), len(val_df),
+             train_df.lesion_id.nunique(), val_df.lesion_id.nunique())
+
+    t0 = time.time()
+    train_px = ham.load_pixels(train_df.path.tolist(), size)
+    val_px = ham.load_pixels(val_df.path.tolist(), size)
+    train_y = train_df.label.to_numpy()
+    val_y = val_df.label.to_numpy()
+    log.info("decoded %d images in %.0fs", len(train_px) + len(val_px), time.time() - t0)
+
+    counts = np.maximum(ham.class_counts(train_y), 1)
+    inv_sqrt = 1.0 / np.sqrt(counts)
+    sampler = WeightedRandomSampler(inv_sqrt[train_y], num_samples=len(train_y), replacement=True, generator=gen)
+    loss_weights = torch.tensor(inv_sqrt / (inv_sqrt * counts / counts.sum()).sum(), dtype=torch.float32, device=device)
+
+    aug = augmentations()
+    aug.set_random_state(seed=args.seed)
+    items = [{"x": train_px[i], "y": int(train_y[i])} for i in range(len(train_y))]
+    dataset = Dataset(items, transform=lambda d: (aug(torch.from_numpy(d["x"]).float()), d["y"]))
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", drop_last=len(items) > args.batch_size,
+                        persistent_workers=args.workers > 0)
+
+    model = build_network(args.arch, pretrained=args.pretrained).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = min(len(loader), args.max_batches or len(loader))
+    total = args.epochs * steps_per_epoch
+    warmup = min(steps_per_epoch, total // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    )
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=loss_weights)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    start_epoch, history = 0, []
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        gen.set_state(ckpt["sampler_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        t_epoch, seen, running = time.time(), 0, 0.0
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+                   mininterval=args.progress_interval, disable=args.quiet)
+        for step, (x, y) in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
+                loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            seen += len(y)
+            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+            bar.set_postfix(loss=f"{running:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
+        probs = softmax(predict_logits(model, val_px, device))
+        rep = classification_report(probs, val_y)
+        history.append({
+            "epoch": epoch + 1, "train_loss": running, "train_images_per_s": seen / (time.time() - t_epoch),
+            "val_balanced_accuracy": rep["balanced_accuracy"], "val_macro_auc": rep["macro_auc"],
+            "val_mel_sens_at_spec80": rep["melanoma_sensitivity_at_specificity_0.80"],
+        })
+        log.info("epoch %d %s", epoch + 1, json.dumps(history[-1]))
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch + 1, "history": history, "sampler_rng": gen.get_state(),
+                    "torch_rng": torch.get_rng_state()}, ckpt_path)
+
+    # Calibrate on the validation split (never trained on), then report on it.
+    logits = predict_logits(model, val_px, device)
+    temperature = fit_temperature(logits, val_y)
+    probs = softmax(logits, temperature)
+    threshold = melanoma_threshold(probs[:, MELANOMA_INDEX], val_y == MELANOMA_INDEX)
+    meta = ModelMeta(
+        name=args.name, version=args.version or time.strftime("%Y%m%d"), arch=args.arch, input_size=size,
+        temperature=temperature, melanoma_threshold=threshold,
+        extra={"seed": args.seed, "epochs": args.epochs, "val_fraction": args.val_fraction,
+               "train_images": len(train_y), "val_images": len(val_y), "code_version": __version__},
+    )
+    save(model, meta, out)
+    report = classification_report(probs, val_y, mel_threshold=threshold)
+    (out / "train_report.json").write_text(json.dumps({"history": history, "validation": report}, indent=2) + "\n")
+    if not args.keep_checkpoint:
+        ckpt_path.unlink(missing_ok=True)
+    val_df[["image_id", "lesion_id", "dx"]].to_csv(out / "validation_split.csv", index=False)
+    log.info("saved %s (T=%.3f, mel threshold=%.3f): balanced acc %.3f, macro AUC %.3f", out, temperature,
+             threshold, report["balanced_accuracy"] or float("nan"), report["macro_auc"] or float("nan"))
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("SM_CHANNEL_TRAINING", "../shared/data/ham10000")))
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("SM_MODEL_DIR", "models/default")))
+    p.add_argument("--arch", choices=ARCHITECTURES, default="efficientnet_lite0")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="start from ImageNet weights (default: yes where the architecture has them)")
+    p.add_argument("--name", default="dermscore-ham10000")
+    p.add_argument("--version", default="")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--input-size", type=int, nargs=2, default=DEFAULT_INPUT_SIZE, metavar=("H", "W"))
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=20261123)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--workers", type=int, default=1, help="augmentation worker processes")
+    p.add_argument("--limit", type=int, default=0, help="train on a random subset of this many images")
+    p.add_argument("--max-batches", type=int, default=0, help="cap batches per epoch (smoke tests)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--keep-checkpoint", action="store_true")
+    p.add_argument("--progress-interval", type=float, default=10.0)
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.pretrained is None:
+        args.pretrained = args.arch == "efficientnet_lite0"
+    train(args)
+
+
+if __name__ == "__main__":  # SageMaker training entry point: python -m batch.train
+    from dermscore.cli import main
+
+    main(["train", *__import__("sys").argv[1:]])

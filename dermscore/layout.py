@@ -1,0 +1,65 @@
+"""Where things live in the bucket.
+
+Every component (the handlers, the transform runner, the template's
+notification filter and lifecycle rules) takes its prefixes from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import unquote_plus
+
+INCOMING = "incoming/"
+MANIFESTS = "manifests/"
+TRANSFORM_OUTPUT = "transform-output/"
+PREDICTIONS = "results/predictions/"
+IMAGES = "results/images/"
+FAILURES = "results/failures/"
+
+# Image suffixes the bucket notification forwards (lower and upper case,
+# S3 suffix filters are case-sensitive).
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+
+
+def decode_event_key(raw: str) -> str:
+    """Decode an object key as S3 puts it in event notifications.
+
+    S3 URL-encodes keys in events with '+' for spaces ("incoming/a+b%2Bc.jpg"
+    is the key "incoming/a b+c.jpg"), so ``unquote_plus`` is the exact inverse.
+    """
+    return unquote_plus(raw)
+
+
+def is_incoming(key: str) -> bool:
+    return key.startswith(INCOMING) and not key.endswith("/")
+
+
+def manifest_key(job_name: str) -> str:
+    return f"{MANIFESTS}{job_name}.jsonl"
+
+
+def transform_output_prefix(job_name: str) -> str:
+    return f"{TRANSFORM_OUTPUT}{job_name}/"
+
+
+def image_result_key(image_key: str) -> str:
+    """Per-image JSON document: the incoming key mirrored under results/images/."""
+    return f"{IMAGES}{image_key[len(INCOMING):] if image_key.startswith(INCOMING) else image_key}.json"
+
+
+def prediction_partition_key(dt: str, job_name: str) -> str:
+    """One Parquet file per job, Hive-partitioned by scoring date (dt=YYYY-MM-DD)."""
+    return f"{PREDICTIONS}dt={dt}/{job_name}.parquet"
+
+
+def failure_partition_key(dt: str, name: str) -> str:
+    return f"{FAILURES}dt={dt}/{name}.parquet"
+
+
+def content_digest(*parts: str, length: int = 16) -> str:
+    """Short, stable digest used for deterministic job and file names."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:length]

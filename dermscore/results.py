@@ -1,0 +1,127 @@
+"""The result schema: one definition for the transform output, Parquet and JSON.
+
+Flow of a record::
+
+    inference (batch.inference)     -> score_line()/error_line()  one JSON line per manifest line
+    collect   (handlers.collect)    -> prediction_row()/failure_row()  + job name, time
+    Parquet / per-image JSON / SQL  -> PREDICTION_SCHEMA / FAILURE_SCHEMA
+
+Everything derived from probabilities (top class, malignant probability,
+melanoma flag, risk level) is computed once, in :func:`score_line`, where the
+model's metadata (threshold) is at hand.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from dermscore import __version__
+from dermscore.labels import CLASS_NAMES, CLASSES, MALIGNANT
+
+PROB_COLUMNS = [f"prob_{c}" for c in CLASSES]
+
+# Risk levels: "high" = melanoma flag raised (threshold chosen on validation for
+# sensitivity >= 0.85) or malignant probability >= 0.5; "moderate" =
+# malignant probability >= 0.2; otherwise "low".
+HIGH_MALIGNANT = 0.5
+MODERATE_MALIGNANT = 0.2
+
+PREDICTION_SCHEMA = pa.schema([
+    ("image_key", pa.string()),
+    ("bucket", pa.string()),
+    ("etag", pa.string()),
+    ("job_name", pa.string()),
+    ("scored_at", pa.timestamp("ms", tz="UTC")),
+    ("model_name", pa.string()),
+    ("model_version", pa.string()),
+    ("weights_sha256", pa.string()),
+    ("code_version", pa.string()),
+    *[(c, pa.float32()) for c in PROB_COLUMNS],
+    ("top_class", pa.string()),
+    ("top_class_name", pa.string()),
+    ("confidence", pa.float32()),
+    ("malignant_prob", pa.float32()),
+    ("melanoma_flag", pa.bool_()),
+    ("risk_level", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+])
+
+FAILURE_SCHEMA = pa.schema([
+    ("image_key", pa.string()),
+    ("bucket", pa.string()),
+    ("etag", pa.string()),
+    ("job_name", pa.string()),
+    ("stage", pa.string()),       # enqueue | transform | collect
+    ("reason", pa.string()),      # a code from dermscore.imaging (or job_failed, ...)
+    ("detail", pa.string()),
+    ("failed_at", pa.timestamp("ms", tz="UTC")),
+])
+
+PARTITION_COLUMN = "dt"  # Hive-style partition key (YYYY-MM-DD), lives in the path
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def risk_level(malignant_prob: float, melanoma_flag: bool) -> str:
+    if melanoma_flag or malignant_prob >= HIGH_MALIGNANT:
+        return "high"
+    return "moderate" if malignant_prob >= MODERATE_MALIGNANT else "low"
+
+
+def score_line(item: dict[str, Any], probs: list[float], model: dict[str, str], melanoma_threshold: float,
+               width: int, height: int) -> dict[str, Any]:
+    """The transform output line for one scored image (``item`` is its manifest line)."""
+    p = {c: float(v) for c, v in zip(CLASSES, probs)}
+    top = max(p, key=p.get)
+    malignant = sum(p[c] for c in MALIGNANT)
+    flag = p["mel"] >= melanoma_threshold
+    return {
+        "bucket": item["bucket"], "key": item["key"], "etag": item.get("etag", ""), "status": "ok",
+        "probabilities": p, "top_class": top, "confidence": p[top], "malignant_prob": malignant,
+        "melanoma_flag": flag, "risk_level": risk_level(malignant, flag),
+        "width": width, "height": height, "model": model,
+    }
+
+
+def error_line(item: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+    """The transform output line for an image that could not be scored."""
+    return {"bucket": item.get("bucket", ""), "key": item.get("key", ""), "etag": item.get("etag", ""),
+            "status": "error", "reason": reason, "detail": detail}
+
+
+def prediction_row(line: dict[str, Any], job_name: str, scored_at: datetime) -> dict[str, Any]:
+    """Flatten a successful output line into a PREDICTION_SCHEMA row."""
+    model = line["model"]
+    return {
+        "image_key": line["key"], "bucket": line["bucket"], "etag": line["etag"], "job_name": job_name,
+        "scored_at": scored_at, "model_name": model["name"], "model_version": model["version"],
+        "weights_sha256": model["weights_sha256"], "code_version": __version__,
+        **{f"prob_{c}": line["probabilities"][c] for c in CLASSES},
+        "top_class": line["top_class"], "top_class_name": CLASS_NAMES[line["top_class"]],
+        "confidence": line["confidence"], "malignant_prob": line["malignant_prob"],
+        "melanoma_flag": line["melanoma_flag"], "risk_level": line["risk_level"],
+        "width": line["width"], "height": line["height"],
+    }
+
+
+def failure_row(bucket: str, key: str, etag: str, stage: str, reason: str, detail: str,
+                job_name: str | None = None, failed_at: datetime | None = None) -> dict[str, Any]:
+    return {"image_key": key, "bucket": bucket, "etag": etag, "job_name": job_name, "stage": stage,
+            "reason": reason, "detail": detail, "failed_at": failed_at or utcnow()}
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def image_document(row: dict[str, Any]) -> dict[str, Any]:
+    """The per-image JSON document: the Parquet row, JSON-friendly."""
+    doc = dict(row)
+    doc["scored_at"] = row["scored_at"].isoformat()
+    return doc
