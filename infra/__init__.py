@@ -1,0 +1,1 @@
+"""Deployment helpers: the CloudFormation/SAM template, model publishing, the local stack."""

@@ -1,0 +1,261 @@
+"""Read ``template.yaml``: the one place names and settings of the stack are written down.
+
+The local (embedded) stack calls :func:`local_spec` to get the queue settings,
+the bucket notification filter and the exact environment of each Lambda
+function, so it never repeats a value the template already holds.
+
+``load_template`` parses CloudFormation YAML including the short-form
+intrinsic tags (``!Ref``, ``!GetAtt``, ``!Sub`` ...) into their long form
+(``{"Ref": ...}``, ``{"Fn::GetAtt": [...]}``), exactly as CloudFormation does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE_PATH = REPO_ROOT / "template.yaml"
+
+# Pseudo parameters used when a value is resolved for the local stack.
+LOCAL_ACCOUNT_ID = "123456789012"
+LOCAL_REGION = "us-east-1"
+LOCAL_PARTITION = "aws"
+
+
+# --------------------------------------------------------------------------- YAML
+
+class _CfnLoader(yaml.SafeLoader):
+    """SafeLoader that understands CloudFormation's short-form intrinsic functions."""
+
+
+def _intrinsic(long_name: str):
+    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> dict[str, Any]:
+        if isinstance(node, yaml.ScalarNode):
+            value: Any = loader.construct_scalar(node)
+            if long_name == "Fn::GetAtt":       # !GetAtt Res.Attr -> ["Res", "Attr"]
+                value = value.split(".", 1)
+        elif isinstance(node, yaml.SequenceNode):
+            value = loader.construct_sequence(node, deep=True)
+        else:
+            value = loader.construct_mapping(node, deep=True)
+        return {long_name: value}
+    return construct
+
+
+_TAGS = {
+    "Ref": "Ref", "Condition": "Condition",
+    **{name: f"Fn::{name}" for name in (
+        "GetAtt", "Sub", "Join", "Select", "Split", "If", "Equals", "Not", "And", "Or",
+        "FindInMap", "GetAZs", "ImportValue", "Base64", "Cidr", "Length", "ToJsonString")},
+}
+for _short, _long in _TAGS.items():
+    _CfnLoader.add_constructor(f"!{_short}", _intrinsic(_long))
+
+
+def load_template(path: str | Path = TEMPLATE_PATH) -> dict[str, Any]:
+    """Parse a CloudFormation/SAM YAML template into plain Python data."""
+    with open(path, encoding="utf-8") as f:
+        return yaml.load(f, Loader=_CfnLoader)  # noqa: S506 - SafeLoader subclass
+
+
+# --------------------------------------------------------------------------- resolving
+
+_SUB_VAR = re.compile(r"\$\{([^}!][^}]*)\}")
+
+
+class Resolver:
+    """Resolve intrinsic functions to concrete values for a local deployment.
+
+    Parameters take their defaults (or ``overrides``); ``refs`` maps logical
+    ids / pseudo parameters to values; any other resource resolves to its
+    logical id, and ``!GetAtt X.Arn`` to a plausible local ARN.
+    """
+
+    def __init__(self, template: dict[str, Any], refs: dict[str, Any] | None = None,
+                 overrides: dict[str, Any] | None = None):
+        self.template = template
+        self.refs: dict[str, Any] = {
+            "AWS::AccountId": LOCAL_ACCOUNT_ID, "AWS::Region": LOCAL_REGION,
+            "AWS::Partition": LOCAL_PARTITION, "AWS::URLSuffix": "amazonaws.com",
+            "AWS::StackName": "dermscore", "AWS::NoValue": None,
+        }
+        for name, spec in (template.get("Parameters") or {}).items():
+            if "Default" in spec:
+                self.refs[name] = spec["Default"]
+        self.refs.update(overrides or {})
+        self.refs.update(refs or {})
+        self.conditions: dict[str, bool] = {}
+
+    def ref(self, name: str) -> Any:
+        if name in self.refs:
+            return self.refs[name]
+        if name in (self.template.get("Resources") or {}):
+            return name
+        raise KeyError(f"unresolvable Ref {name!r}")
+
+    def condition(self, name: str) -> bool:
+        if name not in self.conditions:
+            self.conditions[name] = bool(self.resolve(self.template["Conditions"][name]))
+        return self.conditions[name]
+
+    def get_att(self, res: str, attr: str) -> Any:
+        resources = self.template.get("Resources") or {}
+        if attr == "Arn":
+            rtype = resources.get(res, {}).get("Type", "")
+            service = rtype.split("::")[1].lower() if rtype.count("::") >= 2 else "local"
+            if service == "s3":
+                return f"arn:{LOCAL_PARTITION}:s3:::{self.ref(res)}"
+            return f"arn:{LOCAL_PARTITION}:{service}:{self.refs['AWS::Region']}:{self.refs['AWS::AccountId']}:{res}"
+        return f"{res}.{attr}"
+
+    def resolve(self, node: Any) -> Any:
+        if isinstance(node, list):
+            return [v for v in (self.resolve(x) for x in node) if v is not None]
+        if not isinstance(node, dict):
+            return node
+        if len(node) == 1:
+            (key, arg), = node.items()
+            if key == "Ref":
+                return self.ref(arg)
+            if key == "Fn::GetAtt":
+                res, attr = arg if isinstance(arg, list) else arg.split(".", 1)
+                return self.get_att(res, attr)
+            if key == "Fn::Sub":
+                text, extra = (arg, {}) if isinstance(arg, str) else (arg[0], self.resolve(arg[1]))
+
+                def sub(m: re.Match) -> str:
+                    var = m.group(1)
+                    if var in extra:
+                        return str(extra[var])
+                    if "." in var:
+                        return str(self.get_att(*var.split(".", 1)))
+                    return str(self.ref(var))
+                return _SUB_VAR.sub(sub, text).replace("${!", "${")
+            if key == "Fn::Join":
+                sep, items = arg
+                return sep.join(str(v) for v in self.resolve(items))
+            if key == "Fn::Select":
+                idx, items = self.resolve(arg)
+                return items[int(idx)]
+            if key == "Fn::Split":
+                sep, text = self.resolve(arg)
+                return text.split(sep)
+            if key == "Fn::If":
+                cond, yes, no = arg
+                return self.resolve(yes if self.condition(cond) else no)
+            if key == "Fn::Equals":
+                a, b = self.resolve(arg)
+                return str(a) == str(b)
+            if key == "Fn::Not":
+                return not self.resolve(arg[0])
+            if key == "Fn::And":
+                return all(self.resolve(x) for x in arg)
+            if key == "Fn::Or":
+                return any(self.resolve(x) for x in arg)
+            if key == "Condition":
+                return self.condition(arg)
+        return {k: self.resolve(v) for k, v in node.items()}
+
+
+# --------------------------------------------------------------------------- local spec
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """What the local stack needs to mirror the deployed one."""
+    queue_visibility_timeout: int
+    max_receive_count: int
+    dlq_retention_s: int
+    batch_size: int
+    batching_window_s: int
+    notification_prefix: str
+    notification_suffixes: tuple[str, ...]
+    enqueue_env: dict[str, str]
+    collect_env: dict[str, str]
+    # Extras (beyond the contract above), handy for tests of the local stack.
+    bucket: str = ""
+    stack_name: str = "dermscore"
+    enqueue_timeout_s: int = 0
+    collect_timeout_s: int = 0
+    collect_event_pattern: dict[str, Any] = field(default_factory=dict)
+
+
+def function_env(template: dict[str, Any], logical_id: str, resolver: Resolver) -> dict[str, str]:
+    """The environment a function gets: Globals merged with the function's own variables."""
+    glob = ((template.get("Globals") or {}).get("Function") or {}).get("Environment", {}).get("Variables", {})
+    own = template["Resources"][logical_id]["Properties"].get("Environment", {}).get("Variables", {})
+    merged = resolver.resolve({**glob, **own})
+    return {k: _str(v) for k, v in merged.items() if v is not None}
+
+
+def function_property(template: dict[str, Any], logical_id: str, name: str, resolver: Resolver) -> Any:
+    props = template["Resources"][logical_id]["Properties"]
+    if name in props:
+        return resolver.resolve(props[name])
+    return resolver.resolve(((template.get("Globals") or {}).get("Function") or {}).get(name))
+
+
+def _str(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _event(template: dict[str, Any], logical_id: str, event_type: str) -> dict[str, Any]:
+    events = template["Resources"][logical_id]["Properties"].get("Events", {})
+    for ev in events.values():
+        if ev.get("Type") == event_type:
+            return ev["Properties"]
+    raise KeyError(f"{logical_id} has no {event_type} event")
+
+
+def notification_filter(bucket_props: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """(prefix, suffixes) of the bucket's queue notifications (one suffix per S3 rule)."""
+    prefixes: set[str] = set()
+    suffixes: list[str] = []
+    for qc in bucket_props.get("NotificationConfiguration", {}).get("QueueConfigurations", []):
+        for rule in qc.get("Filter", {}).get("S3Key", {}).get("Rules", []):
+            if rule["Name"].lower() == "prefix":
+                prefixes.add(rule["Value"])
+            elif rule["Name"].lower() == "suffix" and rule["Value"] not in suffixes:
+                suffixes.append(rule["Value"])
+    if len(prefixes) > 1:
+        raise ValueError(f"queue notifications use several prefixes: {sorted(prefixes)}")
+    return (prefixes.pop() if prefixes else ""), tuple(suffixes)
+
+
+def local_spec(bucket: str, stack_name: str = "dermscore", path: str | Path = TEMPLATE_PATH,
+               overrides: dict[str, Any] | None = None) -> LocalSpec:
+    """Settings for the local stack, read from ``template.yaml``.
+
+    Parameters resolve to their defaults (or ``overrides``), ``Ref ImagesBucket``
+    to ``bucket`` and ``Ref AWS::StackName`` to ``stack_name``.
+    """
+    t = load_template(path)
+    r = Resolver(t, refs={"ImagesBucket": bucket, "AWS::StackName": stack_name}, overrides=overrides)
+    res = t["Resources"]
+    queue = r.resolve(res["ImagesQueue"]["Properties"])
+    dlq = r.resolve(res["ImagesDeadLetterQueue"]["Properties"])
+    sqs_event = r.resolve(_event(t, "EnqueueFunction", "SQS"))
+    rule_event = r.resolve(_event(t, "CollectFunction", "EventBridgeRule"))
+    prefix, suffixes = notification_filter(r.resolve(res["ImagesBucket"]["Properties"]))
+    return LocalSpec(
+        queue_visibility_timeout=int(queue["VisibilityTimeout"]),
+        max_receive_count=int(queue["RedrivePolicy"]["maxReceiveCount"]),
+        dlq_retention_s=int(dlq.get("MessageRetentionPeriod", 345600)),
+        batch_size=int(sqs_event.get("BatchSize", 10)),
+        batching_window_s=int(sqs_event.get("MaximumBatchingWindowInSeconds", 0)),
+        notification_prefix=prefix,
+        notification_suffixes=suffixes,
+        enqueue_env=function_env(t, "EnqueueFunction", r),
+        collect_env=function_env(t, "CollectFunction", r),
+        bucket=bucket,
+        stack_name=stack_name,
+        enqueue_timeout_s=int(function_property(t, "EnqueueFunction", "Timeout", r) or 3),
+        collect_timeout_s=int(function_property(t, "CollectFunction", "Timeout", r) or 3),
+        collect_event_pattern=rule_event.get("Pattern", {}),
+    )
