@@ -14,6 +14,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("batch.train", "train a classifier on HAM10000"),
+    "evaluate": ("batch.evaluate", "evaluate a model: per-class metrics, AUC, calibration, plots"),
 }
 
 

@@ -1,0 +1,42 @@
+"""One result schema: transform output line -> Parquet row -> per-image JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from dermscore import results
+from dermscore.labels import CLASSES
+
+MODEL = {"name": "m", "version": "1", "weights_sha256": "abc"}
+ITEM = {"bucket": "b", "key": "incoming/x y.jpg", "etag": "e1"}
+
+
+def line(probs: list[float], threshold: float = 0.3) -> dict:
+    return results.score_line(ITEM, probs, MODEL, threshold, 600, 450)
+
+
+def test_derived_fields() -> None:
+    out = line([0.05, 0.05, 0.1, 0.0, 0.4, 0.35, 0.05])
+    assert out["top_class"] == "mel" and out["melanoma_flag"] is True
+    assert abs(out["malignant_prob"] - 0.5) < 1e-9 and out["risk_level"] == "high"
+    low = line([0.01, 0.01, 0.05, 0.01, 0.02, 0.85, 0.05])
+    assert (low["top_class"], low["melanoma_flag"], low["risk_level"]) == ("nv", False, "low")
+    moderate = line([0.1, 0.1, 0.1, 0.0, 0.05, 0.6, 0.05], threshold=0.5)
+    assert moderate["risk_level"] == "moderate"
+
+
+def test_row_matches_schema_and_json_round_trips() -> None:
+    row = results.prediction_row(line([1 / 7] * 7), "job-1", results.utcnow())
+    table = results.to_table([row], results.PREDICTION_SCHEMA)
+    assert table.schema.equals(results.PREDICTION_SCHEMA) and table.num_rows == 1
+    doc = json.loads(json.dumps(results.image_document(row)))
+    assert set(doc) == set(results.PREDICTION_SCHEMA.names)
+    assert abs(sum(doc[f"prob_{c}"] for c in CLASSES) - 1) < 1e-6
+
+
+def test_failure_row_matches_schema() -> None:
+    row = results.failure_row("b", "incoming/x.jpg", "e", "enqueue", "zero_byte", "object is empty")
+    assert results.to_table([row], results.FAILURE_SCHEMA).column("reason").to_pylist() == ["zero_byte"]
+    assert results.FAILURE_SCHEMA.field("failed_at").type == pa.timestamp("ms", tz="UTC")
