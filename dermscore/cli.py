@@ -14,6 +14,8 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("batch.train", "train a classifier on HAM10000"),
+    "package-model": ("batch.package", "build a reproducible SageMaker model.tar.gz from a model directory"),
+    "predict": ("batch.predict", "score local image files with a model (table or JSON lines)"),
     "evaluate": ("batch.evaluate", "evaluate a model: per-class metrics, AUC, calibration, plots"),
 }
 

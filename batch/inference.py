@@ -1,0 +1,394 @@
+"""SageMaker inference entry points and the streaming scorer behind them.
+
+SageMaker's PyTorch serving container calls, per model and per request::
+
+    model = model_fn(model_dir)                      # once per worker
+    data  = input_fn(body, "application/jsonlines")  # manifest lines -> items
+    pred  = predict_fn(data, model)                  # items -> output records
+    body  = output_fn(pred, "application/jsonlines") # records -> JSON Lines
+
+The transform job uses ``SplitType=Line`` + ``BatchStrategy=MultiRecord``, so
+one request carries many manifest lines (``{"bucket", "key", "etag", "size"}``)
+and the response must carry exactly one line per input line, in the same
+order: :func:`dermscore.results.score_line` or :func:`dermscore.results.error_line`.
+One unreadable image produces an error line; it never fails the request.
+
+Why the :class:`Scorer` is built as a pipeline (issue 5): with one image per
+request the GPU idles while S3 and JPEG decoding run. Here a bounded thread
+pool fetches objects and decodes them (boto3 I/O and Pillow both release the
+GIL) while the main thread assembles uint8 batches into a preallocated
+(pinned, on CUDA) buffer and runs the forward pass, so the network stays the
+bottleneck. The read-ahead window is a few batches, so memory does not grow
+with the request size. The three stages (load/decode, forward, format) are
+separate methods so each can be tested and reused: the local transform runner
+and ``dermscore predict`` use the same object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from batch.model import METADATA_FILE, WEIGHTS_FILE, ModelMeta, load, sha256_file
+from dermscore import imaging
+from dermscore.imaging import Decoded, ImageRejected
+from dermscore.results import error_line, score_line
+
+log = logging.getLogger("dermscore.inference")
+
+# A manifest line that is not a JSON object with string "bucket" and "key".
+BAD_MANIFEST_LINE = getattr(imaging, "BAD_MANIFEST_LINE", "bad_manifest_line")
+
+JSONLINES_TYPES = frozenset({"application/jsonlines", "application/x-jsonlines", "application/jsonl",
+                             "application/json", "text/plain"})
+
+CPU_BATCH_SIZE = 32
+CUDA_BATCH_SIZE = 128
+READ_AHEAD_BATCHES = 3
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """Placeholder for a manifest line that could not be parsed (keeps line order)."""
+
+    raw: str
+    detail: str
+
+
+Item = dict[str, Any]
+Loader = Callable[[Any], Decoded]
+
+
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_s3_client(max_pool_connections: int = 32) -> Any:
+    """One client per process: boto3 clients are thread-safe and pool connections.
+
+    The endpoint comes from the environment (``AWS_ENDPOINT_URL`` for the local
+    moto stack), never from code. The pool is as large as the fetch threads,
+    otherwise urllib3 discards connections and every GET pays a new handshake.
+    """
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(max_pool_connections=max_pool_connections,
+                                            retries={"max_attempts": 4, "mode": "standard"}))
+
+
+class Scorer:
+    """Loads a model once and scores streams of images in batched forward passes.
+
+    Stages (each usable on its own):
+      * :meth:`load_item` / :meth:`fetch`: S3 GetObject + :func:`dermscore.imaging.decode`
+        (runs in the worker threads);
+      * :meth:`forward`: a uint8 NHWC batch -> calibrated probabilities;
+      * :meth:`format`: probabilities -> a :func:`score_line` record.
+    """
+
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, device: torch.device | str = "cpu",
+                 s3: Any = None, batch_size: int | None = None, workers: int | None = None,
+                 read_ahead_batches: int = READ_AHEAD_BATCHES) -> None:
+        self.model = model
+        self.meta = meta
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.batch_size = batch_size or (CUDA_BATCH_SIZE if self.cuda else CPU_BATCH_SIZE)
+        # Threads beyond the cores still help: most of a GET is waiting on the network.
+        self.workers = workers or min(32, 4 * (os.cpu_count() or 1))
+        self.read_ahead = max(1, read_ahead_batches) * self.batch_size
+        self._s3 = s3
+        self.input_size = tuple(meta.input_size)  # (H, W)
+        self.model_info = {"name": meta.name, "version": meta.version, "weights_sha256": meta.weights_sha256}
+        h, w = self.input_size
+        # Two buffers: on CUDA the host->device copy of one may still be in flight while the
+        # next is filled. An NHWC uint8 buffer permuted to NCHW *is* channels_last memory.
+        self._buffers = [torch.empty((self.batch_size, h, w, 3), dtype=torch.uint8, pin_memory=self.cuda)
+                         for _ in range(2)]
+        self._np_buffers = [b.numpy() for b in self._buffers]  # numpy views: fast copy from decoded arrays
+        self._temperature = float(meta.temperature) or 1.0
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_model_dir(cls, model_dir: Path | str, device: torch.device | str | None = None, s3: Any = None,
+                       verify: bool = True, **kwargs: Any) -> "Scorer":
+        """Load ``model.pt`` + ``metadata.json``; refuse weights that do not match their metadata.
+
+        Every output line names ``weights_sha256``, so it must be the hash of the weights
+        that actually produced the numbers.
+        """
+        model_dir = Path(model_dir)
+        device = pick_device(device)
+        model, meta = load(model_dir, device)
+        if verify and meta.weights_sha256:
+            actual = sha256_file(model_dir / WEIGHTS_FILE)
+            if actual != meta.weights_sha256:
+                raise ValueError(f"{model_dir / WEIGHTS_FILE} sha256 {actual} != {METADATA_FILE} "
+                                 f"weights_sha256 {meta.weights_sha256}")
+        scorer = cls(model, meta, device, s3=s3, **kwargs)
+        log.info("model %s v%s (%s, input %sx%s, T=%.3f, mel threshold=%.3f) on %s, batch %d, %d workers",
+                 meta.name, meta.version, meta.arch, *scorer.input_size, scorer._temperature,
+                 meta.melanoma_threshold, device, scorer.batch_size, scorer.workers)
+        return scorer
+
+    @property
+    def s3(self) -> Any:
+        if self._s3 is None:  # local-file scoring never needs a client
+            self._s3 = make_s3_client(self.workers)
+        return self._s3
+
+    # ---- stage 1: fetch + decode (worker threads) ------------------------------------------
+    def fetch(self, item: Item) -> bytes:
+        """GetObject, refusing empty/oversized objects from the headers before reading the body."""
+        size = item.get("size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > imaging.MAX_BYTES:
+            imaging.check_size(size)  # too_large without even asking S3
+        try:
+            resp = self.s3.get_object(Bucket=item["bucket"], Key=item["key"])
+        except Exception as exc:  # NoSuchKey, AccessDenied, throttling after retries, network
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code") or type(exc).__name__
+            raise ImageRejected(imaging.READ_ERROR, f"GetObject s3://{item['bucket']}/{item['key']}: {code}") from exc
+        body = resp["Body"]
+        try:
+            length = resp.get("ContentLength")
+            if length is not None:
+                imaging.check_size(int(length))  # zero_byte / too_large before reading the body
+            data = body.read()
+        except ImageRejected:
+            raise
+        except Exception as exc:
+            raise ImageRejected(imaging.READ_ERROR, f"reading s3://{item['bucket']}/{item['key']}: {exc}") from exc
+        finally:
+            body.close()
+        return data
+
+    def decode(self, data: bytes) -> Decoded:
+        return imaging.decode(data, self.input_size)
+
+    def load_item(self, item: Item) -> Decoded:
+        return self.decode(self.fetch(item))
+
+    # ---- stage 2: forward ------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """(n, H, W, 3) uint8 -> (n, classes) calibrated probabilities (float32, on the device).
+
+        The result is left on the device so a CUDA caller can fill the next batch while the
+        kernels run; ``.cpu()`` is the synchronisation point.
+        """
+        x = batch.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last
+        if x.device != self.device:
+            x = x.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
+            logits = self.model(x)
+        return torch.softmax(logits.float() / self._temperature, dim=1)
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities for already decoded (n, H, W, 3) uint8 images (benchmarks, evaluation)."""
+        out = [self.forward(torch.from_numpy(np.ascontiguousarray(pixels[i:i + self.batch_size]))).cpu()
+               for i in range(0, len(pixels), self.batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.meta.classes)), np.float32)
+
+    # ---- stage 3: format -------------------------------------------------------------------
+    def format(self, item: Item, probs: np.ndarray, decoded: Decoded) -> dict[str, Any]:
+        return score_line(item, probs.tolist(), self.model_info, self.meta.melanoma_threshold,
+                          decoded.width, decoded.height)
+
+    # ---- the pipeline ----------------------------------------------------------------------
+    def score_items(self, items: Iterable[Item | BadLine]) -> Iterator[dict[str, Any]]:
+        """Score manifest items from S3, yielding one output record per item, in order."""
+        return self._pipeline(items, self.load_item)
+
+    def score_bytes(self, pairs: Iterable[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        """Score in-memory images given as (name, bytes); ``name`` becomes the record's key."""
+        data = {}
+
+        def items() -> Iterator[Item]:
+            for i, (name, blob) in enumerate(pairs):
+                data[i] = blob
+                yield {"bucket": "", "key": name, "etag": "", "size": len(blob), "_ref": i}
+
+        return [self._strip(r) for r in self._pipeline(items(), lambda it: self.decode(data.pop(it["_ref"])))]
+
+    def score_files(self, paths: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
+        """Score local files (read in the worker threads); the path becomes the record's key."""
+        def load_file(item: Item) -> Decoded:
+            try:
+                blob = Path(item["key"]).read_bytes()
+            except OSError as exc:
+                raise ImageRejected(imaging.READ_ERROR, f"{item['key']}: {exc.strerror or exc}") from exc
+            return self.decode(blob)
+
+        return self._pipeline(({"bucket": "", "key": str(p), "etag": ""} for p in paths), load_file)
+
+    @staticmethod
+    def _strip(record: dict[str, Any]) -> dict[str, Any]:
+        record.pop("_ref", None)
+        return record
+
+    def _pipeline(self, items: Iterable[Item | BadLine], loader: Loader) -> Iterator[dict[str, Any]]:
+        """Stream ``items`` through loader threads -> batched forward -> records, in input order.
+
+        At most ``read_ahead`` items are in flight: the window is refilled as results are
+        consumed, so a million-line request uses the memory of a few batches.
+        """
+        t0, n_ok, n_err = time.perf_counter(), 0, 0
+        source = iter(items)
+        window: deque[tuple[Item | BadLine, Future | None]] = deque()
+
+        def safe_load(item: Item) -> Decoded | ImageRejected:
+            try:
+                return loader(item)
+            except ImageRejected as exc:
+                return exc
+            except Exception as exc:  # anything unforeseen still must not fail the request
+                log.exception("unexpected error loading %s", item.get("key"))
+                return ImageRejected(imaging.READ_ERROR, f"{type(exc).__name__}: {exc}")
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="dermscore-load") as pool:
+            def refill() -> None:
+                while len(window) < self.read_ahead:
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        return
+                    if isinstance(item, BadLine):
+                        window.append((item, None))
+                    else:
+                        window.append((item, pool.submit(safe_load, item)))
+
+            refill()
+            pending: tuple[list, torch.Tensor] | None = None  # previous batch, still computing
+            which = 0
+            while window or pending is not None:
+                # Assemble the next batch from the head of the window (order preserved).
+                entries: list[tuple[Item | BadLine, Decoded | ImageRejected | BadLine]] = []
+                buf = self._buffers[which]
+                n = 0
+                while window and n < self.batch_size:
+                    item, fut = window.popleft()
+                    result = item if fut is None else fut.result()
+                    if isinstance(result, Decoded):
+                        self._np_buffers[which][n] = result.pixels  # memcpy into the (pinned) buffer
+                        n += 1
+                    entries.append((item, result))
+                    refill()
+                probs = self.forward(buf[:n]) if n else None
+                # Emit the previous batch while this one computes (CUDA); on CPU forward is sync.
+                if pending is not None:
+                    yield from self._emit(*pending)
+                    n_ok, n_err = self._count(pending[0], n_ok, n_err)
+                pending = (entries, probs) if entries else None
+                which ^= 1
+                if not window and pending is not None:
+                    yield from self._emit(*pending)
+                    n_ok, n_err = self._count(pending[0], n_ok, n_err)
+                    pending = None
+        dt = time.perf_counter() - t0
+        log.info("scored %d images, %d errors in %.2fs (%.1f images/s)", n_ok, n_err, dt,
+                 (n_ok + n_err) / dt if dt > 0 else 0.0)
+
+    @staticmethod
+    def _count(entries: list, n_ok: int, n_err: int) -> tuple[int, int]:
+        ok = sum(isinstance(r, Decoded) for _, r in entries)
+        return n_ok + ok, n_err + len(entries) - ok
+
+    def _emit(self, entries: list, probs: torch.Tensor | None) -> Iterator[dict[str, Any]]:
+        p = probs.cpu().numpy() if probs is not None else None
+        i = 0
+        for item, result in entries:
+            if isinstance(result, Decoded):
+                yield self.format(item, p[i], result)
+                i += 1
+            elif isinstance(result, BadLine):
+                yield error_line({}, BAD_MANIFEST_LINE, f"{result.detail}: {result.raw!r}" if result.raw else result.detail)
+            else:
+                log.info("rejected %s: %s", item.get("key"), result)
+                yield error_line(item, result.reason, result.detail)
+
+
+# ---- manifest lines <-> records ------------------------------------------------------------
+
+def parse_line(line: str) -> Item | BadLine:
+    """One manifest line -> item, or a :class:`BadLine` that becomes an error record."""
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        return BadLine(line[:200], f"not JSON: {exc}")
+    if not isinstance(item, dict):
+        return BadLine(line[:200], "not a JSON object")
+    if not isinstance(item.get("bucket"), str) or not isinstance(item.get("key"), str) or not item["key"]:
+        return BadLine(line[:200], 'needs string "bucket" and non-empty "key"')
+    return item
+
+
+def parse_manifest(body: bytes | bytearray | str) -> list[Item | BadLine]:
+    """A request body (JSON Lines, or a JSON array) -> items, one per line.
+
+    ``splitlines`` drops the final newline, so "a\\nb\\n" is two records; blank lines
+    in the middle are kept as bad lines so the output stays aligned line-for-line.
+    """
+    text = body.decode("utf-8", errors="replace") if isinstance(body, (bytes, bytearray)) else str(body)
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            arr = json.loads(stripped)
+        except ValueError:
+            arr = None
+        if isinstance(arr, list):
+            return [parse_line(json.dumps(x)) for x in arr]
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [parse_line(ln) if ln.strip() else BadLine("", "empty line") for ln in lines]
+
+
+def to_jsonlines(records: Iterable[dict[str, Any]]) -> str:
+    """Records -> JSON Lines without a trailing newline (``AssembleWith=Line`` adds one per request)."""
+    return "\n".join(json.dumps(r, separators=(",", ":"), allow_nan=False) for r in records)
+
+
+# ---- SageMaker serving contract -----------------------------------------------------------
+
+def model_fn(model_dir: str, context: Any = None) -> Scorer:
+    """Load the model once per worker and create the one S3 client it will use."""
+    device = pick_device(os.environ.get("DERMSCORE_DEVICE"))
+    batch_size = int(os.environ.get("DERMSCORE_BATCH_SIZE", "0")) or None
+    workers = int(os.environ.get("DERMSCORE_WORKERS", "0")) or None
+    scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=batch_size, workers=workers)
+    scorer._s3 = make_s3_client(scorer.workers)
+    return scorer
+
+
+def input_fn(request_body: bytes | str, request_content_type: str, context: Any = None) -> list[Item | BadLine]:
+    ctype = (request_content_type or "application/jsonlines").split(";")[0].strip().lower()
+    if ctype not in JSONLINES_TYPES:
+        raise ValueError(f"unsupported content type {request_content_type!r}; send application/jsonlines")
+    return parse_manifest(request_body)
+
+
+def predict_fn(input_data: Iterable[Item | BadLine], model: Scorer, context: Any = None) -> list[dict[str, Any]]:
+    return list(model.score_items(input_data))
+
+
+def output_fn(prediction: Iterable[dict[str, Any]], accept: str | None = None, context: Any = None) -> str:
+    ctype = (accept or "application/jsonlines").split(";")[0].strip().lower()
+    if ctype not in JSONLINES_TYPES and ctype != "*/*":
+        raise ValueError(f"unsupported accept type {accept!r}; ask for application/jsonlines")
+    return to_jsonlines(prediction)

@@ -1,0 +1,150 @@
+"""Package a model directory as a SageMaker ``model.tar.gz``.
+
+    dermscore package-model --model models/default --out build/model.tar.gz
+
+Layout (what the SageMaker PyTorch serving container expects)::
+
+    model.pt, metadata.json          the model directory (batch.model format)
+    code/inference.py                re-exports model_fn/input_fn/predict_fn/output_fn
+    code/requirements.txt            what the container lacks (never torch: it has its own)
+    code/batch/*.py, code/dermscore/*.py   the project code, so inference runs the same
+                                           decode/results code as everything else
+
+The container puts ``/opt/ml/model/code`` on ``sys.path``, so ``import batch``
+works there exactly as in this repository. The archive is reproducible: sorted
+entries, fixed mtimes/owners and a gzip header without a timestamp, so the same
+model and code give the same sha256 (a stable SageMaker model name can be
+derived from it, and an unchanged model is not uploaded twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import logging
+import os
+import re
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+
+from batch.model import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
+
+log = logging.getLogger("dermscore.package")
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_PACKAGES = ("batch", "dermscore")
+# Distributions the serving container lacks. Versions come from pyproject.toml so there
+# is one place to pin them. torch is deliberately absent: the container's CUDA build wins.
+CONTAINER_REQUIREMENTS = ("monai", "efficientnet-lite-pytorch", "pillow", "numpy", "pyarrow", "boto3")
+FALLBACK_PINS = {"monai": "monai==1.6.1", "efficientnet-lite-pytorch": "efficientnet-lite-pytorch==0.1.0",
+                 "pillow": "pillow>=11", "numpy": "numpy>=2", "pyarrow": "pyarrow>=17", "boto3": "boto3>=1.35"}
+# 1980-01-01: the earliest time zip tools accept; any constant does, this one is conventional.
+DEFAULT_EPOCH = 315532800
+
+ENTRY_POINT = '''"""SageMaker entry point: the real code lives in batch.inference (shipped alongside)."""
+
+from batch.inference import input_fn, model_fn, output_fn, predict_fn  # noqa: F401
+
+__all__ = ["model_fn", "input_fn", "predict_fn", "output_fn"]
+'''
+
+
+def requirements() -> str:
+    """``code/requirements.txt``: the container-missing pins, taken from pyproject.toml."""
+    pins = dict(FALLBACK_PINS)
+    pyproject = ROOT / "pyproject.toml"
+    if pyproject.is_file():
+        deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+        for dep in deps:
+            name = re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].strip().lower()
+            if name in pins:
+                pins[name] = dep.strip()
+    return "".join(f"{pins[n]}\n" for n in CONTAINER_REQUIREMENTS)
+
+
+def _code_files() -> list[tuple[str, Path]]:
+    files = []
+    for pkg in CODE_PACKAGES:
+        base = ROOT / pkg
+        for p in base.rglob("*.py"):
+            if "__pycache__" not in p.parts:
+                files.append((f"code/{pkg}/{p.relative_to(base).as_posix()}", p))
+    return files
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mtime, info.mode = tarfile.DIRTYPE, mtime, 0o755
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info)
+
+
+def build_model_tarball(model_dir: Path, out: Path) -> Path:
+    """Write ``out`` (a SageMaker model.tar.gz) from ``model_dir``; returns ``out``.
+
+    Refuses a model whose weights do not match the sha256 in its metadata, since every
+    prediction row reports that hash as the weights that produced it.
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    for f in (WEIGHTS_FILE, METADATA_FILE):
+        if not (model_dir / f).is_file():
+            raise FileNotFoundError(f"{model_dir / f} is missing; is {model_dir} a model directory?")
+    meta = ModelMeta.read(model_dir / METADATA_FILE)
+    if meta.weights_sha256 and sha256_file(model_dir / WEIGHTS_FILE) != meta.weights_sha256:
+        raise ValueError(f"{model_dir / WEIGHTS_FILE} does not match weights_sha256 in {METADATA_FILE}")
+
+    entries: dict[str, bytes] = {
+        WEIGHTS_FILE: (model_dir / WEIGHTS_FILE).read_bytes(),
+        METADATA_FILE: (model_dir / METADATA_FILE).read_bytes(),
+        "code/inference.py": ENTRY_POINT.encode(),
+        "code/requirements.txt": requirements().encode(),
+    }
+    for name, path in _code_files():
+        entries[name] = path.read_bytes()
+    dirs = sorted({str(Path(n).parent.as_posix()) for n in entries if "/" in n}
+                  | {"code"})
+    dirs = sorted({p for d in dirs for p in _parents(d)})
+
+    mtime = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                for d in dirs:
+                    _add_dir(tar, d, mtime)
+                for name in sorted(entries):
+                    _add(tar, name, entries[name], mtime)
+    tmp.replace(out)
+    log.info("wrote %s (%d files, %.1f MB, sha256 %s) for model %s v%s", out, len(entries),
+             out.stat().st_size / 1e6, sha256_file(out), meta.name, meta.version)
+    return out
+
+
+def _parents(d: str) -> list[str]:
+    parts = d.split("/")
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
+    p.add_argument("--out", type=Path, default=Path("build/model.tar.gz"))
+
+
+def run(args: argparse.Namespace) -> None:
+    out = build_model_tarball(args.model, args.out)
+    # The command's result on stdout (logs go to stderr): path and digest, for scripts.
+    sys.stdout.write(f"{out}\t{hashlib.sha256(out.read_bytes()).hexdigest()}\n")

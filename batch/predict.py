@@ -1,0 +1,75 @@
+"""Score local image files with the same code path the transform job uses.
+
+    dermscore predict IMAGE... [--model models/default] [--json]
+
+A quick look at what a model says about a few files, without S3 or the local
+stack: the files go through :class:`batch.inference.Scorer` (decode, batched
+forward, calibrated probabilities, melanoma threshold), so the numbers are the
+ones the pipeline would write to Parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+log = logging.getLogger("dermscore.predict")
+
+COLUMNS = ("file", "top class", "confidence", "p(mel)", "malignant", "risk", "melanoma flag")
+
+
+def format_table(records: Iterable[dict[str, Any]]) -> str:
+    """Fixed-width table, one row per record; unreadable files show their reason code."""
+    rows = []
+    for r in records:
+        if r.get("status") == "ok":
+            rows.append((r["key"], r["top_class"], f"{r['confidence']:.3f}", f"{r['probabilities']['mel']:.3f}",
+                         f"{r['malignant_prob']:.3f}", r["risk_level"], "YES" if r["melanoma_flag"] else "no"))
+        else:
+            rows.append((r["key"], f"error: {r.get('reason')}", "", "", "", "", r.get("detail", "")[:60]))
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def predict(images: list[Path], model_dir: Path, as_json: bool, out: TextIO = sys.stdout,
+            device: str | None = None, batch_size: int | None = None) -> int:
+    """Score ``images`` and write the table / JSON lines to ``out``; returns the number of errors."""
+    from batch.inference import Scorer
+
+    if not (model_dir / "metadata.json").is_file():
+        raise SystemExit(f"no model at {model_dir} (expected model.pt + metadata.json); "
+                         "train one with `dermscore train` or pass --model")
+    scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=batch_size)
+    records = list(scorer.score_files(images))
+    if as_json:
+        for r in records:
+            out.write(json.dumps(r) + "\n")
+    else:
+        out.write(format_table(records))
+        m = scorer.meta
+        out.write(f"\nmodel {m.name} v{m.version} ({m.arch}); melanoma flag at p(mel) >= {m.melanoma_threshold:.3f}. "
+                  "Research use only, not a diagnosis.\n")
+    return sum(r.get("status") != "ok" for r in records)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="JPEG/PNG files to score")
+    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
+    p.add_argument("--json", action="store_true", help="print one JSON line per image (the transform output format)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    errors = predict(args.images, args.model, args.json, device=args.device, batch_size=args.batch_size)
+    if errors:
+        log.warning("%d of %d files could not be scored", errors, len(args.images))
+    return 1 if errors == len(args.images) else 0
