@@ -1,0 +1,261 @@
+"""The SageMaker inference contract and the streaming Scorer behind it.
+
+A tiny randomly initialised network stands in for the trained model (these tests
+check plumbing: order, error codes, calibration, streaming; never accuracy), and
+moto's in-process S3 stands in for the bucket.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from batch import inference
+from batch.inference import BadLine, Scorer, input_fn, model_fn, output_fn, predict_fn
+from batch.model import ModelMeta, build_network, save
+from dermscore import imaging
+from dermscore.labels import CLASSES
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
+BUCKET = "dermscore-test"
+TEMPERATURE = 1.7
+MEL_THRESHOLD = 0.1
+N_REAL = 6
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("model")
+    meta = ModelMeta(name="test", version="0", arch="efficientnet_lite0", input_size=(64, 64),
+                     temperature=TEMPERATURE, melanoma_threshold=MEL_THRESHOLD)
+    save(build_network("efficientnet_lite0"), meta, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def scorer(model_dir: Path) -> Scorer:
+    return Scorer.from_model_dir(model_dir, device="cpu", batch_size=4, workers=2)
+
+
+@pytest.fixture(scope="module")
+def real_images() -> list[tuple[str, bytes]]:
+    paths = sorted(SAMPLES.glob("*.jpg"))[:N_REAL]
+    assert len(paths) == N_REAL, f"sample images missing under {SAMPLES}"
+    return [(p.name, p.read_bytes()) for p in paths]
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+def s3(aws_env: None, real_images: list[tuple[str, bytes]]):
+    import boto3
+    from moto import mock_aws
+
+    with mock_aws():
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        for name, data in real_images:
+            client.put_object(Bucket=BUCKET, Key=f"incoming/{name}", Body=data)
+        client.put_object(Bucket=BUCKET, Key="incoming/corrupt.jpg", Body=real_images[0][1][:4000])
+        client.put_object(Bucket=BUCKET, Key="incoming/notes.jpg", Body=b"this is a text file, not a JPEG\n")
+        client.put_object(Bucket=BUCKET, Key="incoming/empty.jpg", Body=b"")
+        yield client
+
+
+def item(key: str, client=None) -> dict:
+    it = {"bucket": BUCKET, "key": key}
+    if client is not None:
+        head = client.head_object(Bucket=BUCKET, Key=key)
+        it.update(etag=head["ETag"].strip('"'), size=head["ContentLength"])
+    return it
+
+
+def mixed_items(client, real_images) -> tuple[list[dict], list[str | None]]:
+    """Real images interleaved with every kind of bad input; returns items and expected reasons."""
+    items, expected = [], []
+    bad = [("incoming/corrupt.jpg", imaging.CORRUPT), ("incoming/notes.jpg", imaging.NOT_AN_IMAGE),
+           ("incoming/missing.jpg", imaging.READ_ERROR), ("incoming/empty.jpg", imaging.ZERO_BYTE)]
+    for i, (name, _) in enumerate(real_images):
+        items.append(item(f"incoming/{name}", client))
+        expected.append(None)
+        if i < len(bad):
+            key, reason = bad[i]
+            items.append(item(key, client if reason != imaging.READ_ERROR else None))
+            expected.append(reason)
+    return items, expected
+
+
+def reference_logits(model_dir: Path, data: bytes) -> torch.Tensor:
+    """Independent computation of the logits: decode -> model, one image."""
+    from batch.model import load
+
+    model, meta = load(model_dir)
+    px = np.array(imaging.decode(data, meta.input_size).pixels)
+    with torch.inference_mode():
+        return model(torch.from_numpy(px).permute(2, 0, 1)[None]).float()[0]
+
+
+def test_s3_items_keep_order_and_reasons(scorer: Scorer, s3, real_images, model_dir: Path) -> None:
+    items, expected = mixed_items(s3, real_images)
+    out = list(scorer.score_items(items))
+    assert [o["key"] for o in out] == [i["key"] for i in items]
+    for o, it, reason in zip(out, items, expected):
+        assert o["bucket"] == BUCKET and o["etag"] == it.get("etag", "")
+        if reason is None:
+            assert o["status"] == "ok", o
+            p = np.array([o["probabilities"][c] for c in CLASSES])
+            assert abs(p.sum() - 1) < 1e-5 and (p >= 0).all()
+            assert (o["width"], o["height"]) == (600, 450)
+            assert o["melanoma_flag"] == (o["probabilities"]["mel"] >= MEL_THRESHOLD)
+            assert o["model"] == {"name": "test", "version": "0", "weights_sha256": scorer.meta.weights_sha256}
+        else:
+            assert o["status"] == "error" and o["reason"] == reason, o
+            assert o["detail"]
+    # Calibrated: equals an independent softmax(logits / T) for the first image.
+    logits = reference_logits(model_dir, real_images[0][1])
+    got = np.array([out[0]["probabilities"][c] for c in CLASSES])
+    np.testing.assert_allclose(got, torch.softmax(logits / TEMPERATURE, 0).numpy(), atol=1e-5)
+    assert not np.allclose(got, torch.softmax(logits, 0).numpy(), atol=1e-4)  # T really applied
+
+
+def test_streamed_equals_one_shot(model_dir: Path, s3, real_images) -> None:
+    items, _ = mixed_items(s3, real_images)
+    big = Scorer.from_model_dir(model_dir, batch_size=64, workers=4)
+    small = Scorer.from_model_dir(model_dir, batch_size=2, workers=1, read_ahead_batches=1)
+    one_shot, streamed = list(big.score_items(items)), list(small.score_items(iter(items)))
+    assert [(o["key"], o["status"], o.get("reason")) for o in one_shot] == \
+           [(o["key"], o["status"], o.get("reason")) for o in streamed]
+    for a, b in zip(one_shot, streamed):
+        if a["status"] == "ok":
+            np.testing.assert_allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-5)
+
+
+def test_read_ahead_is_bounded(scorer: Scorer, real_images) -> None:
+    """The scorer pulls at most a few batches ahead of what it has emitted: memory is
+    bounded by the window, not by the request size."""
+    consumed = 0
+    pairs = real_images * 5  # 30 images
+
+    def source():
+        nonlocal consumed
+        for name, data in pairs:
+            consumed += 1
+            yield name, data
+
+    out = []
+    gen = scorer._pipeline(({"bucket": "", "key": n, "_d": d} for n, d in source()),
+                           lambda it: scorer.decode(it["_d"]))
+    for rec in gen:
+        out.append(rec)
+        assert consumed - len(out) <= scorer.read_ahead + 2 * scorer.batch_size
+    assert len(out) == len(pairs) and all(r["status"] == "ok" for r in out)
+
+
+def test_score_bytes_matches_and_rejects(scorer: Scorer, real_images) -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(png, "PNG")
+    pairs = real_images[:2] + [("tiny.png", png.getvalue()), ("blank", b"")]
+    out = scorer.score_bytes(pairs)
+    assert [o["key"] for o in out] == [p[0] for p in pairs]
+    assert [o.get("reason") for o in out] == [None, None, imaging.TOO_SMALL, imaging.ZERO_BYTE]
+    assert all("_ref" not in o for o in out)
+
+
+class _Body:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def read(self) -> bytes:
+        raise AssertionError("body of an oversized object must not be read")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _FakeS3:
+    def __init__(self, length: int) -> None:
+        self.length, self.calls, self.body = length, 0, _Body()
+
+    def get_object(self, Bucket: str, Key: str) -> dict:  # noqa: N803 (boto3 names)
+        self.calls += 1
+        return {"ContentLength": self.length, "Body": self.body}
+
+
+def test_too_large_is_refused_from_headers(model_dir: Path) -> None:
+    fake = _FakeS3(imaging.MAX_BYTES + 1)
+    s = Scorer.from_model_dir(model_dir, s3=fake, batch_size=2, workers=1)
+    out = list(s.score_items([{"bucket": "b", "key": "incoming/huge.jpg"},
+                              {"bucket": "b", "key": "incoming/huge2.jpg", "size": imaging.MAX_BYTES + 5}]))
+    assert [o["reason"] for o in out] == [imaging.TOO_LARGE, imaging.TOO_LARGE]
+    assert fake.calls == 1 and fake.body.closed  # the manifest size alone refused the second
+
+
+def test_manifest_parsing_keeps_one_record_per_line() -> None:
+    body = b'{"bucket": "b", "key": "incoming/a.jpg"}\nnot json\n\n[1, 2]\n{"bucket": "b"}\n{"bucket":"b","key":"k"}\n'
+    items = input_fn(body, "application/jsonlines")
+    assert len(items) == 6
+    assert [isinstance(i, BadLine) for i in items] == [False, True, True, True, True, False]
+    assert input_fn('[{"bucket": "b", "key": "x"}]', "application/json")[0]["key"] == "x"
+    with pytest.raises(ValueError):
+        input_fn(body, "image/jpeg")
+
+
+def test_sagemaker_contract_round_trip(model_dir: Path, s3, real_images, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DERMSCORE_BATCH_SIZE", "3")
+    model = model_fn(str(model_dir))
+    assert model.batch_size == 3
+    items, expected = mixed_items(s3, real_images)
+    lines = [json.dumps(i) for i in items]
+    lines.insert(2, "{broken")
+    expected.insert(2, inference.BAD_MANIFEST_LINE)
+    body = ("\n".join(lines) + "\n").encode()
+    response = output_fn(predict_fn(input_fn(body, "application/jsonlines"), model), "application/jsonlines")
+    assert isinstance(response, str) and not response.endswith("\n")
+    out = [json.loads(ln) for ln in response.split("\n")]
+    assert len(out) == len(lines)
+    assert [o.get("reason") for o in out] == expected
+    ok = [o for o in out if o["status"] == "ok"]
+    assert len(ok) == N_REAL
+    assert all(abs(sum(o["probabilities"].values()) - 1) < 1e-5 for o in ok)
+
+
+def test_mismatched_weights_are_refused(model_dir: Path, tmp_path: Path) -> None:
+    meta = ModelMeta.read(model_dir / "metadata.json")
+    meta.weights_sha256 = "0" * 64
+    (tmp_path / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
+    meta.write(tmp_path / "metadata.json")
+    with pytest.raises(ValueError, match="sha256"):
+        Scorer.from_model_dir(tmp_path)
+
+
+def test_predict_command_prints_a_row_per_image(model_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    from dermscore.cli import main
+
+    images = sorted(SAMPLES.glob("*.jpg"))[:3]
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    assert main(["predict", "--model", str(model_dir), *map(str, images), str(text)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in out if ln.startswith(str(SAMPLES)) or ln.startswith(str(text))]
+    assert len(rows) == 4
+    assert "not_an_image" in rows[-1] and all(r.split()[1] in CLASSES for r in rows[:3])
+    assert main(["predict", "--json", "--model", str(model_dir), str(images[0])]) == 0
+    rec = json.loads(capsys.readouterr().out.strip())
+    assert rec["status"] == "ok" and rec["key"] == str(images[0])

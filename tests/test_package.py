@@ -1,0 +1,112 @@
+"""The SageMaker model.tar.gz: layout, reproducibility, and that it serves on its own."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from batch.model import ModelMeta, build_network, save
+from batch.package import build_model_tarball
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("model")
+    save(build_network("efficientnet_lite0"),
+         ModelMeta(name="test", version="0", arch="efficientnet_lite0", input_size=(64, 64)), d)
+    (d / "checkpoint.pt").write_bytes(b"training state that must not ship")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tarball(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model_tarball(model_dir, tmp_path_factory.mktemp("build") / "model.tar.gz")
+
+
+def sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_layout(tarball: Path) -> None:
+    with tarfile.open(tarball) as tar:
+        names = set(tar.getnames())
+        reqs = tar.extractfile("code/requirements.txt").read().decode()
+        shim = tar.extractfile("code/inference.py").read().decode()
+    assert {"model.pt", "metadata.json", "code/inference.py", "code/requirements.txt",
+            "code/batch/inference.py", "code/batch/model.py", "code/dermscore/imaging.py",
+            "code/dermscore/results.py"} <= names
+    assert "checkpoint.pt" not in names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    files = {n for n in names if not n.endswith("/") and "." in n.rsplit("/", 1)[-1]}
+    assert all(n.endswith(".py") for n in files if n.startswith(("code/batch/", "code/dermscore/")))
+    pkgs = {ln.split("=")[0].split(">")[0].strip().lower() for ln in reqs.splitlines() if ln.strip()}
+    assert {"monai", "efficientnet-lite-pytorch", "pillow", "numpy"} <= pkgs and "torch" not in pkgs
+    assert all(fn in shim for fn in ("model_fn", "input_fn", "predict_fn", "output_fn"))
+
+
+def test_reproducible(model_dir: Path, tarball: Path, tmp_path: Path) -> None:
+    again = build_model_tarball(model_dir, tmp_path / "again.tar.gz")
+    assert sha256(again) == sha256(tarball)
+
+
+def test_refuses_weights_that_do_not_match_metadata(model_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.pt").write_bytes((model_dir / "model.pt").read_bytes() + b"x")
+    (bad / "metadata.json").write_text((model_dir / "metadata.json").read_text())
+    with pytest.raises(ValueError):
+        build_model_tarball(bad, tmp_path / "bad.tar.gz")
+
+
+SERVE = r'''
+import json, os, sys
+from pathlib import Path
+import boto3
+from moto import mock_aws
+import inference, batch, dermscore
+
+code = Path(sys.argv[1]).resolve()
+# The shipped copies are what runs, not the repository's.
+assert Path(batch.__file__).resolve().is_relative_to(code), batch.__file__
+assert Path(dermscore.__file__).resolve().is_relative_to(code), dermscore.__file__
+with mock_aws():
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="dermscore-test")
+    s3.put_object(Bucket="dermscore-test", Key="incoming/x.jpg", Body=Path(sys.argv[2]).read_bytes())
+    model = inference.model_fn(str(code.parent))
+    body = b'{"bucket": "dermscore-test", "key": "incoming/x.jpg"}\n{"bucket": "dermscore-test", "key": "incoming/gone.jpg"}\n'
+    data = inference.input_fn(body, "application/jsonlines")
+    print(inference.output_fn(inference.predict_fn(data, model), "application/jsonlines"))
+'''
+
+
+def test_extracted_tarball_serves(tarball: Path, tmp_path: Path) -> None:
+    root = tmp_path / "opt_ml_model"
+    root.mkdir()
+    with tarfile.open(tarball) as tar:
+        tar.extractall(root, filter="data")
+    (tmp_path / "serve.py").write_text(SERVE)
+    image = sorted(SAMPLES.glob("*.jpg"))[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(PYTHONPATH=str(root / "code"), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_DEFAULT_REGION="us-east-1", OMP_NUM_THREADS="1", DERMSCORE_WORKERS="2")
+    proc = subprocess.run([sys.executable, str(tmp_path / "serve.py"), str(root / "code"), str(image)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(ln) for ln in proc.stdout.strip().splitlines()]
+    assert [ln["status"] for ln in lines] == ["ok", "error"]
+    assert lines[1]["reason"] == "read_error"
+    assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-5
+    meta = json.loads((root / "metadata.json").read_text())
+    assert lines[0]["model"]["weights_sha256"] == meta["weights_sha256"]
