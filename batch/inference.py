@@ -48,7 +48,7 @@ from dermscore.results import error_line, score_line
 log = logging.getLogger("dermscore.inference")
 
 # A manifest line that is not a JSON object with string "bucket" and "key".
-BAD_MANIFEST_LINE = getattr(imaging, "BAD_MANIFEST_LINE", "bad_manifest_line")
+BAD_MANIFEST_LINE = imaging.BAD_MANIFEST_LINE
 
 JSONLINES_TYPES = frozenset({"application/jsonlines", "application/x-jsonlines", "application/jsonl",
                              "application/json", "text/plain"})
@@ -261,7 +261,8 @@ class Scorer:
                 log.exception("unexpected error loading %s", item.get("key"))
                 return ImageRejected(imaging.READ_ERROR, f"{type(exc).__name__}: {exc}")
 
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="dermscore-load") as pool:
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dermscore-load")
+        try:
             def refill() -> None:
                 while len(window) < self.read_ahead:
                     try:
@@ -300,6 +301,9 @@ class Scorer:
                     yield from self._emit(*pending)
                     n_ok, n_err = self._count(pending[0], n_ok, n_err)
                     pending = None
+        finally:
+            # A consumer that stops early (or an exception) must not leave queued GETs running.
+            pool.shutdown(wait=True, cancel_futures=True)
         dt = time.perf_counter() - t0
         log.info("scored %d images, %d errors in %.2fs (%.1f images/s)", n_ok, n_err, dt,
                  (n_ok + n_err) / dt if dt > 0 else 0.0)
@@ -314,8 +318,12 @@ class Scorer:
         i = 0
         for item, result in entries:
             if isinstance(result, Decoded):
-                yield self.format(item, p[i], result)
-                i += 1
+                row, i = p[i], i + 1
+                if np.isfinite(row).all():
+                    yield self.format(item, row, result)
+                else:  # e.g. fp16 overflow: one image's bad numbers must not fail the JSON response
+                    log.warning("non-finite probabilities for %s", item.get("key"))
+                    yield error_line(item, imaging.NON_FINITE_OUTPUT, "model produced NaN/inf")
             elif isinstance(result, BadLine):
                 yield error_line({}, BAD_MANIFEST_LINE, f"{result.detail}: {result.raw!r}" if result.raw else result.detail)
             else:

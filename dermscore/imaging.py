@@ -48,6 +48,8 @@ DECOMPRESSION_BOMB = "decompression_bomb"
 TOO_SMALL = "too_small"
 WRONG_PREFIX = "wrong_prefix"
 READ_ERROR = "read_error"
+BAD_MANIFEST_LINE = "bad_manifest_line"   # transform input line is not {"bucket", "key", ...}
+NON_FINITE_OUTPUT = "non_finite_output"   # the network produced NaN/inf for this image
 
 
 @dataclass(frozen=True)

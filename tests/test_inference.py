@@ -259,3 +259,30 @@ def test_predict_command_prints_a_row_per_image(model_dir: Path, capsys: pytest.
     assert main(["predict", "--json", "--model", str(model_dir), str(images[0])]) == 0
     rec = json.loads(capsys.readouterr().out.strip())
     assert rec["status"] == "ok" and rec["key"] == str(images[0])
+
+
+def test_non_finite_output_becomes_an_error_line(scorer: Scorer, real_images) -> None:
+    def nan_model(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((x.shape[0], len(CLASSES)))
+        out[0] = float("nan")
+        return out
+
+    broken = Scorer(nan_model, scorer.meta, "cpu", batch_size=4, workers=1)
+    out = broken.score_bytes(real_images[:2])
+    assert [o.get("reason") for o in out] == [imaging.NON_FINITE_OUTPUT, None]
+    assert len(output_fn(out).split("\n")) == 2  # strict JSON (allow_nan=False) still serialises
+
+
+def test_consumer_can_stop_early(scorer: Scorer, real_images) -> None:
+    """Closing the stream cancels queued work instead of decoding the rest of the request."""
+    decoded = 0
+
+    def load(it: dict) -> imaging.Decoded:
+        nonlocal decoded
+        decoded += 1
+        return scorer.decode(it["_d"])
+
+    stream = scorer._pipeline(({"bucket": "", "key": n, "_d": d} for n, d in real_images * 20), load)
+    assert next(stream)["status"] == "ok"
+    stream.close()
+    assert decoded <= scorer.read_ahead + 2 * scorer.batch_size < len(real_images) * 20
