@@ -22,6 +22,12 @@ bottleneck. The read-ahead window is a few batches, so memory does not grow
 with the request size. The three stages (load/decode, forward, format) are
 separate methods so each can be tested and reused: the local transform runner
 and ``dermscore predict`` use the same object.
+
+Knobs (environment of the SageMaker model, all optional): ``DERMSCORE_DEVICE``
+(default cuda when available), ``DERMSCORE_BATCH_SIZE`` (32 on CPU, 128 on CUDA),
+``DERMSCORE_WORKERS`` (fetch/decode threads, default 4 x cores, max 32). A
+request's wall time grows with its line count, so the model server's timeout
+(``SAGEMAKER_MODEL_SERVER_TIMEOUT``) must cover MaxPayloadInMB worth of lines.
 """
 
 from __future__ import annotations
@@ -157,14 +163,19 @@ class Scorer:
     def fetch(self, item: Item) -> bytes:
         """GetObject, refusing empty/oversized objects from the headers before reading the body."""
         size = item.get("size")
-        if isinstance(size, int) and not isinstance(size, bool) and size > imaging.MAX_BYTES:
-            imaging.check_size(size)  # too_large without even asking S3
+        if isinstance(size, int) and not isinstance(size, bool):
+            imaging.check_size(size)  # zero_byte / too_large from the event's size, without a request
         try:
             resp = self.s3.get_object(Bucket=item["bucket"], Key=item["key"])
         except Exception as exc:  # NoSuchKey, AccessDenied, throttling after retries, network
             code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code") or type(exc).__name__
             raise ImageRejected(imaging.READ_ERROR, f"GetObject s3://{item['bucket']}/{item['key']}: {code}") from exc
         body = resp["Body"]
+        etag = item.get("etag")
+        if etag and resp.get("ETag") and resp["ETag"].strip('"') != str(etag).strip('"'):
+            # Overwritten since it was enqueued: the newer upload has its own event and line.
+            log.warning("s3://%s/%s changed since enqueue (etag %s -> %s)", item["bucket"], item["key"],
+                        etag, resp["ETag"])
         try:
             length = resp.get("ContentLength")
             if length is not None:
@@ -380,7 +391,7 @@ def model_fn(model_dir: str, context: Any = None) -> Scorer:
     batch_size = int(os.environ.get("DERMSCORE_BATCH_SIZE", "0")) or None
     workers = int(os.environ.get("DERMSCORE_WORKERS", "0")) or None
     scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=batch_size, workers=workers)
-    scorer._s3 = make_s3_client(scorer.workers)
+    scorer._s3 = make_s3_client(scorer.workers)  # once per worker process, shared by its threads
     return scorer
 
 

@@ -54,7 +54,7 @@ def real_images() -> list[tuple[str, bytes]]:
 
 
 @pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def fake_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                  "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
@@ -63,7 +63,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def s3(aws_env: None, real_images: list[tuple[str, bytes]]):
+def s3(fake_aws_env: None, real_images: list[tuple[str, bytes]]):
     import boto3
     from moto import mock_aws
 
