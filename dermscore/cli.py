@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "package-model": ("batch.package", "build a reproducible SageMaker model.tar.gz from a model directory"),
     "predict": ("batch.predict", "score local image files with a model (table or JSON lines)"),
     "evaluate": ("batch.evaluate", "evaluate a model: per-class metrics, AUC, calibration, plots"),
+    "demo": ("infra.demo", "run the whole pipeline locally on demo images and print the results"),
+    "serve": ("infra.serve", "keep the local stack running; drop images into s3://<bucket>/incoming/"),
+    "query": ("infra.query", 'SQL (DuckDB, Athena-compatible) over exported results: query "SELECT ..."'),
 }
 
 

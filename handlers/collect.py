@@ -1,0 +1,160 @@
+"""Lambda ``collect``: "SageMaker Transform Job State Change" -> results.
+
+On ``Completed``::
+
+    manifests/<job>.jsonl  +  transform-output/<job>/<job>.jsonl.out   (joined line by line)
+      -> results/predictions/dt=<date>/<job>.parquet       one file per job (PREDICTION_SCHEMA)
+      -> results/images/<key without incoming/>.json       one document per image
+      -> results/failures/dt=<date>/<job>-transform.parquet error lines (stage "transform")
+
+On ``Failed`` / ``Stopped`` every image of the manifest gets a failure row carrying the
+job's FailureReason (``<job>-job.parquet``).
+
+File names derive from the job name and the date from the job's end time, so a repeated
+event overwrites the same objects instead of adding rows.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from datetime import datetime, timezone
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
+
+from dermscore import layout, results
+from dermscore.config import Settings
+from handlers.common import dt_of, parse_s3_uri, put_json, put_parquet, s3_client, write_failures
+
+logger = Logger(service="dermscore-collect")
+
+DETAIL_TYPE = "SageMaker Transform Job State Change"
+JOB_FAILED = "job_failed"
+JOB_STOPPED = "job_stopped"
+MISSING_OUTPUT = "missing_output"
+
+
+def _time(value: Any) -> datetime | None:
+    """EventBridge carries SageMaker times as epoch milliseconds; accept ISO strings too."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def finished_at(event: EventBridgeEvent) -> datetime:
+    detail = event.detail
+    return (_time(detail.get("TransformEndTime")) or _time(event.get("time"))
+            or _time(detail.get("LastModifiedTime")) or results.utcnow())
+
+
+def read_lines(s3, bucket: str, key: str) -> list[str]:
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    return [ln for ln in body.splitlines() if ln.strip()]
+
+
+def input_files(s3, detail: dict[str, Any]) -> list[tuple[str, str]]:
+    """(bucket, key) of every input file of the job (S3Prefix semantics: all objects under it)."""
+    src = detail["TransformInput"]["DataSource"]["S3DataSource"]
+    bucket, prefix = parse_s3_uri(src["S3Uri"])
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    return [(bucket, k) for k in sorted(keys)]
+
+
+def output_key(output_path: str, input_key: str) -> tuple[str, str]:
+    bucket, prefix = parse_s3_uri(output_path)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return bucket, f"{prefix}{posixpath.basename(input_key)}.out"
+
+
+def join(items: list[dict[str, Any]], out_lines: list[str]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Pair manifest items with output lines (same order); a missing line pairs with None."""
+    pairs = []
+    for i, item in enumerate(items):
+        line = json.loads(out_lines[i]) if i < len(out_lines) else None
+        if line is not None and line.get("key") and line["key"] != item["key"]:
+            raise ValueError(f"output line {i} is for {line.get('key')!r}, manifest has {item['key']!r}")
+        pairs.append((item, line))
+    return pairs
+
+
+def collect_completed(s3, settings: Settings, detail: dict[str, Any], when: datetime) -> dict[str, int]:
+    job = detail["TransformJobName"]
+    dt = dt_of(when)
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    for in_bucket, in_key in input_files(s3, detail):
+        items = [json.loads(ln) for ln in read_lines(s3, in_bucket, in_key)]
+        out_bucket, out_key = output_key(detail["TransformOutput"]["S3OutputPath"], in_key)
+        try:
+            out_lines = read_lines(s3, out_bucket, out_key)
+        except s3.exceptions.NoSuchKey:
+            out_lines = []
+        for item, line in join(items, out_lines):
+            if line is None:
+                failures.append(results.failure_row(item["bucket"], item["key"], item.get("etag", ""), "collect",
+                                                    MISSING_OUTPUT, f"no output line in {out_key}", job, when))
+            elif line.get("status") == "ok":
+                rows.append(results.prediction_row(line, job, when))
+            else:
+                failures.append(results.failure_row(item["bucket"], item["key"], item.get("etag", ""), "transform",
+                                                    line.get("reason", "unknown"), line.get("detail", ""), job, when))
+    if rows:
+        put_parquet(s3, settings.bucket, layout.prediction_partition_key(dt, job),
+                    results.to_table(rows, results.PREDICTION_SCHEMA))
+        for row in rows:
+            put_json(s3, settings.bucket, layout.image_result_key(row["image_key"]), results.image_document(row))
+    write_failures(s3, settings.bucket, dt, f"{job}-transform", failures)
+    logger.info("transform job collected", extra={"job_name": job, "scored": len(rows), "failed": len(failures)})
+    return {"scored": len(rows), "failed": len(failures)}
+
+
+def collect_failed(s3, settings: Settings, detail: dict[str, Any], when: datetime) -> dict[str, int]:
+    job = detail["TransformJobName"]
+    status = detail["TransformJobStatus"]
+    reason = JOB_STOPPED if status == "Stopped" else JOB_FAILED
+    why = detail.get("FailureReason") or f"transform job {status.lower()}"
+    failures = []
+    for in_bucket, in_key in input_files(s3, detail):
+        for ln in read_lines(s3, in_bucket, in_key):
+            item = json.loads(ln)
+            failures.append(results.failure_row(item["bucket"], item["key"], item.get("etag", ""), "transform",
+                                                reason, why, job, when))
+    write_failures(s3, settings.bucket, dt_of(when), f"{job}-job", failures)
+    logger.error("transform job did not complete", extra={"job_name": job, "status": status, "reason": why,
+                                                          "images": len(failures)})
+    return {"scored": 0, "failed": len(failures)}
+
+
+def handle(event: EventBridgeEvent, settings: Settings | None = None, s3=None) -> dict[str, Any]:
+    settings = settings or Settings.from_env()
+    detail = event.detail
+    job = detail.get("TransformJobName", "")
+    status = detail.get("TransformJobStatus", "")
+    if event.detail_type != DETAIL_TYPE or not job.startswith(settings.job_prefix):
+        logger.info("event ignored", extra={"detail_type": event.detail_type, "job_name": job})
+        return {"job_name": job, "status": status, "ignored": True}
+    s3 = s3 or s3_client()
+    when = finished_at(event)
+    if status == "Completed":
+        counts = collect_completed(s3, settings, detail, when)
+    elif status in ("Failed", "Stopped"):
+        counts = collect_failed(s3, settings, detail, when)
+    else:
+        logger.info("non-terminal state ignored", extra={"job_name": job, "status": status})
+        return {"job_name": job, "status": status, "ignored": True}
+    return {"job_name": job, "status": status, **counts}
+
+
+@logger.inject_lambda_context
+def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return handle(EventBridgeEvent(event))

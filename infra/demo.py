@@ -1,0 +1,108 @@
+"""``dermscore demo``: the whole pipeline on this machine, on a few real images.
+
+Starts the local stack (moto server on 127.0.0.1), uploads the images to
+``s3://<bucket>/incoming/demo/`` and lets S3 -> SQS -> enqueue -> transform -> collect
+run exactly as on AWS, then exports ``results/`` to ``--out`` and prints what happened
+and an example SQL query over the Parquet dataset.
+
+The demo scores with the trained model in ``models/default`` only; it never presents
+predictions of random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from infra.query import TOP_MELANOMA_SQL, format_table, run_query
+from infra.stack import DEFAULT_BUCKET
+
+log = logging.getLogger("dermscore.demo")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_PREFIX = "incoming/demo/"
+LOCAL_BATCHING_WINDOW_S = 2.0
+
+
+def default_images() -> Path:
+    samples = REPO_ROOT / "samples"
+    if samples.is_dir() and any(samples.glob("*.jp*g")):
+        return samples
+    return REPO_ROOT.parent / "shared" / "data" / "ham10000" / "fullres_sample"
+
+
+def resolve_model(path: Path) -> Path | None:
+    """The model directory (relative paths also tried from the repository root), or None."""
+    for candidate in (path, REPO_ROOT / path):
+        if (candidate / "model.pt").is_file() and (candidate / "metadata.json").is_file():
+            return candidate
+    return None
+
+
+def missing_model_message(path: Path) -> str:
+    return (f"No trained model in {path} (model.pt + metadata.json). The demo scores only with a trained "
+            f"model, never with random weights. Train one with `dermscore train --out {path}` "
+            f"or pass --model DIR.\n")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder of .jpg/.jpeg/.png images (default: samples/, else the shared HAM10000 sample)")
+    p.add_argument("--model", type=Path, default=Path("models/default"), help="trained model directory")
+    p.add_argument("--out", type=Path, default=Path("output"), help="where results/ is exported (default: output)")
+    p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
+    p.add_argument("--batching-window", type=float, default=LOCAL_BATCHING_WINDOW_S,
+                   help="SQS batching window in seconds (template default 60; shorter locally)")
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir = resolve_model(args.model)
+    if model_dir is None:
+        sys.stderr.write(missing_model_message(args.model))
+        return 2
+    from batch.model import ModelMeta
+    from infra.local import LocalPipeline, image_files
+
+    images_dir = args.images or default_images()
+    files = image_files(images_dir) if images_dir.is_dir() else []
+    if not files:
+        sys.stderr.write(f"no .jpg/.jpeg/.png images in {images_dir}\n")
+        return 2
+    meta = ModelMeta.read(model_dir / "metadata.json")
+    log.info("demo: %d images from %s, model %s v%s from %s", len(files), images_dir, meta.name, meta.version,
+             model_dir)
+
+    with LocalPipeline(model_dir, bucket=args.bucket, batching_window_s=args.batching_window) as pipeline:
+        t0 = time.perf_counter()
+        pipeline.upload(files, DEMO_PREFIX, progress=True)
+        pipeline.drain()
+        elapsed = time.perf_counter() - t0
+        counts = pipeline.export(args.out)
+        endpoint, bucket = pipeline.stack.endpoint, pipeline.stack.bucket
+        jobs = list(pipeline.runner.results)
+
+    scored = run_query("SELECT count(*) FROM predictions", args.out)[1][0][0]
+    failures = run_query("SELECT reason, count(*) FROM failures GROUP BY reason ORDER BY 2 DESC", args.out)[1]
+    n_failed = sum(n for _, n in failures)
+    transform_s = sum(j["seconds"] for j in jobs)
+    out = args.out
+    print()
+    print(f"dermscore demo: {len(files)} images uploaded to s3://{bucket}/{DEMO_PREFIX} on the local stack ({endpoint})")
+    print(f"  model:    {meta.name} v{meta.version} ({meta.arch}, weights sha256 {meta.weights_sha256[:12]})")
+    print(f"  scored:   {scored} images, failures: {n_failed}"
+          + (" (" + ", ".join(f"{r}: {n}" for r, n in failures) + ")" if failures else ""))
+    speed = (f"  speed:    {scored / elapsed:.2f} images/s end to end ({elapsed:.1f} s from upload to results, "
+             f"{args.batching_window:g} s batching window included)")
+    if transform_s:
+        speed += f"; transform {sum(j['records'] for j in jobs) / transform_s:.2f} images/s in {len(jobs)} job(s)"
+    print(speed)
+    print(f"  Parquet:  {out / 'predictions'}/dt=YYYY-MM-DD/<job>.parquet ({counts['predictions']} file(s)), "
+          f"failures in {out / 'failures'}/")
+    print(f"  JSON:     {out / 'images'}/demo/<image>.json ({counts['images']} documents)")
+    print(f'\nThe ten images with the highest melanoma probability (dermscore query "{TOP_MELANOMA_SQL}"):\n')
+    print(format_table(*run_query(TOP_MELANOMA_SQL, args.out)))
+    print("\nResearch software: these scores are not a diagnosis.")
+    return 0

@@ -1,0 +1,137 @@
+"""The embedded pipeline: local stack + SQS poller + transform runner, and the result export.
+
+Used by ``dermscore demo`` / ``dermscore serve`` and by the end-to-end tests::
+
+    with LocalPipeline(model_dir) as p:          # moto server, bucket, queues, model
+        p.upload(files, "incoming/demo/")        # S3 -> SQS notifications, as on AWS
+        p.drain()                                # poller -> enqueue -> runner -> collect
+        p.export("output")                       # results/ -> output/ (Parquet + JSON)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from dermscore import layout
+from infra.poller import Poller
+from infra.runner import TransformRunner
+from infra.stack import DEFAULT_BUCKET, DEFAULT_STACK, LocalStack
+
+log = logging.getLogger("dermscore.local")
+
+RESULTS = "results/"
+EXPORTED = ("predictions", "failures", "images")
+IMAGE_SUFFIXES = tuple(s.lower() for s in layout.IMAGE_SUFFIXES)
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+class LocalPipeline:
+    def __init__(self, model_dir: str | Path | None, bucket: str = DEFAULT_BUCKET, stack_name: str = DEFAULT_STACK,
+                 endpoint: str | None = None, batching_window_s: float | None = None,
+                 visibility_timeout: int | None = None, overrides: dict[str, Any] | None = None,
+                 port: int = 0) -> None:
+        self.stack = LocalStack.create(bucket=bucket, stack_name=stack_name, endpoint=endpoint, overrides=overrides,
+                                       visibility_timeout=visibility_timeout, port=port)
+        if model_dir is not None:
+            self.stack.register_model(model_dir)
+        self.poller = Poller(self.stack, window_s=batching_window_s)
+        self.runner = TransformRunner(self.stack)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> "LocalPipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def s3(self):
+        return self.stack.client("s3")
+
+    def upload(self, files: Iterable[Path], prefix: str = "incoming/", progress: bool = False) -> list[str]:
+        files = list(files)
+        keys = []
+        if progress:
+            from tqdm import tqdm
+            files = tqdm(files, desc="upload", unit="img")
+        for f in files:
+            key = f"{prefix}{f.name}"
+            self.s3.upload_file(str(f), self.stack.bucket, key)
+            keys.append(key)
+        return keys
+
+    # ---- running -------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One poll (batching window included) + every pending job; True if anything happened."""
+        batch = self.poller.poll_once()
+        jobs = self.runner.run_pending()
+        return batch is not None or bool(jobs)
+
+    def idle(self) -> bool:
+        depth = self.stack.queue_depth()
+        return depth["visible"] == 0 and depth["in_flight"] == 0 and not self.runner.pending()
+
+    def drain(self, timeout_s: float = 600) -> None:
+        """Run the pipeline in this thread until the queue is empty and no job is pending.
+
+        Messages that failed and wait out their visibility timeout count as in flight, so
+        drain also sees retries (and DLQ moves) through.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.step() and self.idle():
+                return
+        raise TimeoutError(f"pipeline not idle after {timeout_s}s: queue {self.stack.queue_depth()}")
+
+    def start_background(self) -> None:
+        """Poller and runner in their own threads, as the managed services run beside each other."""
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self.poller.run, args=(self._stop,), name="sqs-poller", daemon=True),
+                         threading.Thread(target=self.runner.run, args=(self._stop,), name="transform-runner",
+                                          daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+        self.runner.close()
+        self.stack.stop()
+
+    # ---- results -------------------------------------------------------------------------
+    def export(self, out_dir: str | Path, mirror: bool = True) -> dict[str, int]:
+        """Copy ``results/`` of the bucket to ``out_dir`` (predictions/, failures/, images/).
+
+        ``mirror`` first removes those three folders, so the export is exactly this run's
+        results; without it files are added or replaced (``serve`` exports repeatedly).
+        """
+        out = Path(out_dir)
+        if mirror:
+            for name in EXPORTED:
+                shutil.rmtree(out / name, ignore_errors=True)
+        counts = {name: 0 for name in EXPORTED}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.stack.bucket, Prefix=RESULTS):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(RESULTS):]
+                if not rel or rel.endswith("/"):
+                    continue
+                target = out / rel
+                top = rel.split("/", 1)[0]
+                if top in counts:
+                    counts[top] += 1
+                if not mirror and target.is_file() and target.stat().st_size == obj["Size"] \
+                        and target.stat().st_mtime >= obj["LastModified"].timestamp():
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.s3.download_file(self.stack.bucket, obj["Key"], str(target))
+        return counts

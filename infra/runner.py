@@ -1,0 +1,235 @@
+"""A local SageMaker Batch Transform: executes the CreateTransformJob requests moto records.
+
+moto accepts ``CreateTransformJob`` and runs nothing, so this runner does what the managed
+service does with the recorded request:
+
+1. downloads and extracts the ``model.tar.gz`` named by the Model's ``ModelDataUrl`` and
+   calls ``batch.inference.model_fn`` once per model (cached);
+2. for every input file under ``TransformInput ... S3Uri`` (S3Prefix semantics) splits
+   the lines into requests of at most ``MaxPayloadInMB`` (``MultiRecord``; one line per
+   request with ``SingleRecord``) and runs ``input_fn -> predict_fn -> output_fn`` on each;
+3. writes ``<S3OutputPath>/<input file name>.out`` (``AssembleWith=Line``);
+4. delivers the "SageMaker Transform Job State Change" event (Completed, or Failed with a
+   reason when anything above raised) to ``handlers.collect.lambda_handler``.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from handlers.common import parse_s3_uri
+from infra.stack import LocalStack
+from infra.template import LOCAL_ACCOUNT_ID, LOCAL_REGION
+
+log = logging.getLogger("dermscore.runner")
+
+MB = 1024 * 1024
+DETAIL_TYPE = "SageMaker Transform Job State Change"
+
+
+def split_payload(lines: list[bytes], max_payload_mb: int, strategy: str = "MultiRecord") -> list[bytes]:
+    """Group lines into request bodies as Batch Transform does with ``SplitType=Line``.
+
+    MultiRecord: as many whole lines as fit in ``max_payload_mb`` (0 = no limit);
+    SingleRecord: one line per request. A single line larger than the limit cannot be sent.
+    """
+    limit = max_payload_mb * MB if max_payload_mb else None
+    bodies: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for raw in lines:
+        line = raw.rstrip(b"\r\n")
+        if not line.strip():
+            continue
+        n = len(line) + 1
+        if limit is not None and n > limit:
+            raise ValueError(f"a record of {n} bytes exceeds MaxPayloadInMB={max_payload_mb}")
+        if current and (strategy == "SingleRecord" or (limit is not None and size + n > limit)):
+            bodies.append(b"\n".join(current) + b"\n")
+            current, size = [], 0
+        current.append(line)
+        size += n
+    if current:
+        bodies.append(b"\n".join(current) + b"\n")
+    return bodies
+
+
+def _ms(value: Any) -> int | None:
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    return None
+
+
+def state_change_event(job: dict[str, Any], status: str, failure_reason: str | None,
+                       started: datetime, ended: datetime) -> dict[str, Any]:
+    """The EventBridge event SageMaker emits for a transform job (documented shape)."""
+    detail = {
+        "TransformJobName": job["TransformJobName"],
+        "TransformJobArn": job.get("TransformJobArn", ""),
+        "TransformJobStatus": status,
+        "ModelName": job.get("ModelName"),
+        "MaxConcurrentTransforms": job.get("MaxConcurrentTransforms"),
+        "ModelClientConfig": job.get("ModelClientConfig"),
+        "MaxPayloadInMB": job.get("MaxPayloadInMB"),
+        "BatchStrategy": job.get("BatchStrategy"),
+        "Environment": job.get("Environment", {}),
+        "TransformInput": job["TransformInput"],
+        "TransformOutput": job["TransformOutput"],
+        "TransformResources": job.get("TransformResources"),
+        "CreationTime": _ms(job.get("CreationTime")),
+        "TransformStartTime": _ms(started),
+        "TransformEndTime": _ms(ended),
+        "Tags": {},
+    }
+    if failure_reason:
+        detail["FailureReason"] = failure_reason
+    return {
+        "version": "0", "id": str(uuid.uuid4()), "detail-type": DETAIL_TYPE, "source": "aws.sagemaker",
+        "account": LOCAL_ACCOUNT_ID, "time": ended.strftime("%Y-%m-%dT%H:%M:%SZ"), "region": LOCAL_REGION,
+        "resources": [job.get("TransformJobArn", "")],
+        "detail": {k: v for k, v in detail.items() if v is not None},
+    }
+
+
+class TransformRunner:
+    def __init__(self, stack: LocalStack, work_dir: str | Path | None = None) -> None:
+        self.stack = stack
+        self.s3 = stack.client("s3")
+        self.sm = stack.client("sagemaker")
+        self._tmp = tempfile.TemporaryDirectory(prefix="dermscore-runner-") if work_dir is None else None
+        self.work_dir = Path(work_dir or self._tmp.name)
+        self.seen: set[str] = set()
+        self._models: dict[tuple[str, str], Any] = {}
+        self.results: list[dict[str, Any]] = []
+
+    # ---- model ------------------------------------------------------------------------------
+    def model(self, model_name: str) -> Any:
+        from batch import inference
+
+        url = self.sm.describe_model(ModelName=model_name)["PrimaryContainer"]["ModelDataUrl"]
+        bucket, key = parse_s3_uri(url)
+        etag = self.s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        cache_key = (url, etag)
+        if cache_key not in self._models:
+            model_dir = self.work_dir / "models" / etag
+            if model_dir.exists():
+                shutil.rmtree(model_dir)
+            model_dir.mkdir(parents=True)
+            tarball = model_dir.with_suffix(".tar.gz")
+            self.s3.download_file(bucket, key, str(tarball))
+            with tarfile.open(tarball) as tar:
+                tar.extractall(model_dir, filter="data")
+            tarball.unlink()
+            log.info("model %s loaded from %s", model_name, url)
+            self._models[cache_key] = inference.model_fn(str(model_dir))
+        return self._models[cache_key]
+
+    # ---- jobs -------------------------------------------------------------------------------
+    def pending(self) -> list[str]:
+        names: list[str] = []
+        kwargs: dict[str, Any] = {"NameContains": self.stack.job_prefix}
+        while True:
+            page = self.sm.list_transform_jobs(**kwargs)
+            names += [j["TransformJobName"] for j in page.get("TransformJobSummaries", [])]
+            if not page.get("NextToken"):
+                break
+            kwargs["NextToken"] = page["NextToken"]
+        return [n for n in names if n.startswith(f"{self.stack.job_prefix}-") and n not in self.seen]
+
+    def execute(self, job: dict[str, Any]) -> int:
+        """Run the transform; returns the number of records written."""
+        from batch import inference
+
+        scorer = self.model(job["ModelName"])
+        src = job["TransformInput"]["DataSource"]["S3DataSource"]
+        if src.get("S3DataType", "S3Prefix") != "S3Prefix":
+            raise ValueError(f"S3DataType {src.get('S3DataType')} is not supported by the local runner")
+        in_bucket, prefix = parse_s3_uri(src["S3Uri"])
+        keys = [k for k in self._list(in_bucket, prefix) if not k.endswith("/")]
+        if not keys:
+            raise ValueError(f"no input objects under {src['S3Uri']}")
+        out_bucket, out_prefix = parse_s3_uri(job["TransformOutput"]["S3OutputPath"])
+        if out_prefix and not out_prefix.endswith("/"):
+            out_prefix += "/"
+        content_type = job["TransformInput"].get("ContentType", "application/jsonlines")
+        accept = job["TransformOutput"].get("Accept", "application/jsonlines")
+        records = 0
+        for key in keys:
+            lines = self.s3.get_object(Bucket=in_bucket, Key=key)["Body"].read().splitlines()
+            parts: list[str] = []
+            for body in split_payload(lines, int(job.get("MaxPayloadInMB", 6)), job.get("BatchStrategy", "MultiRecord")):
+                data = inference.input_fn(body, content_type)
+                prediction = inference.predict_fn(data, scorer)
+                out = inference.output_fn(prediction, accept)
+                if isinstance(out, tuple):
+                    out = out[0]
+                text = out.decode() if isinstance(out, (bytes, bytearray)) else str(out)
+                parts.append(text.rstrip("\n"))
+                records += len(data)
+            # AssembleWith=Line: each response followed by a newline.
+            self.s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}{posixpath.basename(key)}.out",
+                               Body="".join(p + "\n" for p in parts).encode(), ContentType=accept)
+        return records
+
+    def run_job(self, name: str) -> dict[str, Any]:
+        self.seen.add(name)
+        job = self.sm.describe_transform_job(TransformJobName=name)
+        started = datetime.now(timezone.utc)
+        t0 = time.perf_counter()
+        status, reason, records = "Completed", None, 0
+        try:
+            records = self.execute(job)
+        except Exception as exc:  # the job fails as a whole, as on SageMaker
+            log.exception("transform job %s failed", name)
+            status, reason = "Failed", f"ClientError: {type(exc).__name__}: {exc}"[:1024]
+        elapsed = time.perf_counter() - t0
+        event = state_change_event(job, status, reason, started, datetime.now(timezone.utc))
+        log.info("transform job %s %s: %d records in %.2fs", name, status, records, elapsed)
+        collected = self.deliver(event)
+        result = {"job_name": name, "status": status, "records": records, "seconds": elapsed,
+                  "failure_reason": reason, "collected": collected}
+        self.results.append(result)
+        return result
+
+    def deliver(self, event: dict[str, Any], attempts: int = 3) -> Any:
+        """Invoke collect; like EventBridge's async invocation, retry a failed delivery."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.stack.invoke("collect", event)
+            except Exception:
+                log.exception("collect failed (attempt %d/%d) for %s", attempt, attempts,
+                              event["detail"]["TransformJobName"])
+                if attempt == attempts:
+                    raise
+                time.sleep(0.5 * attempt)
+
+    def run_pending(self) -> list[dict[str, Any]]:
+        return [self.run_job(n) for n in self.pending()]
+
+    def run(self, stop: threading.Event, interval_s: float = 0.5) -> None:
+        while not stop.is_set():
+            try:
+                self.run_pending()
+            except Exception:
+                log.exception("runner error")
+            stop.wait(interval_s)
+
+    def _list(self, bucket: str, prefix: str) -> list[str]:
+        keys: list[str] = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+        return sorted(keys)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()

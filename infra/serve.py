@@ -1,0 +1,65 @@
+"""``dermscore serve``: keep the local stack running and score whatever lands in incoming/.
+
+The SQS poller and the transform runner run in background threads; results are exported
+to ``--out`` as they arrive, so ``dermscore query`` sees them while the stack runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from infra.demo import missing_model_message, resolve_model
+from infra.stack import DEFAULT_BUCKET, LOCAL_CREDENTIALS
+from infra.template import LOCAL_REGION
+
+log = logging.getLogger("dermscore.serve")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=Path("models/default"), help="trained model directory")
+    p.add_argument("--out", type=Path, default=Path("output"), help="where results/ is exported (default: output)")
+    p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
+    p.add_argument("--port", type=int, default=0, help="port of the local endpoint (default: any free port)")
+    p.add_argument("--batching-window", type=float, default=5.0,
+                   help="SQS batching window in seconds (template default 60; shorter locally)")
+    p.add_argument("--export-interval", type=float, default=2.0, help="seconds between result exports")
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir = resolve_model(args.model)
+    if model_dir is None:
+        sys.stderr.write(missing_model_message(args.model))
+        return 2
+    from infra.local import LocalPipeline
+
+    with LocalPipeline(model_dir, bucket=args.bucket, batching_window_s=args.batching_window,
+                       port=args.port) as pipeline:
+        pipeline.start_background()
+        ep, bucket = pipeline.stack.endpoint, pipeline.stack.bucket
+        creds = " ".join(f"{k}={v}" for k, v in LOCAL_CREDENTIALS.items())
+        print(f"dermscore serve: local stack at {ep} (bucket {bucket}, region {LOCAL_REGION})\n"
+              f"Drop images into s3://{bucket}/incoming/, for example:\n"
+              f"  {creds} aws --endpoint-url {ep} --region {LOCAL_REGION} s3 cp lesion.jpg s3://{bucket}/incoming/\n"
+              f"  {creds} aws --endpoint-url {ep} --region {LOCAL_REGION} s3 cp ./images s3://{bucket}/incoming/batch1/ "
+              f"--recursive\n"
+              f"Results are exported to {args.out}/ as they arrive; query them with\n"
+              f'  dermscore query "SELECT image_key, top_class, prob_mel FROM predictions ORDER BY prob_mel DESC" '
+              f"--results {args.out}\n"
+              f"Ctrl-C stops the stack (the exported results stay).", flush=True)
+        last: dict[str, int] = {}
+        try:
+            while True:
+                time.sleep(args.export_interval)
+                counts = pipeline.export(args.out, mirror=False)
+                if counts != last:
+                    log.info("exported: %d prediction file(s), %d failure file(s), %d image document(s)",
+                             counts["predictions"], counts["failures"], counts["images"])
+                    last = counts
+        except KeyboardInterrupt:
+            print("\nstopping", flush=True)
+            pipeline.export(args.out, mirror=False)
+    return 0

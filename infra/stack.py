@@ -1,0 +1,260 @@
+"""The embedded stack: a moto server on 127.0.0.1 with the resources of ``template.yaml``.
+
+boto3 reaches the server over HTTP through ``AWS_ENDPOINT_URL`` (set in the process
+environment), so the handlers, the inference code and the CLI use unchanged clients,
+exactly as they would against AWS. Names and settings come from
+:func:`infra.template.local_spec`, i.e. from the template itself.
+
+Resources (template logical name -> local resource)::
+
+    ImagesBucket            s3://<bucket> with the S3 -> SQS ObjectCreated notification
+    ImagesQueue             <stack>-images            (VisibilityTimeout, RedrivePolicy)
+    ImagesDeadLetterQueue   <stack>-images-dlq
+    EnqueueFunction         handlers.enqueue.lambda_handler  (invoked by infra.poller)
+    CollectFunction         handlers.collect.lambda_handler  (invoked by infra.runner)
+    ModelName parameter     a SageMaker Model whose ModelDataUrl is s3://<bucket>/models/model.tar.gz
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import boto3
+
+from infra.template import LOCAL_ACCOUNT_ID, LOCAL_REGION, LocalSpec, local_spec
+
+log = logging.getLogger("dermscore.stack")
+
+DEFAULT_BUCKET = "dermscore-local"
+DEFAULT_STACK = "dermscore"
+MODEL_KEY = "models/model.tar.gz"
+# Clearly fake credentials: the local moto server accepts anything, AWS accepts none of these.
+LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local-dermscore-not-a-key",
+                     "AWS_SECRET_ACCESS_KEY": "local-dermscore-not-a-secret"}
+LOCAL_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT_ID}:role/dermscore-local-sagemaker"
+LOCAL_IMAGE = f"{LOCAL_ACCOUNT_ID}.dkr.ecr.{LOCAL_REGION}.amazonaws.com/dermscore-local:latest"
+
+# Lambda gives every function its own environment; in one process the handlers' variables are
+# swapped in around each invocation under this lock (invocations are serialised locally).
+_INVOKE_LOCK = threading.RLock()
+
+
+# --------------------------------------------------------------------------- server + environment
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int = 0):
+    """Start moto in server mode on 127.0.0.1; returns (server, endpoint URL)."""
+    from moto.server import ThreadedMotoServer
+
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port or free_port(), verbose=False)
+    server.start()
+    host, real_port = server.get_host_and_port()
+    return server, f"http://{host}:{real_port}"
+
+
+def use_endpoint(endpoint: str) -> None:
+    """Point every boto3 client of this process at the local server, with dummy credentials."""
+    # One access-log line per HTTP request / client would drown the pipeline's own logs.
+    for noisy in ("werkzeug", "botocore.configprovider", "botocore.credentials"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        os.environ.pop(var, None)
+    os.environ.update(LOCAL_CREDENTIALS)
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": LOCAL_REGION,
+                       "AWS_REGION": LOCAL_REGION})
+
+
+@contextlib.contextmanager
+def patched_env(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class LambdaContext:
+    """The attributes of the Lambda context object that handlers and Powertools read."""
+
+    function_name: str
+    timeout_s: int = 120
+    memory_limit_in_mb: int = 1024
+    function_version: str = "$LATEST"
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    _start: float = field(default_factory=time.monotonic)
+
+    @property
+    def invoked_function_arn(self) -> str:
+        return f"arn:aws:lambda:{LOCAL_REGION}:{LOCAL_ACCOUNT_ID}:function:{self.function_name}"
+
+    @property
+    def log_group_name(self) -> str:
+        return f"/aws/lambda/{self.function_name}"
+
+    @property
+    def log_stream_name(self) -> str:
+        return "local"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.timeout_s - (time.monotonic() - self._start)) * 1000))
+
+
+# --------------------------------------------------------------------------- the stack
+
+@dataclass
+class LocalStack:
+    endpoint: str
+    spec: LocalSpec
+    queue_url: str
+    queue_arn: str
+    dlq_url: str
+    dlq_arn: str
+    server: Any = None
+
+    @property
+    def bucket(self) -> str:
+        return self.spec.enqueue_env["BUCKET_NAME"]
+
+    @property
+    def stack_name(self) -> str:
+        return self.spec.stack_name
+
+    @property
+    def model_name(self) -> str:
+        return self.spec.enqueue_env["MODEL_NAME"]
+
+    @property
+    def job_prefix(self) -> str:
+        return self.spec.enqueue_env["JOB_PREFIX"]
+
+    def client(self, service: str):
+        return boto3.client(service, endpoint_url=self.endpoint, region_name=LOCAL_REGION)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def create(cls, bucket: str = DEFAULT_BUCKET, stack_name: str = DEFAULT_STACK, endpoint: str | None = None,
+               overrides: dict[str, Any] | None = None, visibility_timeout: int | None = None,
+               batching_window_s: int | None = None, batch_size: int | None = None, port: int = 0) -> "LocalStack":
+        """Create the template's resources on ``endpoint`` (if None: a new server on ``port``, 0 = any free one).
+
+        ``overrides`` are template parameter values (e.g. ``{"ModelName": ...}``);
+        ``visibility_timeout`` / ``batching_window_s`` / ``batch_size`` shorten waits locally.
+        """
+        server = None
+        if endpoint is None:
+            server, endpoint = start_server(port)
+        use_endpoint(endpoint)
+        spec = local_spec(bucket, stack_name=stack_name, overrides=overrides)
+        changes = {k: v for k, v in (("queue_visibility_timeout", visibility_timeout),
+                                     ("batching_window_s", batching_window_s),
+                                     ("batch_size", batch_size)) if v is not None}
+        spec = replace(spec, **changes)
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=LOCAL_REGION)
+        sqs = boto3.client("sqs", endpoint_url=endpoint, region_name=LOCAL_REGION)
+
+        dlq_url = sqs.create_queue(QueueName=f"{stack_name}-images-dlq",
+                                   Attributes={"MessageRetentionPeriod": str(spec.dlq_retention_s)})["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        queue_url = sqs.create_queue(QueueName=f"{stack_name}-images", Attributes={
+            "VisibilityTimeout": str(spec.queue_visibility_timeout),
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn,
+                                         "maxReceiveCount": str(spec.max_receive_count)}),
+        })["QueueUrl"]
+        queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+
+        s3.create_bucket(Bucket=spec.enqueue_env["BUCKET_NAME"])
+        s3.put_bucket_notification_configuration(
+            Bucket=spec.enqueue_env["BUCKET_NAME"],
+            NotificationConfiguration={"QueueConfigurations": notification_configs(spec, queue_arn)})
+        stack = cls(endpoint, spec, queue_url, queue_arn, dlq_url, dlq_arn, server)
+        log.info("local stack %s on %s: bucket %s, queue %s", stack_name, endpoint, stack.bucket, queue_url)
+        return stack
+
+    def register_model(self, model_dir: str | Path) -> str:
+        """Package ``model_dir`` as model.tar.gz, upload it and create the SageMaker Model."""
+        from batch.package import build_model_tarball
+
+        with tempfile.TemporaryDirectory(prefix="dermscore-model-") as tmp:
+            tarball = Path(tmp) / "model.tar.gz"
+            build_model_tarball(Path(model_dir), tarball)
+            self.client("s3").upload_file(str(tarball), self.bucket, MODEL_KEY)
+        url = f"s3://{self.bucket}/{MODEL_KEY}"
+        sm = self.client("sagemaker")
+        with contextlib.suppress(sm.exceptions.ClientError):
+            sm.delete_model(ModelName=self.model_name)
+        sm.create_model(ModelName=self.model_name, ExecutionRoleArn=LOCAL_ROLE_ARN,
+                        PrimaryContainer={"Image": LOCAL_IMAGE, "ModelDataUrl": url})
+        log.info("model %s registered from %s (%s)", self.model_name, model_dir, url)
+        return url
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    # ---- invoking the functions like Lambda does ---------------------------------------------
+    def invoke(self, function: str, event: dict[str, Any]) -> Any:
+        """Call handlers.<function>.lambda_handler with that function's template environment."""
+        if function == "enqueue":
+            from handlers.enqueue import lambda_handler
+            env, timeout = self.spec.enqueue_env, self.spec.enqueue_timeout_s
+        elif function == "collect":
+            from handlers.collect import lambda_handler
+            env, timeout = self.spec.collect_env, self.spec.collect_timeout_s
+        else:
+            raise ValueError(f"unknown function {function!r}")
+        context = LambdaContext(function_name=f"{self.stack_name}-{function}", timeout_s=timeout or 120)
+        with _INVOKE_LOCK, patched_env({"AWS_ENDPOINT_URL": self.endpoint, **env}):
+            return lambda_handler(event, context)
+
+    # ---- inspection helpers --------------------------------------------------------------
+    def queue_depth(self, dlq: bool = False) -> dict[str, int]:
+        attrs = self.client("sqs").get_queue_attributes(
+            QueueUrl=self.dlq_url if dlq else self.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        return {"visible": int(attrs["ApproximateNumberOfMessages"]),
+                "in_flight": int(attrs["ApproximateNumberOfMessagesNotVisible"])}
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        for page in self.client("s3").get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+        return keys
+
+
+def notification_configs(spec: LocalSpec, queue_arn: str) -> list[dict[str, Any]]:
+    """S3 allows one suffix per rule set, so each suffix gets its own queue configuration."""
+    def rules(suffix: str | None) -> list[dict[str, str]]:
+        r = [{"Name": "prefix", "Value": spec.notification_prefix}] if spec.notification_prefix else []
+        return r + ([{"Name": "suffix", "Value": suffix}] if suffix else [])
+
+    configs = []
+    for i, suffix in enumerate(spec.notification_suffixes or (None,)):
+        cfg: dict[str, Any] = {"Id": f"images-{i}", "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"]}
+        if rules(suffix):
+            cfg["Filter"] = {"Key": {"FilterRules": rules(suffix)}}
+        configs.append(cfg)
+    return configs

@@ -1,0 +1,86 @@
+"""Shared fixtures: one moto server (HTTP on 127.0.0.1) per test session, a tiny random model.
+
+Every test that touches AWS APIs builds its own stack (unique bucket, queues, model and job
+prefix) on that server, so tests do not see each other's resources. The AWS_* environment
+(endpoint + obviously fake credentials) is set only around those tests and restored after,
+because other test modules use moto's in-process ``mock_aws`` (which also resets moto's state:
+hence no resources are shared across modules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
+
+
+@contextlib.contextmanager
+def preserved_environ() -> Iterator[None]:
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    from infra.stack import start_server
+
+    server, endpoint = start_server()
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random EfficientNet-Lite0 at 64x64: plumbing only, never a prediction anyone reads."""
+    from batch.model import ModelMeta, build_network, save
+
+    model_dir = tmp_path_factory.mktemp("tiny-model")
+    save(build_network("efficientnet_lite0"),
+         ModelMeta(name="test", version="0", arch="efficientnet_lite0", input_size=(64, 64)), model_dir)
+    return model_dir
+
+
+@pytest.fixture()
+def aws_env(moto_endpoint: str) -> Iterator[str]:
+    """AWS_* variables pointing at the session's moto server, restored after the test."""
+    from infra.stack import use_endpoint
+
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        yield moto_endpoint
+
+
+@pytest.fixture()
+def make_stack(aws_env: str):
+    """Factory for a LocalStack with unique names on the session's server."""
+    from infra.stack import LocalStack
+
+    def make(**kwargs):
+        name = kwargs.pop("stack_name", None) or unique_name()
+        overrides = {"ModelName": f"{name}-model", **kwargs.pop("overrides", {})}
+        return LocalStack.create(bucket=kwargs.pop("bucket", f"{name}-images"), stack_name=name, endpoint=aws_env,
+                                 overrides=overrides, **kwargs)
+
+    return make
+
+
+def sample_images(n: int) -> list[Path]:
+    files = sorted(SAMPLES.glob("*.jpg"))[:n]
+    if len(files) < n:
+        pytest.skip(f"needs {n} sample images in {SAMPLES}")
+    return files

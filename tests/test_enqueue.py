@@ -1,0 +1,136 @@
+"""The enqueue handler against the moto server (HTTP): validation, manifest, one job per batch."""
+
+from __future__ import annotations
+
+import io
+import json
+from urllib.parse import quote_plus
+
+import pyarrow.parquet as pq
+import pytest
+
+from dermscore import imaging, layout
+from handlers import enqueue
+from infra.poller import sqs_event
+
+
+def s3_message(bucket: str, key: str, size: int = 1, etag: str = "abc", event_time: str = "2026-11-23T10:00:00.000Z"):
+    """An SQS message carrying one S3 ObjectCreated record, key URL-encoded as S3 does."""
+    record = {"eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1", "eventTime": event_time,
+              "eventName": "ObjectCreated:Put",
+              "s3": {"bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+                     "object": {"key": quote_plus(key, safe=""), "size": size, "eTag": etag}}}
+    body = json.dumps({"Records": [record]})
+    return {"MessageId": f"m-{abs(hash((key, body))) % 10**8}", "ReceiptHandle": "rh", "Body": body,
+            "Attributes": {"ApproximateReceiveCount": "1"}, "MD5OfBody": ""}
+
+
+def read_failures(stack) -> list[dict]:
+    s3 = stack.client("s3")
+    rows = []
+    for key in stack.list_keys(layout.FAILURES):
+        rows += pq.read_table(io.BytesIO(s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read())).to_pylist()
+    return rows
+
+
+def jobs_of(stack) -> list[dict]:
+    sm = stack.client("sagemaker")
+    names = [j["TransformJobName"] for j in sm.list_transform_jobs(NameContains=stack.job_prefix)["TransformJobSummaries"]]
+    return [sm.describe_transform_job(TransformJobName=n) for n in names]
+
+
+@pytest.fixture()
+def stack(make_stack):
+    return make_stack()
+
+
+def test_batch_writes_one_manifest_and_starts_one_job(stack) -> None:
+    s3 = stack.client("s3")
+    keys = ["incoming/a.jpg", "incoming/sub dir/b+c é.jpg", "incoming/z.png"]
+    for k in keys:
+        s3.put_object(Bucket=stack.bucket, Key=k, Body=b"\xff\xd8 not really a jpeg")
+    messages = [s3_message(stack.bucket, k) for k in keys]
+    test_event = {"MessageId": "t", "ReceiptHandle": "rh", "Body": json.dumps({"Event": "s3:TestEvent"})}
+    resp = stack.invoke("enqueue", sqs_event(messages + [test_event], stack.queue_arn))
+    assert resp == {"batchItemFailures": []}
+
+    jobs = jobs_of(stack)
+    assert len(jobs) == 1
+    job = jobs[0]
+    name = job["TransformJobName"]
+    assert name.startswith(f"{stack.job_prefix}-") and len(name) <= 63
+    assert job["ModelName"] == stack.model_name
+    assert job["TransformInput"]["DataSource"]["S3DataSource"] == {
+        "S3DataType": "S3Prefix", "S3Uri": f"s3://{stack.bucket}/{layout.manifest_key(name)}"}
+    assert job["TransformInput"]["ContentType"] == "application/jsonlines"
+    assert job["TransformInput"]["SplitType"] == "Line"
+    assert job["BatchStrategy"] == "MultiRecord"
+    assert job["MaxPayloadInMB"] == int(stack.spec.enqueue_env["MAX_PAYLOAD_MB"])
+    assert job["TransformOutput"]["S3OutputPath"] == f"s3://{stack.bucket}/{layout.transform_output_prefix(name)}"
+    assert job["TransformOutput"]["AssembleWith"] == "Line"
+    assert job["TransformResources"]["InstanceType"] == stack.spec.enqueue_env["TRANSFORM_INSTANCE_TYPE"]
+    assert job["ModelClientConfig"]["InvocationsTimeoutInSeconds"] == int(stack.spec.enqueue_env["INVOCATIONS_TIMEOUT_S"])
+
+    body = s3.get_object(Bucket=stack.bucket, Key=layout.manifest_key(name))["Body"].read().decode()
+    lines = [json.loads(ln) for ln in body.splitlines()]
+    assert [ln["key"] for ln in lines] == sorted(keys)            # decoded keys, sorted
+    assert all(ln["bucket"] == stack.bucket and ln["etag"] and ln["size"] > 0 for ln in lines)
+    assert read_failures(stack) == []
+
+
+def test_redelivered_batch_starts_no_second_job(stack) -> None:
+    s3 = stack.client("s3")
+    for k in ("incoming/1.jpg", "incoming/2.jpg"):
+        s3.put_object(Bucket=stack.bucket, Key=k, Body=b"data")
+    event = sqs_event([s3_message(stack.bucket, k) for k in ("incoming/1.jpg", "incoming/2.jpg")], stack.queue_arn)
+    stack.invoke("enqueue", event)
+    stack.invoke("enqueue", event)
+    # the same images in another order, with a duplicate event: same manifest, same job
+    stack.invoke("enqueue", sqs_event([s3_message(stack.bucket, k) for k in
+                                       ("incoming/2.jpg", "incoming/1.jpg", "incoming/2.jpg")], stack.queue_arn))
+    assert len(jobs_of(stack)) == 1
+    assert len(stack.list_keys(layout.MANIFESTS)) == 1
+
+
+def test_rejections_become_failure_rows(stack) -> None:
+    s3 = stack.client("s3")
+    s3.put_object(Bucket=stack.bucket, Key="incoming/empty.jpg", Body=b"")
+    s3.put_object(Bucket=stack.bucket, Key="elsewhere/x.jpg", Body=b"data")
+    s3.put_object(Bucket=stack.bucket, Key="incoming/big.jpg", Body=b"0" * (imaging.MAX_BYTES + 1))
+    messages = [s3_message(stack.bucket, k) for k in
+                ("incoming/empty.jpg", "elsewhere/x.jpg", "incoming/big.jpg", "incoming/gone.jpg")]
+    event = sqs_event(messages, stack.queue_arn)
+    assert stack.invoke("enqueue", event) == {"batchItemFailures": []}
+    stack.invoke("enqueue", event)   # redelivery overwrites the same failure file
+
+    assert jobs_of(stack) == []       # nothing valid, no job
+    files = stack.list_keys(layout.FAILURES)
+    assert len(files) == 1 and files[0].startswith(f"{layout.FAILURES}dt=2026-11-23/enqueue-")
+    reasons = {r["image_key"]: (r["stage"], r["reason"]) for r in read_failures(stack)}
+    assert reasons == {"incoming/empty.jpg": ("enqueue", imaging.ZERO_BYTE),
+                       "elsewhere/x.jpg": ("enqueue", imaging.WRONG_PREFIX),
+                       "incoming/big.jpg": ("enqueue", imaging.TOO_LARGE),
+                       "incoming/gone.jpg": ("enqueue", imaging.READ_ERROR)}
+    assert all(r["detail"] for r in read_failures(stack))
+
+
+def test_unparseable_message_is_a_partial_batch_failure(stack) -> None:
+    s3 = stack.client("s3")
+    s3.put_object(Bucket=stack.bucket, Key="incoming/ok.jpg", Body=b"data")
+    good = s3_message(stack.bucket, "incoming/ok.jpg")
+    bad = {"MessageId": "bad-1", "ReceiptHandle": "rh", "Body": "{not json"}
+    resp = stack.invoke("enqueue", sqs_event([good, bad], stack.queue_arn))
+    assert resp == {"batchItemFailures": [{"itemIdentifier": "bad-1"}]}
+    assert len(jobs_of(stack)) == 1    # the good record still went through
+
+
+def test_transform_request_uses_settings() -> None:
+    from dermscore.config import Settings
+
+    s = Settings(bucket="bk", model_name="m", instance_type="ml.c5.xlarge", instance_count=2, max_payload_mb=3,
+                 max_concurrent_transforms=4, invocations_timeout_s=600)
+    req = enqueue.transform_request(s, "dermscore-abc", "s3://bk/manifests/dermscore-abc.jsonl")
+    assert req["TransformResources"] == {"InstanceType": "ml.c5.xlarge", "InstanceCount": 2}
+    assert req["MaxPayloadInMB"] == 3 and req["MaxConcurrentTransforms"] == 4
+    assert req["ModelClientConfig"] == {"InvocationsTimeoutInSeconds": 600}
+    assert req["TransformOutput"]["S3OutputPath"] == "s3://bk/transform-output/dermscore-abc/"

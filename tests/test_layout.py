@@ -1,0 +1,106 @@
+"""Unit tests: event key decoding, result keys, manifests and job names, payload splitting."""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import quote_plus
+
+import pytest
+
+from dermscore import layout
+from handlers.enqueue import Item, job_name, manifest_items, manifest_text, s3_records
+from infra.runner import MB, split_payload
+
+SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+
+
+@pytest.mark.parametrize(("raw", "key"), [
+    ("incoming/ISIC_0024306.jpg", "incoming/ISIC_0024306.jpg"),
+    ("incoming/a+b.jpg", "incoming/a b.jpg"),                       # space -> '+'
+    ("incoming/a%2Bb.jpg", "incoming/a+b.jpg"),                     # literal '+' -> %2B
+    ("incoming%2Fsub%2Fx.jpg", "incoming/sub/x.jpg"),               # '/' encoded too
+    ("incoming/l%C3%A9sion+%C3%A9t%C3%A9.jpg", "incoming/lésion été.jpg"),  # UTF-8
+    ("incoming/%E7%9A%AE%E8%82%A4.png", "incoming/皮肤.png"),
+    ("incoming/100%25.jpg", "incoming/100%.jpg"),
+])
+def test_decode_event_key(raw: str, key: str) -> None:
+    assert layout.decode_event_key(raw) == key
+
+
+@pytest.mark.parametrize("key", ["incoming/a b+c é.jpg", "incoming/x%y&z=1?.jpg", "incoming/über/ü ü+ü.jpeg"])
+def test_decode_inverts_s3_encoding(key: str) -> None:
+    assert layout.decode_event_key(quote_plus(key, safe="")) == key
+
+
+def test_result_keys() -> None:
+    assert layout.image_result_key("incoming/demo/a b.jpg") == "results/images/demo/a b.jpg.json"
+    assert layout.prediction_partition_key("2026-11-23", "job") == "results/predictions/dt=2026-11-23/job.parquet"
+    assert layout.manifest_key("job") == "manifests/job.jsonl"
+    assert layout.transform_output_prefix("job") == "transform-output/job/"
+    assert layout.is_incoming("incoming/a.jpg") and not layout.is_incoming("other/a.jpg")
+    assert not layout.is_incoming("incoming/folder/")
+
+
+def _items() -> list[Item]:
+    return [Item("b", "incoming/z.jpg", "e1", 10), Item("b", "incoming/a b.jpg", "e2", 20),
+            Item("b", "incoming/é.jpg", "e3", 30)]
+
+
+def test_manifest_is_sorted_deduplicated_and_order_independent() -> None:
+    items = _items()
+    text = manifest_text(items)
+    assert text == manifest_text(list(reversed(items)) + items[:2])  # order and duplicates do not matter
+    lines = [json.loads(ln) for ln in text.splitlines()]
+    assert [ln["key"] for ln in lines] == sorted(i.key for i in items)
+    assert set(lines[0]) == {"bucket", "key", "etag", "size"}
+    assert text.endswith("\n") and "é" in text  # UTF-8, not \u escapes
+
+
+def test_new_content_under_the_same_key_is_a_new_manifest_line() -> None:
+    items = [Item("b", "incoming/a.jpg", "v1", 1), Item("b", "incoming/a.jpg", "v2", 1)]
+    assert len(manifest_items(items)) == 2
+
+
+def test_job_name_is_deterministic_and_valid() -> None:
+    text = manifest_text(_items())
+    name = job_name("dermscore", text)
+    assert name == job_name("dermscore", text) and name.startswith("dermscore-")
+    assert name != job_name("dermscore", manifest_text(_items()[:2]))
+    for prefix in ("dermscore", "my_stack.name", "x" * 200, "-a-", ""):
+        n = job_name(prefix, text)
+        assert SAGEMAKER_NAME.match(n) and len(n) <= 63, n
+
+
+def test_s3_records_ignores_test_event_and_non_created() -> None:
+    test_event = json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "b"})
+    assert s3_records(test_event) == []
+    body = json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {}},
+                                   {"eventName": "ObjectRemoved:Delete", "s3": {}}]})
+    assert [r["eventName"] for r in s3_records(body)] == ["ObjectCreated:Put"]
+
+
+def test_split_payload_multirecord_respects_limit() -> None:
+    line = b"x" * (300 * 1024 - 1)          # 300 KiB with its newline
+    bodies = split_payload([line] * 10, max_payload_mb=1)
+    assert [b.count(b"\n") for b in bodies] == [3, 3, 3, 1]
+    assert all(len(b) <= MB for b in bodies)
+    assert b"".join(bodies) == (line + b"\n") * 10   # nothing lost, order kept
+
+
+def test_split_payload_exact_fit_and_blank_lines() -> None:
+    line = b"y" * (MB // 2 - 1)
+    assert len(split_payload([line, line], 1)) == 1        # exactly 1 MiB fits
+    assert len(split_payload([line, line, b"z"], 1)) == 2
+    assert split_payload([b"a\n", b"", b"  ", b"b\r\n"], 6) == [b"a\nb\n"]
+    assert split_payload([], 6) == []
+
+
+def test_split_payload_single_record_and_unlimited() -> None:
+    assert split_payload([b"a", b"b", b"c"], 6, "SingleRecord") == [b"a\n", b"b\n", b"c\n"]
+    assert split_payload([b"a" * (2 * MB)] * 3, 0) == [(b"a" * (2 * MB) + b"\n") * 3]
+
+
+def test_split_payload_rejects_a_record_over_the_limit() -> None:
+    with pytest.raises(ValueError, match="MaxPayloadInMB"):
+        split_payload([b"a" * MB], 1)
