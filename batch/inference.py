@@ -224,6 +224,7 @@ class Scorer:
     # ---- the pipeline ----------------------------------------------------------------------
     def score_items(self, items: Iterable[Item | BadLine]) -> Iterator[dict[str, Any]]:
         """Score manifest items from S3, yielding one output record per item, in order."""
+        _ = self.s3  # create the client here: boto3 client creation is not thread-safe, use is
         return self._pipeline(items, self.load_item)
 
     def score_bytes(self, pairs: Iterable[tuple[str, bytes]]) -> list[dict[str, Any]]:
@@ -301,7 +302,9 @@ class Scorer:
                         n += 1
                     entries.append((item, result))
                     refill()
-                probs = self.forward(buf[:n]) if n else None
+                # On CUDA a short tail batch runs at full size: one input shape means one cuDNN
+                # autotune per process, and the extra rows cost the GPU next to nothing.
+                probs = (self.forward(buf if self.cuda else buf[:n])[:n]) if n else None
                 # Emit the previous batch while this one computes (CUDA); on CPU forward is sync.
                 if pending is not None:
                     yield from self._emit(*pending)
