@@ -286,3 +286,30 @@ def test_consumer_can_stop_early(scorer: Scorer, real_images) -> None:
     assert next(stream)["status"] == "ok"
     stream.close()
     assert decoded <= scorer.read_ahead + 2 * scorer.batch_size < len(real_images) * 20
+
+
+def test_model_fn_uses_aws_endpoint_url(model_dir: Path, real_images, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local stack only sets AWS_ENDPOINT_URL: GETs must go over HTTP to that server."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        client.put_object(Bucket=BUCKET, Key="incoming/a.jpg", Body=real_images[0][1])
+        scorer = model_fn(str(model_dir))
+        body = json.dumps({"bucket": BUCKET, "key": "incoming/a.jpg"}) + "\n"
+        out = json.loads(output_fn(predict_fn(input_fn(body, "application/jsonlines"), scorer)))
+        assert out["status"] == "ok" and scorer.s3.meta.endpoint_url == f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
