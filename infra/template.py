@@ -259,3 +259,44 @@ def local_spec(bucket: str, stack_name: str = "dermscore", path: str | Path = TE
         collect_timeout_s=int(function_property(t, "CollectFunction", "Timeout", r) or 3),
         collect_event_pattern=rule_event.get("Pattern", {}),
     )
+
+
+# --------------------------------------------------------------------------- SAM transform
+
+def translate(template: dict[str, Any] | None = None, region: str = LOCAL_REGION) -> dict[str, Any]:
+    """The plain CloudFormation template that the SAM transform makes of ``template.yaml``.
+
+    Local ``CodeUri`` folders become placeholder S3 URIs first, as ``sam package`` would
+    do. Linting this output catches mistakes that cfn-lint misses inside
+    ``AWS::Serverless::*`` resources. Needs ``aws-sam-translator`` (a dev dependency).
+    """
+    import copy
+    import os
+
+    from samtranslator.translator.transform import transform
+
+    t = copy.deepcopy(template if template is not None else load_template())
+    placeholder = "s3://sam-package-placeholder/code.zip"
+    fn_globals = (t.get("Globals") or {}).get("Function") or {}
+    if isinstance(fn_globals.get("CodeUri"), str) and not fn_globals["CodeUri"].startswith("s3://"):
+        fn_globals["CodeUri"] = placeholder
+    for res in (t.get("Resources") or {}).values():
+        props = res.get("Properties") or {}
+        if res.get("Type") in ("AWS::Serverless::Function", "AWS::Serverless::LayerVersion"):
+            for key in ("CodeUri", "ContentUri"):
+                if isinstance(props.get(key), str) and not props[key].startswith("s3://"):
+                    props[key] = placeholder
+
+    class _NoManagedPolicies:  # every role is explicit: no managed policy names to resolve
+        def load(self) -> dict[str, str]:
+            return {}
+
+    old = os.environ.get("AWS_DEFAULT_REGION")
+    os.environ["AWS_DEFAULT_REGION"] = region  # samtranslator reads the region from boto3
+    try:
+        return transform(t, {}, _NoManagedPolicies())
+    finally:
+        if old is None:
+            os.environ.pop("AWS_DEFAULT_REGION", None)
+        else:
+            os.environ["AWS_DEFAULT_REGION"] = old
