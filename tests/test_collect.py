@@ -1,0 +1,124 @@
+"""The collect handler against the moto server: join, Parquet, per-image JSON, failure rows."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timezone
+
+import pyarrow.parquet as pq
+import pytest
+
+from dermscore import layout, results
+from dermscore.labels import CLASSES
+from infra.runner import state_change_event
+
+MODEL = {"name": "test", "version": "0", "weights_sha256": "0" * 64}
+ENDED = datetime(2026, 11, 23, 12, 30, tzinfo=timezone.utc)
+
+
+def probs(i: int) -> list[float]:
+    raw = [1.0 + (i + j) % 7 for j in range(len(CLASSES))]
+    return [v / sum(raw) for v in raw]
+
+
+@pytest.fixture()
+def job(make_stack):
+    """A stack with a manifest of three images and its transform output (one error line)."""
+    stack = make_stack()
+    s3 = stack.client("s3")
+    name = f"{stack.job_prefix}-0123456789abcdef"
+    items = [{"bucket": stack.bucket, "key": k, "etag": f"e{i}", "size": 100}
+             for i, k in enumerate(["incoming/a.jpg", "incoming/b c+d é.jpg", "incoming/corrupt.jpg"])]
+    s3.put_object(Bucket=stack.bucket, Key=layout.manifest_key(name),
+                  Body="".join(json.dumps(it) + "\n" for it in items).encode())
+    out = [results.score_line(items[0], probs(0), MODEL, 0.5, 600, 450),
+           results.score_line(items[1], probs(1), MODEL, 0.5, 640, 480),
+           results.error_line(items[2], "corrupt_image", "image file is truncated")]
+    s3.put_object(Bucket=stack.bucket, Key=f"{layout.transform_output_prefix(name)}{name}.jsonl.out",
+                  Body="".join(json.dumps(o) + "\n" for o in out).encode())
+    request = {
+        "TransformJobName": name, "TransformJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{name}",
+        "ModelName": stack.model_name,
+        "TransformInput": {"DataSource": {"S3DataSource": {
+            "S3DataType": "S3Prefix", "S3Uri": f"s3://{stack.bucket}/{layout.manifest_key(name)}"}},
+            "ContentType": "application/jsonlines", "SplitType": "Line"},
+        "TransformOutput": {"S3OutputPath": f"s3://{stack.bucket}/{layout.transform_output_prefix(name)}",
+                            "AssembleWith": "Line", "Accept": "application/jsonlines"},
+    }
+    return stack, name, items, request
+
+
+def parquet_rows(stack, prefix: str) -> list[dict]:
+    s3 = stack.client("s3")
+    rows = []
+    for key in stack.list_keys(prefix):
+        rows += pq.read_table(io.BytesIO(s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read())).to_pylist()
+    return rows
+
+
+def test_completed_job_writes_parquet_json_and_failures(job) -> None:
+    stack, name, items, request = job
+    out = stack.invoke("collect", state_change_event(request, "Completed", None, ENDED, ENDED))
+    assert out == {"job_name": name, "status": "Completed", "scored": 2, "failed": 1}
+
+    assert stack.list_keys(layout.PREDICTIONS) == [layout.prediction_partition_key("2026-11-23", name)]
+    s3 = stack.client("s3")
+    table = pq.read_table(io.BytesIO(s3.get_object(
+        Bucket=stack.bucket, Key=layout.prediction_partition_key("2026-11-23", name))["Body"].read()))
+    assert table.schema.equals(results.PREDICTION_SCHEMA)
+    rows = table.to_pylist()
+    assert [r["image_key"] for r in rows] == ["incoming/a.jpg", "incoming/b c+d é.jpg"]
+    for r in rows:
+        assert sum(r[c] for c in results.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
+        assert r["job_name"] == name and r["scored_at"] == ENDED and r["model_name"] == "test"
+
+    doc = json.loads(s3.get_object(Bucket=stack.bucket, Key=layout.image_result_key(items[1]["key"]))["Body"].read())
+    assert doc["image_key"] == "incoming/b c+d é.jpg" and doc["width"] == 640
+    assert sum(doc[c] for c in results.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
+    assert len(stack.list_keys(layout.IMAGES)) == 2
+
+    failures = parquet_rows(stack, layout.FAILURES)
+    assert [(f["image_key"], f["stage"], f["reason"]) for f in failures] == [
+        ("incoming/corrupt.jpg", "transform", "corrupt_image")]
+
+
+def test_repeated_event_overwrites_instead_of_duplicating(job) -> None:
+    stack, name, _, request = job
+    event = state_change_event(request, "Completed", None, ENDED, ENDED)
+    stack.invoke("collect", event)
+    before = sorted(stack.list_keys("results/"))
+    stack.invoke("collect", event)
+    assert sorted(stack.list_keys("results/")) == before
+    assert len(parquet_rows(stack, layout.PREDICTIONS)) == 2
+    assert len(parquet_rows(stack, layout.FAILURES)) == 1
+
+
+def test_failed_job_gives_every_image_a_failure_row(job) -> None:
+    stack, name, items, request = job
+    out = stack.invoke("collect", state_change_event(request, "Failed", "AlgorithmError: boom", ENDED, ENDED))
+    assert out["failed"] == 3 and out["scored"] == 0
+    assert stack.list_keys(layout.PREDICTIONS) == []
+    failures = parquet_rows(stack, layout.FAILURES)
+    assert sorted(f["image_key"] for f in failures) == sorted(it["key"] for it in items)
+    assert {(f["stage"], f["reason"], f["detail"], f["job_name"]) for f in failures} == {
+        ("transform", "job_failed", "AlgorithmError: boom", name)}
+
+
+def test_missing_output_lines_are_failures_not_silence(job) -> None:
+    stack, name, items, request = job
+    s3 = stack.client("s3")
+    out_key = f"{layout.transform_output_prefix(name)}{name}.jsonl.out"
+    first = s3.get_object(Bucket=stack.bucket, Key=out_key)["Body"].read().decode().splitlines()[0]
+    s3.put_object(Bucket=stack.bucket, Key=out_key, Body=(first + "\n").encode())
+    out = stack.invoke("collect", state_change_event(request, "Completed", None, ENDED, ENDED))
+    assert (out["scored"], out["failed"]) == (1, 2)
+    assert {f["reason"] for f in parquet_rows(stack, layout.FAILURES)} == {"missing_output"}
+
+
+def test_events_of_other_jobs_and_states_are_ignored(job) -> None:
+    stack, name, _, request = job
+    other = dict(request, TransformJobName="someone-else-123")
+    assert stack.invoke("collect", state_change_event(other, "Completed", None, ENDED, ENDED))["ignored"]
+    assert stack.invoke("collect", state_change_event(request, "InProgress", None, ENDED, ENDED))["ignored"]
+    assert stack.list_keys("results/") == []

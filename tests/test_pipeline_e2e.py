@@ -1,0 +1,152 @@
+"""End to end on the local stack: real images -> S3 -> SQS -> enqueue -> transform -> collect -> SQL.
+
+Everything goes over HTTP to the moto server; the handlers, the inference code and the runner
+are the ones the demo and AWS use. The model is a tiny random network (plumbing only).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dermscore import imaging, layout, results
+from infra.query import run_query
+from infra.runner import state_change_event
+from conftest import preserved_environ, sample_images, unique_name
+
+SPECIAL_KEY = "incoming/e2e/lésion été + copy (1).jpg"
+
+
+def make_pipeline(endpoint: str, model_dir: Path | None, **kwargs):
+    from infra.local import LocalPipeline
+
+    name = unique_name()
+    return LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=endpoint,
+                         batching_window_s=0.5, visibility_timeout=kwargs.pop("visibility_timeout", 2),
+                         overrides={"ModelName": f"{name}-model", **kwargs.pop("overrides", {})})
+
+
+@pytest.fixture(scope="module")
+def scored(moto_endpoint: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Ten real images (one under a key with spaces, unicode and '+'), a corrupt JPEG and an
+    empty file go through the whole pipeline once; the tests below look at the outcome."""
+    from infra.stack import use_endpoint
+
+    files = sample_images(10)
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        p = make_pipeline(moto_endpoint, tiny_model)
+        s3 = p.s3
+        keys = p.upload(files[:9], "incoming/e2e/")
+        s3.upload_file(str(files[9]), p.stack.bucket, SPECIAL_KEY)
+        keys.append(SPECIAL_KEY)
+        s3.put_object(Bucket=p.stack.bucket, Key="incoming/e2e/corrupt.jpg", Body=files[0].read_bytes()[:6000])
+        s3.put_object(Bucket=p.stack.bucket, Key="incoming/e2e/empty.jpg", Body=b"")
+        p.drain(timeout_s=120)
+        out = tmp_path_factory.mktemp("export")
+        counts = p.export(out)
+        yield SimpleNamespace(pipeline=p, keys=keys, out=out, counts=counts)
+        p.close()
+
+
+def test_every_real_image_gets_one_row(scored) -> None:
+    cols, rows = run_query("SELECT image_key, dt, prob_akiec + prob_bcc + prob_bkl + prob_df + prob_mel + prob_nv "
+                           "+ prob_vasc AS total FROM predictions ORDER BY image_key", scored.out)
+    assert [r[0] for r in rows] == sorted(scored.keys)
+    assert all(r[2] == pytest.approx(1.0, abs=1e-4) for r in rows)
+    assert all(isinstance(r[1], str) and len(r[1]) == 10 for r in rows)   # dt partition, as Athena sees it
+    assert scored.counts["predictions"] == 1                             # one Parquet file for the one job
+
+
+def test_one_json_document_per_image(scored) -> None:
+    docs = sorted((scored.out / "images").rglob("*.json"))
+    assert len(docs) == 10
+    for path in docs:
+        doc = json.loads(path.read_text())
+        assert sum(doc[c] for c in results.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-4)
+        assert doc["image_key"] in scored.keys
+    special = scored.out / layout.image_result_key(SPECIAL_KEY)[len("results/"):]
+    assert json.loads(special.read_text())["image_key"] == SPECIAL_KEY
+
+
+def test_bad_files_give_failure_rows_with_reasons(scored) -> None:
+    _, rows = run_query("SELECT image_key, stage, reason, detail FROM failures ORDER BY image_key", scored.out)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("incoming/e2e/corrupt.jpg", "transform", imaging.CORRUPT),
+        ("incoming/e2e/empty.jpg", "enqueue", imaging.ZERO_BYTE),
+    ]
+    assert all(r[3] for r in rows)
+
+
+def test_sql_example_and_nothing_left_in_flight(scored) -> None:
+    from infra.query import TOP_MELANOMA_SQL
+
+    cols, rows = run_query(TOP_MELANOMA_SQL, scored.out)
+    assert cols[:2] == ["image_key", "prob_mel"] and len(rows) == 10
+    assert [r[1] for r in rows] == sorted((r[1] for r in rows), reverse=True)
+    stack = scored.pipeline.stack
+    assert stack.queue_depth() == {"visible": 0, "in_flight": 0}
+    assert stack.queue_depth(dlq=True) == {"visible": 0, "in_flight": 0}
+    assert len(scored.pipeline.runner.results) == 1 and scored.pipeline.runner.results[0]["status"] == "Completed"
+
+
+def test_redelivered_batch_and_repeated_event_add_no_rows(moto_endpoint, tiny_model, tmp_path) -> None:
+    from infra.stack import use_endpoint
+
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        with make_pipeline(moto_endpoint, tiny_model) as p:
+            p.upload(sample_images(3), "incoming/redelivery/")
+            messages = p.poller.receive()
+            assert len(messages) == 4            # 3 images + the s3:TestEvent
+            p.poller.dispatch(messages)
+            p.poller.dispatch(messages)          # SQS redelivers the same batch before the job ran
+            p.runner.run_pending()
+            p.poller.dispatch(messages)          # ... and once more after it ran
+            assert p.runner.run_pending() == []  # no second job
+            event_job = p.runner.results[0]
+            assert event_job["status"] == "Completed"
+            p.drain(timeout_s=60)
+            job = p.stack.client("sagemaker").describe_transform_job(TransformJobName=event_job["job_name"])
+            now = datetime.now(timezone.utc)
+            p.runner.deliver(state_change_event(job, "Completed", None, now, now))   # EventBridge repeats itself
+            p.export(tmp_path)
+    _, rows = run_query("SELECT count(*), count(DISTINCT image_key) FROM predictions", tmp_path)
+    assert rows == [(3, 3)]
+    assert len(list((tmp_path / "images").rglob("*.json"))) == 3
+
+
+def test_failed_transform_job_gives_failure_rows(moto_endpoint, tmp_path) -> None:
+    """No model registered: the runner fails the job and every image gets a failure row."""
+    from infra.stack import use_endpoint
+
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        with make_pipeline(moto_endpoint, None) as p:
+            p.upload(sample_images(2), "incoming/fail/")
+            p.drain(timeout_s=60)
+            assert [r["status"] for r in p.runner.results] == ["Failed"]
+            p.export(tmp_path)
+    _, rows = run_query("SELECT image_key, stage, reason, detail FROM failures ORDER BY 1", tmp_path)
+    assert [(r[1], r[2]) for r in rows] == [("transform", "job_failed")] * 2
+    assert all("Could not find model" in r[3] for r in rows), rows
+    assert run_query("SELECT count(*) FROM predictions", tmp_path)[1] == [(0,)]
+
+
+def test_poison_message_goes_to_the_dlq(moto_endpoint, tiny_model) -> None:
+    from infra.stack import use_endpoint
+
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        with make_pipeline(moto_endpoint, tiny_model, visibility_timeout=1, overrides={"MaxReceiveCount": 2}) as p:
+            sqs = p.stack.client("sqs")
+            sqs.send_message(QueueUrl=p.stack.queue_url, MessageBody="{this is not an S3 event")
+            p.drain(timeout_s=60)
+            assert p.stack.queue_depth() == {"visible": 0, "in_flight": 0}
+            assert p.stack.queue_depth(dlq=True)["visible"] == 1     # the s3:TestEvent was consumed
+            body = sqs.receive_message(QueueUrl=p.stack.dlq_url)["Messages"][0]["Body"]
+            assert body == "{this is not an S3 event"
