@@ -4,7 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test
+.PHONY: setup demo test tools
+
+# The SAM CLI pins exact boto3/click versions: it lives in its own tool venv, not in $(VENV).
+# tests/test_template.py runs `sam validate --lint` and `sam build` from there (offline).
+TOOLS       := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+SAM_CLI     ?= aws-sam-cli==1.170.0
 
 setup: $(STAMP)
 
@@ -20,5 +26,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dermscore demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --upgrade pip
+	$(TOOLS)/bin/pip install --quiet '$(SAM_CLI)'
+	touch $@
+
+test: $(STAMP) $(TOOLS_STAMP)
+	REQUIRE_SAM_CLI=1 $(BIN)/python -m pytest

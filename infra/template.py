@@ -91,10 +91,18 @@ class Resolver:
         self.refs.update(refs or {})
         self.conditions: dict[str, bool] = {}
 
+    # Properties that hold a resource's physical name (what Ref returns for these types).
+    NAME_PROPERTIES = {"AWS::S3::Bucket": "BucketName", "AWS::Athena::WorkGroup": "Name"}
+
     def ref(self, name: str) -> Any:
         if name in self.refs:
             return self.refs[name]
-        if name in (self.template.get("Resources") or {}):
+        resources = self.template.get("Resources") or {}
+        if name in resources:
+            res = resources[name]
+            prop = self.NAME_PROPERTIES.get(res.get("Type", ""))
+            if prop and prop in (res.get("Properties") or {}):
+                return self.resolve(res["Properties"][prop])
             return name
         raise KeyError(f"unresolvable Ref {name!r}")
 

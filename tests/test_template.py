@@ -1,0 +1,474 @@
+"""template.yaml: lint it, build it, and check the wiring the pipeline relies on.
+
+Offline: cfn-lint (on the template and on the SAM-translated template), `sam validate
+--lint` and `sam build` from the tool environment `.venv-tools` (`make tools`), no AWS
+account and no Docker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dermscore import layout, results
+from infra.template import REPO_ROOT, TEMPLATE_PATH, Resolver, load_template, local_spec, translate
+
+SAM = REPO_ROOT / ".venv-tools" / "bin" / "sam"
+STACK = "dermscore"
+BUCKET = "dermscore-123456789012-us-east-1"
+
+# Actions that have no resource-level permissions: the only ones allowed on "*", and only with a Condition.
+NO_RESOURCE_LEVEL_ACTIONS = {"cloudwatch:PutMetricData"}
+# A wildcard in a resource ARN is fine below these: this bucket's prefixes, this stack's
+# job names, SageMaker's fixed log group for transform jobs.
+SCOPED_ANCHORS = ("${ImagesBucket.Arn}/", "${AWS::StackName}-", "log-group:/aws/sagemaker/TransformJobs")
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    return load_template()
+
+
+@pytest.fixture(scope="module")
+def translated() -> dict[str, Any]:
+    return translate()
+
+
+@pytest.fixture(scope="module")
+def resolver(template) -> Resolver:
+    return Resolver(template, refs={"AWS::StackName": STACK})
+
+
+def resources_of(t: dict[str, Any], rtype: str) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in t["Resources"].items() if v["Type"] == rtype}
+
+
+def as_list(x: Any) -> list[Any]:
+    return x if isinstance(x, list) else [x]
+
+
+def statements(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Policy statements; `Fn::If [cond, statement, AWS::NoValue]` counts as its statement."""
+    out = []
+    for s in as_list(doc["Statement"]):
+        if "Fn::If" in s:
+            out += [b for b in s["Fn::If"][1:] if isinstance(b, dict) and "Effect" in b]
+        else:
+            out.append(s)
+    return out
+
+
+# --------------------------------------------------------------------------- linters and SAM CLI
+
+def _lint(text: str) -> list[str]:
+    from cfnlint.api import ManualArgs, lint
+    return [str(m) for m in lint(text, config=ManualArgs(regions=["us-east-1"]))]
+
+
+def test_cfn_lint_template_has_no_findings():
+    assert _lint(TEMPLATE_PATH.read_text()) == []
+
+
+def test_cfn_lint_translated_template_has_no_findings(translated):
+    # cfn-lint misses mistakes inside AWS::Serverless::* resources (runtime, timeout,
+    # FunctionResponseTypes ...); the translated template shows them as plain resources.
+    assert _lint(json.dumps(translated)) == []
+
+
+def test_translated_lint_catches_serverless_mistakes(template):
+    broken = json.loads(json.dumps(template))
+    broken["Globals"]["Function"]["Runtime"] = "python3.99"
+    broken["Resources"]["EnqueueFunction"]["Properties"]["Events"]["Images"]["Properties"][
+        "FunctionResponseTypes"] = ["ReportBatchItemFailure"]
+    findings = _lint(json.dumps(translate(broken)))
+    assert any("python3.99" in f for f in findings)
+    assert any("ReportBatchItemFailure'" in f for f in findings)
+
+
+def _sam(*args: str, cwd: Path = REPO_ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    if not SAM.exists():
+        if os.environ.get("REQUIRE_SAM_CLI"):
+            pytest.fail(f"{SAM} missing: `make tools` installs the SAM CLI")
+        pytest.skip("SAM CLI not installed (`make tools`)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",  # dummy: nothing calls AWS
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                "SAM_CLI_TELEMETRY": "0", "SAM_CLI_POLL_DELAY": "0"})
+    return subprocess.run([str(SAM), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sam_validate_lint_offline():
+    r = _sam("validate", "--lint", "--region", "us-east-1", "--template-file", str(TEMPLATE_PATH))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "is a valid SAM Template" in r.stdout + r.stderr
+
+
+def test_sam_build_bundles_handlers_and_light_requirements_only(tmp_path):
+    build = tmp_path / "build"
+    r = _sam("build", "--template-file", str(TEMPLATE_PATH), "--build-dir", str(build),
+             "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for fn in ("EnqueueFunction", "CollectFunction"):
+        art = build / fn
+        for must in ("handlers/enqueue.py", "handlers/collect.py", "dermscore/results.py", "dermscore/config.py",
+                     "aws_lambda_powertools", "PIL"):
+            assert (art / must).exists(), f"{fn}: {must} missing"
+        for never in ("batch", "models", "tests", "torch", "pyarrow", "pandas", "numpy", "boto3", ".venv"):
+            assert not (art / never).exists(), f"{fn}: {never} must not be bundled"
+        size = sum(p.stat().st_size for p in art.rglob("*") if p.is_file())
+        assert size < 60 * 2**20, f"{fn}: {size / 2**20:.0f} MiB (the pandas layer needs room in 250 MiB)"
+    built = (build / "template.yaml").read_text()
+    assert "CodeUri: EnqueueFunction" in built and "CodeUri: CollectFunction" in built
+
+
+def test_lambda_makefile_has_a_target_per_function(template):
+    makefile = (REPO_ROOT / "infra" / "lambda" / "Makefile").read_text()
+    for name, fn in resources_of(template, "AWS::Serverless::Function").items():
+        assert fn["Metadata"]["BuildMethod"] == "makefile"
+        assert re.search(rf"^[^\n]*\bbuild-{name}\b[^\n]*:", makefile, re.M), name
+    assert template["Globals"]["Function"]["Runtime"] == "python3.11"
+
+
+# --------------------------------------------------------------------------- wiring
+
+def test_bucket_notifications_go_to_the_queue_for_image_suffixes(template):
+    bucket = template["Resources"]["ImagesBucket"]
+    configs = bucket["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
+    suffixes = []
+    for c in configs:
+        assert c["Queue"] == {"Fn::GetAtt": ["ImagesQueue", "Arn"]}
+        assert c["Event"].startswith("s3:ObjectCreated:")
+        rules = {r["Name"]: r["Value"] for r in c["Filter"]["S3Key"]["Rules"]}
+        assert rules["prefix"] == layout.INCOMING
+        suffixes.append(rules["suffix"])
+    expected = [s for s in layout.IMAGE_SUFFIXES] + [s.upper() for s in layout.IMAGE_SUFFIXES]
+    assert sorted(suffixes) == sorted(expected)
+    # the queue policy must exist before S3 validates the notification target
+    assert "ImagesQueuePolicy" in as_list(bucket["DependsOn"])
+    spec = local_spec("b")
+    assert spec.notification_prefix == layout.INCOMING and sorted(spec.notification_suffixes) == sorted(expected)
+
+
+def test_queue_policy_allows_only_this_bucket(template, resolver):
+    policy = template["Resources"]["ImagesQueuePolicy"]["Properties"]
+    assert policy["Queues"] == [{"Ref": "ImagesQueue"}]
+    (stmt,) = statements(policy["PolicyDocument"])
+    assert stmt["Effect"] == "Allow" and stmt["Principal"] == {"Service": "s3.amazonaws.com"}
+    assert stmt["Action"] == "sqs:SendMessage"
+    bucket_name = resolver.resolve(template["Resources"]["ImagesBucket"]["Properties"]["BucketName"])
+    assert bucket_name == BUCKET
+    cond = resolver.resolve(stmt["Condition"])
+    assert cond["ArnEquals"]["aws:SourceArn"] == f"arn:aws:s3:::{bucket_name}"
+    assert cond["StringEquals"]["aws:SourceAccount"] == "123456789012"
+
+
+def test_queue_feeds_enqueue_with_partial_batch_failures(template):
+    fn = template["Resources"]["EnqueueFunction"]["Properties"]
+    (event,) = fn["Events"].values()
+    assert event["Type"] == "SQS"
+    p = event["Properties"]
+    assert p["Queue"] == {"Fn::GetAtt": ["ImagesQueue", "Arn"]}
+    assert p["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert p["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "EnqueueMaxConcurrency"}
+    params = template["Parameters"]
+    assert p["BatchSize"] == {"Ref": "EnqueueBatchSize"}
+    assert params["EnqueueBatchSize"]["Default"] >= 1000 and params["EnqueueBatchSize"]["MaxValue"] == 10000
+    assert p["MaximumBatchingWindowInSeconds"] == {"Ref": "EnqueueBatchingWindowSeconds"}
+    assert 1 <= params["EnqueueBatchingWindowSeconds"]["MinValue"]  # BatchSize > 10 needs a window
+    assert params["EnqueueBatchingWindowSeconds"]["MaxValue"] == 300
+
+
+def test_dead_letter_queue_and_visibility_timeout(template):
+    q = template["Resources"]["ImagesQueue"]["Properties"]
+    assert q["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": ["ImagesDeadLetterQueue", "Arn"]}
+    assert q["RedrivePolicy"]["maxReceiveCount"] == {"Ref": "MaxReceiveCount"}
+    assert q["MaximumMessageSize"] >= 64 * 1024
+    spec = local_spec("b")
+    window_max = template["Parameters"]["EnqueueBatchingWindowSeconds"]["MaxValue"]
+    assert spec.queue_visibility_timeout >= 6 * spec.enqueue_timeout_s + window_max
+    assert spec.max_receive_count >= 1 and spec.dlq_retention_s == 14 * 24 * 3600
+
+
+def test_eventbridge_rule_sends_this_stacks_jobs_to_collect(template, translated, resolver):
+    from handlers.enqueue import job_name
+    ev = template["Resources"]["CollectFunction"]["Properties"]["Events"]["TransformJobStateChange"]
+    assert ev["Type"] == "EventBridgeRule"
+    pattern = resolver.resolve(ev["Properties"]["Pattern"])
+    assert pattern["source"] == ["aws.sagemaker"]
+    assert pattern["detail-type"] == ["SageMaker Transform Job State Change"]
+    assert sorted(pattern["detail"]["TransformJobStatus"]) == ["Completed", "Failed", "Stopped"]
+    (prefix_rule,) = pattern["detail"]["TransformJobName"]
+    prefix = prefix_rule["prefix"]
+    assert prefix == f"{STACK}-"
+    # the jobs enqueue creates match; another stack whose name starts the same does not
+    spec = local_spec(BUCKET, STACK)
+    assert job_name(spec.enqueue_env["JOB_PREFIX"], "manifest\n").startswith(prefix)
+    assert not job_name(f"{STACK}x", "manifest\n").startswith(prefix)
+    assert spec.collect_env["JOB_PREFIX"] == spec.enqueue_env["JOB_PREFIX"]
+    # translated: a rule whose target is the collect function, and the permission to invoke it
+    rules = resources_of(translated, "AWS::Events::Rule")
+    targets = [t["Arn"] for r in rules.values() for t in r["Properties"].get("Targets", [])]
+    assert {"Fn::GetAtt": ["CollectFunction", "Arn"]} in targets
+    perms = resources_of(translated, "AWS::Lambda::Permission").values()
+    assert any(p["Properties"]["Principal"] == "events.amazonaws.com"
+               and p["Properties"]["FunctionName"] == {"Ref": "CollectFunction"} for p in perms)
+    # failed jobs also raise the alarm, with the same scoping
+    failed = resolver.resolve(template["Resources"]["TransformJobFailedRule"]["Properties"]["EventPattern"])
+    assert failed["detail"]["TransformJobName"] == [{"prefix": prefix}]
+    assert failed["detail"]["TransformJobStatus"] == ["Failed"]
+
+
+def test_sqs_event_source_mapping_in_translated_template(translated):
+    (esm,) = resources_of(translated, "AWS::Lambda::EventSourceMapping").values()
+    p = esm["Properties"]
+    assert p["EventSourceArn"] == {"Fn::GetAtt": ["ImagesQueue", "Arn"]}
+    assert p["FunctionName"] == {"Ref": "EnqueueFunction"}
+    assert p["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+
+# --------------------------------------------------------------------------- least privilege
+
+def test_every_iam_statement_is_scoped(translated):
+    roles = resources_of(translated, "AWS::IAM::Role")
+    assert {"EnqueueRole", "CollectRole", "TransformRole"} <= set(roles)
+    for name, role in roles.items():
+        props = role["Properties"]
+        assert not props.get("ManagedPolicyArns"), f"{name}: managed policies grant '*' resources"
+        for policy in props.get("Policies", []):
+            for s in statements(policy["PolicyDocument"]):
+                assert s["Effect"] == "Allow", f"{name}: unexpected {s}"
+                actions = as_list(s["Action"])
+                for a in actions:
+                    assert "*" not in a, f"{name}/{s.get('Sid')}: wildcard action {a}"
+                for r in as_list(s["Resource"]):
+                    if r == "*":
+                        assert set(actions) <= NO_RESOURCE_LEVEL_ACTIONS and s.get("Condition"), \
+                            f"{name}/{s.get('Sid')}: '*' resource"
+                    elif "*" in json.dumps(r):  # a wildcard only below this stack's own names
+                        assert any(anchor in json.dumps(r) for anchor in SCOPED_ANCHORS), f"{name}: {r}"
+
+
+def test_resource_policies_allow_only_aws_services_with_conditions(template):
+    for rtype in ("AWS::SQS::QueuePolicy", "AWS::SNS::TopicPolicy"):
+        for name, pol in resources_of(template, rtype).items():
+            for s in statements(pol["Properties"]["PolicyDocument"]):
+                if s["Effect"] == "Allow":
+                    assert set(s["Principal"]) == {"Service"} and s.get("Condition"), name
+
+
+def _s3_prefixes(role: dict[str, Any], actions: set[str]) -> set[str]:
+    out = set()
+    for policy in role["Properties"]["Policies"]:
+        for s in statements(policy["PolicyDocument"]):
+            if set(as_list(s["Action"])) & actions:
+                for r in as_list(s["Resource"]):
+                    m = re.fullmatch(r"\$\{ImagesBucket\.Arn\}/(.*)\*", r.get("Fn::Sub", "") if isinstance(r, dict) else "")
+                    assert m, f"object access must be prefix-scoped: {r}"
+                    out.add(m.group(1))
+    return out
+
+
+def test_s3_access_is_scoped_to_prefixes(template):
+    res = template["Resources"]
+    sm = res["TransformRole"]
+    assert _s3_prefixes(sm, {"s3:GetObject"}) == {layout.INCOMING, layout.MANIFESTS, "models/"}
+    assert _s3_prefixes(sm, {"s3:PutObject"}) == {layout.TRANSFORM_OUTPUT}
+    assert _s3_prefixes(res["EnqueueRole"], {"s3:GetObject"}) == {layout.INCOMING}
+    assert _s3_prefixes(res["EnqueueRole"], {"s3:PutObject"}) == {layout.MANIFESTS, layout.FAILURES}
+    assert _s3_prefixes(res["CollectRole"], {"s3:PutObject"}) == {layout.PREDICTIONS, layout.IMAGES, layout.FAILURES}
+    assert layout.INCOMING not in _s3_prefixes(res["CollectRole"], {"s3:GetObject"})
+
+
+def test_sagemaker_rights_are_for_this_stacks_jobs(template, resolver):
+    for role in ("EnqueueRole", "CollectRole"):
+        for s in statements(template["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]):
+            if any(a.startswith("sagemaker:") for a in as_list(s["Action"])):
+                assert resolver.resolve(s["Resource"]) == \
+                    f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{STACK}-*"
+                # CreateTransformJob takes no role (the Model has it): no iam:PassRole needed
+                assert not any(a.startswith("iam:") for a in as_list(s["Action"]))
+
+
+def test_bucket_policies_deny_insecure_transport(template):
+    buckets = resources_of(template, "AWS::S3::Bucket")
+    policies = resources_of(template, "AWS::S3::BucketPolicy").values()
+    for name in buckets:
+        denies = [s for p in policies if p["Properties"]["Bucket"] == {"Ref": name}
+                  for s in statements(p["Properties"]["PolicyDocument"])
+                  if s["Effect"] == "Deny" and s.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport") == "false"]
+        assert denies, f"{name}: no TLS-only policy"
+        (deny,) = denies
+        assert deny["Principal"] == "*" and deny["Action"] == "s3:*"
+        assert {"Fn::GetAtt": [name, "Arn"]} in deny["Resource"] and {"Fn::Sub": f"${{{name}.Arn}}/*"} in deny["Resource"]
+        props = buckets[name]["Properties"]
+        assert all(props["PublicAccessBlockConfiguration"].values())
+        assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+
+
+def test_lifecycle_expires_intermediate_prefixes_only(template):
+    rules = template["Resources"]["ImagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    expiring = {r["Prefix"] for r in rules if "ExpirationInDays" in r}
+    assert {layout.MANIFESTS, layout.TRANSFORM_OUTPUT} <= expiring
+    assert not expiring & {layout.INCOMING, layout.PREDICTIONS, layout.IMAGES, layout.FAILURES, "models/"}
+
+
+# --------------------------------------------------------------------------- model and transform settings
+
+def test_model_container_settings(template):
+    model = template["Resources"]["TransformModel"]
+    env = model["Properties"]["PrimaryContainer"]["Environment"]
+    assert env["SAGEMAKER_PROGRAM"] == "inference.py"
+    assert env["SAGEMAKER_SUBMIT_DIRECTORY"] == "/opt/ml/model/code"
+    assert model["Properties"]["ModelName"] == {"Ref": "ModelName"}
+    assert model["Properties"]["ExecutionRoleArn"] == {"Fn::GetAtt": ["TransformRole", "Arn"]}
+    # TorchServe must accept what batch transform sends (else HTTP 413)
+    assert env["TS_MAX_REQUEST_SIZE"] == {"Fn::FindInMap": ["PayloadLimits", {"Ref": "MaxPayloadInMB"}, "Request"]}
+    limits = template["Mappings"]["PayloadLimits"]
+    allowed = template["Parameters"]["MaxPayloadInMB"]["AllowedValues"]
+    assert sorted(int(k) for k in limits) == sorted(allowed)
+    for mb, lim in limits.items():
+        assert lim["Request"] == int(mb) * 2**20 and lim["Response"] >= lim["Request"]
+    assert template["Parameters"]["TransformInstanceType"]["Default"] == "ml.g4dn.xlarge"
+
+
+def test_env_var_names_match_settings_from_env(monkeypatch):
+    from dermscore import config
+
+    class Recorder(dict):
+        def __init__(self, data):
+            super().__init__(data)
+            self.read: set[str] = set()
+
+        def __getitem__(self, k):
+            self.read.add(k)
+            return super().__getitem__(k)
+
+        def get(self, k, default=None):
+            self.read.add(k)
+            return super().get(k, default)
+
+    spec = local_spec(BUCKET, STACK)
+    rec = Recorder(spec.enqueue_env)
+    monkeypatch.setattr(config.os, "environ", rec)
+    settings = config.Settings.from_env()
+    monkeypatch.undo()
+
+    def ours(env):  # Powertools reads its own variables
+        return {k for k in env if not k.startswith("POWERTOOLS_")}
+
+    assert ours(spec.enqueue_env) == rec.read
+    assert {"BUCKET_NAME", "JOB_PREFIX"} <= ours(spec.collect_env) <= rec.read
+    # and the values land where they should
+    p = {k: v.get("Default") for k, v in load_template()["Parameters"].items()}
+    assert settings.bucket == BUCKET and settings.job_prefix == STACK and settings.model_name == p["ModelName"]
+    assert settings.instance_type == p["TransformInstanceType"]
+    assert settings.instance_count == p["TransformInstanceCount"]
+    assert settings.max_concurrent_transforms == p["MaxConcurrentTransforms"]
+    assert settings.max_payload_mb == p["MaxPayloadInMB"]
+    assert settings.invocations_timeout_s == p["InvocationsTimeoutInSeconds"]
+
+
+# --------------------------------------------------------------------------- SQL
+
+ATHENA_TYPES = {"string": "string", "float": "float", "bool": "boolean", "int32": "int",
+                "timestamp[ms, tz=UTC]": "timestamp"}
+
+
+@pytest.mark.parametrize("table,schema,prefix", [("PredictionsTable", results.PREDICTION_SCHEMA, layout.PREDICTIONS),
+                                                 ("FailuresTable", results.FAILURE_SCHEMA, layout.FAILURES)])
+def test_glue_tables_match_the_result_schema(template, resolver, table, schema, prefix):
+    ti = template["Resources"][table]["Properties"]["TableInput"]
+    cols = ti["StorageDescriptor"]["Columns"]
+    assert [c["Name"] for c in cols] == schema.names
+    assert [c["Type"] for c in cols] == [ATHENA_TYPES[str(f.type)] for f in schema]
+    assert ti["PartitionKeys"] == [{"Name": results.PARTITION_COLUMN, "Type": "string",
+                                    "Comment": ti["PartitionKeys"][0]["Comment"]}]
+    params = resolver.resolve(ti["Parameters"])
+    assert params["projection.enabled"] == "true" and params["projection.dt.type"] == "date"
+    assert params["projection.dt.format"] == "yyyy-MM-dd"
+    assert params["storage.location.template"] == f"s3://{BUCKET}/{prefix}dt=${{dt}}/"
+    assert resolver.resolve(ti["StorageDescriptor"]["Location"]) == f"s3://{BUCKET}/{prefix}"
+    # the writer's partition path is what the projection reads
+    assert layout.prediction_partition_key("2026-01-02", "job").startswith(f"{layout.PREDICTIONS}dt=2026-01-02/")
+
+
+def test_named_queries_use_this_workgroup_and_known_columns(template):
+    queries = resources_of(template, "AWS::Athena::NamedQuery")
+    assert len(queries) >= 3
+    known = set(results.PREDICTION_SCHEMA.names) | set(results.FAILURE_SCHEMA.names) | {"dt"}
+    for name, q in queries.items():
+        p = q["Properties"]
+        assert p["WorkGroup"] == {"Ref": "AthenaWorkGroup"} and p["Database"] == {"Ref": "ResultsDatabase"}
+        sql = p["QueryString"]
+        table = re.search(r"FROM (\w+)", sql).group(1)
+        assert table in ("predictions", "failures"), name
+        # every identifier the query compares, groups or orders by is a real column
+        for col in re.findall(r"\b(?:BY|AND|WHERE|,)\s+([A-Za-z_]\w*)\b(?!\s*\()", sql):
+            if col.upper() not in {"CASE", "SUM", "COUNT", "ROUND", "MIN", "DESC", "ASC"}:
+                assert col in known or col in re.findall(r"AS (\w+)", sql), f"{name}: {col}"
+    wg = template["Resources"]["AthenaWorkGroup"]["Properties"]["WorkGroupConfiguration"]
+    assert wg["EnforceWorkGroupConfiguration"] is True
+    assert wg["ResultConfiguration"]["OutputLocation"] == {"Fn::Sub": "s3://${ImagesBucket}/athena-results/"}
+
+
+# --------------------------------------------------------------------------- alarms and outputs
+
+def test_alarms_watch_dlq_and_failed_jobs(template):
+    alarms = resources_of(template, "AWS::CloudWatch::Alarm")
+    watched = {(a["Properties"]["Namespace"], json.dumps(a["Properties"]["Dimensions"])) for a in alarms.values()}
+    assert ("AWS/SQS", json.dumps([{"Name": "QueueName", "Value": {"Fn::GetAtt": ["ImagesDeadLetterQueue",
+                                                                                   "QueueName"]}}])) in watched
+    assert ("AWS/Events", json.dumps([{"Name": "RuleName", "Value": {"Ref": "TransformJobFailedRule"}}])) in watched
+    for a in alarms.values():
+        assert a["Properties"]["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+
+
+def test_outputs_tell_the_user_what_to_do(template, resolver):
+    out = template["Outputs"]
+    for key in ("BucketName", "IncomingPrefix", "PredictionsPrefix", "QueueUrl", "AthenaWorkGroup",
+                "UploadExample", "AthenaQueryExample"):
+        assert key in out
+    assert resolver.resolve(out["UploadExample"]["Value"]).startswith(f"aws s3 cp ./images/ s3://{BUCKET}/incoming/")
+    assert "start-query-execution --work-group" in resolver.resolve(out["AthenaQueryExample"]["Value"])
+
+
+def test_local_spec_contract():
+    spec = local_spec("my-bucket", "teststack")
+    assert spec.enqueue_env["BUCKET_NAME"] == spec.collect_env["BUCKET_NAME"] == "my-bucket"
+    assert spec.enqueue_env["JOB_PREFIX"] == "teststack"
+    assert spec.collect_event_pattern["detail"]["TransformJobName"] == [{"prefix": "teststack-"}]
+    assert all(isinstance(v, str) for v in {**spec.enqueue_env, **spec.collect_env}.values())
+    over = local_spec("b", overrides={"MaxReceiveCount": 2, "EnqueueBatchSize": 7})
+    assert (over.max_receive_count, over.batch_size) == (2, 7)
+
+
+# --------------------------------------------------------------------------- secrets
+
+ACCESS_KEY = re.compile(rb"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b")
+SECRET_ASSIGN = re.compile(rb"(?i)aws_?secret_?access_?key\W{0,5}[\"']?([A-Za-z0-9/+=]{40})\b")
+
+
+def test_no_aws_credentials_in_tracked_files():
+    if not shutil.which("git") or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    hits = []
+    for name in filter(None, files.split(b"\0")):
+        path = REPO_ROOT / name.decode()
+        if not path.is_file() or path.stat().st_size > 5 * 2**20:
+            continue
+        data = path.read_bytes()
+        for m in ACCESS_KEY.finditer(data):
+            if not m.group(0).endswith(b"EXAMPLE"):  # AWS documentation's placeholder
+                hits.append(f"{name.decode()}: access key id {m.group(0)[:8].decode()}...")
+        for m in SECRET_ASSIGN.finditer(data):
+            if b"EXAMPLEKEY" not in m.group(1):
+                hits.append(f"{name.decode()}: secret access key")
+    assert hits == []
