@@ -72,6 +72,26 @@ class BadLine:
     detail: str
 
 
+@dataclass
+class PipelineStats:
+    """Where one pipeline run spent its time, to show what bounds throughput.
+
+    ``input_wait_s`` is time the forward loop sat waiting for fetch/decode: near zero
+    means the model is the bottleneck (the goal); large means the input side is.
+    """
+
+    images: int = 0
+    errors: int = 0
+    batches: int = 0
+    wall_s: float = 0.0
+    compute_s: float = 0.0
+    input_wait_s: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return (self.images + self.errors) / self.wall_s if self.wall_s > 0 else 0.0
+
+
 Item = dict[str, Any]
 Loader = Callable[[Any], Decoded]
 
@@ -127,6 +147,7 @@ class Scorer:
                          for _ in range(2)]
         self._np_buffers = [b.numpy() for b in self._buffers]  # numpy views: fast copy from decoded arrays
         self._temperature = float(meta.temperature) or 1.0
+        self.last_stats = PipelineStats()
         if self.cuda:
             torch.backends.cudnn.benchmark = True
 
@@ -260,7 +281,8 @@ class Scorer:
         At most ``read_ahead`` items are in flight: the window is refilled as results are
         consumed, so a million-line request uses the memory of a few batches.
         """
-        t0, n_ok, n_err = time.perf_counter(), 0, 0
+        stats = self.last_stats = PipelineStats()
+        t0 = time.perf_counter()
         source = iter(items)
         window: deque[tuple[Item | BadLine, Future | None]] = deque()
 
@@ -287,62 +309,72 @@ class Scorer:
                         window.append((item, pool.submit(safe_load, item)))
 
             refill()
-            pending: tuple[list, torch.Tensor] | None = None  # previous batch, still computing
+            pending: tuple[list, torch.Tensor | None] | None = None  # previous batch, maybe still computing
             which = 0
             while window or pending is not None:
                 # Assemble the next batch from the head of the window (order preserved).
-                entries: list[tuple[Item | BadLine, Decoded | ImageRejected | BadLine]] = []
+                entries: list[tuple[Any, Decoded | ImageRejected | BadLine]] = []
                 buf = self._buffers[which]
                 n = 0
                 while window and n < self.batch_size:
                     item, fut = window.popleft()
-                    result = item if fut is None else fut.result()
+                    if fut is None:
+                        result: Decoded | ImageRejected | BadLine = item  # type: ignore[assignment]
+                    else:
+                        tw = time.perf_counter()
+                        result = fut.result()
+                        stats.input_wait_s += time.perf_counter() - tw
                     if isinstance(result, Decoded):
                         self._np_buffers[which][n] = result.pixels  # memcpy into the (pinned) buffer
                         n += 1
                     entries.append((item, result))
                     refill()
-                # On CUDA a short tail batch runs at full size: one input shape means one cuDNN
-                # autotune per process, and the extra rows cost the GPU next to nothing.
-                probs = (self.forward(buf if self.cuda else buf[:n])[:n]) if n else None
+                probs = None
+                if n:
+                    tc = time.perf_counter()
+                    # On CUDA a short tail batch runs at full size: one input shape means one cuDNN
+                    # autotune per process, and the extra rows cost the GPU next to nothing.
+                    probs = self.forward(buf if self.cuda else buf[:n])[:n]
+                    stats.compute_s += time.perf_counter() - tc
+                    stats.batches += 1
                 # Emit the previous batch while this one computes (CUDA); on CPU forward is sync.
                 if pending is not None:
-                    yield from self._emit(*pending)
-                    n_ok, n_err = self._count(pending[0], n_ok, n_err)
+                    yield from self._emit(*pending, stats)
                 pending = (entries, probs) if entries else None
                 which ^= 1
                 if not window and pending is not None:
-                    yield from self._emit(*pending)
-                    n_ok, n_err = self._count(pending[0], n_ok, n_err)
+                    yield from self._emit(*pending, stats)
                     pending = None
         finally:
             # A consumer that stops early (or an exception) must not leave queued GETs running.
             pool.shutdown(wait=True, cancel_futures=True)
-        dt = time.perf_counter() - t0
-        log.info("scored %d images, %d errors in %.2fs (%.1f images/s)", n_ok, n_err, dt,
-                 (n_ok + n_err) / dt if dt > 0 else 0.0)
+            stats.wall_s = time.perf_counter() - t0
+        log.info("scored %d images, %d errors in %.2fs (%.1f images/s; %d batches, compute %.2fs, "
+                 "waiting for input %.2fs)", stats.images, stats.errors, stats.wall_s, stats.rate,
+                 stats.batches, stats.compute_s, stats.input_wait_s)
 
-    @staticmethod
-    def _count(entries: list, n_ok: int, n_err: int) -> tuple[int, int]:
-        ok = sum(isinstance(r, Decoded) for _, r in entries)
-        return n_ok + ok, n_err + len(entries) - ok
-
-    def _emit(self, entries: list, probs: torch.Tensor | None) -> Iterator[dict[str, Any]]:
-        p = probs.cpu().numpy() if probs is not None else None
+    def _emit(self, entries: list, probs: torch.Tensor | None, stats: PipelineStats) -> Iterator[dict[str, Any]]:
+        tc = time.perf_counter()
+        p = probs.cpu().numpy() if probs is not None else None  # CUDA: waits for the kernels
+        stats.compute_s += time.perf_counter() - tc
         i = 0
         for item, result in entries:
             if isinstance(result, Decoded):
                 row, i = p[i], i + 1
                 if np.isfinite(row).all():
+                    stats.images += 1
                     yield self.format(item, row, result)
-                else:  # e.g. fp16 overflow: one image's bad numbers must not fail the JSON response
-                    log.warning("non-finite probabilities for %s", item.get("key"))
-                    yield error_line(item, imaging.NON_FINITE_OUTPUT, "model produced NaN/inf")
+                    continue
+                # e.g. fp16 overflow: one image's bad numbers must not fail the JSON response
+                log.warning("non-finite probabilities for %s", item.get("key"))
+                yield error_line(item, imaging.NON_FINITE_OUTPUT, "model produced NaN/inf")
             elif isinstance(result, BadLine):
-                yield error_line({}, BAD_MANIFEST_LINE, f"{result.detail}: {result.raw!r}" if result.raw else result.detail)
+                detail = f"{result.detail}: {result.raw!r}" if result.raw else result.detail
+                yield error_line({}, BAD_MANIFEST_LINE, detail)
             else:
                 log.info("rejected %s: %s", item.get("key"), result)
                 yield error_line(item, result.reason, result.detail)
+            stats.errors += 1
 
 
 # ---- manifest lines <-> records ------------------------------------------------------------

@@ -115,6 +115,8 @@ def test_s3_items_keep_order_and_reasons(scorer: Scorer, s3, real_images, model_
     items, expected = mixed_items(s3, real_images)
     out = list(scorer.score_items(items))
     assert [o["key"] for o in out] == [i["key"] for i in items]
+    stats = scorer.last_stats
+    assert (stats.images, stats.errors) == (N_REAL, len(items) - N_REAL) and stats.wall_s > 0
     for o, it, reason in zip(out, items, expected):
         assert o["bucket"] == BUCKET and o["etag"] == it.get("etag", "")
         if reason is None:
