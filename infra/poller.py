@@ -22,6 +22,7 @@ from infra.template import LOCAL_REGION
 log = logging.getLogger("dermscore.poller")
 
 RECEIVE_MAX = 10            # SQS ReceiveMessage limit per call
+MAX_PAYLOAD = 6 * 1024 * 1024  # Lambda's synchronous invocation payload limit ends a batch too
 LONG_POLL_S = 1             # short enough for a prompt stop(), long enough not to spin
 
 
@@ -61,14 +62,17 @@ class Poller:
         window = self.window_s if window_s is None else window_s
         messages: dict[str, dict[str, Any]] = {}
         deadline: float | None = None
-        while len(messages) < self.batch_size:
+        payload = 0
+        while len(messages) < self.batch_size and payload < MAX_PAYLOAD - 300 * 1024:
             wait = LONG_POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
             resp = self.sqs.receive_message(
                 QueueUrl=self.stack.queue_url, MaxNumberOfMessages=min(RECEIVE_MAX, self.batch_size - len(messages)),
                 WaitTimeSeconds=int(min(LONG_POLL_S, wait)), AttributeNames=["All"], MessageAttributeNames=["All"])
             got = resp.get("Messages", [])
             for m in got:
-                messages.setdefault(m["MessageId"], m)
+                if m["MessageId"] not in messages:
+                    messages[m["MessageId"]] = m
+                    payload += len(m["Body"]) + 512
             if not messages:
                 return []   # nothing arrived within one long poll
             if deadline is None:

@@ -101,6 +101,17 @@ def state_change_event(job: dict[str, Any], status: str, failure_reason: str | N
     }
 
 
+def matches(pattern: Any, value: Any) -> bool:
+    """EventBridge content filtering, the subset the collect rule uses (exact values, prefix, nesting)."""
+    if isinstance(pattern, dict):
+        return isinstance(value, dict) and all(k in value and matches(p, value[k]) for k, p in pattern.items())
+    if isinstance(pattern, list):
+        return any(
+            (isinstance(value, str) and value.startswith(p["prefix"])) if isinstance(p, dict) and "prefix" in p
+            else value == p for p in pattern)
+    return pattern == value
+
+
 class TransformRunner:
     def __init__(self, stack: LocalStack, work_dir: str | Path | None = None) -> None:
         self.stack = stack
@@ -202,7 +213,12 @@ class TransformRunner:
         return result
 
     def deliver(self, event: dict[str, Any], attempts: int = 3) -> Any:
-        """Invoke collect; like EventBridge's async invocation, retry a failed delivery."""
+        """Route the event through the collect rule's pattern to collect; like EventBridge's
+        asynchronous invocation (MaximumRetryAttempts 2), retry a failed delivery."""
+        pattern = self.stack.spec.collect_event_pattern
+        if pattern and not matches(pattern, event):
+            log.info("event for %s does not match the collect rule; not delivered", event["detail"].get("TransformJobName"))
+            return None
         for attempt in range(1, attempts + 1):
             try:
                 return self.stack.invoke("collect", event)

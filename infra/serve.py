@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from infra.local import LocalPipeline
 
+    def stop_on_sigterm(signum, frame):  # `kill` / container stop: shut down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     with LocalPipeline(model_dir, bucket=args.bucket, batching_window_s=args.batching_window,
                        port=args.port) as pipeline:
         pipeline.start_background()

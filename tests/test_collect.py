@@ -122,3 +122,15 @@ def test_events_of_other_jobs_and_states_are_ignored(job) -> None:
     assert stack.invoke("collect", state_change_event(other, "Completed", None, ENDED, ENDED))["ignored"]
     assert stack.invoke("collect", state_change_event(request, "InProgress", None, ENDED, ENDED))["ignored"]
     assert stack.list_keys("results/") == []
+
+
+def test_collect_rule_pattern_routes_only_this_stacks_terminal_events(job) -> None:
+    from infra.runner import matches
+
+    stack, name, _, request = job
+    pattern = stack.spec.collect_event_pattern
+    assert matches(pattern, state_change_event(request, "Completed", None, ENDED, ENDED))
+    assert matches(pattern, state_change_event(request, "Failed", "x", ENDED, ENDED))
+    assert not matches(pattern, state_change_event(request, "InProgress", None, ENDED, ENDED))
+    assert not matches(pattern, state_change_event(dict(request, TransformJobName="other-1"), "Completed", None,
+                                                   ENDED, ENDED))

@@ -150,3 +150,35 @@ def test_poison_message_goes_to_the_dlq(moto_endpoint, tiny_model) -> None:
             assert p.stack.queue_depth(dlq=True)["visible"] == 1     # the s3:TestEvent was consumed
             body = sqs.receive_message(QueueUrl=p.stack.dlq_url)["Messages"][0]["Body"]
             assert body == "{this is not an S3 event"
+
+
+def test_demo_command_end_to_end(tiny_model, tmp_path, capsys) -> None:
+    """`dermscore demo` on its own server (tiny model: this test checks plumbing, not scores)."""
+    import shutil
+
+    from dermscore.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in sample_images(3):
+        shutil.copy(f, images / f.name)
+    (images / "readme.txt").write_text("not an image, not uploaded")
+    out = tmp_path / "output"
+    with preserved_environ():
+        assert main(["demo", "--images", str(images), "--model", str(tiny_model), "--out", str(out),
+                     "--batching-window", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "scored:   3 images, failures: 0" in printed
+    assert "images/s" in printed and str(out / "predictions") in printed
+    assert printed.count("incoming/demo/ISIC_") == 3          # the example query's table
+    assert len(list((out / "images" / "demo").glob("*.json"))) == 3
+
+    assert main(["query", "SELECT count(*) AS n FROM predictions", "--results", str(out)]) == 0
+    assert "3" in capsys.readouterr().out.splitlines()[2]
+
+
+def test_demo_refuses_to_run_without_a_trained_model(tmp_path, capsys) -> None:
+    from dermscore.cli import main
+
+    assert main(["demo", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "never with random weights" in capsys.readouterr().err
