@@ -28,7 +28,15 @@ TEMPERATURE = 1.7
 MEL_THRESHOLD = 0.1
 N_REAL = 6
 
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny batches gain nothing from threads, and a training run may share the cores.
+    Restored afterwards so other modules keep their own setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
