@@ -15,6 +15,8 @@ TRANSFORM_OUTPUT = "transform-output/"
 PREDICTIONS = "results/predictions/"
 IMAGES = "results/images/"
 FAILURES = "results/failures/"
+MODELS = "models/"                  # model.tar.gz artifacts (dermscore publish-model)
+ATHENA_RESULTS = "athena-results/"  # the Athena workgroup's query results
 
 # Image suffixes the bucket notification forwards (lower and upper case,
 # S3 suffix filters are case-sensitive).
