@@ -141,7 +141,7 @@ def _parents(d: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
-    p.add_argument("--out", type=Path, default=Path("build/model.tar.gz"))
+    p.add_argument("--out", type=Path, default=Path("build/model.tar.gz"), help="model.tar.gz to write")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -48,15 +48,17 @@ def predict(images: list[Path], model_dir: Path, as_json: bool, out: TextIO = sy
         raise SystemExit(f"no model at {model_dir} (expected model.pt + metadata.json); "
                          "train one with `dermscore train` or pass --model")
     scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=batch_size)
-    records = list(scorer.score_files(images))
-    if as_json:
-        for r in records:
+    if as_json:  # streamed: fine for thousands of files
+        errors = 0
+        for r in scorer.score_files(images):
+            errors += r.get("status") != "ok"
             out.write(json.dumps(r) + "\n")
-    else:
-        out.write(format_table(records))
-        m = scorer.meta
-        out.write(f"\nmodel {m.name} v{m.version} ({m.arch}); melanoma flag at p(mel) >= {m.melanoma_threshold:.3f}. "
-                  "Research use only, not a diagnosis.\n")
+        return errors
+    records = list(scorer.score_files(images))
+    out.write(format_table(records))
+    m = scorer.meta
+    out.write(f"\nmodel {m.name} v{m.version} ({m.arch}); melanoma flag at p(mel) >= {m.melanoma_threshold:.3f}. "
+              "Research use only, not a diagnosis.\n")
     return sum(r.get("status") != "ok" for r in records)
 
 
