@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from handlers.common import parse_s3_uri
-from infra.stack import LocalStack
+from infra.stack import LocalStack, invoke_lock
 from infra.template import LOCAL_ACCOUNT_ID, LOCAL_REGION
 
 log = logging.getLogger("dermscore.runner")
@@ -142,7 +142,8 @@ class TransformRunner:
                 tar.extractall(model_dir, filter="data")
             tarball.unlink()
             log.info("model %s loaded from %s", model_name, url)
-            self._models[cache_key] = inference.model_fn(str(model_dir))
+            with invoke_lock():  # model_fn creates boto3 clients; handlers may be doing so in another thread
+                self._models[cache_key] = inference.model_fn(str(model_dir))
         return self._models[cache_key]
 
     # ---- jobs -------------------------------------------------------------------------------

@@ -48,9 +48,16 @@ LOCAL_IMAGE = f"{LOCAL_ACCOUNT_ID}.dkr.ecr.{LOCAL_REGION}.amazonaws.com/dermscor
 # Lambda gives every function its own environment; in one process the handlers' variables are
 # swapped in around each invocation under this lock (invocations are serialised locally).
 _INVOKE_LOCK = threading.RLock()
+# boto3's default session is not safe for creating clients from several threads at once.
+_CLIENT_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------- server + environment
+
+def invoke_lock() -> threading.RLock:
+    """Held while a handler runs (its environment is swapped in) or clients are being created."""
+    return _INVOKE_LOCK
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -133,6 +140,7 @@ class LocalStack:
     dlq_url: str
     dlq_arn: str
     server: Any = None
+    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def bucket(self) -> str:
@@ -151,7 +159,12 @@ class LocalStack:
         return self.spec.enqueue_env["JOB_PREFIX"]
 
     def client(self, service: str):
-        return boto3.client(service, endpoint_url=self.endpoint, region_name=LOCAL_REGION)
+        """A client of the local endpoint (cached: boto3 clients are thread-safe once created)."""
+        with _CLIENT_LOCK:
+            if service not in self._clients:
+                self._clients[service] = boto3.session.Session().client(
+                    service, endpoint_url=self.endpoint, region_name=LOCAL_REGION)
+            return self._clients[service]
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
