@@ -25,6 +25,9 @@ log = logging.getLogger("dermscore.demo")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_PREFIX = "incoming/demo/"
 LOCAL_BATCHING_WINDOW_S = 2.0
+# The template's 2100 s (6x the enqueue timeout, AWS's advice) would keep a failed batch away for
+# 35 minutes; locally enqueue takes well under a second, so retries come back after 30 s.
+LOCAL_VISIBILITY_TIMEOUT_S = 30
 
 
 def default_images() -> Path:
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("demo: %d images from %s, model %s v%s from %s", len(files), images_dir, meta.name, meta.version,
              model_dir)
 
-    with LocalPipeline(model_dir, bucket=args.bucket, batching_window_s=args.batching_window) as pipeline:
+    with LocalPipeline(model_dir, bucket=args.bucket, batching_window_s=args.batching_window,
+                       visibility_timeout=LOCAL_VISIBILITY_TIMEOUT_S) as pipeline:
         t0 = time.perf_counter()
         pipeline.upload(files, DEMO_PREFIX, progress=True)
         pipeline.drain()

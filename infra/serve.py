@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from infra.demo import missing_model_message, resolve_model
+from infra.demo import LOCAL_VISIBILITY_TIMEOUT_S, missing_model_message, resolve_model
 from infra.stack import DEFAULT_BUCKET, LOCAL_CREDENTIALS
 from infra.template import LOCAL_REGION
 
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     with LocalPipeline(model_dir, bucket=args.bucket, batching_window_s=args.batching_window,
-                       port=args.port) as pipeline:
+                       visibility_timeout=LOCAL_VISIBILITY_TIMEOUT_S, port=args.port) as pipeline:
         pipeline.start_background()
         ep, bucket = pipeline.stack.endpoint, pipeline.stack.bucket
         creds = " ".join(f"{k}={v}" for k, v in LOCAL_CREDENTIALS.items())
