@@ -255,6 +255,17 @@ def test_every_iam_statement_is_scoped(translated):
                         assert any(anchor in json.dumps(r) for anchor in SCOPED_ANCHORS), f"{name}: {r}"
 
 
+def test_roles_touch_no_bucket_but_this_one(translated):
+    # images never leave the bucket the user chose: no S3 right on any other bucket
+    for name, role in resources_of(translated, "AWS::IAM::Role").items():
+        for policy in role["Properties"].get("Policies", []):
+            for s in statements(policy["PolicyDocument"]):
+                if any(a.startswith("s3:") for a in as_list(s["Action"])):
+                    for r in as_list(s["Resource"]):
+                        assert r == {"Fn::GetAtt": ["ImagesBucket", "Arn"]} or \
+                            r.get("Fn::Sub", "").startswith("${ImagesBucket.Arn}/"), f"{name}: {r}"
+
+
 def test_resource_policies_allow_only_aws_services_with_conditions(template):
     for rtype in ("AWS::SQS::QueuePolicy", "AWS::SNS::TopicPolicy"):
         for name, pol in resources_of(template, rtype).items():
