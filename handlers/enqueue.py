@@ -158,12 +158,11 @@ def make_record_handler(batch: Batch, s3):
         if not records:
             batch.ignored += 1
             return
-        for r in records:
-            item, failure = examine(s3, r)
-            if item:
-                batch.items.append(item)
-            else:
-                batch.failures.append(failure)
+        # A record contributes all its items or none: if it raises half-way it is redelivered,
+        # and its first items must not be scored now *and* again then.
+        outcomes = [examine(s3, r) for r in records]
+        batch.items += [item for item, _ in outcomes if item]
+        batch.failures += [failure for _, failure in outcomes if failure]
 
     return record_handler
 
