@@ -32,13 +32,14 @@ from typing import Any, Callable, Iterator
 
 import boto3
 
+from dermscore import layout
 from infra.template import LOCAL_ACCOUNT_ID, LOCAL_REGION, LocalSpec, local_spec
 
 log = logging.getLogger("dermscore.stack")
 
 DEFAULT_BUCKET = "dermscore-local"
 DEFAULT_STACK = "dermscore"
-MODEL_KEY = "models/model.tar.gz"
+MODEL_KEY = f"{layout.MODELS}model.tar.gz"
 # Clearly fake credentials: the local moto server accepts anything, AWS accepts none of these.
 LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local-dermscore-not-a-key",
                      "AWS_SECRET_ACCESS_KEY": "local-dermscore-not-a-secret"}
