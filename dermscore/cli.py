@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("infra.serve", "keep the local stack running; drop images into s3://<bucket>/incoming/"),
     "query": ("infra.query", 'SQL (DuckDB, Athena-compatible) over exported results: query "SELECT ..."'),
     "publish-model": ("infra.deploy", "upload model.tar.gz to the stack's bucket; print the sam deploy parameters"),
+    "bench": ("batch.bench", "throughput benchmark: model forward vs end-to-end pipeline vs seed style; memory"),
 }
 
 

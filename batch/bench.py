@@ -1,0 +1,571 @@
+"""``dermscore bench``: where the time goes, from the model alone to S3 -> Parquet (issue 5).
+
+One run, the same images (the 200 full-resolution HAM10000 samples, repeated under
+distinct keys to ``--images``) and one model, measures:
+
+1. **forward**: the model alone on preprocessed uint8 batches already in memory;
+2. **end to end**: S3 PUT of every image to the moto server -> S3 notification -> SQS ->
+   poller -> enqueue -> transform runner (S3 GET, decode, batched forward) -> collect ->
+   Parquet rows, through the real local stack; its ratio to 1;
+3. **seed style**: per image a decoded float array -> JSON -> parse -> forward at batch 1
+   (the design this project replaced), on a subset; the ratio of 2 to it;
+4. **decode**: JPEG decode + resize to the model input, one thread, with and without
+   Pillow ``draft()`` (images/s per core);
+5. **memory**: resident set size sampled every 20 ms: the process peak and, per phase,
+   the growth over the phase's starting RSS (run ``--images 1000`` and ``--images 10000``
+   to see that it does not grow with the number of images).
+
+By default the moto server runs in its own process (``--moto subprocess``): S3 and SQS are
+services outside the scoring process on AWS too, and its in-memory object store (the
+uploaded images) must not be counted as the pipeline's memory. Its CPU time still competes
+with the pipeline for this machine's cores.
+
+``--device cuda`` measures the same figures on a GPU (AMP, pinned buffers); the cost per
+million images on ml.g4dn.xlarge ($0.736/h) is printed from the measured rates, labelled
+with the device they were measured on. ``--quick`` (40 images) only checks that it works.
+
+    dermscore bench --model models/default --images 1000 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+log = logging.getLogger("dermscore.bench")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES_DIR = REPO_ROOT.parent / "shared" / "data" / "ham10000" / "fullres_sample"
+G4DN_XLARGE_USD_PER_HOUR = 0.736
+PHASES = ("decode", "forward", "seed", "e2e")
+QUICK_IMAGES = 40
+BENCH_PREFIX = "incoming/bench/"
+
+
+# --------------------------------------------------------------------------- memory
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> float:
+    kb = _status_kb("VmRSS")
+    if kb is None:  # not Linux: the peak is the best available figure
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    return kb / 1024
+
+
+class RssSampler:
+    """Samples this process's RSS in a thread; ``phase()`` records start and peak of a block."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.interval_s = interval_s
+        self.peak = rss_mb()
+        self._phase_peak = self.peak
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self.phases: dict[str, dict[str, float]] = {}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> float:
+        now = rss_mb()
+        self.peak = max(self.peak, now)
+        self._phase_peak = max(self._phase_peak, now)
+        return now
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = self.sample()
+        self._phase_peak = start
+        try:
+            yield
+        finally:
+            end = self.sample()
+            self.phases[name] = {"start_mb": round(start, 1), "peak_mb": round(self._phase_peak, 1),
+                                 "end_mb": round(end, 1), "growth_mb": round(self._phase_peak - start, 1)}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_label(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu ({cores}-core {cpu_model()}, {torch.get_num_threads()} torch threads)"
+
+
+def usd_per_million(rate: float, usd_per_hour: float = G4DN_XLARGE_USD_PER_HOUR) -> float:
+    return usd_per_hour / 3600 / rate * 1e6 if rate > 0 else float("inf")
+
+
+def progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, leave=False,
+                dynamic_ncols=True)
+
+
+def load_blobs(images_dir: Path, limit: int | None = None) -> list[tuple[str, bytes]]:
+    files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if limit:
+        files = files[:limit]
+    if not files:
+        raise FileNotFoundError(f"no .jpg/.jpeg/.png images in {images_dir}")
+    return [(p.name, p.read_bytes()) for p in files]
+
+
+def decode_without_draft(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """The preprocessing of :func:`dermscore.imaging.decode` minus ``draft()`` (full-size IDCT)."""
+    from PIL import Image
+
+    height, width = size
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB").resize((width, height), Image.BILINEAR), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- phases
+
+def bench_decode(blobs: list[tuple[str, bytes]], size: tuple[int, int], n: int, show: bool) -> dict[str, Any]:
+    """Single-thread decode + resize rate, i.e. images/s per core."""
+    from dermscore import imaging
+
+    out: dict[str, Any] = {"images": n}
+    for name, fn in (("with_draft", lambda b: imaging.decode(b, size).pixels),
+                     ("without_draft", lambda b: decode_without_draft(b, size))):
+        fn(blobs[0][1])  # warm-up (imports, codec tables)
+        bar = progress(n, f"decode {name.replace('_', ' ')}", show)
+        t0 = time.perf_counter()
+        for i in range(n):
+            fn(blobs[i % len(blobs)][1])
+            bar.update()
+        elapsed = time.perf_counter() - t0
+        bar.close()
+        out[f"{name}_per_core"] = n / elapsed
+    out["draft_speedup"] = out["with_draft_per_core"] / out["without_draft_per_core"]
+    return out
+
+
+def bench_forward(scorer: Any, pixels: np.ndarray, n: int, show: bool) -> dict[str, Any]:
+    """The model alone: uint8 batches already in memory (pinned on CUDA), synchronised per batch.
+
+    The batches are contiguous views into the distinct images followed by their first
+    ``batch`` images again, so ``n`` images cost no more memory than the distinct ones.
+    """
+    import torch
+
+    bs = scorer.batch_size
+    distinct = len(pixels)
+    ext = torch.from_numpy(np.concatenate([pixels, pixels[:bs]]))
+    if scorer.cuda:
+        ext = ext.pin_memory()
+    for _ in range(2):  # warm-up: allocator, oneDNN/cuDNN algorithm choice
+        scorer.forward(ext[:bs]).cpu()
+    bar = progress(n, "forward", show)
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        k = min(bs, n - done)
+        s = done % distinct
+        scorer.forward(ext[s:s + k]).cpu()  # .cpu(): wait for the result, as the pipeline does
+        done += k
+        bar.update(k)
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    return {"images": n, "batch_size": bs, "seconds": elapsed, "rate": n / elapsed}
+
+
+def bench_seed(scorer: Any, blobs: list[tuple[str, bytes]], n: int, show: bool) -> dict[str, Any]:
+    """The replaced design, per image: full decode -> float array -> JSON -> parse -> forward at batch 1."""
+    import torch
+
+    size = scorer.input_size
+    model, device = scorer.model, scorer.device
+    payload = 0
+    bar = progress(n, "seed style", show)
+    t0 = time.perf_counter()
+    for i in range(n):
+        arr = decode_without_draft(blobs[i % len(blobs)][1], size).astype(np.float32) / 255.0
+        body = json.dumps({"instances": arr.tolist()})       # the client's request
+        payload += len(body)
+        parsed = np.asarray(json.loads(body)["instances"], dtype=np.float32)  # the server's input_fn
+        x = torch.from_numpy(parsed * 255.0).permute(2, 0, 1).unsqueeze(0).to(device)
+        with torch.inference_mode():
+            probs = torch.softmax(model(x).float(), dim=1).cpu().numpy()
+        json.dumps({"predictions": probs.tolist()})           # the server's output_fn
+        bar.update()
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    return {"images": n, "seconds": elapsed, "rate": n / elapsed, "payload_mb_per_image": payload / n / 1e6}
+
+
+@dataclass
+class MotoProcess:
+    endpoint: str
+    proc: subprocess.Popen | None = None
+    server: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def rss_mb(self) -> float | None:
+        if self.proc is None:
+            return None
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+def start_moto(mode: str) -> MotoProcess:
+    if mode == "thread":
+        from infra.stack import start_server
+
+        server, endpoint = start_server()
+        return MotoProcess(endpoint, server=server)
+    from infra.stack import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from moto.server import main; main(sys.argv[1:])",
+                             "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return MotoProcess(f"http://127.0.0.1:{port}", proc=proc)
+        time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError("moto server did not start within 60 s")
+
+
+@contextlib.contextmanager
+def preserved_environ() -> Iterator[None]:
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def count_parquet_rows(s3: Any, bucket: str, prefix: str) -> int:
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith(".parquet"):
+                body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+                rows += pq.ParquetFile(io.BytesIO(body)).metadata.num_rows
+    return rows
+
+
+def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, bytes]], n: int,
+              rss: RssSampler, show: bool) -> dict[str, Any]:
+    """S3 PUT -> Parquet rows through the local stack, with the pipeline running in the background.
+
+    Images are uploaded by ``--upload-threads`` clients while poller and runner work, as
+    images arrive on AWS; the clock runs from the first PUT until collect has written the
+    Parquet rows of the last image. Model loading (once per transform container) happens
+    before the clock starts.
+    """
+    from dermscore import layout
+    from infra.local import LocalPipeline
+
+    moto = start_moto(args.moto)
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    try:
+        with preserved_environ():
+            os.environ["DERMSCORE_DEVICE"] = args.device_resolved
+            if args.batch_size:
+                os.environ["DERMSCORE_BATCH_SIZE"] = str(args.batch_size)
+            if args.workers:
+                os.environ["DERMSCORE_WORKERS"] = str(args.workers)
+            pipeline = LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=moto.endpoint,
+                                     batching_window_s=args.batching_window,
+                                     overrides={"ModelName": f"{name}-model"})
+            try:
+                stack, runner = pipeline.stack, pipeline.runner
+                scorer = runner.model(stack.model_name)  # container start-up, outside the clock
+                s3 = stack.client("s3")
+                bucket = stack.bucket
+                with rss.phase("e2e"):
+                    pipeline.start_background()
+                    bar = progress(n, "end to end (rows)", show)
+                    t0 = time.perf_counter()
+
+                    def put(i: int) -> None:
+                        fname, blob = blobs[i % len(blobs)]
+                        s3.put_object(Bucket=bucket, Key=f"{BENCH_PREFIX}{i:07d}-{fname}", Body=blob,
+                                      ContentType="image/jpeg")
+
+                    # Bounded submission: the uploader never queues more than a few hundred PUTs.
+                    with ThreadPoolExecutor(args.upload_threads, thread_name_prefix="bench-upload") as pool:
+                        inflight: list = []
+                        for i in range(n):
+                            inflight.append(pool.submit(put, i))
+                            if len(inflight) >= 4 * args.upload_threads:
+                                for f in inflight:
+                                    f.result()
+                                inflight = []
+                                bar.n = collected(runner)
+                                bar.refresh()
+                        for f in inflight:
+                            f.result()
+                    t_uploaded = time.perf_counter() - t0
+                    deadline = time.monotonic() + args.timeout
+                    while collected(runner) < n:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"only {collected(runner)}/{n} images collected after "
+                                               f"{args.timeout}s")
+                        bar.n = collected(runner)
+                        bar.refresh()
+                        time.sleep(0.02)
+                    elapsed = time.perf_counter() - t0
+                    bar.n = n
+                    bar.close()
+                    pipeline.close()  # stop poller + runner threads inside the measured phase
+                jobs = list(runner.results)
+                rows = count_parquet_rows(s3, bucket, layout.PREDICTIONS)
+                scored = sum((j.get("collected") or {}).get("scored", 0) for j in jobs)
+                failed = sum((j.get("collected") or {}).get("failed", 0) for j in jobs)
+                transform_s = sum(j["seconds"] for j in jobs)
+                transform_images = sum(j["records"] for j in jobs)
+                out = {"images": n, "seconds": elapsed, "rate": n / elapsed, "upload_seconds": t_uploaded,
+                       "parquet_rows": rows, "scored": scored, "failed": failed, "jobs": len(jobs),
+                       "transform_seconds": transform_s,
+                       "transform_rate": transform_images / transform_s if transform_s else 0.0,
+                       "batch_size": scorer.batch_size, "workers": scorer.workers,
+                       "batching_window_s": args.batching_window, "moto": args.moto,
+                       "moto_server_peak_rss_mb": moto.rss_mb()}
+            finally:
+                pipeline.close()
+    finally:
+        moto.stop()
+    return out
+
+
+def collected(runner: Any) -> int:
+    return sum(sum((j.get("collected") or {}).get(k, 0) for k in ("scored", "failed")) for j in list(runner.results))
+
+
+# --------------------------------------------------------------------------- report
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def render(result: dict[str, Any]) -> str:
+    f = result["figures"]
+    dev = result["machine"]["device"]
+    lines = [f"dermscore bench: {result['images']} images ({result['distinct_images']} distinct, repeated under "
+             f"distinct keys), model {result['model']['name']} v{result['model']['version']} "
+             f"({result['model']['arch']}, input {result['model']['input_size'][0]}x{result['model']['input_size'][1]}, "
+             f"sha256 {result['model']['weights_sha256'][:12]})",
+             f"device: {dev}", ""]
+    rows: list[tuple[str, str, str]] = []
+
+    def add(label: str, value: str, note: str = "") -> None:
+        rows.append((label, value, note))
+
+    if "forward_rate" in f:
+        add("1. model forward (uint8 batches in memory)", f"{f['forward_rate']:.1f} img/s",
+            f"batch {result['forward']['batch_size']}")
+    if "e2e_rate" in f:
+        e = result["e2e"]
+        add("2. end to end (S3 PUT -> Parquet rows)", f"{f['e2e_rate']:.1f} img/s",
+            f"{e['parquet_rows']} rows, {e['jobs']} jobs, {e['seconds']:.1f} s")
+        if f.get("e2e_vs_forward") is not None:
+            add("   ratio end to end / forward", f"{f['e2e_vs_forward']:.2f}x", "target >= 0.90")
+        add("   transform only (runner: GET+decode+forward)", f"{e['transform_rate']:.1f} img/s",
+            f"{e['transform_seconds']:.1f} s in jobs")
+    if "seed_rate" in f:
+        add("3. seed style (float JSON per image, batch 1)", f"{f['seed_rate']:.2f} img/s",
+            f"{result['seed']['images']} images, {result['seed']['payload_mb_per_image']:.1f} MB JSON each")
+        if f.get("e2e_vs_seed") is not None:
+            add("   ratio end to end / seed style", f"{f['e2e_vs_seed']:.1f}x", "target >= 20")
+    if "decode_with_draft_per_core" in f:
+        add("4. decode+resize with draft()", f"{f['decode_with_draft_per_core']:.0f} img/s/core", "")
+        add("   decode+resize without draft()", f"{f['decode_without_draft_per_core']:.0f} img/s/core",
+            f"draft {result['decode']['draft_speedup']:.2f}x faster")
+    mem = result["memory"]
+    add("5. peak RSS (bench process)", f"{f['peak_rss_mb']:.0f} MB", "")
+    for name, m in mem["phases"].items():
+        add(f"   {name}: start -> peak (growth)", f"{m['start_mb']:.0f} -> {m['peak_mb']:.0f} MB",
+            f"+{m['growth_mb']:.0f} MB")
+    if result.get("e2e", {}).get("moto_server_peak_rss_mb"):
+        add("   moto server process (S3/SQS store)", f"{result['e2e']['moto_server_peak_rss_mb']:.0f} MB",
+            "not the pipeline")
+    for key, label in (("usd_per_million_e2e", "end to end"), ("usd_per_million_forward", "forward only")):
+        if key in f:
+            add(f"cost / 1M images on ml.g4dn.xlarge ({label})", f"${f[key]:.2f}",
+                f"$0.736/h at the rate measured on {result['machine']['device_kind']}")
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines += [f"{a.ljust(w0)}  {b.rjust(w1)}  {c}".rstrip() for a, b, c in rows]
+    if result["machine"]["device_kind"] == "cpu" and any(k.startswith("usd") for k in f):
+        lines.append("(cost lines apply a GPU price to CPU rates: only meaningful from a --device cuda run)")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- command
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory (model.pt + metadata.json)")
+    p.add_argument("--images", type=int, default=1000, help="images per measurement (default 1000)")
+    p.add_argument("--images-dir", type=Path, default=None,
+                   help=f"distinct images, repeated under distinct keys (default {DEFAULT_IMAGES_DIR})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--batch-size", type=int, default=0, help="forward batch (default: 32 CPU, 128 CUDA)")
+    p.add_argument("--workers", type=int, default=0, help="fetch/decode threads per scorer (default 4 x cores)")
+    p.add_argument("--seed-images", type=int, default=30, help="images for the seed-style path (slow)")
+    p.add_argument("--decode-images", type=int, default=200, help="images per decode measurement")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated subset of {','.join(PHASES)} (memory is always reported)")
+    p.add_argument("--batching-window", type=float, default=1.0,
+                   help="SQS batching window of the local poller, seconds (template default 300)")
+    p.add_argument("--upload-threads", type=int, default=4, help="concurrent S3 PUTs of the uploader")
+    p.add_argument("--moto", choices=("subprocess", "thread"), default="subprocess",
+                   help="moto server in its own process (default) or in a thread of this one")
+    p.add_argument("--timeout", type=float, default=3600, help="give up the end-to-end phase after this long")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images, small subsets: checks that it works")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON to this path")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from batch.inference import Scorer, pick_device
+    from dermscore import imaging
+    from infra.demo import resolve_model
+
+    model_dir = resolve_model(args.model)
+    if model_dir is None:
+        sys.stderr.write(f"no model in {args.model} (model.pt + metadata.json)\n")
+        return 2
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            sys.stderr.write("--device cuda: no CUDA device available on this machine (torch "
+                             f"{torch.__version__}); run on a GPU host or use --device cpu\n")
+            return 2
+    args.device_resolved = str(device)
+    phases = [s.strip() for s in args.phases.split(",") if s.strip()]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        sys.stderr.write(f"unknown phase(s) {sorted(unknown)}; choose from {PHASES}\n")
+        return 2
+    n = QUICK_IMAGES if args.quick else args.images
+    seed_n = min(args.seed_images, 5) if args.quick else args.seed_images
+    decode_n = min(args.decode_images, 20) if args.quick else args.decode_images
+    show = not args.no_progress
+    blobs = load_blobs(args.images_dir or DEFAULT_IMAGES_DIR, limit=n if n < 200 else None)
+
+    result: dict[str, Any] = {"images": n, "distinct_images": min(n, len(blobs)), "command": " ".join(sys.argv)}
+    figures: dict[str, float] = {}
+    with RssSampler() as rss:
+        scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=args.batch_size or None,
+                                       workers=args.workers or None)
+        meta = scorer.meta
+        result["model"] = {"dir": str(model_dir), "name": meta.name, "version": meta.version, "arch": meta.arch,
+                           "input_size": list(meta.input_size), "weights_sha256": meta.weights_sha256}
+        result["machine"] = {"device": device_label(device), "device_kind": "cpu" if device.type == "cpu"
+                             else device_label(device), "cpu": cpu_model(), "cores": os.cpu_count(),
+                             "python": platform.python_version()}
+        import torch
+        result["machine"]["torch"] = torch.__version__
+        if "decode" in phases:
+            with rss.phase("decode"):
+                result["decode"] = bench_decode(blobs, scorer.input_size, decode_n, show)
+            figures["decode_with_draft_per_core"] = result["decode"]["with_draft_per_core"]
+            figures["decode_without_draft_per_core"] = result["decode"]["without_draft_per_core"]
+        if "forward" in phases:
+            with rss.phase("forward"):
+                pixels = np.stack([imaging.decode(b, scorer.input_size).pixels for _, b in blobs])
+                result["forward"] = bench_forward(scorer, pixels, n, show)
+                del pixels
+            figures["forward_rate"] = result["forward"]["rate"]
+        if "seed" in phases:
+            with rss.phase("seed"):
+                result["seed"] = bench_seed(scorer, blobs, seed_n, show)
+            figures["seed_rate"] = result["seed"]["rate"]
+        del scorer
+        if "e2e" in phases:
+            result["e2e"] = bench_e2e(args, model_dir, blobs, n, rss, show)
+            figures["e2e_rate"] = result["e2e"]["rate"]
+    figures["peak_rss_mb"] = rss.peak
+    result["memory"] = {"peak_rss_mb": rss.peak, "phases": rss.phases, "vmhwm_mb": (_status_kb("VmHWM") or 0) / 1024}
+    if figures.get("e2e_rate") and figures.get("forward_rate"):
+        figures["e2e_vs_forward"] = figures["e2e_rate"] / figures["forward_rate"]
+    if figures.get("e2e_rate") and figures.get("seed_rate"):
+        figures["e2e_vs_seed"] = figures["e2e_rate"] / figures["seed_rate"]
+    if figures.get("e2e_rate"):
+        figures["usd_per_million_e2e"] = usd_per_million(figures["e2e_rate"])
+    if figures.get("forward_rate"):
+        figures["usd_per_million_forward"] = usd_per_million(figures["forward_rate"])
+    result["figures"] = figures
+    sys.stdout.write(render(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0

@@ -1,0 +1,66 @@
+"""``dermscore bench --quick`` end to end: every figure is there and positive.
+
+Only that the benchmark works is checked (CI machines differ): no time or ratio is asserted.
+The model is a tiny random network made here; its figures mean nothing and are never published.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import SAMPLES
+
+FIGURES = ("forward_rate", "e2e_rate", "e2e_vs_forward", "seed_rate", "e2e_vs_seed",
+           "decode_with_draft_per_core", "decode_without_draft_per_core", "peak_rss_mb",
+           "usd_per_million_e2e", "usd_per_million_forward")
+
+
+@pytest.fixture(scope="module")
+def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from batch.model import ModelMeta, build_network, save
+
+    model_dir = tmp_path_factory.mktemp("bench-model")
+    save(build_network("efficientnet_lite0"),
+         ModelMeta(name="bench-test", version="0", arch="efficientnet_lite0", input_size=(64, 64)), model_dir)
+    return model_dir
+
+
+def test_quick_bench_prints_every_figure(bench_model: Path, tmp_path: Path, capsys) -> None:
+    from dermscore.cli import main
+
+    if len(list(SAMPLES.glob("*.jpg"))) < 40:
+        pytest.skip(f"needs 40 sample images in {SAMPLES}")
+    env_before = dict(os.environ)
+    out_json = tmp_path / "bench.json"
+    rc = main(["bench", "--quick", "--model", str(bench_model), "--json", str(out_json), "--no-progress"])
+    assert rc == 0
+    assert dict(os.environ) == env_before  # the bench's AWS_* endpoint settings do not leak
+
+    result = json.loads(out_json.read_text())
+    figures = result["figures"]
+    for name in FIGURES:
+        assert figures.get(name) is not None and figures[name] > 0, name
+    assert result["e2e"]["parquet_rows"] == result["images"] == 40
+    assert result["e2e"]["failed"] == 0
+    assert set(result["memory"]["phases"]) >= {"decode", "forward", "seed", "e2e"}
+    assert result["machine"]["device"].startswith("cpu")
+
+    table = capsys.readouterr().out
+    for label in ("1. model forward", "2. end to end", "3. seed style", "4. decode", "5. peak RSS",
+                  "ml.g4dn.xlarge"):
+        assert label in table
+
+
+def test_cuda_without_a_gpu_is_a_clean_error(bench_model: Path, capsys) -> None:
+    import torch
+
+    from dermscore.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA path runs for real")
+    assert main(["bench", "--quick", "--device", "cuda", "--model", str(bench_model)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
