@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,18 @@ def test_sam_build_bundles_handlers_and_light_requirements_only(tmp_path):
         assert size < 60 * 2**20, f"{fn}: {size / 2**20:.0f} MiB (the pandas layer needs room in 250 MiB)"
     built = (build / "template.yaml").read_text()
     assert "CodeUri: EnqueueFunction" in built and "CodeUri: CollectFunction" in built
+    # The package imports as Lambda will import it: its own modules first; pyarrow/numpy/boto3
+    # (the layer and the runtime) from this environment.
+    for fn in ("EnqueueFunction", "CollectFunction"):
+        handler = load_template()["Resources"][fn]["Properties"]["Handler"]
+        module, func = handler.rsplit(".", 1)
+        code = (f"import importlib, PIL, aws_lambda_powertools, dermscore; m = importlib.import_module({module!r}); "
+                f"assert callable(getattr(m, {func!r})); "
+                f"print(PIL.__file__, aws_lambda_powertools.__file__, dermscore.__file__, m.__file__)")
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(build / fn), "AWS_DEFAULT_REGION": "us-east-1"})
+        assert r.returncode == 0, r.stderr
+        assert all(p.startswith(str(build / fn)) for p in r.stdout.split()), r.stdout
 
 
 def test_lambda_makefile_has_a_target_per_function(template):
