@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ class TransformRunner:
         self.seen: set[str] = set()
         self._models: dict[tuple[str, str], Any] = {}
         self.results: list[dict[str, Any]] = []
+        self._delivery: ThreadPoolExecutor | None = None  # set while run() runs in the background
 
     # ---- model ------------------------------------------------------------------------------
     def model(self, model_name: str) -> Any:
@@ -207,11 +209,22 @@ class TransformRunner:
         elapsed = time.perf_counter() - t0
         event = state_change_event(job, status, reason, started, datetime.now(timezone.utc))
         log.info("transform job %s %s: %d records in %.2fs", name, status, records, elapsed)
-        collected = self.deliver(event)
         result = {"job_name": name, "status": status, "records": records, "seconds": elapsed,
-                  "failure_reason": reason, "collected": collected}
+                  "failure_reason": reason, "collected": None}
+        if self._delivery is not None:
+            # Background mode: EventBridge invokes collect asynchronously, so the transform
+            # container goes on to the next job instead of idling while collect writes results.
+            self._delivery.submit(self._deliver_into, result, event)
+        else:
+            result["collected"] = self.deliver(event)
         self.results.append(result)
         return result
+
+    def _deliver_into(self, result: dict[str, Any], event: dict[str, Any]) -> None:
+        try:
+            result["collected"] = self.deliver(event)
+        except Exception:
+            log.exception("event for %s not delivered", result["job_name"])
 
     def deliver(self, event: dict[str, Any], attempts: int = 3) -> Any:
         """Route the event through the collect rule's pattern to collect; like EventBridge's
@@ -234,12 +247,21 @@ class TransformRunner:
         return [self.run_job(n) for n in self.pending()]
 
     def run(self, stop: threading.Event, interval_s: float = 0.5) -> None:
-        while not stop.is_set():
+        """Run jobs until ``stop``; state-change events go to collect from a delivery thread
+        (all delivered before this returns). After a job, look for the next one at once."""
+        with ThreadPoolExecutor(1, thread_name_prefix="eventbridge") as delivery:
+            self._delivery = delivery
             try:
-                self.run_pending()
-            except Exception:
-                log.exception("runner error")
-            stop.wait(interval_s)
+                while not stop.is_set():
+                    ran = []
+                    try:
+                        ran = self.run_pending()
+                    except Exception:
+                        log.exception("runner error")
+                    if not ran:
+                        stop.wait(interval_s)
+            finally:
+                self._delivery = None
 
     def _list(self, bucket: str, prefix: str) -> list[str]:
         keys: list[str] = []
