@@ -125,6 +125,11 @@ class RssSampler:
 
 # --------------------------------------------------------------------------- helpers
 
+def process_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -209,6 +214,7 @@ def bench_forward(scorer: Any, pixels: np.ndarray, n: int, show: bool) -> dict[s
     for _ in range(2):  # warm-up: allocator, oneDNN/cuDNN algorithm choice
         scorer.forward(ext[:bs]).cpu()
     bar = progress(n, "forward", show)
+    c0 = process_cpu_s()
     t0 = time.perf_counter()
     done = 0
     while done < n:
@@ -218,8 +224,10 @@ def bench_forward(scorer: Any, pixels: np.ndarray, n: int, show: bool) -> dict[s
         done += k
         bar.update(k)
     elapsed = time.perf_counter() - t0
+    cpu = process_cpu_s() - c0
     bar.close()
-    return {"images": n, "batch_size": bs, "seconds": elapsed, "rate": n / elapsed}
+    return {"images": n, "batch_size": bs, "seconds": elapsed, "rate": n / elapsed,
+            "cpu_ms_per_image": 1000 * cpu / n}
 
 
 def bench_seed(scorer: Any, blobs: list[tuple[str, bytes]], n: int, show: bool) -> dict[str, Any]:
@@ -260,6 +268,15 @@ class MotoProcess:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
+        return None
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds (user + system) the moto server process has used so far."""
+        if self.proc is None:
+            return None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return None
 
     def stop(self) -> None:
@@ -352,6 +369,7 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                 with rss.phase("e2e"):
                     pipeline.start_background()
                     bar = progress(n, "end to end (rows)", show)
+                    c0, m0 = process_cpu_s(), moto.cpu_s()
                     t0 = time.perf_counter()
 
                     def put(i: int) -> None:
@@ -382,6 +400,7 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                         bar.refresh()
                         time.sleep(0.02)
                     elapsed = time.perf_counter() - t0
+                    cpu, m1 = process_cpu_s() - c0, moto.cpu_s()
                     bar.n = n
                     bar.close()
                     pipeline.close()  # stop poller + runner threads inside the measured phase
@@ -391,18 +410,42 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                 failed = sum((j.get("collected") or {}).get("failed", 0) for j in jobs)
                 transform_s = sum(j["seconds"] for j in jobs)
                 transform_images = sum(j["records"] for j in jobs)
-                out = {"images": n, "seconds": elapsed, "rate": n / elapsed, "upload_seconds": t_uploaded,
+                sizing = None
+                with contextlib.suppress(Exception):  # informative only
+                    sizing = payload_sizing(s3, bucket, jobs[0]["job_name"],
+                                            int(stack.spec.enqueue_env.get("MAX_PAYLOAD_MB", 6)),
+                                            transform_images / transform_s if transform_s else 0.0)
+                out = {"images": n, "seconds": elapsed, "payload": sizing, "rate": n / elapsed, "upload_seconds": t_uploaded,
                        "parquet_rows": rows, "scored": scored, "failed": failed, "jobs": len(jobs),
                        "transform_seconds": transform_s,
                        "transform_rate": transform_images / transform_s if transform_s else 0.0,
                        "batch_size": scorer.batch_size, "workers": scorer.workers,
                        "batching_window_s": args.batching_window, "moto": args.moto,
-                       "moto_server_peak_rss_mb": moto.rss_mb()}
+                       "moto_server_peak_rss_mb": moto.rss_mb(),
+                       "cpu_ms_per_image": 1000 * cpu / n,
+                       "moto_cpu_ms_per_image": 1000 * (m1 - m0) / n if m0 is not None and m1 is not None else None}
             finally:
                 pipeline.close()
     finally:
         moto.stop()
     return out
+
+
+def payload_sizing(s3: Any, bucket: str, job_name: str, max_payload_mb: int, rate: float) -> dict[str, Any]:
+    """Bytes per manifest line and per output line of one job, and what they imply for a request
+    of ``max_payload_mb`` (lines per request, response size, seconds per request at ``rate``)."""
+    from dermscore import layout
+
+    manifest = s3.get_object(Bucket=bucket, Key=layout.manifest_key(job_name))["Body"].read()
+    out_key = f"{layout.transform_output_prefix(job_name)}{job_name}.jsonl.out"
+    output = s3.get_object(Bucket=bucket, Key=out_key)["Body"].read()
+    n_in, n_out = max(1, len(manifest.splitlines())), max(1, len(output.splitlines()))
+    line_in, line_out = len(manifest) / n_in, len(output) / n_out
+    lines = int(max_payload_mb * 1024 * 1024 // line_in)
+    return {"max_payload_mb": max_payload_mb, "manifest_line_bytes": round(line_in, 1),
+            "output_line_bytes": round(line_out, 1), "lines_per_request": lines,
+            "response_mb_per_request": round(lines * line_out / 1024 / 1024, 1),
+            "seconds_per_request_at_rate": round(lines / rate, 1) if rate else None}
 
 
 def collected(runner: Any) -> int:
@@ -439,6 +482,17 @@ def render(result: dict[str, Any]) -> str:
             add("   ratio end to end / forward", f"{f['e2e_vs_forward']:.2f}x", "target >= 0.90")
         add("   transform only (runner: GET+decode+forward)", f"{e['transform_rate']:.1f} img/s",
             f"{e['transform_seconds']:.1f} s in jobs")
+        cpu = f"{e['cpu_ms_per_image']:.0f} ms pipeline process"
+        if e.get("moto_cpu_ms_per_image") is not None:
+            cpu += f" + {e['moto_cpu_ms_per_image']:.0f} ms moto server"
+        if "forward" in result:
+            cpu += f" (forward alone: {result['forward']['cpu_ms_per_image']:.0f} ms)"
+        add("   CPU time per image", "", cpu)
+        if e.get("payload"):
+            pl = e["payload"]
+            add(f"   MaxPayloadInMB={pl['max_payload_mb']}: lines per request", f"{pl['lines_per_request']}",
+                f"{pl['manifest_line_bytes']:.0f} B/line in, {pl['output_line_bytes']:.0f} B/line out "
+                f"({pl['response_mb_per_request']} MB response)")
     if "seed_rate" in f:
         add("3. seed style (float JSON per image, batch 1)", f"{f['seed_rate']:.2f} img/s",
             f"{result['seed']['images']} images, {result['seed']['payload_mb_per_image']:.1f} MB JSON each")
@@ -478,6 +532,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--batch-size", type=int, default=0, help="forward batch (default: 32 CPU, 128 CUDA)")
     p.add_argument("--workers", type=int, default=0, help="fetch/decode threads per scorer (default 4 x cores)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for every phase (default: torch's)")
     p.add_argument("--seed-images", type=int, default=30, help="images for the seed-style path (slow)")
     p.add_argument("--decode-images", type=int, default=200, help="images per decode measurement")
     p.add_argument("--phases", default=",".join(PHASES),
@@ -510,6 +565,9 @@ def run(args: argparse.Namespace) -> int:
                              f"{torch.__version__}); run on a GPU host or use --device cpu\n")
             return 2
     args.device_resolved = str(device)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     phases = [s.strip() for s in args.phases.split(",") if s.strip()]
     unknown = set(phases) - set(PHASES)
     if unknown:
