@@ -32,6 +32,8 @@ request's wall time grows with its line count, so the model server's timeout
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -200,9 +202,11 @@ class Scorer:
         body = resp["Body"]
         etag = item.get("etag")
         if etag and resp.get("ETag") and resp["ETag"].strip('"') != str(etag).strip('"'):
-            # Overwritten since it was enqueued: the newer upload has its own event and line.
-            log.warning("s3://%s/%s changed since enqueue (etag %s -> %s)", item["bucket"], item["key"],
-                        etag, resp["ETag"])
+            # Overwritten since it was enqueued: these bytes are the newer upload, which has its
+            # own event, line and row; this upload's content is gone (docs/reliability.md).
+            body.close()
+            raise ImageRejected(imaging.SUPERSEDED, f"s3://{item['bucket']}/{item['key']} was uploaded again "
+                                                    f"(etag {etag} -> {resp['ETag'].strip(chr(34))}) before scoring")
         try:
             length = resp.get("ContentLength")
             if length is not None:
@@ -217,7 +221,8 @@ class Scorer:
         return data
 
     def decode(self, data: bytes) -> Decoded:
-        return imaging.decode(data, self.input_size)
+        """Decode + the sha256 of the bytes (the output names what was scored; bytes are not kept)."""
+        return dataclasses.replace(imaging.decode(data, self.input_size), sha256=hashlib.sha256(data).hexdigest())
 
     def load_item(self, item: Item) -> Decoded:
         return self.decode(self.fetch(item))
@@ -230,12 +235,24 @@ class Scorer:
         The result is left on the device so a CUDA caller can fill the next batch while the
         kernels run; ``.cpu()`` is the synchronisation point.
         """
+        return torch.softmax(self._logits(batch) / self._temperature, dim=1)
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last
         if x.device != self.device:
             x = x.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
             logits = self.model(x)
-        return torch.softmax(logits.float() / self._temperature, dim=1)
+        return logits.float()
+
+    @torch.inference_mode()
+    def forward_scored(self, batch: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`forward` with one more column: the energy score ``-logsumexp(logits)``
+        (Liu et al. 2020; T = 1, uncalibrated logits), the out-of-distribution score that
+        ``ModelMeta.ood_threshold`` was set on (see :mod:`batch.ood`)."""
+        logits = self._logits(batch)
+        energy = -torch.logsumexp(logits, dim=1, keepdim=True)
+        return torch.cat([torch.softmax(logits / self._temperature, dim=1), energy], dim=1)
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities for already decoded (n, H, W, 3) uint8 images (benchmarks, evaluation)."""
@@ -244,9 +261,12 @@ class Scorer:
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.meta.classes)), np.float32)
 
     # ---- stage 3: format -------------------------------------------------------------------
-    def format(self, item: Item, probs: np.ndarray, decoded: Decoded) -> dict[str, Any]:
+    def format(self, item: Item, probs: np.ndarray, decoded: Decoded, processing_ms: float | None = None,
+               ood_score: float | None = None) -> dict[str, Any]:
         return score_line(item, probs.tolist(), self.model_info, self.meta.melanoma_threshold,
-                          decoded.width, decoded.height)
+                          decoded.width, decoded.height, image_sha256=decoded.sha256,
+                          processing_ms=processing_ms, ood_score=ood_score,
+                          ood_threshold=getattr(self.meta, "ood_threshold", None))
 
     # ---- the pipeline ----------------------------------------------------------------------
     def score_items(self, items: Iterable[Item | BadLine]) -> Iterator[dict[str, Any]]:
@@ -294,7 +314,9 @@ class Scorer:
 
         def safe_load(item: Item) -> Decoded | ImageRejected:
             try:
-                return loader(item)
+                tl = time.perf_counter()
+                decoded = loader(item)
+                return dataclasses.replace(decoded, load_ms=1000 * (time.perf_counter() - tl))
             except ImageRejected as exc:
                 return exc
             except Exception as exc:  # anything unforeseen still must not fail the request
@@ -336,17 +358,19 @@ class Scorer:
                     entries.append((item, result))
                     refill()
                 probs = None
+                forward_s = 0.0
                 if n:
                     tc = time.perf_counter()
                     # On CUDA a short tail batch runs at full size: one input shape means one cuDNN
                     # autotune per process, and the extra rows cost the GPU next to nothing.
-                    probs = self.forward(buf if self.cuda else buf[:n])[:n]
-                    stats.compute_s += time.perf_counter() - tc
+                    probs = self.forward_scored(buf if self.cuda else buf[:n])[:n]
+                    forward_s = time.perf_counter() - tc
+                    stats.compute_s += forward_s
                     stats.batches += 1
                 # Emit the previous batch while this one computes (CUDA); on CPU forward is sync.
                 if pending is not None:
                     yield from self._emit(*pending, stats)
-                pending = (entries, probs) if entries else None
+                pending = (entries, probs, forward_s) if entries else None
                 which ^= 1
                 if not window and pending is not None:
                     yield from self._emit(*pending, stats)
@@ -359,17 +383,23 @@ class Scorer:
                  "waiting for input %.2fs)", stats.images, stats.errors, stats.wall_s, stats.rate,
                  stats.batches, stats.compute_s, stats.input_wait_s)
 
-    def _emit(self, entries: list, probs: torch.Tensor | None, stats: PipelineStats) -> Iterator[dict[str, Any]]:
+    def _emit(self, entries: list, probs: torch.Tensor | None, forward_s: float,
+              stats: PipelineStats) -> Iterator[dict[str, Any]]:
         tc = time.perf_counter()
         p = probs.cpu().numpy() if probs is not None else None  # CUDA: waits for the kernels
-        stats.compute_s += time.perf_counter() - tc
+        wait_s = time.perf_counter() - tc
+        stats.compute_s += wait_s
+        n_images = sum(isinstance(r, Decoded) for _, r in entries)
+        share_ms = 1000 * (forward_s + wait_s) / max(1, n_images)  # each image's share of the forward pass
+        n_classes = len(self.meta.classes)
         i = 0
         for item, result in entries:
             if isinstance(result, Decoded):
                 row, i = p[i], i + 1
                 if np.isfinite(row).all():
                     stats.images += 1
-                    yield self.format(item, row, result)
+                    yield self.format(item, row[:n_classes], result, processing_ms=result.load_ms + share_ms,
+                                      ood_score=float(row[n_classes]))
                     continue
                 # e.g. fp16 overflow: one image's bad numbers must not fail the JSON response
                 log.warning("non-finite probabilities for %s", item.get("key"))

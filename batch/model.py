@@ -81,6 +81,9 @@ class ModelMeta:
     melanoma_threshold: float = 0.5
     weights_sha256: str = ""
     extra: dict = field(default_factory=dict)
+    # Out-of-distribution flag: energy score (-logsumexp(logits)) at or above this is flagged.
+    # Set on the validation split (batch.ood); None in older metadata = no flag.
+    ood_threshold: float | None = None
 
     @classmethod
     def read(cls, path: Path) -> "ModelMeta":

@@ -37,6 +37,7 @@ from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
 from batch import data as ham
+from batch import ood
 from batch.metrics import classification_report, fit_temperature, melanoma_threshold, softmax
 from batch.model import ARCHITECTURES, ModelMeta, build_network, save
 from dermscore import __version__
@@ -184,11 +185,15 @@ def train(args: argparse.Namespace) -> dict:
     temperature = fit_temperature(logits, val_y)
     probs = softmax(logits, temperature)
     threshold = melanoma_threshold(probs[:, MELANOMA_INDEX], val_y == MELANOMA_INDEX)
+    val_energy = ood.energy(logits)  # out-of-distribution flag threshold, on the same split
+    ood_threshold = ood.threshold(val_energy)
     meta = ModelMeta(
         name=args.name, version=args.version or time.strftime("%Y%m%d"), arch=args.arch, input_size=size,
         temperature=temperature, melanoma_threshold=threshold,
         extra={"seed": args.seed, "epochs": args.epochs, "val_fraction": args.val_fraction,
-               "train_images": len(train_y), "val_images": len(val_y), "code_version": __version__},
+               "train_images": len(train_y), "val_images": len(val_y), "code_version": __version__,
+               "ood": ood.summary(val_energy, ood_threshold, ood.IN_DISTRIBUTION_KEPT)},
+        ood_threshold=ood_threshold,
     )
     save(model, meta, out)
     report = classification_report(probs, val_y, mel_threshold=threshold)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("batch.train", "train a classifier on HAM10000"),
     "package-model": ("batch.package", "build a reproducible SageMaker model.tar.gz from a model directory"),
     "predict": ("batch.predict", "score local image files with a model (table or JSON lines)"),
+    "calibrate-ood": ("batch.ood", "set a model's out-of-distribution threshold from its validation split"),
     "evaluate": ("batch.evaluate", "evaluate a model: per-class metrics, AUC, calibration, plots"),
     "demo": ("infra.demo", "run the whole pipeline locally on demo images and print the results"),
     "serve": ("infra.serve", "keep the local stack running; drop images into s3://<bucket>/incoming/"),

@@ -50,6 +50,7 @@ WRONG_PREFIX = "wrong_prefix"
 READ_ERROR = "read_error"
 BAD_MANIFEST_LINE = "bad_manifest_line"   # transform input line is not {"bucket", "key", ...}
 NON_FINITE_OUTPUT = "non_finite_output"   # the network produced NaN/inf for this image
+SUPERSEDED = "superseded"                 # the key was uploaded again before this upload was scored
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Decoded:
     pixels: np.ndarray  # (H, W, 3) uint8 at the model's input size
     width: int          # original size
     height: int
+    sha256: str = ""    # of the bytes decoded (set by the scorer, which has them)
+    load_ms: float = 0.0  # fetch + decode time (set by the scorer's pipeline)
 
 
 def check_size(n_bytes: int) -> None:

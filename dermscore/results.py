@@ -48,6 +48,11 @@ PREDICTION_SCHEMA = pa.schema([
     ("risk_level", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
+    # issue 7 (appended: older files lack them and read as NULL with union_by_name)
+    ("image_sha256", pa.string()),    # sha256 of the bytes that were scored
+    ("processing_ms", pa.float32()),  # fetch + decode + this image's share of its batch's forward pass
+    ("ood_score", pa.float32()),      # energy score -logsumexp(logits): higher = less like the training data
+    ("ood_flag", pa.bool_()),         # ood_score >= the model's ood_threshold (NULL: model has none)
 ])
 
 FAILURE_SCHEMA = pa.schema([
@@ -74,8 +79,16 @@ def risk_level(malignant_prob: float, melanoma_flag: bool) -> str:
     return "moderate" if malignant_prob >= MODERATE_MALIGNANT else "low"
 
 
+def ood_flag(ood_score: float | None, ood_threshold: float | None) -> bool | None:
+    """Out-of-distribution / low-quality flag; None when the model or the score is missing."""
+    if ood_score is None or ood_threshold is None:
+        return None
+    return bool(ood_score >= ood_threshold)
+
+
 def score_line(item: dict[str, Any], probs: list[float], model: dict[str, str], melanoma_threshold: float,
-               width: int, height: int) -> dict[str, Any]:
+               width: int, height: int, image_sha256: str = "", processing_ms: float | None = None,
+               ood_score: float | None = None, ood_threshold: float | None = None) -> dict[str, Any]:
     """The transform output line for one scored image (``item`` is its manifest line)."""
     p = {c: float(v) for c, v in zip(CLASSES, probs)}
     top = max(p, key=p.get)
@@ -86,6 +99,10 @@ def score_line(item: dict[str, Any], probs: list[float], model: dict[str, str], 
         "probabilities": p, "top_class": top, "confidence": p[top], "malignant_prob": malignant,
         "melanoma_flag": flag, "risk_level": risk_level(malignant, flag),
         "width": width, "height": height, "model": model,
+        "image_sha256": image_sha256,
+        "processing_ms": None if processing_ms is None else round(float(processing_ms), 3),
+        "ood_score": None if ood_score is None else float(ood_score),
+        "ood_flag": ood_flag(ood_score, ood_threshold),
     }
 
 
@@ -107,6 +124,8 @@ def prediction_row(line: dict[str, Any], job_name: str, scored_at: datetime) -> 
         "confidence": line["confidence"], "malignant_prob": line["malignant_prob"],
         "melanoma_flag": line["melanoma_flag"], "risk_level": line["risk_level"],
         "width": line["width"], "height": line["height"],
+        "image_sha256": line.get("image_sha256") or None, "processing_ms": line.get("processing_ms"),
+        "ood_score": line.get("ood_score"), "ood_flag": line.get("ood_flag"),
     }
 
 

@@ -40,3 +40,28 @@ def test_failure_row_matches_schema() -> None:
     row = results.failure_row("b", "incoming/x.jpg", "e", "enqueue", "zero_byte", "object is empty")
     assert results.to_table([row], results.FAILURE_SCHEMA).column("reason").to_pylist() == ["zero_byte"]
     assert results.FAILURE_SCHEMA.field("failed_at").type == pa.timestamp("ms", tz="UTC")
+
+
+def test_issue7_fields_sha_time_and_ood_flag() -> None:
+    out = results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 600, 450, image_sha256="ab" * 32,
+                             processing_ms=12.34567, ood_score=-3.0, ood_threshold=-4.0)
+    assert out["ood_flag"] is True and out["processing_ms"] == 12.346 and out["image_sha256"] == "ab" * 32
+    row = results.prediction_row(out, "job-1", results.utcnow())
+    assert results.to_table([row], results.PREDICTION_SCHEMA).column("ood_flag").to_pylist() == [True]
+    assert results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0, ood_threshold=-4.0)["ood_flag"] is False
+    # a model without a threshold (older metadata) gives no flag, and older output lines still collect
+    assert results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0)["ood_flag"] is None
+    old = line([1 / 7] * 7)
+    for k in ("image_sha256", "processing_ms", "ood_score", "ood_flag"):
+        old.pop(k)
+    row = results.prediction_row(old, "job-1", results.utcnow())
+    assert row["ood_flag"] is None and results.to_table([row], results.PREDICTION_SCHEMA).num_rows == 1
+
+
+def test_every_column_is_documented() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
+    documented = {ln.split("|")[1].strip().strip("`") for ln in doc.splitlines() if ln.startswith("| `")}
+    missing = (set(results.PREDICTION_SCHEMA.names) | set(results.FAILURE_SCHEMA.names)) - documented
+    assert not missing, f"columns missing from docs/results.md: {sorted(missing)}"

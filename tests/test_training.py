@@ -59,6 +59,7 @@ def test_train_smoke(tmp_path: Path) -> None:
     assert report["validation"]["n_images"] > 0 and len(report["history"]) == 1
     model, meta = load(out)
     assert meta.input_size == (64, 64) and meta.temperature > 0
+    assert meta.ood_threshold is not None and meta.extra["ood"]["validation_images"] > 0
     with torch.inference_mode():
         assert model(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 7)
     split = pd.read_csv(out / "validation_split.csv")
