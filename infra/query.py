@@ -8,6 +8,13 @@ a string, as Athena's partition projection declares it)::
 
 Queries written in the SQL both engines share (SELECT/WHERE/GROUP BY/ORDER BY/LIMIT,
 count/avg/min/max/round, CASE, CAST) run unchanged on Athena against the deployed tables.
+
+The Athena named queries of ``template.yaml`` run here as they are (``dermscore query --named
+high-melanoma-risk-triage``; ``--list`` shows them): the very SQL text, read from the template,
+on a connection with a two-line dialect shim (:data:`ATHENA_SHIM`): Athena's (Presto/Trino)
+``date_format(date, '%Y-%m-%d')`` as a DuckDB macro over ``strftime`` (same MySQL-style
+format codes for the ones used), and the session time zone set to UTC as Athena's is, so
+``current_date`` is the same day in both.
 """
 
 from __future__ import annotations
@@ -27,6 +34,20 @@ DEFAULT_RESULTS = Path("output")
 TOP_MELANOMA_SQL = ("SELECT image_key, round(prob_mel, 4) AS prob_mel, top_class, round(confidence, 3) AS confidence, "
                     "risk_level FROM predictions ORDER BY prob_mel DESC LIMIT 10")
 VIEWS = {"predictions": results.PREDICTION_SCHEMA, "failures": results.FAILURE_SCHEMA}
+# Athena (Trino) functions the named queries use that DuckDB spells differently.
+ATHENA_SHIM = (
+    "SET TimeZone = 'UTC'",
+    "CREATE MACRO date_format(d, f) AS strftime(CAST(d AS TIMESTAMP), f)",
+)
+
+
+def named_queries(template_path: str | Path | None = None) -> dict[str, tuple[str, str]]:
+    """The template's ``AWS::Athena::NamedQuery`` resources: name -> (description, SQL text)."""
+    from infra.template import TEMPLATE_PATH, load_template
+
+    template = load_template(template_path or TEMPLATE_PATH)
+    return {r["Properties"]["Name"]: (r["Properties"].get("Description", ""), r["Properties"]["QueryString"])
+            for r in template["Resources"].values() if r.get("Type") == "AWS::Athena::NamedQuery"}
 
 
 def _sql_str(s: str) -> str:
@@ -36,6 +57,8 @@ def _sql_str(s: str) -> str:
 def connect(results_dir: str | Path = DEFAULT_RESULTS) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the ``predictions`` and ``failures`` views over ``results_dir``."""
     con = duckdb.connect()
+    for statement in ATHENA_SHIM:
+        con.execute(statement)
     root = Path(results_dir)
     for view, schema in VIEWS.items():
         files = sorted((root / view).glob("dt=*/*.parquet"))
@@ -79,13 +102,28 @@ def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sql", help='SQL over the views "predictions" and "failures", e.g. '
-                               '"SELECT risk_level, count(*) FROM predictions GROUP BY 1"')
+    p.add_argument("sql", nargs="?", help='SQL over the views "predictions" and "failures", e.g. '
+                                          '"SELECT risk_level, count(*) FROM predictions GROUP BY 1"')
+    p.add_argument("--named", metavar="NAME", help="run an Athena named query of template.yaml (see --list)")
+    p.add_argument("--list", action="store_true", help="list the named queries")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
                    help="exported results folder (written by demo/serve; default: output)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for name, (description, _) in named_queries().items():
+            print(f"{name}: {description}")
+        return 0
+    if args.named:
+        queries = named_queries()
+        if args.named not in queries:
+            sys.stderr.write(f"no named query {args.named!r}; one of: {', '.join(queries)}\n")
+            return 2
+        args.sql = queries[args.named][1]
+    if not args.sql:
+        sys.stderr.write("give SQL, --named NAME or --list\n")
+        return 2
     if not args.results.is_dir():
         sys.stderr.write(f"no results folder {args.results}; run `dermscore demo` or `dermscore serve` first\n")
         return 2

@@ -84,3 +84,40 @@ def sample_images(n: int) -> list[Path]:
     if len(files) < n:
         pytest.skip(f"needs {n} sample images in {SAMPLES}")
     return files
+
+
+@pytest.fixture(scope="session")
+def varied_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random EfficientNet-Lite0 at 64x64 whose outputs differ between images (plumbing only).
+
+    A freshly initialised network gives every image the same probabilities; batch-norm
+    statistics taken from a few sample images plus a scaled-up last layer spread them, and the
+    melanoma threshold sits at the median p(mel), so some images are high risk and some not.
+    """
+    import numpy as np
+    import torch
+
+    from batch.inference import Scorer
+    from batch.model import METADATA_FILE, ModelMeta, build_network, save
+    from dermscore.imaging import decode
+
+    files = sample_images(8)
+    model_dir = tmp_path_factory.mktemp("varied-model")
+    torch.manual_seed(7)
+    net = build_network("efficientnet_lite0")
+    px = torch.from_numpy(np.stack([decode(f.read_bytes(), (64, 64)).pixels for f in files])).permute(0, 3, 1, 2)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+            m.reset_running_stats()
+    net.train()
+    with torch.no_grad():
+        net(px)
+        net[1]._fc.weight.mul_(10)
+    net.eval()
+    save(net, ModelMeta(name="test-varied", version="0", arch="efficientnet_lite0", input_size=(64, 64)), model_dir)
+    p_mel = sorted(r["probabilities"]["mel"] for r in Scorer.from_model_dir(model_dir, "cpu").score_files(files))
+    meta = ModelMeta.read(model_dir / METADATA_FILE)
+    meta.melanoma_threshold = p_mel[len(p_mel) // 2]
+    meta.write(model_dir / METADATA_FILE)
+    return model_dir
