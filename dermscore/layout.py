@@ -17,6 +17,7 @@ IMAGES = "results/images/"
 FAILURES = "results/failures/"
 MODELS = "models/"                  # model.tar.gz artifacts (dermscore publish-model)
 ATHENA_RESULTS = "athena-results/"  # the Athena workgroup's query results
+CLAIMS = "claims/"                  # one object per upload attempt: the job that owns it (handlers.idempotency)
 
 # Image suffixes the bucket notification forwards (lower and upper case,
 # S3 suffix filters are case-sensitive).

@@ -42,7 +42,7 @@ DEFAULT_STACK = "dermscore"
 MODEL_KEY = f"{layout.MODELS}model.tar.gz"
 # Clearly fake credentials: the local moto server accepts anything, AWS accepts none of these.
 LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local-dermscore-not-a-key",
-                     "AWS_SECRET_ACCESS_KEY": "local-dermscore-not-a-secret"}
+                     "AWS_SECRET_ACCESS_KEY": "local-dermscore-not-a-secret"}  # pragma: allowlist secret
 LOCAL_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT_ID}:role/dermscore-local-sagemaker"
 LOCAL_IMAGE = f"{LOCAL_ACCOUNT_ID}.dkr.ecr.{LOCAL_REGION}.amazonaws.com/dermscore-local:latest"
 
@@ -198,6 +198,9 @@ class LocalStack:
                                          "maxReceiveCount": str(spec.max_receive_count)}),
         })["QueueUrl"]
         queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        # `!Ref ImagesQueue` (QUEUE_URL) resolves to the logical id locally: the real URL instead.
+        spec = replace(spec, **{name: {k: queue_url if v == "ImagesQueue" else v for k, v in env.items()}
+                                for name, env in (("enqueue_env", spec.enqueue_env), ("collect_env", spec.collect_env))})
 
         s3.create_bucket(Bucket=spec.enqueue_env["BUCKET_NAME"])
         s3.put_bucket_notification_configuration(
