@@ -310,7 +310,9 @@ def start_moto(mode: str) -> MotoProcess:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from moto.server import main; main(sys.argv[1:])",
                              "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL,
+                            stderr=open(os.environ["BENCH_MOTO_LOG"], "w") if os.environ.get("BENCH_MOTO_LOG")
+                            else subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -384,12 +386,18 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                         s3.put_object(Bucket=bucket, Key=f"{BENCH_PREFIX}{i:07d}-{fname}", Body=blob,
                                       ContentType="image/jpeg")
 
-                    # Bounded submission: the uploader never queues more than a few hundred PUTs.
+                    # Closed loop: at most --max-ahead images uploaded and not yet collected. moto's
+                    # ReceiveMessage costs O(messages in the queue) (~0.4 ms each per call), so an
+                    # uploader far ahead of the pipeline makes the local SQS quadratic; real SQS is not.
                     with ThreadPoolExecutor(args.upload_threads, thread_name_prefix="bench-upload") as pool:
                         inflight: list = []
                         for i in range(n):
+                            while i - collected(runner) >= args.max_ahead:
+                                bar.n = collected(runner)
+                                bar.refresh()
+                                time.sleep(0.01)
                             inflight.append(pool.submit(put, i))
-                            if len(inflight) >= 4 * args.upload_threads:
+                            if len(inflight) >= 2 * args.upload_threads:
                                 for f in inflight:
                                     f.result()
                                 inflight = []
@@ -427,7 +435,7 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                        "transform_seconds": transform_s,
                        "transform_rate": transform_images / transform_s if transform_s else 0.0,
                        "batch_size": scorer.batch_size, "workers": scorer.workers,
-                       "batching_window_s": args.batching_window, "moto": args.moto,
+                       "batching_window_s": args.batching_window, "moto": args.moto, "max_ahead": args.max_ahead,
                        "moto_server_peak_rss_mb": moto.rss_mb(),
                        "cpu_ms_per_image": 1000 * cpu / n,
                        "moto_cpu_ms_per_image": 1000 * (m1 - m0) / n if m0 is not None and m1 is not None else None}
@@ -443,9 +451,12 @@ def payload_sizing(s3: Any, bucket: str, job_name: str, max_payload_mb: int, rat
     of ``max_payload_mb`` (lines per request, response size, seconds per request at ``rate``)."""
     from dermscore import layout
 
-    manifest = s3.get_object(Bucket=bucket, Key=layout.manifest_key(job_name))["Body"].read()
-    out_key = f"{layout.transform_output_prefix(job_name)}{job_name}.jsonl.out"
-    output = s3.get_object(Bucket=bucket, Key=out_key)["Body"].read()
+    def first(prefix: str) -> bytes:  # whatever the manifest layout (one file or shards)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+        return s3.get_object(Bucket=bucket, Key=sorted(keys)[0])["Body"].read()
+
+    manifest = first(f"{layout.MANIFESTS}{job_name}")
+    output = first(layout.transform_output_prefix(job_name))
     n_in, n_out = max(1, len(manifest.splitlines())), max(1, len(output.splitlines()))
     line_in, line_out = len(manifest) / n_in, len(output) / n_out
     lines = int(max_payload_mb * 1024 * 1024 // line_in)
@@ -547,6 +558,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching-window", type=float, default=1.0,
                    help="SQS batching window of the local poller, seconds (template default 300)")
     p.add_argument("--upload-threads", type=int, default=4, help="concurrent S3 PUTs of the uploader")
+    p.add_argument("--max-ahead", type=int, default=300,
+                   help="most images uploaded but not yet in Parquet (closed-loop load; keeps moto's SQS short)")
     p.add_argument("--moto", choices=("subprocess", "thread"), default="subprocess",
                    help="moto server in its own process (default) or in a thread of this one")
     p.add_argument("--timeout", type=float, default=3600, help="give up the end-to-end phase after this long")

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("batch.evaluate", "evaluate a model: per-class metrics, AUC, calibration, plots"),
     "demo": ("infra.demo", "run the whole pipeline locally on demo images and print the results"),
     "serve": ("infra.serve", "keep the local stack running; drop images into s3://<bucket>/incoming/"),
+    "report": ("infra.report", "HTML report (classes, risk histogram, top-risk thumbnails, failures, throughput) + results.csv"),
     "query": ("infra.query", 'SQL (DuckDB, Athena-compatible) over exported results: query "SELECT ..."'),
     "publish-model": ("infra.deploy", "upload model.tar.gz to the stack's bucket; print the sam deploy parameters"),
     "bench": ("batch.bench", "throughput benchmark: model forward vs end-to-end pipeline vs seed style; memory"),
