@@ -334,6 +334,43 @@ def preserved_environ() -> Iterator[None]:
         os.environ.update(saved)
 
 
+class ApiCalls:
+    """Counts the AWS API calls (and their wall time) of every boto3 client in this process."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+        self._orig: Any = None
+
+    def __enter__(self) -> "ApiCalls":
+        import botocore.client
+
+        orig = self._orig = botocore.client.BaseClient._make_api_call
+        calls, lock = self.calls, self._lock
+
+        def counted(client: Any, operation: str, params: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return orig(client, operation, params)
+            finally:
+                with lock:
+                    c = calls.setdefault(operation, [0, 0.0])
+                    c[0] += 1
+                    c[1] += time.perf_counter() - t
+
+        botocore.client.BaseClient._make_api_call = counted
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import botocore.client
+
+        botocore.client.BaseClient._make_api_call = self._orig
+
+    def summary(self, images: int) -> dict[str, dict[str, float]]:
+        return {op: {"calls": n, "per_image": round(n / images, 3), "wall_s": round(t, 2)}
+                for op, (n, t) in sorted(self.calls.items(), key=lambda kv: -kv[1][0])}
+
+
 def count_parquet_rows(s3: Any, bucket: str, prefix: str) -> int:
     import pyarrow.parquet as pq
 
@@ -375,7 +412,7 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                 scorer = runner.model(stack.model_name)  # container start-up, outside the clock
                 s3 = stack.client("s3")
                 bucket = stack.bucket
-                with rss.phase("e2e"):
+                with rss.phase("e2e"), ApiCalls() as api:
                     pipeline.start_background()
                     bar = progress(n, "end to end (rows)", show)
                     c0, m0 = process_cpu_s(), moto.cpu_s()
@@ -430,7 +467,7 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                     sizing = payload_sizing(s3, bucket, jobs[0]["job_name"],
                                             int(stack.spec.enqueue_env.get("MAX_PAYLOAD_MB", 6)),
                                             transform_images / transform_s if transform_s else 0.0)
-                out = {"images": n, "seconds": elapsed, "payload": sizing, "rate": n / elapsed, "upload_seconds": t_uploaded,
+                out = {"images": n, "seconds": elapsed, "payload": sizing, "api_calls": api.summary(n), "rate": n / elapsed, "upload_seconds": t_uploaded,
                        "parquet_rows": rows, "scored": scored, "failed": failed, "jobs": len(jobs),
                        "transform_seconds": transform_s,
                        "transform_rate": transform_images / transform_s if transform_s else 0.0,
@@ -506,6 +543,10 @@ def render(result: dict[str, Any]) -> str:
         if "forward" in result:
             cpu += f" (forward alone: {result['forward']['cpu_ms_per_image']:.0f} ms)"
         add("   CPU time per image", "", cpu)
+        if e.get("api_calls"):
+            per = sum(c["per_image"] for c in e["api_calls"].values())
+            top = ", ".join(f"{op} {c['per_image']:.2f}" for op, c in list(e["api_calls"].items())[:5])
+            add("   AWS API calls per image", f"{per:.1f}", top)
         if e.get("payload"):
             pl = e["payload"]
             add(f"   MaxPayloadInMB={pl['max_payload_mb']}: lines per request", f"{pl['lines_per_request']}",
