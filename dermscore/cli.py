@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("infra.query", 'SQL (DuckDB, Athena-compatible) over exported results: query "SELECT ..."'),
     "publish-model": ("infra.deploy", "upload model.tar.gz to the stack's bucket; print the sam deploy parameters"),
     "bench": ("batch.bench", "throughput benchmark: model forward vs end-to-end pipeline vs seed style; memory"),
+    "plan": ("infra.plan", "capacity model: instances, jobs/day, latency and $ per million images per daily volume"),
 }
 
 

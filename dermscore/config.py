@@ -22,6 +22,12 @@ class Settings:
     max_payload_mb: int = 6
     invocations_timeout_s: int = 3600
     batch_strategy: str = "MultiRecord"
+    # Scale-out and batching policy (docs/scaling.md).
+    min_images_per_shard: int = 250           # below this a shard is not worth one more instance
+    min_images_per_job: int = 1               # smaller batches wait (up to max_job_wait_s); 1 = never
+    max_job_wait_s: int = 900                 # the oldest image of a batch waits at most this long
+    max_receive_count: int = 5                # the queue's redrive maxReceiveCount (deferral budget)
+    throttle_backoff_s: int = 60              # first back-off after a throttled/quota-refused create
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -35,4 +41,9 @@ class Settings:
             max_concurrent_transforms=int(e.get("MAX_CONCURRENT_TRANSFORMS", cls.max_concurrent_transforms)),
             max_payload_mb=int(e.get("MAX_PAYLOAD_MB", cls.max_payload_mb)),
             invocations_timeout_s=int(e.get("INVOCATIONS_TIMEOUT_S", cls.invocations_timeout_s)),
+            min_images_per_shard=int(e.get("MIN_IMAGES_PER_SHARD", cls.min_images_per_shard)),
+            min_images_per_job=int(e.get("MIN_IMAGES_PER_JOB", cls.min_images_per_job)),
+            max_job_wait_s=int(e.get("MAX_JOB_WAIT_S", cls.max_job_wait_s)),
+            max_receive_count=int(e.get("MAX_RECEIVE_COUNT", cls.max_receive_count)),
+            throttle_backoff_s=int(e.get("THROTTLE_BACKOFF_S", cls.throttle_backoff_s)),
         )

@@ -41,6 +41,20 @@ def manifest_key(job_name: str) -> str:
     return f"{MANIFESTS}{job_name}.jsonl"
 
 
+def job_input_prefix(job_name: str, shards: int) -> str:
+    """The folder of a job's shard files: the job's ``S3Uri`` (``S3DataType=S3Prefix``).
+
+    The shard count is part of the folder, so a batch re-sharded after a settings change
+    (e.g. a larger instance count once a quota was raised) never mixes with stale shards.
+    """
+    return f"{MANIFESTS}{job_name}/{shards}-shards/"
+
+
+def shard_key(job_name: str, index: int, shards: int) -> str:
+    """One manifest shard; its transform output is ``<output prefix><file name>.out``."""
+    return f"{job_input_prefix(job_name, shards)}part-{index:05d}-of-{shards:05d}.jsonl"
+
+
 def transform_output_prefix(job_name: str) -> str:
     return f"{TRANSFORM_OUTPUT}{job_name}/"
 

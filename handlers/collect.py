@@ -2,7 +2,8 @@
 
 On ``Completed``::
 
-    manifests/<job>.jsonl  +  transform-output/<job>/<job>.jsonl.out   (joined line by line)
+    every shard under the job's S3Uri (manifests/<job>/<n>-shards/part-*.jsonl)
+      + transform-output/<job>/<shard file name>.out            (each joined line by line)
       -> results/predictions/dt=<date>/<job>.parquet       one file per job (PREDICTION_SCHEMA)
       -> results/images/<key without incoming/>.json       one document per image
       -> results/failures/dt=<date>/<job>-transform.parquet error lines (stage "transform")

@@ -22,6 +22,10 @@ def sagemaker_client():
     return boto3.client("sagemaker")
 
 
+def sqs_client():
+    return boto3.client("sqs")
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise ValueError(f"not an s3:// URI: {uri!r}")

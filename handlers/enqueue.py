@@ -3,13 +3,20 @@
 Flow for one invocation::
 
     SQS records --record_handler--> Item (valid) | failure row (wrong prefix, empty, too large)
-    valid items --manifest_text--> manifests/<job>.jsonl  (sorted, de-duplicated JSON Lines)
-    job name = <JOB_PREFIX>-<digest of the manifest>  -> CreateTransformJob (once)
+    valid items --manifest_text--> sorted, de-duplicated JSON Lines
+    job name = <JOB_PREFIX>-<digest of the manifest>
+    manifest --sharding.split--> manifests/<job>/<n>-shards/part-0000i-of-0000n.jsonl
+      n = one shard per instance (TRANSFORM_INSTANCE_COUNT), none below MIN_IMAGES_PER_SHARD
+    CreateTransformJob (once): S3Prefix over the shard folder, InstanceCount = min(count, n)
     failure rows -> results/failures/dt=<event date>/enqueue-<digest>.parquet
 
 The job name and the failure file name derive from content only, so a redelivered batch
 finds its job already there and overwrites the same failure file: no duplicate work or rows.
-If submitting the job fails, the invocation raises and SQS redelivers the whole batch.
+If submitting the job fails, the invocation raises and SQS redelivers the whole batch; if
+CreateTransformJob is throttled or refused for a quota, the batch's messages go back to the
+queue with an exponential back-off (partial batch failure + ChangeMessageVisibility) and a
+log line names the quota to raise. A batch smaller than MIN_IMAGES_PER_JOB whose oldest
+image is younger than MAX_JOB_WAIT_S goes back the same way to accumulate (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.exceptions import ClientError
 
-from dermscore import imaging, layout, results
+from dermscore import imaging, layout, results, sharding
 from dermscore.config import Settings
-from handlers.common import dt_of, s3_client, sagemaker_client, write_failures
+from handlers.common import dt_of, s3_client, sagemaker_client, sqs_client, write_failures
 
 logger = Logger(service="dermscore-enqueue")
 
@@ -57,6 +64,7 @@ class Batch:
     items: list[Item] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     ignored: int = 0
+    item_messages: dict[str, int] = field(default_factory=dict)  # message id -> items it added
 
 
 # --- pure functions -------------------------------------------------------------------------
@@ -88,8 +96,9 @@ def s3_records(body: str) -> list[dict[str, Any]]:
     return [r for r in payload.get("Records", []) if str(r.get("eventName", "")).startswith("ObjectCreated")]
 
 
-def transform_request(settings: Settings, name: str, manifest_uri: str) -> dict[str, Any]:
-    """The CreateTransformJob request for one manifest (issue 8 shards it across instances)."""
+def transform_request(settings: Settings, name: str, manifest_uri: str,
+                      instance_count: int | None = None) -> dict[str, Any]:
+    """The CreateTransformJob request for a job's input (a shard folder: S3Prefix semantics)."""
     return {
         "TransformJobName": name,
         "ModelName": settings.model_name,
@@ -108,7 +117,8 @@ def transform_request(settings: Settings, name: str, manifest_uri: str) -> dict[
             "Accept": MANIFEST_CONTENT_TYPE,
             "AssembleWith": "Line",
         },
-        "TransformResources": {"InstanceType": settings.instance_type, "InstanceCount": settings.instance_count},
+        "TransformResources": {"InstanceType": settings.instance_type,
+                               "InstanceCount": instance_count or settings.instance_count},
     }
 
 
@@ -161,8 +171,11 @@ def make_record_handler(batch: Batch, s3):
         # A record contributes all its items or none: if it raises half-way it is redelivered,
         # and its first items must not be scored now *and* again then.
         outcomes = [examine(s3, r) for r in records]
-        batch.items += [item for item, _ in outcomes if item]
-        batch.failures += [failure for _, failure in outcomes if failure]
+        items = [item for item, _ in outcomes if item]
+        batch.items += items
+        batch.failures += [{**failure, "_message": record.message_id} for _, failure in outcomes if failure]
+        if items:
+            batch.item_messages[record.message_id] = len(items)
 
     return record_handler
 
@@ -186,23 +199,27 @@ def submit(settings: Settings, items: list[Item], s3=None, sm=None) -> str | Non
         return None
     s3 = s3 or s3_client()
     sm = sm or sagemaker_client()
-    text = manifest_text(items)
-    name = job_name(settings.job_prefix, text)
+    unique = manifest_items(items)
+    name = job_name(settings.job_prefix, manifest_text(unique))
     if job_exists(sm, name):
         logger.info("transform job already submitted", extra={"job_name": name})
         return name
-    key = layout.manifest_key(name)
-    s3.put_object(Bucket=settings.bucket, Key=key, Body=text.encode(), ContentType=MANIFEST_CONTENT_TYPE)
+    shards = sharding.shard_count(len(unique), settings.instance_count, settings.min_images_per_shard)
+    for i, part in enumerate(sharding.split(unique, shards)):
+        s3.put_object(Bucket=settings.bucket, Key=layout.shard_key(name, i, shards),
+                      Body=manifest_text(part).encode(), ContentType=MANIFEST_CONTENT_TYPE)
+    key = layout.job_input_prefix(name, shards)
+    instances = sharding.instances_for(shards, settings.instance_count)
     try:
-        sm.create_transform_job(**transform_request(settings, name, f"s3://{settings.bucket}/{key}"))
+        sm.create_transform_job(**transform_request(settings, name, f"s3://{settings.bucket}/{key}", instances))
     except ClientError as exc:
         err = exc.response.get("Error", {})
         if err.get("Code") == "ResourceInUse" or "already exists" in str(err.get("Message", "")):
             logger.info("transform job already exists", extra={"job_name": name})
             return name
         raise
-    logger.info("transform job created", extra={"job_name": name, "images": len(manifest_items(items)),
-                                                 "manifest": key})
+    logger.info("transform job created", extra={"job_name": name, "images": len(unique), "manifest": key,
+                                                 "shards": shards, "instance_count": instances})
     return name
 
 
@@ -211,6 +228,7 @@ def write_enqueue_failures(s3, bucket: str, failures: list[dict[str, Any]]) -> l
     by_dt: dict[str, list[dict[str, Any]]] = {}
     for f in failures:
         row = dict(f)
+        row.pop("_message", None)
         by_dt.setdefault(row.pop("_dt", dt_of(row["failed_at"])), []).append(row)
     keys = []
     for dt, rows in sorted(by_dt.items()):
@@ -220,6 +238,69 @@ def write_enqueue_failures(s3, bucket: str, failures: list[dict[str, Any]]) -> l
         keys.append(write_failures(s3, bucket, dt, name, rows))
         logger.warning("images rejected before scoring", extra={"failures": len(rows), "dt": dt})
     return keys
+
+
+# --- returning a batch to the queue (quota, throttling, batching policy) ------------------------
+
+def _records_of(event: dict[str, Any], message_ids: set[str]) -> list[dict[str, Any]]:
+    return [r for r in event.get("Records", []) if r.get("messageId") in message_ids]
+
+
+def _receive_count(record: dict[str, Any]) -> int:
+    return int((record.get("attributes") or {}).get("ApproximateReceiveCount", 1) or 1)
+
+
+def _oldest_age_s(records: list[dict[str, Any]], now_ms: float) -> float:
+    sent = [int(r["attributes"]["SentTimestamp"]) for r in records
+            if str((r.get("attributes") or {}).get("SentTimestamp", "")).isdigit()]
+    return max(0.0, (now_ms - min(sent)) / 1000) if sent else 0.0
+
+
+def queue_url_of(sqs, arn: str) -> str:
+    """arn:aws:sqs:<region>:<account>:<name> -> the queue URL (GetQueueUrl: works on any endpoint)."""
+    _, _, _, _, account, name = arn.split(":", 5)
+    return sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
+
+
+def delay_records(records: list[dict[str, Any]], delay_s: int, sqs=None) -> int:
+    """Make the records' messages reappear in ``delay_s`` (ChangeMessageVisibility); returns how
+    many were changed. Best effort: a message not changed reappears after the queue's own
+    visibility timeout instead, so nothing is lost either way."""
+    if not records:
+        return 0
+    sqs = sqs or sqs_client()
+    changed = 0
+    by_queue: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_queue.setdefault(r.get("eventSourceARN", ""), []).append(r)
+    for arn, group in by_queue.items():
+        try:
+            url = queue_url_of(sqs, arn)
+            for i in range(0, len(group), 10):
+                chunk = group[i:i + 10]
+                resp = sqs.change_message_visibility_batch(QueueUrl=url, Entries=[
+                    {"Id": str(j), "ReceiptHandle": r["receiptHandle"], "VisibilityTimeout": int(delay_s)}
+                    for j, r in enumerate(chunk)])
+                changed += len(resp.get("Successful", []))
+        except (ClientError, ValueError) as exc:
+            logger.warning("could not change message visibility; the queue's timeout applies",
+                           extra={"queue_arn": arn, "error": str(exc)})
+    return changed
+
+
+def give_back(response: dict[str, Any], event: dict[str, Any], batch: Batch, delay_s: int) -> dict[str, Any]:
+    """Report every message that added images as a batch item failure, delayed by ``delay_s``."""
+    returned = set(batch.item_messages)
+    delay_records(_records_of(event, returned), delay_s)
+    failures = list(response.get("batchItemFailures", []))
+    known = {f["itemIdentifier"] for f in failures}
+    failures += [{"itemIdentifier": m} for m in sorted(returned - known)]
+    return {**response, "batchItemFailures": failures}
+
+
+def _failures_not_returned(batch: Batch) -> list[dict[str, Any]]:
+    """Failure rows of messages that stay consumed (returned ones are examined again later)."""
+    return [f for f in batch.failures if f.get("_message") not in batch.item_messages]
 
 
 # --- the Lambda handler -----------------------------------------------------------------------
@@ -232,6 +313,42 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
     response = process_partial_response(event=event, record_handler=make_record_handler(batch, s3),
                                         processor=processor, context=context)
-    write_enqueue_failures(s3, settings.bucket, batch.failures)
-    submit(settings, batch.items, s3=s3)
+    images = len(manifest_items(batch.items))
+    records = _records_of(event, set(batch.item_messages))
+
+    # Batching policy: a small, young batch waits for more images (bounded by age and receives).
+    oldest = _oldest_age_s(records, results.utcnow().timestamp() * 1000)
+    if sharding.should_defer(images, oldest, max((_receive_count(r) for r in records), default=1),
+                             min_images_per_job=settings.min_images_per_job, max_job_wait_s=settings.max_job_wait_s,
+                             max_receive_count=settings.max_receive_count):
+        delay = sharding.defer_delay_s(oldest, settings.max_job_wait_s, step_s=settings.throttle_backoff_s)
+        write_enqueue_failures(s3, settings.bucket, _failures_not_returned(batch))
+        logger.info("batch below MIN_IMAGES_PER_JOB returned to the queue to accumulate",
+                    extra={"images": images, "min_images_per_job": settings.min_images_per_job,
+                           "oldest_age_s": round(oldest, 1), "max_job_wait_s": settings.max_job_wait_s,
+                           "retry_in_s": delay, "messages": len(records)})
+        return give_back(response, event, batch, delay)
+
+    try:
+        write_enqueue_failures(s3, settings.bucket, _failures_not_returned(batch))
+        submit(settings, batch.items, s3=s3)
+    except ClientError as exc:
+        err = exc.response.get("Error", {})
+        code, message = str(err.get("Code", "")), str(err.get("Message", ""))
+        if not sharding.is_retryable_create_error(code):
+            raise   # the whole batch is redelivered after the queue's visibility timeout
+        count = max((_receive_count(r) for r in records), default=1)
+        delay = sharding.backoff_s(count, settings.throttle_backoff_s)
+        quota = sharding.quota_name(settings.instance_type, code, message)
+        logger.warning(f"CreateTransformJob refused ({code}); raise the SageMaker quota '{quota}' if this "
+                       f"persists; batch returned to the queue, retry in {delay}s",
+                       extra={"error_code": code, "error_message": message, "quota_to_raise": quota,
+                              "instance_type": settings.instance_type, "instance_count": settings.instance_count,
+                              "job_name": job_name(settings.job_prefix, manifest_text(batch.items)),
+                              "images": images, "messages": len(records), "receive_count": count,
+                              "retry_in_s": delay})
+        return give_back(response, event, batch, delay)
+    # Failure rows of returned messages are written when they are examined again.
+    write_enqueue_failures(s3, settings.bucket,
+                           [f for f in batch.failures if f.get("_message") in batch.item_messages])
     return response

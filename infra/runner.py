@@ -8,6 +8,9 @@ service does with the recorded request:
 2. for every input file under ``TransformInput ... S3Uri`` (S3Prefix semantics) splits
    the lines into requests of at most ``MaxPayloadInMB`` (``MultiRecord``; one line per
    request with ``SingleRecord``) and runs ``input_fn -> predict_fn -> output_fn`` on each;
+   with ``InstanceCount`` > 1 the files are spread over that many worker processes (whole
+   files per worker, as the service spreads them over instances), each loading the model
+   once (its "container start-up");
 3. writes ``<S3OutputPath>/<input file name>.out`` (``AssembleWith=Line``);
 4. delivers the "SageMaker Transform Job State Change" event (Completed, or Failed with a
    reason when anything above raised) to ``handlers.collect.lambda_handler``.
@@ -16,6 +19,8 @@ service does with the recorded request:
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import posixpath
 import shutil
 import tarfile
@@ -23,7 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,62 @@ def split_payload(lines: list[bytes], max_payload_mb: int, strategy: str = "Mult
     if current:
         bodies.append(b"\n".join(current) + b"\n")
     return bodies
+
+
+def transform_file(s3, scorer: Any, job: dict[str, Any], in_bucket: str, key: str) -> int:
+    """One input file -> ``<S3OutputPath><file name>.out``; returns the records written."""
+    from batch import inference
+
+    out_bucket, out_prefix = parse_s3_uri(job["TransformOutput"]["S3OutputPath"])
+    if out_prefix and not out_prefix.endswith("/"):
+        out_prefix += "/"
+    content_type = job["TransformInput"].get("ContentType", "application/jsonlines")
+    accept = job["TransformOutput"].get("Accept", "application/jsonlines")
+    records = 0
+    lines = s3.get_object(Bucket=in_bucket, Key=key)["Body"].read().splitlines()
+    parts: list[str] = []
+    for body in split_payload(lines, int(job.get("MaxPayloadInMB", 6)), job.get("BatchStrategy", "MultiRecord")):
+        data = inference.input_fn(body, content_type)
+        prediction = inference.predict_fn(data, scorer)
+        out = inference.output_fn(prediction, accept)
+        if isinstance(out, tuple):
+            out = out[0]
+        text = out.decode() if isinstance(out, (bytes, bytearray)) else str(out)
+        parts.append(text.rstrip("\n"))
+        records += len(data)
+    # AssembleWith=Line: each response followed by a newline.
+    s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}{posixpath.basename(key)}.out",
+                  Body="".join(p + "\n" for p in parts).encode(), ContentType=accept)
+    return records
+
+
+# --- one "instance": a worker process with its own model and S3 client ------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_instance(model_dir: str, env: dict[str, str], threads: int) -> None:
+    os.environ.update(env)                 # the local endpoint and its dummy credentials
+    import boto3
+    import torch
+
+    from batch import inference
+
+    torch.set_num_threads(max(1, threads))
+    _WORKER["scorer"] = inference.model_fn(model_dir)
+    _WORKER["s3"] = boto3.client("s3")
+
+
+def _instance_transform(job: dict[str, Any], in_bucket: str, keys: list[str]) -> tuple[int, int, list[str]]:
+    """Score the files an instance was given; returns (pid, records, keys)."""
+    records = sum(transform_file(_WORKER["s3"], _WORKER["scorer"], job, in_bucket, k) for k in keys)
+    return os.getpid(), records, keys
+
+
+def assign_files(keys: list[str], instances: int) -> list[list[str]]:
+    """Whole files to instances, round-robin (at most ``instances`` non-empty groups)."""
+    groups = [keys[i::instances] for i in range(max(1, instances))]
+    return [g for g in groups if g]
 
 
 def _ms(value: Any) -> int | None:
@@ -122,6 +183,8 @@ class TransformRunner:
         self.work_dir = Path(work_dir or self._tmp.name)
         self.seen: set[str] = set()
         self._models: dict[tuple[str, str], Any] = {}
+        self._dirs: set[tuple[str, str]] = set()
+        self.instance_pids: dict[str, set[int]] = {}   # job -> worker processes that ran its files
         self.results: list[dict[str, Any]] = []
         self._delivery: ThreadPoolExecutor | None = None  # set while run() runs in the background
 
@@ -129,12 +192,21 @@ class TransformRunner:
     def model(self, model_name: str) -> Any:
         from batch import inference
 
+        cache_key, model_dir = self.model_dir(model_name)
+        if cache_key not in self._models:
+            log.info("model %s loaded from %s", model_name, cache_key[0])
+            with invoke_lock():  # model_fn creates boto3 clients; handlers may be doing so in another thread
+                self._models[cache_key] = inference.model_fn(str(model_dir))
+        return self._models[cache_key]
+
+    def model_dir(self, model_name: str) -> tuple[tuple[str, str], Path]:
+        """The extracted model.tar.gz of ``model_name`` (downloaded once per artifact)."""
         url = self.sm.describe_model(ModelName=model_name)["PrimaryContainer"]["ModelDataUrl"]
         bucket, key = parse_s3_uri(url)
         etag = self.s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
         cache_key = (url, etag)
-        if cache_key not in self._models:
-            model_dir = self.work_dir / "models" / etag
+        model_dir = self.work_dir / "models" / etag
+        if cache_key not in self._dirs:
             if model_dir.exists():
                 shutil.rmtree(model_dir)
             model_dir.mkdir(parents=True)
@@ -143,10 +215,8 @@ class TransformRunner:
             with tarfile.open(tarball) as tar:
                 tar.extractall(model_dir, filter="data")
             tarball.unlink()
-            log.info("model %s loaded from %s", model_name, url)
-            with invoke_lock():  # model_fn creates boto3 clients; handlers may be doing so in another thread
-                self._models[cache_key] = inference.model_fn(str(model_dir))
-        return self._models[cache_key]
+            self._dirs.add(cache_key)
+        return cache_key, model_dir
 
     # ---- jobs -------------------------------------------------------------------------------
     def pending(self) -> list[str]:
@@ -162,9 +232,6 @@ class TransformRunner:
 
     def execute(self, job: dict[str, Any]) -> int:
         """Run the transform; returns the number of records written."""
-        from batch import inference
-
-        scorer = self.model(job["ModelName"])
         src = job["TransformInput"]["DataSource"]["S3DataSource"]
         if src.get("S3DataType", "S3Prefix") != "S3Prefix":
             raise ValueError(f"S3DataType {src.get('S3DataType')} is not supported by the local runner")
@@ -172,27 +239,34 @@ class TransformRunner:
         keys = [k for k in self._list(in_bucket, prefix) if not k.endswith("/")]
         if not keys:
             raise ValueError(f"no input objects under {src['S3Uri']}")
-        out_bucket, out_prefix = parse_s3_uri(job["TransformOutput"]["S3OutputPath"])
-        if out_prefix and not out_prefix.endswith("/"):
-            out_prefix += "/"
-        content_type = job["TransformInput"].get("ContentType", "application/jsonlines")
-        accept = job["TransformOutput"].get("Accept", "application/jsonlines")
+        instances = min(int((job.get("TransformResources") or {}).get("InstanceCount", 1) or 1), len(keys))
+        if instances <= 1:
+            scorer = self.model(job["ModelName"])
+            return sum(transform_file(self.s3, scorer, job, in_bucket, key) for key in keys)
+        return self._execute_parallel(job, in_bucket, keys, instances)
+
+    def _execute_parallel(self, job: dict[str, Any], in_bucket: str, keys: list[str], instances: int) -> int:
+        """InstanceCount > 1: one worker process per instance, whole files per worker. Processes
+        are spawned (not forked: this process runs server and client threads) and each loads the
+        model once, like an instance's container; CPU threads are shared out between them."""
+        _, model_dir = self.model_dir(job["ModelName"])
+        env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.startswith("DERMSCORE_")
+               or k in ("OMP_WAIT_POLICY",)}
+        env["AWS_ENDPOINT_URL"] = self.stack.endpoint
+        threads = max(1, (os.cpu_count() or 1) // instances)
+        env.setdefault("DERMSCORE_WORKERS", str(max(2, 4 * threads)))
+        groups = assign_files(keys, instances)
+        ctx = multiprocessing.get_context("spawn")
         records = 0
-        for key in keys:
-            lines = self.s3.get_object(Bucket=in_bucket, Key=key)["Body"].read().splitlines()
-            parts: list[str] = []
-            for body in split_payload(lines, int(job.get("MaxPayloadInMB", 6)), job.get("BatchStrategy", "MultiRecord")):
-                data = inference.input_fn(body, content_type)
-                prediction = inference.predict_fn(data, scorer)
-                out = inference.output_fn(prediction, accept)
-                if isinstance(out, tuple):
-                    out = out[0]
-                text = out.decode() if isinstance(out, (bytes, bytearray)) else str(out)
-                parts.append(text.rstrip("\n"))
-                records += len(data)
-            # AssembleWith=Line: each response followed by a newline.
-            self.s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}{posixpath.basename(key)}.out",
-                               Body="".join(p + "\n" for p in parts).encode(), ContentType=accept)
+        pids: set[int] = set()
+        with ProcessPoolExecutor(len(groups), mp_context=ctx, initializer=_init_instance,
+                                 initargs=(str(model_dir), env, threads)) as pool:
+            for pid, n, _ in pool.map(_instance_transform, [job] * len(groups), [in_bucket] * len(groups), groups):
+                records += n
+                pids.add(pid)
+        self.instance_pids[job["TransformJobName"]] = pids
+        log.info("transform job %s: %d files on %d instances (processes %s)", job["TransformJobName"], len(keys),
+                 len(groups), sorted(pids))
         return records
 
     def run_job(self, name: str) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def test_batch_writes_one_manifest_and_starts_one_job(stack) -> None:
     assert name.startswith(f"{stack.job_prefix}-") and len(name) <= 63
     assert job["ModelName"] == stack.model_name
     assert job["TransformInput"]["DataSource"]["S3DataSource"] == {
-        "S3DataType": "S3Prefix", "S3Uri": f"s3://{stack.bucket}/{layout.manifest_key(name)}"}
+        "S3DataType": "S3Prefix", "S3Uri": f"s3://{stack.bucket}/{layout.job_input_prefix(name, 1)}"}
     assert job["TransformInput"]["ContentType"] == "application/jsonlines"
     assert job["TransformInput"]["SplitType"] == "Line"
     assert job["BatchStrategy"] == "MultiRecord"
@@ -71,7 +71,8 @@ def test_batch_writes_one_manifest_and_starts_one_job(stack) -> None:
     assert job["TransformResources"]["InstanceType"] == stack.spec.enqueue_env["TRANSFORM_INSTANCE_TYPE"]
     assert job["ModelClientConfig"]["InvocationsTimeoutInSeconds"] == int(stack.spec.enqueue_env["INVOCATIONS_TIMEOUT_S"])
 
-    body = s3.get_object(Bucket=stack.bucket, Key=layout.manifest_key(name))["Body"].read().decode()
+    assert job["TransformResources"]["InstanceCount"] == 1     # 3 images: one shard, one instance
+    body = s3.get_object(Bucket=stack.bucket, Key=layout.shard_key(name, 0, 1))["Body"].read().decode()
     lines = [json.loads(ln) for ln in body.splitlines()]
     assert [ln["key"] for ln in lines] == sorted(keys)            # decoded keys, sorted
     assert all(ln["bucket"] == stack.bucket and ln["etag"] and ln["size"] > 0 for ln in lines)

@@ -1,0 +1,368 @@
+"""Scale-out (issue 8): manifest shards, InstanceCount, parallel local "instances", throttled
+CreateTransformJob, the batching policy and the capacity model.
+
+The sharded end-to-end test scores ``DERMSCORE_SCALE_IMAGES`` images (default 200 in CI;
+``DERMSCORE_SCALE_IMAGES=1000`` for the issue's full size) with a tiny random model once with
+``InstanceCount=4`` and once with ``InstanceCount=1`` and compares the rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from botocore.exceptions import ClientError
+
+from conftest import preserved_environ, sample_images, unique_name
+from dermscore import layout, sharding
+from dermscore.config import Settings
+
+SCALE_IMAGES = int(os.environ.get("DERMSCORE_SCALE_IMAGES", "200"))
+JOB_COLUMNS = {"job_name", "scored_at", "processing_ms", "bucket"}   # differ between the two runs (job, stack)
+
+
+# --------------------------------------------------------------------------- shard sizing (pure)
+
+@pytest.mark.parametrize(("images", "instances", "min_per_shard", "shards"), [
+    (0, 4, 1, 0),
+    (1, 4, 1, 1),
+    (3, 4, 1, 3),            # never an empty shard
+    (1000, 4, 250, 4),
+    (999, 4, 250, 3),        # 4 shards would be < 250 images each
+    (249, 4, 250, 1),        # below the minimum: still one shard, never zero
+    (10_000, 4, 250, 4),     # one shard per instance
+    (10_000, 100, 250, 40),
+    (1000, 1, 1, 1),
+    (5, 0, 1, 1),            # a nonsensical count is treated as 1
+])
+def test_shard_count(images: int, instances: int, min_per_shard: int, shards: int) -> None:
+    assert sharding.shard_count(images, instances, min_per_shard) == shards
+    if shards:
+        assert sharding.instances_for(shards, instances) <= shards          # no idle instance
+        assert all(s >= min(min_per_shard, images) for s in sharding.shard_sizes(images, shards))
+
+
+@pytest.mark.parametrize(("images", "shards"), [(10, 3), (1000, 4), (7, 7), (1, 1), (10_001, 40)])
+def test_split_is_balanced_contiguous_and_complete(images: int, shards: int) -> None:
+    items = list(range(images))
+    parts = sharding.split(items, shards)
+    assert len(parts) == shards and all(parts)
+    assert [x for p in parts for x in p] == items                           # every item once, in order
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_instances_never_exceed_shards_or_configuration() -> None:
+    assert sharding.instances_for(2, 4) == 2
+    assert sharding.instances_for(4, 4) == 4
+    assert sharding.instances_for(40, 4) == 4
+    assert sharding.instances_for(1, 0) == 1
+
+
+def test_shard_keys_live_under_one_job_prefix() -> None:
+    keys = [layout.shard_key("dermscore-abc", i, 4) for i in range(4)]
+    prefix = layout.job_input_prefix("dermscore-abc", 4)
+    assert prefix.startswith(layout.MANIFESTS) and prefix.endswith("/")
+    assert all(k.startswith(prefix) and k.endswith(".jsonl") for k in keys)
+    assert len({k.rsplit("/", 1)[1] for k in keys}) == 4                    # distinct <name>.out outputs
+    assert keys == sorted(keys)
+    # a different shard count never shares the folder (no stale shards after a settings change)
+    assert not layout.job_input_prefix("dermscore-abc", 2).startswith(prefix)
+
+
+def test_files_are_assigned_whole_to_instances() -> None:
+    from infra.runner import assign_files
+
+    keys = [f"k{i}" for i in range(6)]
+    groups = assign_files(keys, 4)
+    assert len(groups) == 4 and sorted(k for g in groups for k in g) == keys
+    assert assign_files(keys[:2], 4) == [["k0"], ["k1"]]
+
+
+def test_enqueue_request_uses_one_instance_per_shard() -> None:
+    from handlers.enqueue import transform_request
+
+    s = Settings(bucket="bk", instance_count=8)
+    req = transform_request(s, "dermscore-abc", "s3://bk/manifests/dermscore-abc/3-shards/", 3)
+    assert req["TransformResources"]["InstanceCount"] == 3
+    assert req["TransformInput"]["DataSource"]["S3DataSource"] == {
+        "S3DataType": "S3Prefix", "S3Uri": "s3://bk/manifests/dermscore-abc/3-shards/"}
+
+
+# --------------------------------------------------------------------------- throttling, batching (pure)
+
+def test_backoff_grows_is_capped_and_jittered() -> None:
+    rng = random.Random(0)
+    delays = [sharding.backoff_s(n, 60, cap_s=900, jitter=0) for n in range(1, 7)]
+    assert delays == [60, 120, 240, 480, 900, 900]
+    jittered = {sharding.backoff_s(1, 100, jitter=0.2, rng=rng) for _ in range(50)}
+    assert len(jittered) > 1 and all(80 <= d <= 120 for d in jittered)
+
+
+def test_quota_named_in_service_quotas_words() -> None:
+    assert sharding.quota_name("ml.g4dn.xlarge", "ResourceLimitExceeded",
+                               "The account-level service limit 'ml.g4dn.xlarge for transform job usage' is 0 "
+                               "Instances") == "ml.g4dn.xlarge for transform job usage"
+    assert "throttling" in sharding.quota_name("ml.g4dn.xlarge", "ThrottlingException").lower()
+    assert sharding.is_retryable_create_error("ThrottlingException")
+    assert sharding.is_retryable_create_error("ResourceLimitExceeded")
+    assert not sharding.is_retryable_create_error("ValidationException")
+
+
+@pytest.mark.parametrize(("images", "age", "receives", "defer"), [
+    (50, 10, 1, True),        # small and young: wait for more
+    (500, 10, 1, False),      # big enough
+    (50, 900, 1, False),      # waited long enough: run it small
+    (50, 10, 3, False),       # receives 3 + 2 reserved = maxReceiveCount 5: keep them for real failures
+    (50, 10, 2, True),
+    (0, 10, 1, False),
+])
+def test_batching_policy(images: int, age: float, receives: int, defer: bool) -> None:
+    assert sharding.should_defer(images, age, receives, min_images_per_job=500, max_job_wait_s=900,
+                                 max_receive_count=5) is defer
+
+
+def test_batching_policy_off_by_default() -> None:
+    s = Settings(bucket="b")
+    assert not sharding.should_defer(1, 0, 1, min_images_per_job=s.min_images_per_job,
+                                     max_job_wait_s=s.max_job_wait_s, max_receive_count=s.max_receive_count)
+    assert sharding.defer_delay_s(850, 900, 60) == 50 and sharding.defer_delay_s(0, 900, 60) == 60
+
+
+# --------------------------------------------------------------------------- on the local stack
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random EfficientNet-Lite0 at 32x32: plumbing only."""
+    from batch.model import ModelMeta, build_network, save
+
+    model_dir = tmp_path_factory.mktemp("scale-model")
+    save(build_network("efficientnet_lite0"),
+         ModelMeta(name="t", version="0", arch="efficientnet_lite0", input_size=(32, 32)), model_dir)
+    return model_dir
+
+
+def make_pipeline(endpoint: str, model_dir: Path, **overrides: Any):
+    from infra.local import LocalPipeline
+
+    name = unique_name()
+    return LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=endpoint,
+                         batching_window_s=0.5, visibility_timeout=30,
+                         overrides={"ModelName": f"{name}-model", **overrides})
+
+
+def upload_copies(p, files: list[Path], n: int, prefix: str) -> list[str]:
+    """``n`` uploads of the real sample images, reused under distinct keys."""
+    s3 = p.s3
+    keys = []
+    for i in range(n):
+        f = files[i % len(files)]
+        key = f"{prefix}{i:05d}-{f.name}"
+        s3.put_object(Bucket=p.stack.bucket, Key=key, Body=f.read_bytes())
+        keys.append(key)
+    return keys
+
+
+def receive_all(p, expected: int, timeout_s: float = 60) -> list[dict[str, Any]]:
+    """Every message now on the queue, so that one enqueue batch holds them all."""
+    messages: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(messages) < expected and time.monotonic() < deadline:
+        for m in p.poller.receive(window_s=0.2):
+            messages[m["MessageId"]] = m
+    assert len(messages) == expected, f"{len(messages)} of {expected} messages arrived"
+    return list(messages.values())
+
+
+def prediction_rows(p) -> list[dict[str, Any]]:
+    s3 = p.s3
+    rows = []
+    for key in p.stack.list_keys(layout.PREDICTIONS):
+        rows += pq.read_table(io.BytesIO(s3.get_object(Bucket=p.stack.bucket, Key=key)["Body"].read())).to_pylist()
+    return rows
+
+
+def score_in_one_batch(endpoint: str, model_dir: Path, files: list[Path], instances: int):
+    p = make_pipeline(endpoint, model_dir, TransformInstanceCount=instances, MinImagesPerShard=10)
+    keys = upload_copies(p, files, SCALE_IMAGES, "incoming/scale/")
+    result = p.poller.dispatch(receive_all(p, SCALE_IMAGES + 1))     # + the s3:TestEvent
+    assert result.failed == [] and result.error is None
+    ran = p.runner.run_pending()
+    assert [r["status"] for r in ran] == ["Completed"], ran
+    return p, keys, ran[0]["job_name"]
+
+
+def test_sharded_job_scores_every_image_once_like_one_instance(moto_endpoint: str, small_model: Path) -> None:
+    from infra.stack import use_endpoint
+
+    files = sample_images(50)
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        t0 = time.perf_counter()
+        p4, keys, job4 = score_in_one_batch(moto_endpoint, small_model, files, 4)
+        t4 = time.perf_counter() - t0
+        p1, keys1, job1 = score_in_one_batch(moto_endpoint, small_model, files, 1)
+        t1 = time.perf_counter() - t0 - t4
+        try:
+            sm = p4.stack.client("sagemaker")
+            job = sm.describe_transform_job(TransformJobName=job4)
+            assert job["TransformResources"]["InstanceCount"] == 4
+            prefix = layout.job_input_prefix(job4, 4)
+            assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{p4.stack.bucket}/{prefix}"
+            shards = p4.stack.list_keys(prefix)
+            assert shards == [layout.shard_key(job4, i, 4) for i in range(4)]
+            s3 = p4.s3
+            lines = [[json.loads(ln)["key"] for ln in
+                      s3.get_object(Bucket=p4.stack.bucket, Key=k)["Body"].read().decode().splitlines()]
+                     for k in shards]
+            assert sorted(k for part in lines for k in part) == sorted(keys)      # each image in one shard
+            assert max(map(len, lines)) - min(map(len, lines)) <= 1
+            outs = sorted(p4.stack.list_keys(layout.transform_output_prefix(job4)))
+            assert [o.rsplit("/", 1)[1] for o in outs] == [k.rsplit("/", 1)[1] + ".out" for k in shards]
+            assert len(p4.runner.instance_pids[job4]) == 4                       # four worker processes
+
+            p1_job = p1.stack.client("sagemaker").describe_transform_job(TransformJobName=job1)
+            assert p1_job["TransformResources"]["InstanceCount"] == 1
+            assert len(p1.stack.list_keys(layout.job_input_prefix(job1, 1))) == 1
+
+            rows4, rows1 = prediction_rows(p4), prediction_rows(p1)
+            assert len(rows4) == len({r["image_key"] for r in rows4}) == SCALE_IMAGES   # all scored, once
+            assert {r["job_name"] for r in rows4} == {job4}
+            by_key1 = {r["image_key"]: r for r in rows1}
+            assert sorted(by_key1) == sorted(r["image_key"] for r in rows4) == sorted(keys)
+            for r4 in rows4:
+                r1 = by_key1[r4["image_key"]]
+                for col, v in r4.items():
+                    if col in JOB_COLUMNS:
+                        continue
+                    if isinstance(v, float):
+                        assert v == pytest.approx(r1[col], abs=1e-5), (col, r4["image_key"])
+                    else:
+                        assert v == r1[col], (col, r4["image_key"])
+            assert p4.stack.queue_depth() == {"visible": 0, "in_flight": 0}
+            assert not p4.stack.list_keys(layout.FAILURES) and not p1.stack.list_keys(layout.FAILURES)
+            print(f"\n{SCALE_IMAGES} images: InstanceCount=4 {t4:.1f}s (incl. 4 process start-ups), "
+                  f"InstanceCount=1 {t1:.1f}s")
+        finally:
+            p4.close()
+            p1.close()
+
+
+class RefusingSageMaker:
+    """The real (moto) client, but CreateTransformJob first fails with the given error codes."""
+
+    def __init__(self, client, codes: list[str]) -> None:
+        self._client, self.codes, self.calls = client, list(codes), 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def create_transform_job(self, **kwargs):
+        self.calls += 1
+        if self.codes:
+            code = self.codes.pop(0)
+            message = ("The account-level service limit 'ml.g4dn.xlarge for transform job usage' is 0 Instances, "
+                       "with current utilization of 0 Instances and a request delta of 1 Instances."
+                       if code == "ResourceLimitExceeded" else "Rate exceeded")
+            raise ClientError({"Error": {"Code": code, "Message": message}}, "CreateTransformJob")
+        return self._client.create_transform_job(**kwargs)
+
+
+def test_refused_create_returns_the_batch_and_succeeds_later(moto_endpoint: str, small_model: Path,
+                                                              monkeypatch, caplog) -> None:
+    from handlers import enqueue
+    from infra.stack import use_endpoint
+
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        with make_pipeline(moto_endpoint, small_model, ThrottleBackoffSeconds=1) as p:
+            refusing = RefusingSageMaker(p.stack.client("sagemaker"), ["ResourceLimitExceeded", "ThrottlingException"])
+            monkeypatch.setattr(enqueue, "sagemaker_client", lambda: refusing)
+            keys = p.upload(sample_images(6), "incoming/throttle/")
+
+            first = p.poller.dispatch(receive_all(p, 7))
+            assert len(first.failed) == 6                       # the 6 images back to the queue, not the test event
+            assert p.runner.pending() == []                     # no job yet
+            # the structured fields (Powertools' JSON keys) of the one warning that names the quota
+            refusal = next(r for r in caplog.records if getattr(r, "error_code", None) == "ResourceLimitExceeded")
+            assert refusal.quota_to_raise == "ml.g4dn.xlarge for transform job usage"
+            assert "ml.g4dn.xlarge for transform job usage" in refusal.getMessage()
+            assert refusal.levelname == "WARNING" and refusal.images == 6 and refusal.retry_in_s >= 1
+            assert p.stack.queue_depth()["in_flight"] == 6     # invisible for the back-off, not deleted
+
+            p.drain(timeout_s=90)                               # throttled once more, then created
+            assert refusing.calls == 3
+            assert [r["status"] for r in p.runner.results] == ["Completed"]
+            assert sorted(r["image_key"] for r in prediction_rows(p)) == sorted(keys)
+            assert p.stack.queue_depth() == {"visible": 0, "in_flight": 0}
+            assert p.stack.queue_depth(dlq=True)["visible"] == 0
+
+
+def test_small_batch_waits_then_runs(moto_endpoint: str, small_model: Path) -> None:
+    """MinImagesPerJob: a young, small batch goes back to the queue; once it is older than
+    MaxJobWaitSeconds it runs anyway; nothing reaches the DLQ."""
+    from infra.stack import use_endpoint
+
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        with make_pipeline(moto_endpoint, small_model, MinImagesPerJob=100, MaxJobWaitSeconds=3,
+                           ThrottleBackoffSeconds=1) as p:
+            keys = p.upload(sample_images(3), "incoming/small/")
+            first = p.poller.dispatch(receive_all(p, 4))
+            assert len(first.failed) == 3 and p.runner.pending() == []
+            p.drain(timeout_s=60)
+            assert [r["status"] for r in p.runner.results] == ["Completed"]
+            assert sorted(r["image_key"] for r in prediction_rows(p)) == sorted(keys)
+            assert p.stack.queue_depth(dlq=True)["visible"] == 0
+
+
+# --------------------------------------------------------------------------- capacity model
+
+def test_plan_cost_arithmetic_by_hand() -> None:
+    from infra.plan import plan
+
+    # 1M images/day at 11.57 images/s: a 300 s window would gather 3,472, the cap is 3,000.
+    p = plan(1_000_000, usd_per_hour=0.736, images_per_second=500, startup_minutes=6, window_s=300,
+             batch_cap=3000, instance_count=1)
+    assert p.images_per_job == 3000 and p.jobs_per_day == pytest.approx(333.33, rel=1e-3)
+    job_h = (6 * 60 + 3000 / 500) / 3600
+    assert p.instance_hours_per_day == pytest.approx(1_000_000 / 3000 * job_h)
+    assert p.usd_per_million == pytest.approx(1_000_000 / 3000 * job_h * 0.736)
+    assert p.usd_per_million_ideal == pytest.approx(0.736 / 3600 / 500 * 1e6)
+    assert p.startup_share > 0.95                    # small jobs: the start-up is the bill
+
+
+def test_plan_shards_big_jobs_and_keeps_small_ones_on_one_instance() -> None:
+    from infra.plan import plan
+
+    kw = dict(usd_per_hour=0.736, images_per_second=500, startup_minutes=6, max_instances=8)
+    small = plan(1_000_000, **kw)
+    big = plan(100_000_000, **kw, batch_cap=1_000_000, min_images_per_job=1_000_000, max_job_wait_s=21_600)
+    assert small.instances_per_job == 1
+    assert 1 < big.instances_per_job <= 8 and big.shards_per_job == big.instances_per_job
+    assert big.usd_per_million < small.usd_per_million
+    # the batching policy trades latency for cost at low volume
+    quick = plan(10_000, **kw)
+    patient = plan(10_000, **kw, min_images_per_job=3000, max_job_wait_s=3600)
+    assert patient.usd_per_day < quick.usd_per_day and patient.latency_s > quick.latency_s
+
+
+def test_plan_command_prints_the_three_volumes(capsys) -> None:
+    from dermscore.cli import main
+
+    assert main(["plan", "--instance", "ml.g4dn.xlarge"]) == 0
+    out = capsys.readouterr().out
+    assert "assumption" in out and "$/1M images" in out
+    assert all(v in out for v in ("10k", "1M", "100M"))
+    assert main(["plan", "--images-per-day", "5000", "--instance", "ml.c5.xlarge", "--usd-per-hour", "0.2",
+                 "--images-per-second", "40", "--startup-minutes", "4", "--markdown"]) == 0
+    assert "| 5k |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["plan", "--instance", "ml.p3.2xlarge"])
