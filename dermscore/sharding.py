@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from typing import Sequence, TypeVar
 
 T = TypeVar("T")
@@ -70,11 +71,15 @@ def is_retryable_create_error(code: str) -> bool:
 
 
 def quota_name(instance_type: str, code: str, message: str = "") -> str:
-    """The Service Quotas entry (Amazon SageMaker) to raise for a CreateTransformJob refusal."""
+    """The Service Quotas entry (Amazon SageMaker) to raise for a CreateTransformJob refusal.
+
+    SageMaker quotes the limit in its message ("The account-level service limit
+    'ml.g4dn.xlarge for transform job usage' is 0 Instances, ..."): that name wins; otherwise
+    the instance quota of the configured type, the usual culprit on new accounts.
+    """
     if code == QUOTA:
-        if "concurrent" in message.lower() or "number of transform jobs" in message.lower():
-            return "Number of concurrent transform jobs"   # hypothetical wording, see the message
-        return f"{instance_type} for transform job usage"
+        quoted = re.search(r"limit '([^']+)'", message) or re.search(r"'([^']+)'", message)
+        return quoted.group(1) if quoted else f"{instance_type} for transform job usage"
     return "CreateTransformJob request rate (API throttling; retried with back-off)"
 
 

@@ -110,6 +110,11 @@ def test_quota_named_in_service_quotas_words() -> None:
     assert sharding.quota_name("ml.g4dn.xlarge", "ResourceLimitExceeded",
                                "The account-level service limit 'ml.g4dn.xlarge for transform job usage' is 0 "
                                "Instances") == "ml.g4dn.xlarge for transform job usage"
+    assert sharding.quota_name("ml.g4dn.xlarge", "ResourceLimitExceeded", "limit exceeded") == \
+        "ml.g4dn.xlarge for transform job usage"                     # nothing quoted: the instance quota
+    assert sharding.quota_name("ml.g4dn.xlarge", "ResourceLimitExceeded",
+                               "The account-level service limit 'Number of concurrent transform jobs' is 4 "
+                               "Jobs") == "Number of concurrent transform jobs"
     assert "throttling" in sharding.quota_name("ml.g4dn.xlarge", "ThrottlingException").lower()
     assert sharding.is_retryable_create_error("ThrottlingException")
     assert sharding.is_retryable_create_error("ResourceLimitExceeded")
