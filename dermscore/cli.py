@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("infra.serve", "keep the local stack running; drop images into s3://<bucket>/incoming/"),
     "report": ("infra.report", "HTML report (classes, risk histogram, top-risk thumbnails, failures, throughput) + results.csv"),
     "query": ("infra.query", 'SQL (DuckDB, Athena-compatible) over exported results: query "SELECT ..."'),
+    "redrive": ("infra.redrive", "move the dead-letter queue's messages back to the images queue"),
     "publish-model": ("infra.deploy", "upload model.tar.gz to the stack's bucket; print the sam deploy parameters"),
     "bench": ("batch.bench", "throughput benchmark: model forward vs end-to-end pipeline vs seed style; memory"),
     "plan": ("infra.plan", "capacity model: instances, jobs/day, latency and $ per million images per daily volume"),

@@ -28,6 +28,10 @@ class Settings:
     max_job_wait_s: int = 900                 # the oldest image of a batch waits at most this long
     max_receive_count: int = 5                # the queue's redrive maxReceiveCount (deferral budget)
     throttle_backoff_s: int = 60              # first back-off after a throttled/quota-refused create
+    # Reliability (docs/reliability.md): where collect re-queues the images of a failed job, and
+    # how many transform attempts an image gets before it becomes a failure row.
+    queue_url: str = ""
+    max_job_attempts: int = 3
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -46,4 +50,6 @@ class Settings:
             max_job_wait_s=int(e.get("MAX_JOB_WAIT_S", cls.max_job_wait_s)),
             max_receive_count=int(e.get("MAX_RECEIVE_COUNT", cls.max_receive_count)),
             throttle_backoff_s=int(e.get("THROTTLE_BACKOFF_S", cls.throttle_backoff_s)),
+            queue_url=e.get("QUEUE_URL", cls.queue_url),
+            max_job_attempts=int(e.get("MAX_JOB_ATTEMPTS", cls.max_job_attempts)),
         )

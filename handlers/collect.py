@@ -8,11 +8,14 @@ On ``Completed``::
       -> results/images/<key without incoming/>.json       one document per image
       -> results/failures/dt=<date>/<job>-transform.parquet error lines (stage "transform")
 
-On ``Failed`` / ``Stopped`` every image of the manifest gets a failure row carrying the
-job's FailureReason (``<job>-job.parquet``).
+On ``Failed`` / ``Stopped`` the job's images go back to the queue as a new attempt
+(``attempt + 1``, at most ``MAX_JOB_ATTEMPTS`` attempts in all); after the last attempt every
+image gets a failure row carrying the job's FailureReason (``<job>-job.parquet``).
 
 File names derive from the job name and the date from the job's end time, so a repeated
-event overwrites the same objects instead of adding rows.
+event overwrites the same objects instead of adding rows; rows are written only for images
+whose claim names this job (``handlers.idempotency``), so an image two jobs scored (a
+duplicate that raced) still gets one row.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ import json
 import posixpath
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote_plus
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
 
 from dermscore import layout, results
 from dermscore.config import Settings
-from handlers.common import dt_of, parse_s3_uri, put_json, put_parquet, s3_client, write_failures
+from handlers import idempotency
+from handlers.common import dt_of, parse_s3_uri, put_json, put_parquet, s3_client, sqs_client, write_failures
 
 logger = Logger(service="dermscore-collect")
 
@@ -100,8 +105,12 @@ def collect_completed(s3, settings: Settings, detail: dict[str, Any], when: date
             out_lines = read_lines(s3, out_bucket, out_key)
         except s3.exceptions.NoSuchKey:
             out_lines = []
-        for item, line in join(items, out_lines):
-            if line is None:
+        owners = idempotency.settle(s3, settings.bucket, items, job)
+        for (item, line), owner in zip(join(items, out_lines), owners):
+            if owner != job:
+                logger.info("image owned by another job; no row from this one",
+                            extra={"job_name": job, "image_key": item["key"], "owner": owner})
+            elif line is None:
                 failures.append(results.failure_row(item["bucket"], item["key"], item.get("etag", ""), "collect",
                                                     MISSING_OUTPUT, f"no output line in {out_key}", job, when))
             elif line.get("status") == "ok":
@@ -124,16 +133,48 @@ def collect_failed(s3, settings: Settings, detail: dict[str, Any], when: datetim
     status = detail["TransformJobStatus"]
     reason = JOB_STOPPED if status == "Stopped" else JOB_FAILED
     why = detail.get("FailureReason") or f"transform job {status.lower()}"
-    failures = []
-    for in_bucket, in_key in input_files(s3, detail):
-        for ln in read_lines(s3, in_bucket, in_key):
-            item = json.loads(ln)
-            failures.append(results.failure_row(item["bucket"], item["key"], item.get("etag", ""), "transform",
-                                                reason, why, job, when))
+    items = [json.loads(ln) for in_bucket, in_key in input_files(s3, detail) for ln in read_lines(s3, in_bucket, in_key)]
+    owned = [it for it, o in zip(items, idempotency.settle(s3, settings.bucket, items, job)) if o == job]
+    retry = [it for it in owned if int(it.get("attempt", 0)) + 1 < settings.max_job_attempts and settings.queue_url]
+    last = [it for it in owned if not (int(it.get("attempt", 0)) + 1 < settings.max_job_attempts and settings.queue_url)]
+    requeue(settings, retry, job, why, when)
+    failures = [results.failure_row(it["bucket"], it["key"], it.get("etag", ""), "transform", reason, why, job, when)
+                for it in last]
     write_failures(s3, settings.bucket, dt_of(when), f"{job}-job", failures)
     logger.error("transform job did not complete", extra={"job_name": job, "status": status, "reason": why,
-                                                          "images": len(failures)})
-    return {"scored": 0, "failed": len(failures)}
+                                                          "requeued": len(retry), "images": len(failures)})
+    return {"scored": 0, "failed": len(failures), "requeued": len(retry)}
+
+
+def retry_record(item: dict[str, Any], job: str, why: str, when: datetime) -> dict[str, Any]:
+    """An S3 ObjectCreated record (the shape enqueue reads) for the next attempt of ``item``."""
+    return {"eventVersion": "2.1", "eventSource": "dermscore:collect", "eventName": "ObjectCreated:Retry",
+            "eventTime": when.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+            "s3": {"bucket": {"name": item["bucket"]},
+                   "object": {"key": quote_plus(item["key"], safe=""), "size": item.get("size", 0),
+                              "eTag": item.get("etag", "")}},
+            "dermscore": {"attempt": int(item.get("attempt", 0)) + 1, "retryOf": job, "reason": why[:500]}}
+
+
+def requeue(settings: Settings, items: list[dict[str, Any]], job: str, why: str, when: datetime,
+            sqs=None) -> int:
+    """Send the images of a failed job back to the images queue, one message per image.
+
+    A repeated event sends them again; enqueue admits each (upload, attempt) once (its claim).
+    A send that fails raises: Lambda retries the event, and nothing was written yet for them.
+    """
+    if not items:
+        return 0
+    sqs = sqs or sqs_client()
+    for i in range(0, len(items), 10):
+        chunk = items[i:i + 10]
+        resp = sqs.send_message_batch(QueueUrl=settings.queue_url, Entries=[
+            {"Id": str(j), "MessageBody": json.dumps({"Records": [retry_record(it, job, why, when)]})}
+            for j, it in enumerate(chunk)])
+        if resp.get("Failed"):
+            raise RuntimeError(f"could not re-queue {len(resp['Failed'])} images of {job}: {resp['Failed'][:1]}")
+    logger.warning("images of a failed transform job re-queued", extra={"job_name": job, "images": len(items)})
+    return len(items)
 
 
 def handle(event: EventBridgeEvent, settings: Settings | None = None, s3=None) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from botocore.exceptions import ClientError
 
 from dermscore import imaging, layout, results, sharding
 from dermscore.config import Settings
+from handlers import idempotency
 from handlers.common import dt_of, s3_client, sagemaker_client, sqs_client, write_failures
 
 logger = Logger(service="dermscore-enqueue")
@@ -51,10 +52,13 @@ class Item:
     key: str
     etag: str
     size: int
+    attempt: int = 0   # > 0: re-queued after its transform job failed (handlers.collect.requeue)
 
     def line(self) -> str:
-        return json.dumps({"bucket": self.bucket, "key": self.key, "etag": self.etag, "size": self.size},
-                          ensure_ascii=False, sort_keys=True)
+        fields = {"bucket": self.bucket, "key": self.key, "etag": self.etag, "size": self.size}
+        if self.attempt:
+            fields["attempt"] = self.attempt
+        return json.dumps(fields, ensure_ascii=False, sort_keys=True)
 
 
 @dataclass
@@ -133,11 +137,13 @@ def _event_time(record: dict[str, Any]) -> datetime:
 
 
 def examine(s3, record: dict[str, Any]) -> tuple[Item | None, dict[str, Any] | None]:
-    """One S3 event record -> a valid Item or a failure row (never both, never neither)."""
+    """One S3 event record -> a valid Item or a failure row (never both; neither only for a
+    duplicate event of a deleted upload that a job already owns)."""
     bucket = record["s3"]["bucket"]["name"]
     obj = record["s3"]["object"]
     key = layout.decode_event_key(obj["key"])
     etag = str(obj.get("eTag") or obj.get("etag") or "").strip('"')
+    attempt = int((record.get("dermscore") or {}).get("attempt", 0) or 0)  # re-queued by collect
     when = _event_time(record)
 
     def fail(reason: str, detail: str) -> tuple[None, dict[str, Any]]:
@@ -151,15 +157,21 @@ def examine(s3, record: dict[str, Any]) -> tuple[Item | None, dict[str, Any] | N
         head = s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if etag and idempotency.owner(s3, bucket, Item(bucket, key, etag, 0, attempt)):
+                return None, None  # a late duplicate: its job owns the outcome
             return fail(imaging.READ_ERROR, "object no longer exists")
         raise  # transient: the record fails and SQS redelivers it
-    etag = str(head.get("ETag", etag)).strip('"')
+    current = str(head.get("ETag", "")).strip('"')
+    if etag and current and etag != current:
+        # The key was uploaded again since this event: that upload has its own event (and row).
+        return fail(imaging.SUPERSEDED, f"uploaded again (etag {current}) before this upload was scored")
+    etag = current or etag
     size = int(head.get("ContentLength", obj.get("size", 0)))
     try:
         imaging.check_size(size)
     except imaging.ImageRejected as exc:
         return fail(exc.reason, exc.detail)
-    return Item(bucket, key, etag, size), None
+    return Item(bucket, key, etag, size, attempt), None
 
 
 def make_record_handler(batch: Batch, s3):
@@ -210,6 +222,9 @@ def submit(settings: Settings, items: list[Item], s3=None, sm=None) -> str | Non
                       Body=manifest_text(part).encode(), ContentType=MANIFEST_CONTENT_TYPE)
     key = layout.job_input_prefix(name, shards)
     instances = sharding.instances_for(shards, settings.instance_count)
+    # Manifest first, then the claims, then the job: a claim always names a job that exists or
+    # can be submitted again from its manifest (handlers.idempotency).
+    claim_manifest(settings, s3, unique, name)
     try:
         sm.create_transform_job(**transform_request(settings, name, f"s3://{settings.bucket}/{key}", instances))
     except ClientError as exc:
@@ -223,21 +238,48 @@ def submit(settings: Settings, items: list[Item], s3=None, sm=None) -> str | Non
     return name
 
 
+def claim_manifest(settings: Settings, s3, items: list[Item], name: str) -> None:
+    """Claim the manifest's uploads for job ``name`` (a duplicate that raced us keeps its owner;
+    collect then writes its row from that owner only)."""
+    owners = idempotency.claim_all(s3, settings.bucket, items, name)
+    lost = sum(1 for o in owners if o != name)
+    if lost:
+        logger.warning("uploads claimed by another job meanwhile; their rows come from that job",
+                       extra={"job_name": name, "images": lost})
+
+
+def admit(settings: Settings, items: list[Item], s3, sm) -> list[Item]:
+    """The items no transform job owns yet (duplicates dropped); first re-submits any job whose
+    images were claimed by an invocation that died before CreateTransformJob."""
+    def resubmit(job: str) -> bool:
+        lines = idempotency.read_manifest(s3, settings.bucket, job)
+        if not lines:
+            return False
+        again = submit(settings, [Item(ln["bucket"], ln["key"], ln["etag"], int(ln.get("size", 0)),
+                                       int(ln.get("attempt", 0))) for ln in lines], s3=s3, sm=sm)
+        logger.warning("re-submitted a job whose submitter died after claiming its images",
+                       extra={"job_name": job, "images": len(lines), "resubmitted_as": again})
+        return again == job
+
+    fresh, counts = idempotency.admit(s3, settings.bucket, items, lambda job: job_exists(sm, job), resubmit)
+    if counts["duplicates"]:
+        logger.info("duplicate deliveries dropped: their uploads are owned by a job", extra=counts)
+    return fresh
+
+
 def write_enqueue_failures(s3, bucket: str, failures: list[dict[str, Any]]) -> list[str]:
-    """Failure rows grouped by event date, one deterministic file per (date, content)."""
-    by_dt: dict[str, list[dict[str, Any]]] = {}
+    """One deterministic file per rejected upload (bucket, key, etag), in its event's date
+    partition: a duplicate event in any later batch overwrites the same file, never adds a row."""
+    keys = []
     for f in failures:
         row = dict(f)
         row.pop("_message", None)
-        by_dt.setdefault(row.pop("_dt", dt_of(row["failed_at"])), []).append(row)
-    keys = []
-    for dt, rows in sorted(by_dt.items()):
-        unique = {(r["bucket"], r["image_key"], r["etag"], r["reason"]): r for r in rows}
-        rows = [unique[k] for k in sorted(unique)]
-        name = "enqueue-" + layout.content_digest(*("\t".join(k) for k in sorted(unique)))
-        keys.append(write_failures(s3, bucket, dt, name, rows))
-        logger.warning("images rejected before scoring", extra={"failures": len(rows), "dt": dt})
-    return keys
+        dt = row.pop("_dt", dt_of(row["failed_at"]))
+        name = "enqueue-" + layout.content_digest(row["bucket"], row["image_key"], row["etag"])
+        keys.append(write_failures(s3, bucket, dt, name, [row]))
+    if failures:
+        logger.warning("images rejected before scoring", extra={"failures": len(failures)})
+    return sorted(set(keys))
 
 
 # --- returning a batch to the queue (quota, throttling, batching policy) ------------------------
@@ -331,7 +373,8 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
     try:
         write_enqueue_failures(s3, settings.bucket, _failures_not_returned(batch))
-        submit(settings, batch.items, s3=s3)
+        sm = sagemaker_client()
+        submit(settings, admit(settings, batch.items, s3, sm), s3=s3, sm=sm)   # duplicates dropped
     except ClientError as exc:
         err = exc.response.get("Error", {})
         code, message = str(err.get("Code", "")), str(err.get("Message", ""))

@@ -94,8 +94,28 @@ def test_repeated_event_overwrites_instead_of_duplicating(job) -> None:
     assert len(parquet_rows(stack, layout.FAILURES)) == 1
 
 
+def test_failed_job_requeues_its_images_as_the_next_attempt(job) -> None:
+    stack, name, items, request = job
+    event = state_change_event(request, "Failed", "AlgorithmError: boom", ENDED, ENDED)
+    assert stack.invoke("collect", event)["requeued"] == 3
+    stack.invoke("collect", event)      # EventBridge repeats: sent again, enqueue admits each attempt once
+    assert stack.list_keys("results/") == []
+    sqs = stack.client("sqs")
+    bodies = []
+    while msgs := sqs.receive_message(QueueUrl=stack.queue_url, MaxNumberOfMessages=10).get("Messages"):
+        bodies += [json.loads(m["Body"]) for m in msgs]
+    records = [r for b in bodies for r in b.get("Records", [])]   # (the queue's s3:TestEvent has none)
+    assert len(records) == 6 and all(r["eventName"].startswith("ObjectCreated") for r in records)
+    assert {(layout.decode_event_key(r["s3"]["object"]["key"]), r["s3"]["object"]["eTag"], r["dermscore"]["attempt"])
+            for r in records} == {(it["key"], it["etag"], 1) for it in items}
+    assert {r["dermscore"]["retryOf"] for r in records} == {name}
+
+
 def test_failed_job_gives_every_image_a_failure_row(job) -> None:
     stack, name, items, request = job
+    last = int(stack.spec.collect_env["MAX_JOB_ATTEMPTS"]) - 1   # the images' final attempt
+    stack.client("s3").put_object(Bucket=stack.bucket, Key=layout.manifest_key(name), Body="".join(
+        json.dumps({**it, "attempt": last}) + "\n" for it in items).encode())
     out = stack.invoke("collect", state_change_event(request, "Failed", "AlgorithmError: boom", ENDED, ENDED))
     assert out["failed"] == 3 and out["scored"] == 0
     assert stack.list_keys(layout.PREDICTIONS) == []

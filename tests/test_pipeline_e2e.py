@@ -121,7 +121,8 @@ def test_redelivered_batch_and_repeated_event_add_no_rows(moto_endpoint, tiny_mo
 
 
 def test_failed_transform_job_gives_failure_rows(moto_endpoint, tmp_path) -> None:
-    """No model registered: the runner fails the job and every image gets a failure row."""
+    """No model registered: every attempt fails (the images are re-queued MAX_JOB_ATTEMPTS - 1
+    times), then every image gets one failure row with the job's reason."""
     from infra.stack import use_endpoint
 
     with preserved_environ():
@@ -129,7 +130,8 @@ def test_failed_transform_job_gives_failure_rows(moto_endpoint, tmp_path) -> Non
         with make_pipeline(moto_endpoint, None) as p:
             p.upload(sample_images(2), "incoming/fail/")
             p.drain(timeout_s=60)
-            assert [r["status"] for r in p.runner.results] == ["Failed"]
+            attempts = int(p.stack.spec.collect_env["MAX_JOB_ATTEMPTS"])
+            assert [r["status"] for r in p.runner.results] == ["Failed"] * attempts
             p.export(tmp_path)
     _, rows = run_query("SELECT image_key, stage, reason, detail FROM failures ORDER BY 1", tmp_path)
     assert [(r[1], r[2]) for r in rows] == [("transform", "job_failed")] * 2

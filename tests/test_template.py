@@ -305,9 +305,10 @@ def test_s3_access_is_scoped_to_prefixes(template):
     sm = res["TransformRole"]
     assert _s3_prefixes(sm, {"s3:GetObject"}) == {layout.INCOMING, layout.MANIFESTS, "models/"}
     assert _s3_prefixes(sm, {"s3:PutObject"}) == {layout.TRANSFORM_OUTPUT}
-    assert _s3_prefixes(res["EnqueueRole"], {"s3:GetObject"}) == {layout.INCOMING}
-    assert _s3_prefixes(res["EnqueueRole"], {"s3:PutObject"}) == {layout.MANIFESTS, layout.FAILURES}
-    assert _s3_prefixes(res["CollectRole"], {"s3:PutObject"}) == {layout.PREDICTIONS, layout.IMAGES, layout.FAILURES}
+    assert _s3_prefixes(res["EnqueueRole"], {"s3:GetObject"}) == {layout.INCOMING, layout.CLAIMS, layout.MANIFESTS}
+    assert _s3_prefixes(res["EnqueueRole"], {"s3:PutObject"}) == {layout.MANIFESTS, layout.CLAIMS, layout.FAILURES}
+    assert _s3_prefixes(res["CollectRole"], {"s3:PutObject"}) == {layout.PREDICTIONS, layout.IMAGES, layout.FAILURES,
+                                                                  layout.CLAIMS}
     assert layout.INCOMING not in _s3_prefixes(res["CollectRole"], {"s3:GetObject"})
 
 
@@ -319,6 +320,25 @@ def test_sagemaker_rights_are_for_this_stacks_jobs(template, resolver):
                     f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{STACK}-*"
                 # CreateTransformJob takes no role (the Model has it): no iam:PassRole needed
                 assert not any(a.startswith("iam:") for a in as_list(s["Action"]))
+
+
+def test_reliability_wiring(template, resolver):
+    """Failed jobs re-queue into the images queue only; claims outlive every duplicate."""
+    res = template["Resources"]
+    for fn in ("EnqueueFunction", "CollectFunction"):
+        env = res[fn]["Properties"]["Environment"]["Variables"]
+        assert env["QUEUE_URL"] == {"Ref": "ImagesQueue"} and env["MAX_JOB_ATTEMPTS"] == {"Ref": "MaxJobAttempts"}
+    sends = [s for s in statements(res["CollectRole"]["Properties"]["Policies"][0]["PolicyDocument"])
+             if "sqs:SendMessage" in as_list(s["Action"])]
+    assert sorted(json.dumps(s["Resource"]) for s in sends) == sorted(json.dumps({"Fn::GetAtt": [q, "Arn"]})
+                                                                       for q in ("ImagesQueue", "CollectFailedEventsQueue"))
+    rules = res["ImagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    (claims,) = [r for r in rules if r.get("Prefix") == layout.CLAIMS]
+    assert claims["ExpirationInDays"] == {"Ref": "ClaimRetentionDays"}
+    retention = res["ImagesQueue"]["Properties"]["MessageRetentionPeriod"] + \
+        res["ImagesDeadLetterQueue"]["Properties"]["MessageRetentionPeriod"]
+    assert template["Parameters"]["ClaimRetentionDays"]["MinValue"] * 86400 > retention
+    assert template["Parameters"]["MaxJobAttempts"]["MinValue"] >= 1
 
 
 def test_bucket_policies_deny_insecure_transport(template):

@@ -1,0 +1,312 @@
+"""Fault suite (issue 6): every upload ends in exactly one place, whatever goes wrong.
+
+On the local stack (moto server over HTTP, the real handlers, runner and inference code):
+N uploads - real sample images reused under distinct keys (some with spaces, '+' and
+unicode) plus 5 % bad files of every kind - with every S3 event delivered twice, the enqueue
+Lambda crashed once in the middle of a batch and one transform job forced to fail. Then:
+result rows + failure rows == unique uploads, no duplicates, a reason for every failure,
+nothing in flight. The figures are printed (``pytest -s`` shows them).
+
+CI size: 200 uploads with a tiny random model. The issue's full size::
+
+    DERMSCORE_FAULT_UPLOADS=2000 .venv/bin/pytest -s tests/test_faults.py -k suite
+
+Faults are injected from here (monkeypatch, runner attribute), never by test switches in
+production code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import struct
+import zlib
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from dermscore import imaging, layout, results
+from handlers import idempotency
+from infra.query import run_query
+from conftest import SAMPLES, preserved_environ, unique_name
+
+UPLOADS = int(os.environ.get("DERMSCORE_FAULT_UPLOADS", "200"))
+BAD_SHARE = 0.05
+ODD_NAMES = ("lésion {i} + copie (1).jpg", "naïve scan {i}.JPG", "a+b {i} ü.jpeg")
+
+
+# --------------------------------------------------------------------------- bad files
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height``: what a decompression bomb looks like
+    to a decoder before it inflates anything."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _encoded(fmt: str, size: tuple[int, int] = (64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (180, 120, 90)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def bad_files(sample: bytes) -> dict[str, tuple[str, bytes]]:
+    """reason code -> (file name suffix, content) for every kind of bad upload."""
+    fmt = "WEBP" if "WEBP" in Image.SAVE else "BMP"
+    return {
+        imaging.ZERO_BYTE: (".jpg", b""),
+        imaging.CORRUPT: (".jpg", sample[:6000]),                                  # truncated JPEG
+        imaging.NOT_AN_IMAGE: (".jpg", b"%PDF-1.4\n% not an image at all\n" * 20),
+        imaging.UNSUPPORTED_FORMAT: (".png", _encoded(fmt)),                       # WebP/BMP named .png
+        imaging.DECOMPRESSION_BOMB: (".png", _png_header_only(20_000, 20_000)),   # 400 MP claimed
+        imaging.TOO_LARGE: (".jpg", sample + b"\0" * (imaging.MAX_BYTES + 1 - len(sample))),
+        imaging.TOO_SMALL: (".jpg", _encoded("JPEG", (16, 16))),
+        imaging.WRONG_PREFIX: (".jpg", sample),                                    # outside incoming/
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+def make_pipeline(endpoint: str, model_dir: Path | None, **overrides):
+    from infra.local import LocalPipeline
+
+    name = unique_name()
+    return LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=endpoint,
+                         batching_window_s=0.5, visibility_timeout=2,
+                         overrides={"ModelName": f"{name}-model", **overrides})
+
+
+def take_all(sqs, url: str) -> list[dict]:
+    """Receive and delete every message of ``url`` (the queue is quiet: nothing else polls it)."""
+    out: list[dict] = []
+    while msgs := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages"):
+        out += msgs
+        sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                                                        for i, m in enumerate(msgs)])
+    return out
+
+
+def send_all(sqs, url: str, bodies: list[str]) -> None:
+    for i in range(0, len(bodies), 10):
+        sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(j), "MessageBody": b}
+                                                      for j, b in enumerate(bodies[i:i + 10])])
+
+
+def outcome(out: Path) -> SimpleNamespace:
+    _, scored = run_query("SELECT bucket, image_key, etag FROM predictions", out)
+    _, failed = run_query("SELECT bucket, image_key, etag, stage, reason, detail FROM failures", out)
+    return SimpleNamespace(scored=[tuple(r) for r in scored], failed=[tuple(r) for r in failed])
+
+
+def in_flight(p) -> dict[str, int]:
+    q, d = p.stack.queue_depth(), p.stack.queue_depth(dlq=True)
+    return {"queue": q["visible"] + q["in_flight"], "dlq": d["visible"] + d["in_flight"],
+            "jobs_pending": len(p.runner.pending())}
+
+
+# --------------------------------------------------------------------------- the suite
+
+def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_model, tmp_path, monkeypatch,
+                                                             capsys, caplog) -> None:
+    from infra.stack import use_endpoint
+
+    caplog.set_level(logging.INFO)
+
+    samples = sorted(SAMPLES.glob("*.jpg"))
+    if not samples:
+        pytest.skip(f"needs sample images in {SAMPLES}")
+    rng = random.Random(6)
+    kinds = bad_files(samples[0].read_bytes())
+    n_bad = max(len(kinds), round(UPLOADS * BAD_SHARE))
+    plan: list[tuple[str, bytes, str | None]] = []          # (key, content, expected reason or None)
+    for i in range(n_bad):
+        reason = list(kinds)[i % len(kinds)]
+        suffix, data = kinds[reason]
+        folder = "outside/faults/" if reason == imaging.WRONG_PREFIX else "incoming/faults/bad/"
+        plan.append((f"{folder}{reason}-{i}{suffix}", data, reason))
+    for i in range(UPLOADS - n_bad):
+        name = ODD_NAMES[i % len(ODD_NAMES)].format(i=i) if i % 5 == 0 else f"img-{i:05d}.jpg"
+        plan.append((f"incoming/faults/good/{name}", samples[i % len(samples)].read_bytes(), None))
+    rng.shuffle(plan)
+
+    # Fault 1: the enqueue Lambda dies once in the middle of a batch (after its manifest and
+    # some of its claims were written, before CreateTransformJob).
+    real_claim = idempotency.claim
+    crash = {"calls": 0, "crashed": 0}
+
+    def claim_then_crash(s3, bucket, item, job):
+        crash["calls"] += 1
+        if crash["calls"] == 7 and not crash["crashed"]:
+            crash["crashed"] += 1
+            raise RuntimeError("injected fault: enqueue Lambda killed mid-batch")
+        return real_claim(s3, bucket, item, job)
+
+    monkeypatch.setattr(idempotency, "claim", claim_then_crash)
+
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        with make_pipeline(moto_endpoint, tiny_model) as p:
+            s3, sqs, bucket = p.s3, p.stack.client("sqs"), p.stack.bucket
+            uploads: dict[tuple[str, str, str], str | None] = {}
+            for key, data, reason in plan:
+                etag = s3.put_object(Bucket=bucket, Key=key, Body=data)["ETag"].strip('"')
+                uploads[(bucket, key, etag)] = reason
+
+            # Fault 2: every S3 event delivered twice, in shuffled order. The notifications S3
+            # (moto) sent are taken off the queue and sent back twice each; the bucket's filter
+            # keeps outside/ keys off the queue, so their events are sent as a misrouted
+            # notification would deliver them.
+            bodies = [m["Body"] for m in take_all(sqs, p.stack.queue_url)]
+            template = next(json.loads(b) for b in bodies if "Records" in json.loads(b))
+            for (b, key, etag), reason in uploads.items():
+                if reason == imaging.WRONG_PREFIX:
+                    rec = json.loads(json.dumps(template["Records"][0]))
+                    rec["s3"]["object"].update(key=key, eTag=etag, size=len(kinds[reason][1]))
+                    bodies.append(json.dumps({"Records": [rec]}))
+            events = sum(len(json.loads(b).get("Records", [])) for b in bodies)
+            assert events == len(uploads)
+            deliveries = bodies * 2
+            rng.shuffle(deliveries)
+            send_all(sqs, p.stack.queue_url, deliveries)
+
+            # Fault 3: the first transform job fails (an instance lost, as SageMaker reports it).
+            real_execute = p.runner.execute
+            forced: list[str] = []
+
+            def execute_or_fail(job):
+                if not forced:
+                    forced.append(job["TransformJobName"])
+                    raise RuntimeError("injected fault: instance terminated")
+                return real_execute(job)
+
+            p.runner.execute = execute_or_fail
+            p.drain(timeout_s=900)
+            left = in_flight(p)
+            jobs = list(p.runner.results)
+            p.export(tmp_path)
+
+    got = outcome(tmp_path)
+    scored = Counter((b, k, e) for b, k, e in got.scored)
+    failed = Counter((b, k, e) for b, k, e, *_ in got.failed)
+    places = scored + failed
+    duplicates = sum(n - 1 for n in places.values() if n > 1)
+    lost = [u for u in uploads if u not in places]
+    unknown = [u for u in places if u not in uploads]
+    by_reason = Counter(r[4] for r in got.failed)
+    logged = Counter(m for r in caplog.records for m in (
+        "re-submitted a job whose submitter died", "images of a failed transform job re-queued",
+        "duplicate deliveries dropped") if r.getMessage().startswith(m))
+    with capsys.disabled():
+        print(f"\nfault suite: {len(uploads)} uploads ({n_bad} bad), {len(deliveries)} S3 event deliveries, "
+              f"{len(jobs)} transform jobs ({sum(j['status'] == 'Failed' for j in jobs)} failed), "
+              f"enqueue crashes {crash['crashed']}\n"
+              f"  results: {len(got.scored)}  failures: {len(got.failed)} "
+              f"({', '.join(f'{r}: {n}' for r, n in sorted(by_reason.items()))})\n"
+              f"  duplicates: {duplicates}  lost: {len(lost)}  in flight: {left}\n"
+              f"  recovery: {dict(logged)}")
+
+    assert crash["crashed"] == 1 and len(forced) == 1                   # both faults really happened
+    assert [j["status"] for j in jobs].count("Failed") == 1
+    assert len(logged) == 3   # the crashed batch's job was re-submitted, the failed job's images
+    #                           re-queued, duplicate deliveries dropped
+    assert len(got.scored) + len(got.failed) == len(uploads)
+    assert duplicates == 0 and lost == [] and unknown == []
+    assert all(r[4] and r[5] for r in got.failed)                       # every failure has a reason
+    assert {u: r for u, r in uploads.items() if r} == {(b, k, e): r for b, k, e, _, r, _ in got.failed}
+    assert set(scored) == {u for u, r in uploads.items() if r is None}  # the failed job's images too
+    assert left == {"queue": 0, "dlq": 0, "jobs_pending": 0}
+    # the per-image JSON documents: one per result, nothing but the result's own fields (and keys
+    # of pictures derived from it): no EXIF or other metadata of the upload
+    docs = list((tmp_path / "images").rglob("*.json"))
+    assert len(docs) == len(got.scored)
+    for path in docs[:50]:
+        extra = set(json.loads(path.read_text())) - set(results.PREDICTION_SCHEMA.names)
+        assert all(k.endswith("_key") for k in extra), extra
+
+
+def test_reupload_scores_the_new_content_and_keeps_both_uploads_apart(moto_endpoint, tiny_model, tmp_path) -> None:
+    """Same key, new content: a new ETag is a new upload with its own row; the key's JSON is the
+    latest. An upload replaced before it was scored ends as a `superseded` failure row."""
+    from infra.stack import use_endpoint
+
+    a, b, c = (f.read_bytes() for f in sorted(SAMPLES.glob("*.jpg"))[:3])
+    key = "incoming/reupload/lesion.jpg"
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        with make_pipeline(moto_endpoint, tiny_model) as p:
+            s3, bucket = p.s3, p.stack.bucket
+            e1 = s3.put_object(Bucket=bucket, Key=key, Body=a)["ETag"].strip('"')
+            p.drain(timeout_s=120)
+            e2 = s3.put_object(Bucket=bucket, Key=key, Body=b)["ETag"].strip('"')
+            e3 = s3.put_object(Bucket=bucket, Key=key, Body=c)["ETag"].strip('"')   # before e2 was scored
+            p.drain(timeout_s=120)
+            p.export(tmp_path)
+    got = outcome(tmp_path)
+    assert sorted(e for _, _, e in got.scored) == sorted([e1, e3])
+    assert [(r[2], r[4]) for r in got.failed] == [(e2, imaging.SUPERSEDED)]
+    doc = json.loads((tmp_path / layout.image_result_key(key)[len("results/"):]).read_text())
+    assert doc["etag"] == e3
+
+
+def test_redrive_moves_dlq_messages_back_and_they_are_scored(moto_endpoint, tiny_model, capsys) -> None:
+    from dermscore.cli import main
+    from infra.stack import use_endpoint
+
+    sample = sorted(SAMPLES.glob("*.jpg"))[0].read_bytes()
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        with make_pipeline(moto_endpoint, tiny_model) as p:
+            s3, sqs, bucket = p.s3, p.stack.client("sqs"), p.stack.bucket
+            for i in range(3):
+                s3.put_object(Bucket=bucket, Key=f"incoming/redrive/{i}.jpg", Body=sample)
+            # as if every receive had failed: the notifications sit in the DLQ
+            send_all(sqs, p.stack.dlq_url, [m["Body"] for m in take_all(sqs, p.stack.queue_url)])
+            assert p.stack.queue_depth(dlq=True)["visible"] == 4               # 3 images + s3:TestEvent
+            assert main(["redrive", "--dlq-url", p.stack.dlq_url, "--queue-url", p.stack.queue_url,
+                         "--endpoint-url", p.stack.endpoint]) == 0
+            assert "moved 4 of about 4 message(s)" in capsys.readouterr().out
+            assert p.stack.queue_depth(dlq=True) == {"visible": 0, "in_flight": 0}
+            p.drain(timeout_s=120)
+            assert [r["status"] for r in p.runner.results] == ["Completed"]
+            assert len(p.stack.list_keys(layout.IMAGES)) == 3
+
+
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG")
+
+
+def test_nothing_but_results_leaves_the_pipeline(moto_endpoint, tiny_model) -> None:
+    """Image bytes stay where the user put them: every object the pipeline writes is in the
+    user's bucket; manifests, claims and transform output hold no image data; a picture derived
+    from an image (a result's thumbnail or heatmap, if any) lies beside its JSON, is small and
+    carries no EXIF or other metadata of the upload."""
+    from infra.stack import use_endpoint
+
+    files = sorted(SAMPLES.glob("*.jpg"))[:2]
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        with make_pipeline(moto_endpoint, tiny_model) as p:
+            s3, bucket = p.s3, p.stack.bucket
+            before = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+            p.upload(files, "incoming/privacy/")
+            p.drain(timeout_s=120)
+            assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == before
+            written = [k for k in p.stack.list_keys("") if not k.startswith((layout.INCOMING, layout.MODELS))]
+            assert written and {k.split("/")[0] + "/" for k in written} <= {
+                layout.MANIFESTS, layout.TRANSFORM_OUTPUT, layout.CLAIMS, "results/"}
+            for k in written:
+                body = s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+                if body.startswith(IMAGE_MAGIC):
+                    assert k.startswith(layout.IMAGES), k
+                    with Image.open(io.BytesIO(body)) as im:
+                        assert max(im.size) <= 512 and not im.getexif() and "exif" not in im.info, k
+                        assert not {"xmp", "comment"} & set(im.info), (k, im.info.keys())
+                else:
+                    assert not any(m in body for m in IMAGE_MAGIC) and b"Exif" not in body, k
