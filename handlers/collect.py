@@ -135,8 +135,11 @@ def collect_failed(s3, settings: Settings, detail: dict[str, Any], when: datetim
     why = detail.get("FailureReason") or f"transform job {status.lower()}"
     items = [json.loads(ln) for in_bucket, in_key in input_files(s3, detail) for ln in read_lines(s3, in_bucket, in_key)]
     owned = [it for it, o in zip(items, idempotency.settle(s3, settings.bucket, items, job)) if o == job]
-    retry = [it for it in owned if int(it.get("attempt", 0)) + 1 < settings.max_job_attempts and settings.queue_url]
-    last = [it for it in owned if not (int(it.get("attempt", 0)) + 1 < settings.max_job_attempts and settings.queue_url)]
+    def another_attempt(it: dict[str, Any]) -> bool:
+        return bool(settings.queue_url) and int(it.get("attempt", 0)) + 1 < settings.max_job_attempts
+
+    retry = [it for it in owned if another_attempt(it)]
+    last = [it for it in owned if not another_attempt(it)]
     requeue(settings, retry, job, why, when)
     failures = [results.failure_row(it["bucket"], it["key"], it.get("etag", ""), "transform", reason, why, job, when)
                 for it in last]

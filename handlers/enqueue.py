@@ -2,16 +2,21 @@
 
 Flow for one invocation::
 
-    SQS records --record_handler--> Item (valid) | failure row (wrong prefix, empty, too large)
-    valid items --manifest_text--> sorted, de-duplicated JSON Lines
+    SQS records --record_handler--> Item (valid) | failure row (wrong prefix, empty, too large,
+                                                    superseded)
+    valid items --admit--> the items no job owns yet (claims/, handlers.idempotency)
+    those --manifest_text--> sorted, de-duplicated JSON Lines
     job name = <JOB_PREFIX>-<digest of the manifest>
     manifest --sharding.split--> manifests/<job>/<n>-shards/part-0000i-of-0000n.jsonl
       n = one shard per instance (TRANSFORM_INSTANCE_COUNT), none below MIN_IMAGES_PER_SHARD
+    claims/<upload> -> <job>  for every manifest line (S3 conditional write), then
     CreateTransformJob (once): S3Prefix over the shard folder, InstanceCount = min(count, n)
-    failure rows -> results/failures/dt=<event date>/enqueue-<digest>.parquet
+    failure rows -> results/failures/dt=<event date>/enqueue-<digest of the upload>.parquet
 
-The job name and the failure file name derive from content only, so a redelivered batch
-finds its job already there and overwrites the same failure file: no duplicate work or rows.
+The job name derives from content only, so a redelivered batch finds its job already there;
+an upload in a regrouped batch or delivered twice finds its claim and is dropped; one failure
+file per rejected upload is overwritten by a duplicate: no duplicate work or rows
+(docs/reliability.md).
 If submitting the job fails, the invocation raises and SQS redelivers the whole batch; if
 CreateTransformJob is throttled or refused for a quota, the batch's messages go back to the
 queue with an exponential back-off (partial batch failure + ChangeMessageVisibility) and a
