@@ -25,7 +25,8 @@ and ``dermscore predict`` use the same object.
 
 Knobs (environment of the SageMaker model, all optional): ``DERMSCORE_DEVICE``
 (default cuda when available), ``DERMSCORE_BATCH_SIZE`` (32 on CPU, 128 on CUDA),
-``DERMSCORE_WORKERS`` (fetch/decode threads, default 4 x cores, max 32). A
+``DERMSCORE_WORKERS`` (fetch/decode threads, default 4 x cores, max 32), ``DERMSCORE_GRADCAM``
+(``high`` = Grad-CAM heatmaps for high-risk images, the default; ``all``; ``off``). A
 request's wall time grows with its line count, so the model server's timeout
 (``SAGEMAKER_MODEL_SERVER_TIMEOUT``) must cover MaxPayloadInMB worth of lines.
 """
@@ -54,6 +55,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from batch import gradcam
 from batch.model import METADATA_FILE, WEIGHTS_FILE, ModelMeta, load, sha256_file
 from dermscore import imaging
 from dermscore.imaging import Decoded, ImageRejected
@@ -136,7 +138,7 @@ class Scorer:
 
     def __init__(self, model: torch.nn.Module, meta: ModelMeta, device: torch.device | str = "cpu",
                  s3: Any = None, batch_size: int | None = None, workers: int | None = None,
-                 read_ahead_batches: int = READ_AHEAD_BATCHES) -> None:
+                 read_ahead_batches: int = READ_AHEAD_BATCHES, heatmaps: str = "off") -> None:
         self.model = model
         self.meta = meta
         self.device = torch.device(device)
@@ -156,6 +158,10 @@ class Scorer:
         self._np_buffers = [b.numpy() for b in self._buffers]  # numpy views: fast copy from decoded arrays
         self._temperature = float(meta.temperature) or 1.0
         self.last_stats = PipelineStats()
+        if heatmaps not in gradcam.MODES:
+            raise ValueError(f"heatmaps must be one of {gradcam.MODES}, not {heatmaps!r}")
+        self.heatmaps = heatmaps  # Grad-CAM for "high"-risk / "all" images, or "off" (batch.gradcam)
+        self._heatmap_maker: Any = None
         if self.cuda:
             torch.backends.cudnn.benchmark = True
 
@@ -393,24 +399,46 @@ class Scorer:
         share_ms = 1000 * (forward_s + wait_s) / max(1, n_images)  # each image's share of the forward pass
         n_classes = len(self.meta.classes)
         i = 0
+        lines: list[dict[str, Any]] = []
+        selected: list[tuple[dict[str, Any], np.ndarray]] = []  # (line, pixels) that get a heatmap
         for item, result in entries:
             if isinstance(result, Decoded):
                 row, i = p[i], i + 1
                 if np.isfinite(row).all():
                     stats.images += 1
-                    yield self.format(item, row[:n_classes], result, processing_ms=result.load_ms + share_ms,
-                                      ood_score=float(row[n_classes]))
+                    lines.append(self.format(item, row[:n_classes], result, processing_ms=result.load_ms + share_ms,
+                                             ood_score=float(row[n_classes])))
+                    if self.heatmaps != "off" and gradcam.wants_heatmap(lines[-1], self.heatmaps):
+                        selected.append((lines[-1], result.pixels))
                     continue
                 # e.g. fp16 overflow: one image's bad numbers must not fail the JSON response
                 log.warning("non-finite probabilities for %s", item.get("key"))
-                yield error_line(item, imaging.NON_FINITE_OUTPUT, "model produced NaN/inf")
+                lines.append(error_line(item, imaging.NON_FINITE_OUTPUT, "model produced NaN/inf"))
             elif isinstance(result, BadLine):
                 detail = f"{result.detail}: {result.raw!r}" if result.raw else result.detail
-                yield error_line({}, BAD_MANIFEST_LINE, detail)
+                lines.append(error_line({}, BAD_MANIFEST_LINE, detail))
             else:
                 log.info("rejected %s: %s", item.get("key"), result)
-                yield error_line(item, result.reason, result.detail)
+                lines.append(error_line(item, result.reason, result.detail))
             stats.errors += 1
+        if selected:
+            self._add_heatmaps(selected)
+        yield from lines
+
+    def _add_heatmaps(self, selected: list[tuple[dict[str, Any], np.ndarray]]) -> None:
+        """Grad-CAM for the selected lines of a batch (after its forward pass; see batch.gradcam)."""
+        th = time.perf_counter()
+        try:
+            if self._heatmap_maker is None:
+                self._heatmap_maker = gradcam.HeatmapMaker(self.model, self.meta.arch, self.device)
+            gradcam.attach(self._heatmap_maker, selected)
+        except Exception:  # a heatmap is an extra: never fail the scores for it
+            log.exception("Grad-CAM failed for %d images; their lines go out without heatmaps", len(selected))
+            return
+        share_ms = 1000 * (time.perf_counter() - th) / len(selected)
+        for line, _ in selected:
+            if line.get("processing_ms") is not None:
+                line["processing_ms"] = round(line["processing_ms"] + share_ms, 3)
 
 
 # ---- manifest lines <-> records ------------------------------------------------------------
@@ -461,7 +489,9 @@ def model_fn(model_dir: str, context: Any = None) -> Scorer:
     device = pick_device(os.environ.get("DERMSCORE_DEVICE"))
     batch_size = int(os.environ.get("DERMSCORE_BATCH_SIZE", "0")) or None
     workers = int(os.environ.get("DERMSCORE_WORKERS", "0")) or None
-    scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=batch_size, workers=workers)
+    heatmaps = os.environ.get("DERMSCORE_GRADCAM", gradcam.DEFAULT_MODE).strip().lower() or gradcam.DEFAULT_MODE
+    scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=batch_size, workers=workers,
+                                   heatmaps=heatmaps)
     scorer._s3 = make_s3_client(scorer.workers)  # once per worker process, shared by its threads
     return scorer
 

@@ -64,6 +64,15 @@ def image_result_key(image_key: str) -> str:
     return f"{IMAGES}{image_key[len(INCOMING):] if image_key.startswith(INCOMING) else image_key}.json"
 
 
+HEATMAP_SUFFIX = ".heatmap.png"    # Grad-CAM overlay, next to the image's JSON (batch.gradcam)
+THUMBNAIL_SUFFIX = ".thumb.jpg"    # re-encoded model-input-size image, next to the JSON
+
+
+def image_artifact_key(image_key: str, suffix: str) -> str:
+    """A derived picture of an image (heatmap, thumbnail), stored beside its JSON document."""
+    return image_result_key(image_key)[: -len(".json")] + suffix
+
+
 def prediction_partition_key(dt: str, job_name: str) -> str:
     """One Parquet file per job, Hive-partitioned by scoring date (dt=YYYY-MM-DD)."""
     return f"{PREDICTIONS}dt={dt}/{job_name}.parquet"

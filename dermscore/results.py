@@ -53,6 +53,9 @@ PREDICTION_SCHEMA = pa.schema([
     ("processing_ms", pa.float32()),  # fetch + decode + this image's share of its batch's forward pass
     ("ood_score", pa.float32()),      # energy score -logsumexp(logits): higher = less like the training data
     ("ood_flag", pa.bool_()),         # ood_score >= the model's ood_threshold (NULL: model has none)
+    ("heatmap_key", pa.string()),     # Grad-CAM overlay PNG beside the JSON (NULL: none made)
+    ("thumbnail_key", pa.string()),   # re-encoded small JPEG of the image (with the heatmap)
+    ("heatmap_class", pa.string()),   # the class the heatmap explains
 ])
 
 FAILURE_SCHEMA = pa.schema([
@@ -126,6 +129,8 @@ def prediction_row(line: dict[str, Any], job_name: str, scored_at: datetime) -> 
         "width": line["width"], "height": line["height"],
         "image_sha256": line.get("image_sha256") or None, "processing_ms": line.get("processing_ms"),
         "ood_score": line.get("ood_score"), "ood_flag": line.get("ood_flag"),
+        "heatmap_key": line.get("heatmap_key"), "thumbnail_key": line.get("thumbnail_key"),
+        "heatmap_class": line.get("heatmap_class"),
     }
 
 

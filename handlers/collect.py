@@ -93,6 +93,24 @@ def join(items: list[dict[str, Any]], out_lines: list[str]) -> list[tuple[dict[s
     return pairs
 
 
+PICTURES = (("heatmap_png", "heatmap_key", layout.HEATMAP_SUFFIX, "image/png"),
+            ("thumbnail_jpeg", "thumbnail_key", layout.THUMBNAIL_SUFFIX, "image/jpeg"))
+
+
+def store_pictures(s3, bucket: str, line: dict[str, Any]) -> dict[str, Any]:
+    """Write a line's Grad-CAM heatmap and thumbnail (base64 in the transform output, from
+    ``batch.gradcam``) beside the image's JSON; the line keeps their keys instead of the bytes."""
+    import base64
+
+    for field, key_field, suffix, ctype in PICTURES:
+        data = line.pop(field, None)
+        if data:
+            key = layout.image_artifact_key(line["key"], suffix)
+            s3.put_object(Bucket=bucket, Key=key, Body=base64.b64decode(data), ContentType=ctype)
+            line[key_field] = key
+    return line
+
+
 def collect_completed(s3, settings: Settings, detail: dict[str, Any], when: datetime) -> dict[str, int]:
     job = detail["TransformJobName"]
     dt = dt_of(when)
@@ -114,7 +132,7 @@ def collect_completed(s3, settings: Settings, detail: dict[str, Any], when: date
                 failures.append(results.failure_row(item["bucket"], item["key"], item.get("etag", ""), "collect",
                                                     MISSING_OUTPUT, f"no output line in {out_key}", job, when))
             elif line.get("status") == "ok":
-                rows.append(results.prediction_row(line, job, when))
+                rows.append(results.prediction_row(store_pictures(s3, settings.bucket, line), job, when))
             else:
                 failures.append(results.failure_row(item["bucket"], item["key"], item.get("etag", ""), "transform",
                                                     line.get("reason", "unknown"), line.get("detail", ""), job, when))

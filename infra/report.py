@@ -36,8 +36,8 @@ from dermscore import layout, results
 from dermscore.labels import CLASS_NAMES, CLASSES, MALIGNANT
 
 DEFAULT_RESULTS = Path("output")
-THUMB_SUFFIX = ".thumb.jpg"      # written next to the per-image JSON for flagged images (batch.gradcam)
-HEATMAP_SUFFIX = ".heatmap.png"
+THUMB_SUFFIX = layout.THUMBNAIL_SUFFIX   # written next to the per-image JSON for flagged images (batch.gradcam)
+HEATMAP_SUFFIX = layout.HEATMAP_SUFFIX
 THUMB_PX = 160
 G4DN_XLARGE_USD_PER_HOUR = 0.736  # on-demand, us-east-1 (as in batch.bench)
 RISK_ORDER = ("high", "moderate", "low")
@@ -63,8 +63,7 @@ def load(results_dir: Path) -> tuple[Any, Any]:
 
 def artifact_path(results_dir: Path, image_key: str, suffix: str) -> Path:
     """Where the pipeline stores a derived image for ``image_key`` (next to its JSON document)."""
-    rel = layout.image_result_key(image_key)[len("results/"):]
-    return Path(results_dir) / (rel[: -len(".json")] + suffix)
+    return Path(results_dir) / layout.image_artifact_key(image_key, suffix)[len("results/"):]
 
 
 # ---- pictures ----------------------------------------------------------------------------

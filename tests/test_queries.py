@@ -141,3 +141,29 @@ def test_new_result_fields_on_the_local_stack(exported) -> None:
                         f"WHERE dt <> '{OLD_DT}'", exported.out)
     assert {r[0]: r[1] for r in rows} == sha
     assert all(r[2] > 0 and r[3] is not None for r in rows)
+
+
+def test_high_risk_images_link_heatmaps_stored_beside_their_json(exported) -> None:
+    """The default transform (DERMSCORE_GRADCAM unset = high) stores Grad-CAM + thumbnail for
+    high-risk images only; JSON and Parquet link them; no original bytes are stored."""
+    import json
+
+    from PIL import Image
+
+    from dermscore import layout
+
+    _, rows = run_query("SELECT image_key, risk_level, heatmap_key, thumbnail_key, heatmap_class FROM predictions "
+                        f"WHERE dt <> '{OLD_DT}'", exported.out)
+    assert any(r[1] == "high" for r in rows) and any(r[1] != "high" for r in rows)
+    for key, risk, heat, thumb, cls in rows:
+        doc = json.loads((exported.out / layout.image_result_key(key)[len("results/"):]).read_text())
+        assert doc["heatmap_key"] == heat and doc["thumbnail_key"] == thumb
+        if risk != "high":
+            assert heat is None and thumb is None and cls is None
+            continue
+        assert heat == layout.image_artifact_key(key, layout.HEATMAP_SUFFIX) and cls in ("mel", "akiec", "bcc")
+        for k, fmt in ((heat, "PNG"), (thumb, "JPEG")):
+            with Image.open(exported.out / k[len("results/"):]) as im:
+                assert im.format == fmt and im.size == (64, 64) and not im.getexif()
+    stored = {p.read_bytes() for p in (exported.out / "images").rglob("*") if p.is_file()}
+    assert not stored & {f.read_bytes() for f in exported.files}

@@ -1,0 +1,82 @@
+"""Grad-CAM heatmaps (batch.gradcam): target layers, selection, no EXIF, the scoring model untouched."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from batch import gradcam
+from batch.model import build_network
+from dermscore.imaging import decode
+from conftest import sample_images
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "densenet121"])
+def test_target_layer_gives_a_map_per_image_and_leaves_the_model_alone(arch: str) -> None:
+    torch.manual_seed(0)
+    net = build_network(arch).eval()
+    px = np.stack([decode(f.read_bytes(), (64, 64)).pixels for f in sample_images(2)])
+    x = torch.from_numpy(px).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        before = net(x)
+    maps = gradcam.HeatmapMaker(net, arch).maps(px, [4, 1])
+    assert maps.shape == (2, 64, 64) and maps.dtype == np.float32
+    assert 0 <= maps.min() and maps.max() <= 1 and np.isfinite(maps).all()
+    assert not any(m._forward_hooks or m._backward_hooks for m in net.modules())  # hooks live on the copy
+    with torch.inference_mode():
+        assert torch.equal(before, net(x))
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def exif_jpeg(path: Path) -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCameraMaker"
+    exif[0x8825] = {2: (51.0, 30.0, 0.0)}  # GPS latitude
+    buf = io.BytesIO()
+    with Image.open(path) as im:
+        im.save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def test_scorer_makes_heatmaps_for_high_risk_only_without_exif(varied_model: Path) -> None:
+    from batch.inference import Scorer
+
+    files = sample_images(8)
+    blobs = [(f.name, exif_jpeg(f)) for f in files]
+    assert b"SecretCameraMaker" in blobs[0][1]
+    plain = Scorer.from_model_dir(varied_model, "cpu").score_bytes(blobs)  # default: off
+    assert not any("heatmap_png" in r for r in plain)
+    lines = Scorer.from_model_dir(varied_model, "cpu", heatmaps="high", batch_size=4).score_bytes(blobs)
+    high = [r for r in lines if r["risk_level"] == "high"]
+    assert 0 < len(high) < len(lines)
+    for r, p in zip(lines, plain):
+        assert ("heatmap_png" in r) == (r["risk_level"] == "high")
+        assert r["probabilities"] == p["probabilities"]  # heatmaps change no score
+    for r in high:
+        assert r["heatmap_class"] == "mel" if r["melanoma_flag"] else r["heatmap_class"] in ("akiec", "bcc")
+        for field, fmt in (("heatmap_png", "PNG"), ("thumbnail_jpeg", "JPEG")):
+            data = base64.b64decode(r[field])
+            assert b"SecretCameraMaker" not in data
+            with Image.open(io.BytesIO(data)) as im:
+                assert im.format == fmt and im.size == (64, 64) and not im.getexif()
+    every = Scorer.from_model_dir(varied_model, "cpu", heatmaps="all").score_bytes(blobs[:2])
+    assert all("heatmap_png" in r for r in every)
+    with pytest.raises(ValueError):
+        Scorer.from_model_dir(varied_model, "cpu", heatmaps="sometimes")
+
+
+def test_target_class_follows_the_reason_for_the_risk() -> None:
+    p = {"akiec": 0.3, "bcc": 0.25, "bkl": 0.05, "df": 0.0, "mel": 0.1, "nv": 0.3, "vasc": 0.0}
+    assert gradcam.target_class({"probabilities": p, "melanoma_flag": True, "risk_level": "high"}) == "mel"
+    assert gradcam.target_class({"probabilities": p, "melanoma_flag": False, "risk_level": "high"}) == "akiec"
+    assert gradcam.target_class({"probabilities": p, "melanoma_flag": False, "risk_level": "low",
+                                 "top_class": "nv"}) == "nv"
+    assert gradcam.jet(np.array([0.0, 1.0])).tolist() == [[0, 0, 127], [127, 0, 0]]
