@@ -404,6 +404,8 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                 os.environ["DERMSCORE_BATCH_SIZE"] = str(args.batch_size)
             if args.workers:
                 os.environ["DERMSCORE_WORKERS"] = str(args.workers)
+            if args.heatmaps:
+                os.environ["DERMSCORE_GRADCAM"] = args.heatmaps
             pipeline = LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=moto.endpoint,
                                      batching_window_s=args.batching_window,
                                      overrides={"ModelName": f"{name}-model"})
@@ -473,6 +475,7 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                        "transform_rate": transform_images / transform_s if transform_s else 0.0,
                        "batch_size": scorer.batch_size, "workers": scorer.workers,
                        "batching_window_s": args.batching_window, "moto": args.moto, "max_ahead": args.max_ahead,
+                       "heatmaps": args.heatmaps or "default",
                        "moto_server_peak_rss_mb": moto.rss_mb(),
                        "cpu_ms_per_image": 1000 * cpu / n,
                        "moto_cpu_ms_per_image": 1000 * (m1 - m0) / n if m0 is not None and m1 is not None else None}
@@ -520,7 +523,8 @@ def render(result: dict[str, Any]) -> str:
              f"distinct keys), model {result['model']['name']} v{result['model']['version']} "
              f"({result['model']['arch']}, input {result['model']['input_size'][0]}x{result['model']['input_size'][1]}, "
              f"sha256 {result['model']['weights_sha256'][:12]})",
-             f"device: {dev}", ""]
+             f"device: {dev}; load average at start {result['loadavg_at_start'][0]:.1f}, at end "
+             f"{result['machine']['loadavg_at_end'][0]:.1f} (other processes share these cores)", ""]
     rows: list[tuple[str, str, str]] = []
 
     def add(label: str, value: str, note: str = "") -> None:
@@ -603,6 +607,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most images uploaded but not yet in Parquet (closed-loop load; keeps moto's SQS short)")
     p.add_argument("--moto", choices=("subprocess", "thread"), default="subprocess",
                    help="moto server in its own process (default) or in a thread of this one")
+    p.add_argument("--heatmaps", choices=("off", "high", "all"), default=None,
+                   help="DERMSCORE_GRADCAM for the transform of the end-to-end phase (default: the model's default)")
     p.add_argument("--timeout", type=float, default=3600, help="give up the end-to-end phase after this long")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images, small subsets: checks that it works")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON to this path")
@@ -640,7 +646,7 @@ def run(args: argparse.Namespace) -> int:
     show = not args.no_progress
     blobs = load_blobs(args.images_dir or DEFAULT_IMAGES_DIR, limit=n if n < 200 else None)
 
-    result: dict[str, Any] = {"images": n, "distinct_images": min(n, len(blobs)), "command": " ".join(sys.argv)}
+    result: dict[str, Any] = {"loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "images": n, "distinct_images": min(n, len(blobs)), "command": " ".join(sys.argv)}
     figures: dict[str, float] = {}
     with RssSampler() as rss:
         scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=args.batch_size or None,
@@ -674,6 +680,7 @@ def run(args: argparse.Namespace) -> int:
             result["e2e"] = bench_e2e(args, model_dir, blobs, n, rss, show)
             figures["e2e_rate"] = result["e2e"]["rate"]
     figures["peak_rss_mb"] = rss.peak
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["memory"] = {"peak_rss_mb": rss.peak, "phases": rss.phases, "vmhwm_mb": (_status_kb("VmHWM") or 0) / 1024}
     if figures.get("e2e_rate") and figures.get("forward_rate"):
         figures["e2e_vs_forward"] = figures["e2e_rate"] / figures["forward_rate"]
