@@ -74,7 +74,9 @@ class HeatmapMaker:
         self.model = copy.deepcopy(model).float().eval().to(self.device)
         for p in self.model.parameters():  # gradients flow to the activations only
             p.requires_grad_(False)
-        self.cam = GradCAM(nn_module=self.model, target_layers=TARGET_LAYERS[arch])
+        # MONAI's default postprocessing maps (min, max) to (1, 0), i.e. flips the map; keep the
+        # raw (ReLU'd, upsampled) map and scale it here so that 1 = most evidence for the class.
+        self.cam = GradCAM(nn_module=self.model, target_layers=TARGET_LAYERS[arch], postprocessing=lambda x: x)
 
     def maps(self, pixels: np.ndarray, classes: list[int]) -> np.ndarray:
         """(n, H, W, 3) uint8 + one class index per image -> (n, H, W) float32 in [0, 1]."""
@@ -85,8 +87,16 @@ class HeatmapMaker:
             x.requires_grad_(True)  # with frozen weights, the input is what makes the graph
             with torch.inference_mode(False), torch.enable_grad():
                 m = self.cam(x, class_idx=c)
-            out[idx] = np.nan_to_num(m[:, 0].detach().float().cpu().numpy(), nan=0.0)
+            out[idx] = normalize(m[:, 0].detach().float().cpu().numpy())
         return out
+
+
+def normalize(maps: np.ndarray) -> np.ndarray:
+    """Per map: (min, max) -> (0, 1); a flat map (no evidence anywhere) stays all zeros."""
+    maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0)
+    lo = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - lo
+    return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1), 0).astype(np.float32)
 
 
 def jet(values: np.ndarray) -> np.ndarray:

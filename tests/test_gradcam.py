@@ -80,3 +80,20 @@ def test_target_class_follows_the_reason_for_the_risk() -> None:
     assert gradcam.target_class({"probabilities": p, "melanoma_flag": False, "risk_level": "low",
                                  "top_class": "nv"}) == "nv"
     assert gradcam.jet(np.array([0.0, 1.0])).tolist() == [[0, 0, 127], [127, 0, 0]]
+
+
+def test_maps_are_one_where_the_evidence_is_not_flipped_like_monais_default(varied_model: Path) -> None:
+    """MONAI's default normaliser maps (min, max) to (1, 0); ours keeps 1 = most evidence."""
+    from monai.visualize import GradCAM
+
+    assert gradcam.normalize(np.array([[[0.0, 1.0], [2.0, 4.0]]])).tolist() == [[[0.0, 0.25], [0.5, 1.0]]]
+    assert gradcam.normalize(np.zeros((1, 2, 2))).tolist() == [[[0.0, 0.0], [0.0, 0.0]]]
+    from batch.model import load
+
+    net, _ = load(varied_model)
+    px = np.stack([decode(f.read_bytes(), (64, 64)).pixels for f in sample_images(1)])
+    ours = gradcam.HeatmapMaker(net, "efficientnet_lite0").maps(px, [4])[0]
+    assert ours.max() == 1 and ours.min() == 0  # a map that varies, so the direction matters
+    x = torch.from_numpy(px).permute(0, 3, 1, 2).float().requires_grad_(True)
+    monai_default = GradCAM(nn_module=net, target_layers=gradcam.TARGET_LAYERS["efficientnet_lite0"])(x, class_idx=4)
+    assert np.allclose(ours, 1 - monai_default[0, 0].detach().numpy(), atol=1e-4)
