@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching-window", type=float, default=5.0,
                    help="SQS batching window in seconds (template default 60; shorter locally)")
     p.add_argument("--export-interval", type=float, default=2.0, help="seconds between result exports")
+    p.add_argument("--web-port", type=int, default=8765,
+                   help="port of the upload page on 127.0.0.1 (0: any free port, -1: no page)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
                        visibility_timeout=LOCAL_VISIBILITY_TIMEOUT_S, port=args.port) as pipeline:
         pipeline.start_background()
         ep, bucket = pipeline.stack.endpoint, pipeline.stack.bucket
+        web = None
+        if args.web_port >= 0:
+            from infra import webapp
+
+            web, web_url = webapp.start(webapp.WebApp(pipeline.s3, bucket, args.out), port=args.web_port)
+            print(f"Upload page: {web_url} (drag and drop images; results appear as they are scored)", flush=True)
         creds = " ".join(f"{k}={v}" for k, v in LOCAL_CREDENTIALS.items())
         print(f"dermscore serve: local stack at {ep} (bucket {bucket}, region {LOCAL_REGION})\n"
               f"Drop images into s3://{bucket}/incoming/, for example:\n"
@@ -66,5 +74,7 @@ def run(args: argparse.Namespace) -> int:
                     last = counts
         except KeyboardInterrupt:
             print("\nstopping", flush=True)
+            if web is not None:
+                web.shutdown()
             pipeline.export(args.out, mirror=False)
     return 0
