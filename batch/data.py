@@ -76,7 +76,7 @@ def lesion_split(meta: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd
     return meta[~is_val].reset_index(drop=True), meta[is_val].reset_index(drop=True)
 
 
-def load_pixels(paths: list[str], size: tuple[int, int], workers: int = 4) -> np.ndarray:
+def load_pixels(paths: list[str], size: tuple[int, int], workers: int = 4, progress: bool = False) -> np.ndarray:
     """Decode every image once into an (N, 3, H, W) uint8 array.
 
     HAM10000 at training resolution fits in memory (8.5k x 86 KB), and
@@ -86,8 +86,11 @@ def load_pixels(paths: list[str], size: tuple[int, int], workers: int = 4) -> np
         with open(p, "rb") as f:
             return decode(f.read(), size).pixels.transpose(2, 0, 1)
 
+    from tqdm import tqdm
+
     with ThreadPoolExecutor(workers) as pool:
-        return np.stack(list(pool.map(one, paths)))
+        return np.stack(list(tqdm(pool.map(one, paths), total=len(paths), desc="decode", unit="img",
+                                  disable=not progress, mininterval=1.0)))
 
 
 def class_counts(labels: np.ndarray) -> np.ndarray:

@@ -138,7 +138,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     model, meta = load(args.model, device)
     images = select_images(ham.read_metadata(args.data), Path(args.model), args.subset, args.limit, args.seed)
     log.info("evaluating %s on %d images (%s subset)", args.model, len(images), args.subset)
-    pixels = ham.load_pixels(images.path.tolist(), meta.input_size)
+    pixels = ham.load_pixels(images.path.tolist(), meta.input_size, progress=True)
     labels = images.label.to_numpy()
     logits = tta_logits(model, pixels, device) if args.tta else predict_logits(model, pixels, device)
     probs = softmax(logits, meta.temperature)

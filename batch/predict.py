@@ -54,7 +54,10 @@ def predict(images: list[Path], model_dir: Path, as_json: bool, out: TextIO = sy
             errors += r.get("status") != "ok"
             out.write(json.dumps(r) + "\n")
         return errors
-    records = list(scorer.score_files(images))
+    from tqdm import tqdm
+
+    records = list(tqdm(scorer.score_files(images), total=len(images), desc="score", unit="img",
+                        disable=len(images) < 10, file=sys.stderr))
     out.write(format_table(records))
     m = scorer.meta
     out.write(f"\nmodel {m.name} v{m.version} ({m.arch}); melanoma flag at p(mel) >= {m.melanoma_threshold:.3f}. "

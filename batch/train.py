@@ -103,8 +103,8 @@ def train(args: argparse.Namespace) -> dict:
              train_df.lesion_id.nunique(), val_df.lesion_id.nunique())
 
     t0 = time.time()
-    train_px = ham.load_pixels(train_df.path.tolist(), size)
-    val_px = ham.load_pixels(val_df.path.tolist(), size)
+    train_px = ham.load_pixels(train_df.path.tolist(), size, progress=not args.quiet)
+    val_px = ham.load_pixels(val_df.path.tolist(), size, progress=not args.quiet)
     train_y = train_df.label.to_numpy()
     val_y = val_df.label.to_numpy()
     log.info("decoded %d images in %.0fs", len(train_px) + len(val_px), time.time() - t0)

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                        visibility_timeout=LOCAL_VISIBILITY_TIMEOUT_S) as pipeline:
         t0 = time.perf_counter()
         pipeline.upload(files, DEMO_PREFIX, progress=True)
-        pipeline.drain()
+        pipeline.drain(progress_total=len(files))
         elapsed = time.perf_counter() - t0
         counts = pipeline.export(args.out)
         endpoint, bucket = pipeline.stack.endpoint, pipeline.stack.bucket

@@ -80,16 +80,27 @@ class LocalPipeline:
         depth = self.stack.queue_depth()
         return depth["visible"] == 0 and depth["in_flight"] == 0 and not self.runner.pending()
 
-    def drain(self, timeout_s: float = 600) -> None:
+    def drain(self, timeout_s: float = 600, progress_total: int = 0) -> None:
         """Run the pipeline in this thread until the queue is empty and no job is pending.
 
         Messages that failed and wait out their visibility timeout count as in flight, so
         drain also sees retries (and DLQ moves) through.
         """
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.step() and self.idle():
-                return
+        bar = None
+        if progress_total:  # a bar of lines transformed (scored or refused by the transform)
+            from tqdm import tqdm
+            bar = tqdm(total=progress_total, desc="score", unit="img")
+        try:
+            while time.monotonic() < deadline:
+                busy = self.step()
+                if bar is not None:
+                    bar.update(min(progress_total, sum(r["records"] for r in self.runner.results)) - bar.n)
+                if not busy and self.idle():
+                    return
+        finally:
+            if bar is not None:
+                bar.close()
         raise TimeoutError(f"pipeline not idle after {timeout_s}s: queue {self.stack.queue_depth()}")
 
     def start_background(self) -> None:
