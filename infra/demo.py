@@ -105,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
     print(speed)
     print(f"  Parquet:  {out / 'predictions'}/dt=YYYY-MM-DD/<job>.parquet ({counts['predictions']} file(s)), "
           f"failures in {out / 'failures'}/")
-    print(f"  JSON:     {out / 'images'}/demo/<image>.json ({counts['images']} documents)")
+    n_docs = sum(1 for _ in (out / "images").rglob("*.json"))
+    print(f"  JSON:     {out / 'images'}/demo/<image>.json ({n_docs} documents; Grad-CAM heatmaps of high-risk "
+          f"images beside them)")
+    print(f"  Report:   dermscore report --results {out} --images {images_dir}")
     print(f'\nThe ten images with the highest melanoma probability (dermscore query "{TOP_MELANOMA_SQL}"):\n')
     print(format_table(*run_query(TOP_MELANOMA_SQL, args.out)))
     print("\nResearch software: these scores are not a diagnosis.")

@@ -103,6 +103,7 @@ def class_chart(preds: Any) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     counts = preds["top_class"].value_counts() if len(preds) else {}
     values = [int(counts.get(c, 0)) for c in CLASSES]
@@ -112,6 +113,7 @@ def class_chart(preds: Any) -> str:
     ax.bar_label(bars, padding=3)
     ax.invert_yaxis()
     ax.set_xlabel("images (top class)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Predicted class (red: malignant or pre-malignant)", fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
     return figure_png(fig)
@@ -121,6 +123,7 @@ def risk_chart(preds: Any) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.4, 3.0))
     bins = [i / 20 for i in range(21)]
@@ -133,6 +136,7 @@ def risk_chart(preds: Any) -> str:
     ax.set_xlim(0, 1)
     ax.set_xlabel("malignant probability (mel + bcc + akiec)")
     ax.set_ylabel("images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Risk histogram (dashed: moderate 0.2, high 0.5; high also = melanoma flag)", fontsize=10)
     ax.legend(frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
