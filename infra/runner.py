@@ -246,7 +246,7 @@ class TransformRunner:
         return self._execute_parallel(job, in_bucket, keys, instances)
 
     def _execute_parallel(self, job: dict[str, Any], in_bucket: str, keys: list[str], instances: int) -> int:
-        """InstanceCount > 1: one worker process per instance, whole files per worker. Processes
+        """InstanceCount > 1: one worker process per instance, whole files per instance. Processes
         are spawned (not forked: this process runs server and client threads) and each loads the
         model once, like an instance's container; CPU threads are shared out between them."""
         _, model_dir = self.model_dir(job["ModelName"])
@@ -259,11 +259,19 @@ class TransformRunner:
         ctx = multiprocessing.get_context("spawn")
         records = 0
         pids: set[int] = set()
-        with ProcessPoolExecutor(len(groups), mp_context=ctx, initializer=_init_instance,
-                                 initargs=(str(model_dir), env, threads)) as pool:
-            for pid, n, _ in pool.map(_instance_transform, [job] * len(groups), [in_bucket] * len(groups), groups):
+        # One single-process executor per instance: each group of files runs in its own process
+        # (a shared pool could hand two groups to one worker while another is still starting).
+        pools = [ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_instance,
+                                     initargs=(str(model_dir), env, threads)) for _ in groups]
+        try:
+            futures = [pool.submit(_instance_transform, job, in_bucket, group) for pool, group in zip(pools, groups)]
+            for future in futures:
+                pid, n, _ = future.result()
                 records += n
                 pids.add(pid)
+        finally:
+            for pool in pools:
+                pool.shutdown(wait=True, cancel_futures=True)
         self.instance_pids[job["TransformJobName"]] = pids
         log.info("transform job %s: %d files on %d instances (processes %s)", job["TransformJobName"], len(keys),
                  len(groups), sorted(pids))

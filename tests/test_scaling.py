@@ -154,12 +154,12 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return model_dir
 
 
-def make_pipeline(endpoint: str, model_dir: Path, **overrides: Any):
+def make_pipeline(endpoint: str, model_dir: Path, visibility_timeout: int = 30, **overrides: Any):
     from infra.local import LocalPipeline
 
     name = unique_name()
     return LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=endpoint,
-                         batching_window_s=0.5, visibility_timeout=30,
+                         batching_window_s=0.5, visibility_timeout=visibility_timeout,
                          overrides={"ModelName": f"{name}-model", **overrides})
 
 
@@ -175,10 +175,11 @@ def upload_copies(p, files: list[Path], n: int, prefix: str) -> list[str]:
     return keys
 
 
-def receive_all(p, expected: int, timeout_s: float = 60) -> list[dict[str, Any]]:
-    """Every message now on the queue, so that one enqueue batch holds them all."""
+def receive_all(p, expected: int, timeout_s: float | None = None) -> list[dict[str, Any]]:
+    """Every message now on the queue, so that one enqueue batch holds them all (moto scans the
+    whole queue per ReceiveMessage: allow time in proportion; keep the visibility timeout longer)."""
     messages: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + (timeout_s or 60 + 0.5 * expected)
     while len(messages) < expected and time.monotonic() < deadline:
         for m in p.poller.receive(window_s=0.2):
             messages[m["MessageId"]] = m
@@ -195,7 +196,8 @@ def prediction_rows(p) -> list[dict[str, Any]]:
 
 
 def score_in_one_batch(endpoint: str, model_dir: Path, files: list[Path], instances: int):
-    p = make_pipeline(endpoint, model_dir, TransformInstanceCount=instances, MinImagesPerShard=10)
+    p = make_pipeline(endpoint, model_dir, visibility_timeout=600, TransformInstanceCount=instances,
+                      MinImagesPerShard=10)
     keys = upload_copies(p, files, SCALE_IMAGES, "incoming/scale/")
     result = p.poller.dispatch(receive_all(p, SCALE_IMAGES + 1))     # + the s3:TestEvent
     assert result.failed == [] and result.error is None
