@@ -7,6 +7,7 @@ account and no Docker.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -535,5 +536,13 @@ def test_secret_scanner_finds_nothing_in_tracked_files():
             path = REPO_ROOT / name
             if path.is_file() and path.stat().st_size <= 5 * 2**20:
                 found.scan_file(name)
-    hits = [f"{f}:{s['line_number']}: {s['type']}" for f, secrets in found.json().items() for s in secrets]
+    # A published checksum of a tracked file (the model card states the weights' sha256) is
+    # high-entropy hex but no secret: detect-secrets reports SHA-1s of findings, so compare those.
+    checksums = set()
+    for name in filter(None, names.decode().split("\0")):
+        if name.endswith(".pt"):
+            digest = hashlib.sha256((REPO_ROOT / name).read_bytes()).hexdigest()
+            checksums.add(hashlib.sha1(digest.encode()).hexdigest())
+    hits = [f"{f}:{s['line_number']}: {s['type']}" for f, secrets in found.json().items() for s in secrets
+            if s["hashed_secret"] not in checksums]
     assert hits == []
