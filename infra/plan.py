@@ -44,9 +44,10 @@ INSTANCES: dict[str, InstanceProfile] = {
     # Price: the figure the project uses for ml.g4dn.xlarge transform (us-east-1 on-demand; check
     # the SageMaker pricing page for your region). Throughput: ASSUMPTION, not measured: a T4
     # runs a DenseNet-class network forward at ~1,000 images/s (issue 5); end to end the 4 vCPUs
-    # must also GET and decode every JPEG (~3.6 ms per 600x450 image per core with draft(),
-    # measured on the 2-core dev machine: <= ~1,100 images/s on 4 vCPUs), so half the forward
-    # rate is taken. Replace with `dermscore bench --device cuda` figures (docs/benchmark.md).
+    # must also GET and decode every JPEG (decode + resize with draft(): ~266 images/s per core
+    # measured on the 2-core dev machine, docs/benchmark.md: ~1,000 images/s on 4 vCPUs before
+    # the GETs), so half the forward rate is taken. Replace with `dermscore bench --device cuda`
+    # figures via --images-per-second.
     # Start-up: ASSUMPTION, "several minutes" for GPU transform jobs (provisioning + image pull
     # + model load); assumed billed.
     "ml.g4dn.xlarge": InstanceProfile(0.736, 500.0, 6.0,
