@@ -380,7 +380,7 @@ def test_model_container_settings(template):
     allowed = template["Parameters"]["MaxPayloadInMB"]["AllowedValues"]
     assert sorted(int(k) for k in limits) == sorted(allowed)
     for mb, lim in limits.items():
-        assert lim["Request"] == int(mb) * 2**20 and lim["Response"] >= lim["Request"]
+        assert lim["Request"] == int(mb) * 2**20 and lim["Response"] == 8 * lim["Request"]
     assert template["Parameters"]["TransformInstanceType"]["Default"] == "ml.g4dn.xlarge"
 
 
