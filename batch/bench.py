@@ -324,16 +324,6 @@ def start_moto(mode: str) -> MotoProcess:
     raise TimeoutError("moto server did not start within 60 s")
 
 
-@contextlib.contextmanager
-def preserved_environ() -> Iterator[None]:
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 class ApiCalls:
     """Counts the AWS API calls (and their wall time) of every boto3 client in this process."""
 
@@ -394,6 +384,7 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
     """
     from dermscore import layout
     from infra.local import LocalPipeline
+    from infra.stack import preserved_environ
 
     moto = start_moto(args.moto)
     name = f"bench{uuid.uuid4().hex[:8]}"

@@ -21,7 +21,6 @@ sha); CloudFormation then replaces the Model on deploy. The bucket is the stack'
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import re
 import shlex
@@ -32,20 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batch.model import sha256_file
 from dermscore import layout
 
 log = logging.getLogger("dermscore.deploy")
 
 SHA_LENGTH = 16            # hex digits of the archive's sha256 in its key and the model name
 MODEL_NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")   # SageMaker ModelName
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_key(sha256: str) -> str:

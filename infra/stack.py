@@ -90,6 +90,17 @@ def use_endpoint(endpoint: str) -> None:
 
 
 @contextlib.contextmanager
+def preserved_environ() -> Iterator[None]:
+    """Restore the whole environment afterwards (use_endpoint rewrites several variables)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
 def patched_env(values: dict[str, str]) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)

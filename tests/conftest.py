@@ -9,7 +9,6 @@ hence no resources are shared across modules).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -17,18 +16,10 @@ from typing import Iterator
 
 import pytest
 
+from infra.stack import preserved_environ
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
-
-
-@contextlib.contextmanager
-def preserved_environ() -> Iterator[None]:
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def unique_name(prefix: str = "t") -> str:
