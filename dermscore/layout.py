@@ -18,6 +18,7 @@ FAILURES = "results/failures/"
 MODELS = "models/"                  # model.tar.gz artifacts (dermscore publish-model)
 ATHENA_RESULTS = "athena-results/"  # the Athena workgroup's query results
 CLAIMS = "claims/"                  # one object per upload attempt: the job that owns it (handlers.idempotency)
+REPORTS = "results/reports/"        # one HTML page + CSV per transform job (dermscore.jobreport)
 
 # Image suffixes the bucket notification forwards (lower and upper case,
 # S3 suffix filters are case-sensitive).
@@ -80,6 +81,16 @@ def prediction_partition_key(dt: str, job_name: str) -> str:
 
 def failure_partition_key(dt: str, name: str) -> str:
     return f"{FAILURES}dt={dt}/{name}.parquet"
+
+
+def job_report_key(job_name: str) -> str:
+    """The report page of one transform job (written by collect; a repeated event overwrites it)."""
+    return f"{REPORTS}{job_name}.html"
+
+
+def job_report_csv_key(job_name: str) -> str:
+    """The job's predictions as CSV, beside its report page."""
+    return f"{REPORTS}{job_name}.csv"
 
 
 def content_digest(*parts: str, length: int = 16) -> str:

@@ -7,6 +7,8 @@ On ``Completed``::
       -> results/predictions/dt=<date>/<job>.parquet       one file per job (PREDICTION_SCHEMA)
       -> results/images/<key without incoming/>.json       one document per image
       -> results/failures/dt=<date>/<job>-transform.parquet error lines (stage "transform")
+      -> results/reports/<job>.html + <job>.csv             the job's report (dermscore.jobreport),
+                                                            last; its failure is logged, not raised
 
 On ``Failed`` / ``Stopped`` the job's images go back to the queue as a new attempt
 (``attempt + 1``, at most ``MAX_JOB_ATTEMPTS`` attempts in all); after the last attempt every
@@ -29,7 +31,7 @@ from urllib.parse import quote_plus
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
 
-from dermscore import layout, results
+from dermscore import jobreport, layout, results
 from dermscore.config import Settings
 from handlers import idempotency
 from handlers.common import dt_of, parse_s3_uri, put_json, put_parquet, s3_client, sqs_client, write_failures
@@ -142,8 +144,35 @@ def collect_completed(s3, settings: Settings, detail: dict[str, Any], when: date
         for row in rows:
             put_json(s3, settings.bucket, layout.image_result_key(row["image_key"]), results.image_document(row))
     write_failures(s3, settings.bucket, dt, f"{job}-transform", failures)
+    write_report(s3, settings.bucket, rows, failures, job_summary(detail, when))
     logger.info("transform job collected", extra={"job_name": job, "scored": len(rows), "failed": len(failures)})
     return {"scored": len(rows), "failed": len(failures)}
+
+
+def job_summary(detail: dict[str, Any], when: datetime) -> dict[str, Any]:
+    """What the job report needs of the event (``dermscore.jobreport.JOB_FIELDS``)."""
+    resources = detail.get("TransformResources") or {}
+    return {"name": detail["TransformJobName"], "status": detail.get("TransformJobStatus"),
+            "instance_type": resources.get("InstanceType"), "instance_count": resources.get("InstanceCount"),
+            "started": _time(detail.get("TransformStartTime")), "ended": when}
+
+
+def write_report(s3, bucket: str, rows: list[dict[str, Any]], failures: list[dict[str, Any]],
+                 job: dict[str, Any]) -> bool:
+    """The job's report page and CSV under results/reports/ (deterministic keys: a repeated event
+    overwrites them). Written after the results; a failure here is logged, never raised, so it
+    cannot fail (and re-run) a collection whose Parquet and JSON are already in place."""
+    try:
+        name = job["name"]
+        s3.put_object(Bucket=bucket, Key=layout.job_report_csv_key(name), Body=jobreport.to_csv(rows),
+                      ContentType="text/csv; charset=utf-8",
+                      ContentDisposition=f'attachment; filename="{name}.csv"')
+        s3.put_object(Bucket=bucket, Key=layout.job_report_key(name),
+                      Body=jobreport.render(rows, failures, job).encode("utf-8"), ContentType="text/html; charset=utf-8")
+    except Exception:
+        logger.exception("job report not written; the results are", extra={"job_name": job.get("name")})
+        return False
+    return True
 
 
 def collect_failed(s3, settings: Settings, detail: dict[str, Any], when: datetime) -> dict[str, int]:

@@ -25,7 +25,7 @@ from infra.stack import DEFAULT_BUCKET, DEFAULT_STACK, LocalStack
 log = logging.getLogger("dermscore.local")
 
 RESULTS = "results/"
-EXPORTED = ("predictions", "failures", "images")
+EXPORTED = ("predictions", "failures", "images", "reports")
 IMAGE_SUFFIXES = tuple(s.lower() for s in layout.IMAGE_SUFFIXES)
 
 
@@ -121,9 +121,9 @@ class LocalPipeline:
 
     # ---- results -------------------------------------------------------------------------
     def export(self, out_dir: str | Path, mirror: bool = True) -> dict[str, int]:
-        """Copy ``results/`` of the bucket to ``out_dir`` (predictions/, failures/, images/).
+        """Copy ``results/`` of the bucket to ``out_dir`` (predictions/, failures/, images/, reports/).
 
-        ``mirror`` first removes those three folders, so the export is exactly this run's
+        ``mirror`` first removes those folders, so the export is exactly this run's
         results; without it files are added or replaced (``serve`` exports repeatedly).
         """
         out = Path(out_dir)

@@ -17,15 +17,15 @@ writes ``report.html`` with:
 and ``results.csv`` (every prediction, most urgent first) for download.
 
 The page is static HTML with no scripts; every value from the data is HTML-escaped.
-A report per transform job on AWS (written by collect) is a follow-up; this command runs on
-any folder of exported results, including one synced from the bucket's ``results/``.
+The report of one transform job on AWS is written by collect (``dermscore.jobreport``, whose
+helpers this module shares); this command runs on any folder of exported results, many jobs
+at once, including one synced from the bucket's ``results/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import html
 import io
 import sys
 from datetime import datetime, timezone
@@ -33,15 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from dermscore import layout, results
+from dermscore.jobreport import CSS, RISK_COLORS, RISK_ORDER, USD_PER_HOUR, esc, table  # one copy, shared with collect
 from dermscore.labels import CLASS_NAMES, CLASSES, MALIGNANT
 
 DEFAULT_RESULTS = Path("output")
 THUMB_SUFFIX = layout.THUMBNAIL_SUFFIX   # written next to the per-image JSON for flagged images (batch.gradcam)
 HEATMAP_SUFFIX = layout.HEATMAP_SUFFIX
 THUMB_PX = 160
-G4DN_XLARGE_USD_PER_HOUR = 0.736  # on-demand, us-east-1 (as in batch.bench)
-RISK_ORDER = ("high", "moderate", "low")
-RISK_COLORS = {"high": "#c0392b", "moderate": "#e67e22", "low": "#27ae60"}
+G4DN_XLARGE_USD_PER_HOUR = USD_PER_HOUR["ml.g4dn.xlarge"]  # on-demand, us-east-1 (as in batch.bench)
 URGENCY_SQL = ("ORDER BY CASE risk_level WHEN 'high' THEN 0 WHEN 'moderate' THEN 1 ELSE 2 END, "
                "melanoma_flag DESC, prob_mel DESC, malignant_prob DESC, image_key")
 
@@ -152,23 +151,12 @@ def truthy(v: Any) -> bool:
     return v is not None and not pd.isna(v) and bool(v)
 
 
-def esc(v: Any) -> str:
-    return html.escape("" if v is None else str(v))
-
-
 def fmt(v: Any, digits: int = 3) -> str:
     import pandas as pd
 
     if v is None or (not isinstance(v, str) and pd.isna(v)):
         return ""
     return f"{v:.{digits}f}" if isinstance(v, float) else esc(v)
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    """Rows are already HTML (escaped by the caller)."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def throughput(preds: Any, fails: Any, usd_per_hour: float) -> tuple[list[list[str]], dict[str, float]]:
@@ -224,23 +212,6 @@ def top_risk_cards(preds: Any, results_dir: Path, images_dir: Path | None, top: 
             f'({fmt(r["confidence"], 2)})<br>p(mel) {fmt(r["prob_mel"])} · malignant {fmt(r["malignant_prob"])}'
             f'<br><span class="tag {esc(r["risk_level"])}">{esc(r["risk_level"])}</span> {" ".join(flags)}</div></div>')
     return "".join(cards)
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
-h1{margin-bottom:.2rem}.sub{color:#666;margin-top:0}
-.kpis{display:flex;gap:1rem;flex-wrap:wrap}.kpi{background:#f4f6f8;border-radius:8px;padding:.7rem 1rem;min-width:130px}
-.kpi b{display:block;font-size:1.5rem}.charts{display:flex;gap:1rem;flex-wrap:wrap}.charts img{max-width:100%}
-table{border-collapse:collapse;margin:.5rem 0 1.5rem;font-size:.9rem}th,td{border-bottom:1px solid #ddd;padding:.3rem .6rem;text-align:left}
-th{background:#f4f6f8}.cards{display:flex;flex-wrap:wrap;gap:.8rem}
-.card{border:1px solid #ddd;border-left:6px solid #999;border-radius:6px;padding:.5rem;width:340px;font-size:.85rem}
-.card.risk-high{border-left-color:#c0392b}.card.risk-moderate{border-left-color:#e67e22}.card.risk-low{border-left-color:#27ae60}
-.pics{display:flex;gap:.3rem}figure{margin:0}figcaption{font-size:.7rem;color:#666;text-align:center}
-.noimg{color:#999;font-style:italic;padding:1rem 0}
-.tag{display:inline-block;border-radius:4px;padding:0 .35rem;font-size:.75rem;color:#fff;background:#777}
-.tag.high,.tag.mel{background:#c0392b}.tag.moderate{background:#e67e22}.tag.low{background:#27ae60}.tag.ood{background:#6c3483}
-.note{color:#666;font-size:.85rem}
-"""
 
 
 def render(preds: Any, fails: Any, results_dir: Path, images_dir: Path | None = None, top: int = 24,

@@ -309,7 +309,7 @@ def test_s3_access_is_scoped_to_prefixes(template):
     assert _s3_prefixes(res["EnqueueRole"], {"s3:GetObject"}) == {layout.INCOMING, layout.CLAIMS, layout.MANIFESTS}
     assert _s3_prefixes(res["EnqueueRole"], {"s3:PutObject"}) == {layout.MANIFESTS, layout.CLAIMS, layout.FAILURES}
     assert _s3_prefixes(res["CollectRole"], {"s3:PutObject"}) == {layout.PREDICTIONS, layout.IMAGES, layout.FAILURES,
-                                                                  layout.CLAIMS}
+                                                                  layout.REPORTS, layout.CLAIMS}
     assert layout.INCOMING not in _s3_prefixes(res["CollectRole"], {"s3:GetObject"})
 
 
@@ -362,7 +362,7 @@ def test_lifecycle_expires_intermediate_prefixes_only(template):
     rules = template["Resources"]["ImagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
     expiring = {r["Prefix"] for r in rules if "ExpirationInDays" in r}
     assert {layout.MANIFESTS, layout.TRANSFORM_OUTPUT} <= expiring
-    assert not expiring & {layout.INCOMING, layout.PREDICTIONS, layout.IMAGES, layout.FAILURES, "models/"}
+    assert not expiring & {layout.INCOMING, layout.PREDICTIONS, layout.IMAGES, layout.FAILURES, layout.REPORTS, "models/"}
 
 
 # --------------------------------------------------------------------------- model and transform settings
