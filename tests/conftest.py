@@ -35,15 +35,18 @@ def moto_endpoint() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random EfficientNet-Lite0 at 64x64: plumbing only, never a prediction anyone reads."""
+def random_model(model_dir: Path, size: int = 64) -> Path:
+    """A random EfficientNet-Lite0 at size x size: plumbing only, never a prediction anyone reads."""
     from batch.model import ModelMeta, build_network, save
 
-    model_dir = tmp_path_factory.mktemp("tiny-model")
     save(build_network("efficientnet_lite0"),
-         ModelMeta(name="test", version="0", arch="efficientnet_lite0", input_size=(64, 64)), model_dir)
+         ModelMeta(name="test", version="0", arch="efficientnet_lite0", input_size=(size, size)), model_dir)
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture()

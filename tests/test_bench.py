@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLES
+from conftest import SAMPLES, random_model
 
 FIGURES = ("forward_rate", "e2e_rate", "e2e_vs_forward", "seed_rate", "e2e_vs_seed",
            "decode_with_draft_per_core", "decode_without_draft_per_core", "peak_rss_mb",
@@ -21,12 +21,7 @@ FIGURES = ("forward_rate", "e2e_rate", "e2e_vs_forward", "seed_rate", "e2e_vs_se
 
 @pytest.fixture(scope="module")
 def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from batch.model import ModelMeta, build_network, save
-
-    model_dir = tmp_path_factory.mktemp("bench-model")
-    save(build_network("efficientnet_lite0"),
-         ModelMeta(name="bench-test", version="0", arch="efficientnet_lite0", input_size=(64, 64)), model_dir)
-    return model_dir
+    return random_model(tmp_path_factory.mktemp("bench-model"))
 
 
 def test_quick_bench_prints_every_figure(bench_model: Path, tmp_path: Path, capsys) -> None:

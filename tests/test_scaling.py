@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import preserved_environ, sample_images, unique_name
+from conftest import preserved_environ, random_model, sample_images, unique_name
 from dermscore import layout, sharding
 from dermscore.config import Settings
 
@@ -145,13 +145,7 @@ def test_batching_policy_off_by_default() -> None:
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random EfficientNet-Lite0 at 32x32: plumbing only."""
-    from batch.model import ModelMeta, build_network, save
-
-    model_dir = tmp_path_factory.mktemp("scale-model")
-    save(build_network("efficientnet_lite0"),
-         ModelMeta(name="t", version="0", arch="efficientnet_lite0", input_size=(32, 32)), model_dir)
-    return model_dir
+    return random_model(tmp_path_factory.mktemp("scale-model"), size=32)
 
 
 def make_pipeline(endpoint: str, model_dir: Path, visibility_timeout: int = 30, **overrides: Any):
