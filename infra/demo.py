@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("output"), help="where results/ is exported (default: output)")
     p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
     p.add_argument("--batching-window", type=float, default=LOCAL_BATCHING_WINDOW_S,
-                   help="SQS batching window in seconds (template default 60; shorter locally)")
+                   help="SQS batching window in seconds (template.yaml: EnqueueBatchingWindowSeconds, 300; shorter locally)")
 
 
 def run(args: argparse.Namespace) -> int:

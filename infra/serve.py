@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
     p.add_argument("--port", type=int, default=0, help="port of the local endpoint (default: any free port)")
     p.add_argument("--batching-window", type=float, default=5.0,
-                   help="SQS batching window in seconds (template default 60; shorter locally)")
+                   help="SQS batching window in seconds (template.yaml: EnqueueBatchingWindowSeconds, 300; shorter locally)")
     p.add_argument("--export-interval", type=float, default=2.0, help="seconds between result exports")
     p.add_argument("--web-port", type=int, default=8765,
                    help="port of the upload page on 127.0.0.1 (0: any free port, -1: no page)")
