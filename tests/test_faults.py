@@ -37,6 +37,9 @@ from infra.query import run_query
 from conftest import SAMPLES, preserved_environ, unique_name
 
 UPLOADS = int(os.environ.get("DERMSCORE_FAULT_UPLOADS", "200"))
+# The SQS batching window of the suite's stack: short in CI; the full size gathers larger batches
+# (fewer, larger transform jobs, as the template's 300 s window does on AWS).
+WINDOW_S = float(os.environ.get("DERMSCORE_FAULT_WINDOW_S", "0.5" if UPLOADS <= 500 else "5"))
 BAD_SHARE = 0.05
 ODD_NAMES = ("lésion {i} + copie (1).jpg", "naïve scan {i}.JPG", "a+b {i} ü.jpeg")
 
@@ -75,12 +78,12 @@ def bad_files(sample: bytes) -> dict[str, tuple[str, bytes]]:
 
 # --------------------------------------------------------------------------- helpers
 
-def make_pipeline(endpoint: str, model_dir: Path | None, **overrides):
+def make_pipeline(endpoint: str, model_dir: Path | None, window_s: float = 0.5, **overrides):
     from infra.local import LocalPipeline
 
     name = unique_name()
     return LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=endpoint,
-                         batching_window_s=0.5, visibility_timeout=2,
+                         batching_window_s=window_s, visibility_timeout=2,
                          overrides={"ModelName": f"{name}-model", **overrides})
 
 
@@ -153,7 +156,7 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
 
     with preserved_environ():
         use_endpoint(moto_endpoint)
-        with make_pipeline(moto_endpoint, tiny_model) as p:
+        with make_pipeline(moto_endpoint, tiny_model, window_s=WINDOW_S) as p:
             s3, sqs, bucket = p.s3, p.stack.client("sqs"), p.stack.bucket
             uploads: dict[tuple[str, str, str], str | None] = {}
             for key, data, reason in plan:
