@@ -9,10 +9,11 @@ hence no resources are shared across modules).
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -71,6 +72,27 @@ def make_stack(aws_env: str):
                                  overrides=overrides, **kwargs)
 
     return make
+
+
+def stage_transform_job(stack, name: str, items: list[dict], out_lines: list[dict], **request: Any) -> dict:
+    """Write a job's manifest and its transform output as the runner would; return the job's
+    CreateTransformJob request (``request`` adds or overrides fields), for a state-change event."""
+    from dermscore import layout
+
+    s3 = stack.client("s3")
+    s3.put_object(Bucket=stack.bucket, Key=layout.manifest_key(name),
+                  Body="".join(json.dumps(it) + "\n" for it in items).encode())
+    s3.put_object(Bucket=stack.bucket, Key=f"{layout.transform_output_prefix(name)}{name}.jsonl.out",
+                  Body="".join(json.dumps(o) + "\n" for o in out_lines).encode())
+    return {
+        "TransformJobName": name, "ModelName": stack.model_name,
+        "TransformInput": {"DataSource": {"S3DataSource": {
+            "S3DataType": "S3Prefix", "S3Uri": f"s3://{stack.bucket}/{layout.manifest_key(name)}"}},
+            "ContentType": "application/jsonlines", "SplitType": "Line"},
+        "TransformOutput": {"S3OutputPath": f"s3://{stack.bucket}/{layout.transform_output_prefix(name)}",
+                            "AssembleWith": "Line", "Accept": "application/jsonlines"},
+        **request,
+    }
 
 
 def sample_images(n: int) -> list[Path]:

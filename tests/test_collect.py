@@ -11,6 +11,7 @@ import pytest
 
 from dermscore import layout, results
 from dermscore.labels import CLASSES
+from conftest import stage_transform_job
 from infra.runner import state_change_event
 
 MODEL = {"name": "test", "version": "0", "weights_sha256": "0" * 64}
@@ -26,26 +27,14 @@ def probs(i: int) -> list[float]:
 def job(make_stack):
     """A stack with a manifest of three images and its transform output (one error line)."""
     stack = make_stack()
-    s3 = stack.client("s3")
     name = f"{stack.job_prefix}-0123456789abcdef"
     items = [{"bucket": stack.bucket, "key": k, "etag": f"e{i}", "size": 100}
              for i, k in enumerate(["incoming/a.jpg", "incoming/b c+d é.jpg", "incoming/corrupt.jpg"])]
-    s3.put_object(Bucket=stack.bucket, Key=layout.manifest_key(name),
-                  Body="".join(json.dumps(it) + "\n" for it in items).encode())
     out = [results.score_line(items[0], probs(0), MODEL, 0.5, 600, 450),
            results.score_line(items[1], probs(1), MODEL, 0.5, 640, 480),
            results.error_line(items[2], "corrupt_image", "image file is truncated")]
-    s3.put_object(Bucket=stack.bucket, Key=f"{layout.transform_output_prefix(name)}{name}.jsonl.out",
-                  Body="".join(json.dumps(o) + "\n" for o in out).encode())
-    request = {
-        "TransformJobName": name, "TransformJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{name}",
-        "ModelName": stack.model_name,
-        "TransformInput": {"DataSource": {"S3DataSource": {
-            "S3DataType": "S3Prefix", "S3Uri": f"s3://{stack.bucket}/{layout.manifest_key(name)}"}},
-            "ContentType": "application/jsonlines", "SplitType": "Line"},
-        "TransformOutput": {"S3OutputPath": f"s3://{stack.bucket}/{layout.transform_output_prefix(name)}",
-                            "AssembleWith": "Line", "Accept": "application/jsonlines"},
-    }
+    request = stage_transform_job(
+        stack, name, items, out, TransformJobArn=f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{name}")
     return stack, name, items, request
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from dermscore import jobreport, layout, results
 from dermscore.labels import CLASSES
+from conftest import stage_transform_job
 from infra.runner import state_change_event
 
 MODEL = {"name": "m", "version": "1", "weights_sha256": "f" * 64}
@@ -92,29 +93,15 @@ def test_csv_has_every_row_most_urgent_first() -> None:
 @pytest.fixture()
 def completed_job(make_stack):
     """A stack with a manifest of three images (one error line) and the Completed event."""
-    import json
-
     stack = make_stack()
-    s3 = stack.client("s3")
     name = f"{stack.job_prefix}-0123456789abcdef"
     items = [{"bucket": stack.bucket, "key": k, "etag": f"e{i}", "size": 100}
              for i, k in enumerate(["incoming/a.jpg", "incoming/<script>.jpg", "incoming/corrupt.jpg"])]
-    s3.put_object(Bucket=stack.bucket, Key=layout.manifest_key(name),
-                  Body="".join(json.dumps(it) + "\n" for it in items).encode())
     out = [results.score_line(items[0], probs(0.8, 0.1), MODEL, 0.5, 600, 450),
            results.score_line(items[1], probs(0.05, 0.9), MODEL, 0.5, 640, 480),
            results.error_line(items[2], "corrupt_image", "image file is truncated")]
-    s3.put_object(Bucket=stack.bucket, Key=f"{layout.transform_output_prefix(name)}{name}.jsonl.out",
-                  Body="".join(json.dumps(o) + "\n" for o in out).encode())
-    request = {
-        "TransformJobName": name, "ModelName": stack.model_name,
-        "TransformInput": {"DataSource": {"S3DataSource": {
-            "S3DataType": "S3Prefix", "S3Uri": f"s3://{stack.bucket}/{layout.manifest_key(name)}"}},
-            "ContentType": "application/jsonlines", "SplitType": "Line"},
-        "TransformOutput": {"S3OutputPath": f"s3://{stack.bucket}/{layout.transform_output_prefix(name)}",
-                            "AssembleWith": "Line", "Accept": "application/jsonlines"},
-        "TransformResources": {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1},
-    }
+    request = stage_transform_job(stack, name, items, out,
+                                  TransformResources={"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1})
     return stack, name, state_change_event(request, "Completed", None, ENDED - timedelta(minutes=5), ENDED)
 
 
