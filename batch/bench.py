@@ -49,6 +49,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from dermscore.config import DEFAULT_INSTANCE_TYPE, TRANSFORM_USD_PER_HOUR
+
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a machine whose
 # cores are shared (decode threads, the moto server, the handlers: always the case end to end)
 # spinning threads steal the cores the others need; measured here with a second process busy,
@@ -60,7 +62,7 @@ log = logging.getLogger("dermscore.bench")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES_DIR = REPO_ROOT.parent / "shared" / "data" / "ham10000" / "fullres_sample"
-G4DN_XLARGE_USD_PER_HOUR = 0.736
+G4DN_XLARGE_USD_PER_HOUR = TRANSFORM_USD_PER_HOUR[DEFAULT_INSTANCE_TYPE]
 PHASES = ("decode", "forward", "seed", "e2e")
 QUICK_IMAGES = 40
 BENCH_PREFIX = "incoming/bench/"

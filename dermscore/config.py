@@ -9,6 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+# On-demand price per instance-hour of SageMaker Batch Transform instances, USD, us-east-1: the
+# one figure behind every cost the project prints (benchmark, capacity plan, reports). Check the
+# SageMaker pricing page for your region. A type missing here has no cost rather than a guess.
+TRANSFORM_USD_PER_HOUR: dict[str, float] = {
+    "ml.g4dn.xlarge": 0.736,
+}
+DEFAULT_INSTANCE_TYPE = "ml.g4dn.xlarge"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -16,7 +24,7 @@ class Settings:
     model_name: str = "dermscore-model"       # SageMaker Model resource name
     job_prefix: str = "dermscore"             # transform job names start with this (EventBridge filter)
     role_arn: str = ""                        # not needed by CreateTransformJob; kept for completeness
-    instance_type: str = "ml.g4dn.xlarge"
+    instance_type: str = DEFAULT_INSTANCE_TYPE
     instance_count: int = 1
     max_concurrent_transforms: int = 1
     max_payload_mb: int = 6

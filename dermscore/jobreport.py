@@ -34,14 +34,8 @@ from typing import Any
 from urllib.parse import quote
 
 from dermscore import layout, results
+from dermscore.config import TRANSFORM_USD_PER_HOUR
 from dermscore.labels import CLASS_NAMES, CLASSES, MALIGNANT
-
-# On-demand price per instance-hour of SageMaker Batch Transform instances, USD, us-east-1 (the
-# project's figure, as in batch.bench and infra.plan; check the SageMaker pricing page for your
-# region). An instance type missing here gives the cost "unknown" rather than a guess.
-USD_PER_HOUR: dict[str, float] = {
-    "ml.g4dn.xlarge": 0.736,
-}
 
 RISK_ORDER = ("high", "moderate", "low")
 RISK_COLORS = {"high": "#c0392b", "moderate": "#e67e22", "low": "#27ae60"}
@@ -97,8 +91,8 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def hourly_price(instance_type: str | None) -> float | None:
-    """USD per instance-hour from :data:`USD_PER_HOUR`; None for a type not in the table."""
-    return USD_PER_HOUR.get(instance_type or "")
+    """USD per instance-hour from ``config.TRANSFORM_USD_PER_HOUR``; None for a type not in it."""
+    return TRANSFORM_USD_PER_HOUR.get(instance_type or "")
 
 
 # ---- numbers ------------------------------------------------------------------------------

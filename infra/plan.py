@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dermscore import sharding
+from dermscore.config import TRANSFORM_USD_PER_HOUR
 
 DAY_S = 86_400
 DEFAULT_VOLUMES = (10_000, 1_000_000, 100_000_000)
@@ -41,8 +42,7 @@ class InstanceProfile:
 
 
 INSTANCES: dict[str, InstanceProfile] = {
-    # Price: the figure the project uses for ml.g4dn.xlarge transform (us-east-1 on-demand; check
-    # the SageMaker pricing page for your region). Throughput: ASSUMPTION, not measured: a T4
+    # Price: dermscore.config.TRANSFORM_USD_PER_HOUR. Throughput: ASSUMPTION, not measured: a T4
     # runs a DenseNet-class network forward at ~1,000 images/s (issue 5); end to end the 4 vCPUs
     # must also GET and decode every JPEG (decode + resize with draft(): ~266 images/s per core
     # measured on the 2-core dev machine, docs/benchmark.md: ~1,000 images/s on 4 vCPUs before
@@ -50,7 +50,7 @@ INSTANCES: dict[str, InstanceProfile] = {
     # figures via --images-per-second.
     # Start-up: ASSUMPTION, "several minutes" for GPU transform jobs (provisioning + image pull
     # + model load); assumed billed.
-    "ml.g4dn.xlarge": InstanceProfile(0.736, 500.0, 6.0,
+    "ml.g4dn.xlarge": InstanceProfile(TRANSFORM_USD_PER_HOUR["ml.g4dn.xlarge"], 500.0, 6.0,
                                       "price: project figure; rate and start-up: labelled assumptions"),
 }
 

@@ -33,14 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from dermscore import layout, results
-from dermscore.jobreport import CSS, RISK_COLORS, RISK_ORDER, USD_PER_HOUR, esc, table  # one copy, shared with collect
+from dermscore.config import DEFAULT_INSTANCE_TYPE, TRANSFORM_USD_PER_HOUR
+from dermscore.jobreport import CSS, RISK_COLORS, RISK_ORDER, esc, table  # one copy, shared with collect
 from dermscore.labels import CLASS_NAMES, CLASSES, MALIGNANT
 
 DEFAULT_RESULTS = Path("output")
 THUMB_SUFFIX = layout.THUMBNAIL_SUFFIX   # written next to the per-image JSON for flagged images (batch.gradcam)
 HEATMAP_SUFFIX = layout.HEATMAP_SUFFIX
 THUMB_PX = 160
-G4DN_XLARGE_USD_PER_HOUR = USD_PER_HOUR["ml.g4dn.xlarge"]  # on-demand, us-east-1 (as in batch.bench)
+G4DN_XLARGE_USD_PER_HOUR = TRANSFORM_USD_PER_HOUR[DEFAULT_INSTANCE_TYPE]
 URGENCY_SQL = ("ORDER BY CASE risk_level WHEN 'high' THEN 0 WHEN 'moderate' THEN 1 ELSE 2 END, "
                "melanoma_flag DESC, prob_mel DESC, malignant_prob DESC, image_key")
 
