@@ -611,11 +611,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from batch.inference import Scorer, pick_device
     from dermscore import imaging
-    from infra.demo import resolve_model
+    from infra.demo import require_model
 
-    model_dir = resolve_model(args.model)
+    model_dir = require_model(args.model)
     if model_dir is None:
-        sys.stderr.write(f"no model in {args.model} (model.pt + metadata.json)\n")
         return 2
     device = pick_device(args.device)
     if device.type == "cuda":

@@ -45,10 +45,14 @@ def resolve_model(path: Path) -> Path | None:
     return None
 
 
-def missing_model_message(path: Path) -> str:
-    return (f"No trained model in {path} (model.pt + metadata.json). The demo scores only with a trained "
-            f"model, never with random weights. Train one with `dermscore train --out {path}` "
-            f"or pass --model DIR.\n")
+def require_model(path: Path) -> Path | None:
+    """The model directory, or None after telling the user why there is none and what to do."""
+    model_dir = resolve_model(path)
+    if model_dir is None:
+        sys.stderr.write(f"No trained model in {path} (model.pt + metadata.json). dermscore scores only "
+                         f"with a trained model, never with random weights. Train one with "
+                         f"`dermscore train --out {path}` or pass --model DIR.\n")
+    return model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,9 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model_dir = resolve_model(args.model)
+    model_dir = require_model(args.model)
     if model_dir is None:
-        sys.stderr.write(missing_model_message(args.model))
         return 2
     from batch.model import ModelMeta
     from infra.local import LocalPipeline, image_files

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import time
 from pathlib import Path
 
-from infra.demo import LOCAL_VISIBILITY_TIMEOUT_S, missing_model_message, resolve_model
+from infra.demo import LOCAL_VISIBILITY_TIMEOUT_S, require_model
 from infra.stack import DEFAULT_BUCKET, LOCAL_CREDENTIALS
 from infra.template import LOCAL_REGION
 
@@ -33,9 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model_dir = resolve_model(args.model)
+    model_dir = require_model(args.model)
     if model_dir is None:
-        sys.stderr.write(missing_model_message(args.model))
         return 2
     from infra.local import LocalPipeline
 
