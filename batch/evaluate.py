@@ -22,8 +22,8 @@ import torch
 
 from batch import data as ham
 from batch.metrics import classification_report, softmax
-from batch.model import load
-from batch.train import pick_device, predict_logits
+from batch.model import load, pick_device
+from batch.train import predict_logits
 from dermscore.labels import CLASSES
 
 log = logging.getLogger("dermscore.evaluate")

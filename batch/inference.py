@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from batch import gradcam
-from batch.model import METADATA_FILE, WEIGHTS_FILE, ModelMeta, load, sha256_file
+from batch.model import METADATA_FILE, WEIGHTS_FILE, ModelMeta, load, pick_device, sha256_file
 from dermscore import imaging
 from dermscore.imaging import Decoded, ImageRejected
 from dermscore.results import error_line, score_line
@@ -104,12 +104,6 @@ class PipelineStats:
 
 Item = dict[str, Any]
 Loader = Callable[[Any], Decoded]
-
-
-def pick_device(name: str | torch.device | None = None) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def make_s3_client(max_pool_connections: int = 32) -> Any:

@@ -61,6 +61,13 @@ def _densenet121(num_classes: int, pretrained: bool) -> nn.Module:
     return DenseNet121(spatial_dims=2, in_channels=3, out_channels=num_classes)
 
 
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """``auto`` (or nothing) means CUDA when present, else the CPU."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build_network(arch: str, num_classes: int = len(CLASSES), pretrained: bool = False) -> nn.Module:
     builders = {"efficientnet_lite0": _efficientnet_lite0, "densenet121": _densenet121}
     if arch not in builders:

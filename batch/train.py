@@ -39,7 +39,7 @@ from tqdm import tqdm
 from batch import data as ham
 from batch import ood
 from batch.metrics import classification_report, fit_temperature, melanoma_threshold, softmax
-from batch.model import ARCHITECTURES, ModelMeta, build_network, save
+from batch.model import ARCHITECTURES, ModelMeta, build_network, pick_device, save
 from dermscore import __version__
 from dermscore.labels import CLASSES, MELANOMA_INDEX
 
@@ -61,12 +61,6 @@ def augmentations() -> Compose:
         RandShiftIntensity(prob=0.3, offsets=12.0),
         Lambda(lambda x: x.clamp_(0, 255)),
     ])
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> torch.Generator:
