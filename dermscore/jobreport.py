@@ -109,7 +109,7 @@ def num(v: Any, digits: int = 3) -> str:
 
 def urgency(row: dict[str, Any]) -> tuple:
     """Sort key, most urgent first: high risk, melanoma flag, p(mel), malignant probability, key
-    (the order of ``dermscore report``'s URGENCY_SQL)."""
+    (the order of both reports: this per-job page and ``dermscore report``)."""
     level = row.get("risk_level")
     return (RISK_ORDER.index(level) if level in RISK_ORDER else len(RISK_ORDER), not row.get("melanoma_flag"),
             -(row.get("prob_mel") or 0.0), -(row.get("malignant_prob") or 0.0), row.get("image_key") or "")

@@ -32,9 +32,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from dermscore import layout, results
 from dermscore.config import DEFAULT_INSTANCE_TYPE, TRANSFORM_USD_PER_HOUR
-from dermscore.jobreport import CSS, RISK_COLORS, RISK_ORDER, esc, table  # one copy, shared with collect
+from dermscore.jobreport import CSS, RISK_COLORS, RISK_ORDER, esc, table, urgency  # one copy, shared with collect
 from dermscore.labels import CLASS_NAMES, CLASSES, MALIGNANT
 
 DEFAULT_RESULTS = Path("output")
@@ -42,8 +44,6 @@ THUMB_SUFFIX = layout.THUMBNAIL_SUFFIX   # written next to the per-image JSON fo
 HEATMAP_SUFFIX = layout.HEATMAP_SUFFIX
 THUMB_PX = 160
 G4DN_XLARGE_USD_PER_HOUR = TRANSFORM_USD_PER_HOUR[DEFAULT_INSTANCE_TYPE]
-URGENCY_SQL = ("ORDER BY CASE risk_level WHEN 'high' THEN 0 WHEN 'moderate' THEN 1 ELSE 2 END, "
-               "melanoma_flag DESC, prob_mel DESC, malignant_prob DESC, image_key")
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -54,7 +54,10 @@ def load(results_dir: Path) -> tuple[Any, Any]:
 
     con = connect(results_dir)
     try:
-        preds = con.sql(f"SELECT * FROM predictions {URGENCY_SQL}").to_arrow_table().to_pandas()
+        arrow = con.sql("SELECT * FROM predictions").to_arrow_table()
+        rows = arrow.to_pylist()
+        order = pa.array(sorted(range(len(rows)), key=lambda i: urgency(rows[i])), type=pa.int64())
+        preds = arrow.take(order).to_pandas()
         fails = con.sql("SELECT * FROM failures ORDER BY failed_at, image_key").to_arrow_table().to_pandas()
     finally:
         con.close()
