@@ -131,7 +131,7 @@ def attach(maker: HeatmapMaker, pairs: list[tuple[dict[str, Any], np.ndarray]]) 
     pixels = np.stack([px for _, px in pairs])
     classes = [target_class(line) for line, _ in pairs]
     cams = maker.maps(pixels, [CLASSES.index(c) for c in classes])
-    for (line, px), cam, c in zip(pairs, cams, classes):
+    for (line, px), cam, c in zip(pairs, cams, classes, strict=False):
         line["heatmap_class"] = c
         line["heatmap_png"] = base64.b64encode(encode(overlay(px, cam), "PNG")).decode()
         line["thumbnail_jpeg"] = base64.b64encode(encode(px, "JPEG")).decode()

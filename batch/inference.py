@@ -56,15 +56,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from batch import gradcam
-from batch.model import METADATA_FILE, WEIGHTS_FILE, ModelMeta, load, pick_device, sha256_file
-from dermscore import imaging
-from dermscore.imaging import Decoded, ImageRejected
+from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
+from batch.model import load, pick_device
+from dermscore import imaging, reasons
+from dermscore.imaging import Decoded
+from dermscore.reasons import ImageRejected
 from dermscore.results import error_line, score_line
 
 log = logging.getLogger("dermscore.inference")
 
 # A manifest line that is not a JSON object with string "bucket" and "key".
-BAD_MANIFEST_LINE = imaging.BAD_MANIFEST_LINE
+BAD_MANIFEST_LINE = reasons.BAD_MANIFEST_LINE
 
 JSONLINES_TYPES = frozenset({"application/jsonlines", "application/x-jsonlines", "application/jsonl",
                              "application/json", "text/plain"})
@@ -162,7 +164,7 @@ class Scorer:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_model_dir(cls, model_dir: Path | str, device: torch.device | str | None = None, s3: Any = None,
-                       verify: bool = True, **kwargs: Any) -> "Scorer":
+                       verify: bool = True, **kwargs: Any) -> Scorer:
         """Load ``model.pt`` + ``metadata.json``; refuse weights that do not match their metadata.
 
         Every output line names ``weights_sha256``, so it must be the hash of the weights
@@ -193,29 +195,29 @@ class Scorer:
         """GetObject, refusing empty/oversized objects from the headers before reading the body."""
         size = item.get("size")
         if isinstance(size, int) and not isinstance(size, bool):
-            imaging.check_size(size)  # zero_byte / too_large from the event's size, without a request
+            reasons.check_size(size)  # zero_byte / too_large from the event's size, without a request
         try:
             resp = self.s3.get_object(Bucket=item["bucket"], Key=item["key"])
         except Exception as exc:  # NoSuchKey, AccessDenied, throttling after retries, network
             code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code") or type(exc).__name__
-            raise ImageRejected(imaging.READ_ERROR, f"GetObject s3://{item['bucket']}/{item['key']}: {code}") from exc
+            raise ImageRejected(reasons.READ_ERROR, f"GetObject s3://{item['bucket']}/{item['key']}: {code}") from exc
         body = resp["Body"]
         etag = item.get("etag")
         if etag and resp.get("ETag") and resp["ETag"].strip('"') != str(etag).strip('"'):
             # Overwritten since it was enqueued: these bytes are the newer upload, which has its
             # own event, line and row; this upload's content is gone (docs/reliability.md).
             body.close()
-            raise ImageRejected(imaging.SUPERSEDED, f"s3://{item['bucket']}/{item['key']} was uploaded again "
+            raise ImageRejected(reasons.SUPERSEDED, f"s3://{item['bucket']}/{item['key']} was uploaded again "
                                                     f"(etag {etag} -> {resp['ETag'].strip(chr(34))}) before scoring")
         try:
             length = resp.get("ContentLength")
             if length is not None:
-                imaging.check_size(int(length))  # zero_byte / too_large before reading the body
+                reasons.check_size(int(length))  # zero_byte / too_large before reading the body
             data = body.read()
         except ImageRejected:
             raise
         except Exception as exc:
-            raise ImageRejected(imaging.READ_ERROR, f"reading s3://{item['bucket']}/{item['key']}: {exc}") from exc
+            raise ImageRejected(reasons.READ_ERROR, f"reading s3://{item['bucket']}/{item['key']}: {exc}") from exc
         finally:
             body.close()
         return data
@@ -249,7 +251,7 @@ class Scorer:
     def forward_scored(self, batch: torch.Tensor) -> torch.Tensor:
         """Like :meth:`forward` with one more column: the energy score ``-logsumexp(logits)``
         (Liu et al. 2020; T = 1, uncalibrated logits), the out-of-distribution score that
-        ``ModelMeta.ood_threshold`` was set on (see :mod:`batch.ood`)."""
+        ``ModelMeta.ood_threshold`` was set on (see :mod:`training.ood`)."""
         logits = self._logits(batch)
         energy = -torch.logsumexp(logits, dim=1, keepdim=True)
         return torch.cat([torch.softmax(logits / self._temperature, dim=1), energy], dim=1)
@@ -291,7 +293,7 @@ class Scorer:
             try:
                 blob = Path(item["key"]).read_bytes()
             except OSError as exc:
-                raise ImageRejected(imaging.READ_ERROR, f"{item['key']}: {exc.strerror or exc}") from exc
+                raise ImageRejected(reasons.READ_ERROR, f"{item['key']}: {exc.strerror or exc}") from exc
             return self.decode(blob)
 
         return self._pipeline(({"bucket": "", "key": str(p), "etag": ""} for p in paths), load_file)
@@ -321,7 +323,7 @@ class Scorer:
                 return exc
             except Exception as exc:  # anything unforeseen still must not fail the request
                 log.exception("unexpected error loading %s", item.get("key"))
-                return ImageRejected(imaging.READ_ERROR, f"{type(exc).__name__}: {exc}")
+                return ImageRejected(reasons.READ_ERROR, f"{type(exc).__name__}: {exc}")
 
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dermscore-load")
         try:
@@ -407,7 +409,7 @@ class Scorer:
                     continue
                 # e.g. fp16 overflow: one image's bad numbers must not fail the JSON response
                 log.warning("non-finite probabilities for %s", item.get("key"))
-                lines.append(error_line(item, imaging.NON_FINITE_OUTPUT, "model produced NaN/inf"))
+                lines.append(error_line(item, reasons.NON_FINITE_OUTPUT, "model produced NaN/inf"))
             elif isinstance(result, BadLine):
                 detail = f"{result.detail}: {result.raw!r}" if result.raw else result.detail
                 lines.append(error_line({}, BAD_MANIFEST_LINE, detail))

@@ -1,26 +1,19 @@
-"""Networks and the on-disk model format.
+"""Networks, and saving/loading a model directory (format: :mod:`batch.bundle`).
 
-A model directory holds ``model.pt`` (state dict, fp16) and ``metadata.json``
-(architecture, classes, input size, calibration temperature, melanoma
-threshold, sha256 of the weights) — the MONAI-bundle idea of a model that
-never travels without its description. Training writes it, inference and
-evaluation read it through :func:`load`.
+A model directory holds ``model.pt`` (state dict, fp16) and ``metadata.json``. Training writes
+it with :func:`save`; inference and evaluation read it through :func:`load`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
 from dermscore.labels import CLASSES
 
-WEIGHTS_FILE = "model.pt"
-METADATA_FILE = "metadata.json"
 ARCHITECTURES = ("efficientnet_lite0", "densenet121")
 
 
@@ -73,42 +66,6 @@ def build_network(arch: str, num_classes: int = len(CLASSES), pretrained: bool =
     if arch not in builders:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
     return nn.Sequential(Normalize(), builders[arch](num_classes, pretrained))
-
-
-@dataclass
-class ModelMeta:
-    """What a model is and how to use its outputs (``metadata.json``)."""
-
-    name: str
-    version: str
-    arch: str
-    input_size: tuple[int, int]  # (height, width)
-    classes: tuple[str, ...] = CLASSES
-    temperature: float = 1.0
-    melanoma_threshold: float = 0.5
-    weights_sha256: str = ""
-    extra: dict = field(default_factory=dict)
-    # Out-of-distribution flag: energy score (-logsumexp(logits)) at or above this is flagged.
-    # Set on the validation split (batch.ood); None in older metadata = no flag.
-    ood_threshold: float | None = None
-
-    @classmethod
-    def read(cls, path: Path) -> "ModelMeta":
-        raw = json.loads(Path(path).read_text())
-        raw["input_size"] = tuple(raw["input_size"])
-        raw["classes"] = tuple(raw["classes"])
-        return cls(**raw)
-
-    def write(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save(model: nn.Module, meta: ModelMeta, model_dir: Path) -> ModelMeta:

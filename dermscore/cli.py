@@ -13,19 +13,19 @@ import logging
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("batch.train", "train a classifier on HAM10000"),
-    "package-model": ("batch.package", "build a reproducible SageMaker model.tar.gz from a model directory"),
-    "predict": ("batch.predict", "score local image files with a model (table or JSON lines)"),
-    "calibrate-ood": ("batch.ood", "set a model's out-of-distribution threshold from its validation split"),
-    "evaluate": ("batch.evaluate", "evaluate a model: per-class metrics, AUC, calibration, plots"),
+    "train": ("training.train", "train a classifier on HAM10000"),
+    "package-model": ("infra.package", "build a reproducible SageMaker model.tar.gz from a model directory"),
+    "predict": ("training.predict", "score local image files with a model (table or JSON lines)"),
+    "calibrate-ood": ("training.ood", "set a model's out-of-distribution threshold from its validation split"),
+    "evaluate": ("training.evaluate", "evaluate a model: per-class metrics, AUC, calibration, plots"),
     "demo": ("infra.demo", "run the whole pipeline locally on demo images and print the results"),
     "serve": ("infra.serve", "keep the local stack running; drop images into s3://<bucket>/incoming/"),
-    "report": ("infra.report", "HTML report (classes, risk histogram, top-risk thumbnails, failures, throughput) + results.csv"),
-    "query": ("infra.query", 'SQL (DuckDB, Athena-compatible) over exported results: query "SELECT ..."'),
+    "report": ("analytics.report", "HTML report (classes, risk histogram, top-risk thumbnails, failures, throughput) + results.csv"),
+    "query": ("analytics.query", 'SQL (DuckDB, Athena-compatible) over exported results: query "SELECT ..."'),
     "redrive": ("infra.redrive", "move the dead-letter queue's messages back to the images queue"),
     "publish-model": ("infra.deploy", "upload model.tar.gz to the stack's bucket; print the sam deploy parameters"),
-    "bench": ("batch.bench", "throughput benchmark: model forward vs end-to-end pipeline vs seed style; memory"),
-    "plan": ("infra.plan", "capacity model: instances, jobs/day, latency and $ per million images per daily volume"),
+    "bench": ("bench.throughput", "throughput benchmark: model forward vs end-to-end pipeline vs seed style; memory"),
+    "plan": ("analytics.plan", "capacity model: instances, jobs/day, latency and $ per million images per daily volume"),
 }
 
 

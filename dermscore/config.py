@@ -42,7 +42,7 @@ class Settings:
     max_job_attempts: int = 3
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         e = os.environ
         return cls(
             bucket=e["BUCKET_NAME"],

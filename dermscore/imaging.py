@@ -16,41 +16,26 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dermscore.reasons import (
+    CORRUPT,
+    DECOMPRESSION_BOMB,
+    NOT_AN_IMAGE,
+    TOO_SMALL,
+    UNSUPPORTED_FORMAT,
+    ImageRejected,
+    check_size,
+)
+
 # Accepted container formats. JPEG is what dermatoscopes produce; PNG is
 # accepted because lossless exports are common. TIFF/BMP/WebP are refused:
 # multi-page TIFFs and other exotic encodings are not what the model was
 # trained on and are better converted deliberately by the user.
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG"})
 
-MAX_BYTES = 20 * 1024 * 1024          # larger objects are refused before download
 MAX_PIXELS = 40_000_000               # decompression-bomb limit (Pillow default is ~89 MP)
 MIN_SIDE = 32                         # anything smaller carries no lesion detail
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-
-
-class ImageRejected(Exception):
-    """An input that cannot be scored; ``reason`` is a stable code for SQL."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-# Reason codes, the vocabulary of the failures table.
-ZERO_BYTE = "zero_byte"
-TOO_LARGE = "too_large"
-NOT_AN_IMAGE = "not_an_image"
-UNSUPPORTED_FORMAT = "unsupported_format"
-CORRUPT = "corrupt_image"
-DECOMPRESSION_BOMB = "decompression_bomb"
-TOO_SMALL = "too_small"
-WRONG_PREFIX = "wrong_prefix"
-READ_ERROR = "read_error"
-BAD_MANIFEST_LINE = "bad_manifest_line"   # transform input line is not {"bucket", "key", ...}
-NON_FINITE_OUTPUT = "non_finite_output"   # the network produced NaN/inf for this image
-SUPERSEDED = "superseded"                 # the key was uploaded again before this upload was scored
 
 
 @dataclass(frozen=True)
@@ -60,13 +45,6 @@ class Decoded:
     height: int
     sha256: str = ""    # of the bytes decoded (set by the scorer, which has them)
     load_ms: float = 0.0  # fetch + decode time (set by the scorer's pipeline)
-
-
-def check_size(n_bytes: int) -> None:
-    if n_bytes == 0:
-        raise ImageRejected(ZERO_BYTE, "object is empty")
-    if n_bytes > MAX_BYTES:
-        raise ImageRejected(TOO_LARGE, f"{n_bytes} bytes > limit {MAX_BYTES}")
 
 
 def decode(data: bytes, size: tuple[int, int]) -> Decoded:

@@ -17,7 +17,7 @@ exported to a folder (``dermscore demo`` / ``serve`` export it to ``output/``); 
 in each link's title. The output is deterministic for a given job (no "generated at" time):
 a repeated event rewrites the same bytes under the same keys.
 
-The local ``dermscore report`` (``infra/report.py``, matplotlib, many jobs) shares the
+The local ``dermscore report`` (``analytics/report.py``, matplotlib, many jobs) shares the
 helpers below (:func:`esc`, :func:`table`, :data:`CSS`, :data:`RISK_ORDER`, the price table).
 """
 
@@ -77,7 +77,7 @@ td.pix img{width:64px;height:64px;object-fit:cover;border-radius:3px;margin-righ
 """
 
 
-# ---- helpers shared with infra/report.py --------------------------------------------------
+# ---- helpers shared with analytics/report.py --------------------------------------------------
 
 def esc(v: Any) -> str:
     return html.escape("" if v is None else str(v))

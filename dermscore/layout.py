@@ -17,7 +17,7 @@ IMAGES = "results/images/"
 FAILURES = "results/failures/"
 MODELS = "models/"                  # model.tar.gz artifacts (dermscore publish-model)
 ATHENA_RESULTS = "athena-results/"  # the Athena workgroup's query results
-CLAIMS = "claims/"                  # one object per upload attempt: the job that owns it (handlers.idempotency)
+CLAIMS = "claims/"                  # one object per upload attempt: the job that owns it (handlers.claims)
 REPORTS = "results/reports/"        # one HTML page + CSV per transform job (dermscore.jobreport)
 
 # Image suffixes the bucket notification forwards (lower and upper case,

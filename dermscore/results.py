@@ -13,7 +13,7 @@ model's metadata (threshold) is at hand.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -73,7 +73,7 @@ PARTITION_COLUMN = "dt"  # Hive-style partition key (YYYY-MM-DD), lives in the p
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def risk_level(malignant_prob: float, melanoma_flag: bool) -> str:
@@ -93,7 +93,7 @@ def score_line(item: dict[str, Any], probs: list[float], model: dict[str, str], 
                width: int, height: int, image_sha256: str = "", processing_ms: float | None = None,
                ood_score: float | None = None, ood_threshold: float | None = None) -> dict[str, Any]:
     """The transform output line for one scored image (``item`` is its manifest line)."""
-    p = {c: float(v) for c, v in zip(CLASSES, probs)}
+    p = {c: float(v) for c, v in zip(CLASSES, probs, strict=False)}
     top = max(p, key=p.get)
     malignant = sum(p[c] for c in MALIGNANT)
     flag = p["mel"] >= melanoma_threshold

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import random
 import re
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ image gets a failure row carrying the job's FailureReason (``<job>-job.parquet``
 
 File names derive from the job name and the date from the job's end time, so a repeated
 event overwrites the same objects instead of adding rows; rows are written only for images
-whose claim names this job (``handlers.idempotency``), so an image two jobs scored (a
+whose claim names this job (``handlers.claims``), so an image two jobs scored (a
 duplicate that raced) still gets one row.
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -32,9 +32,10 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
 
 from dermscore import jobreport, layout, results
+from dermscore.aws import parse_s3_uri
 from dermscore.config import Settings
-from handlers import idempotency
-from handlers.common import dt_of, parse_s3_uri, put_json, put_parquet, s3_client, sqs_client, write_failures
+from handlers import claims
+from handlers.storage import dt_of, put_json, put_parquet, s3_client, sqs_client, write_failures
 
 logger = Logger(service="dermscore-collect")
 
@@ -49,7 +50,7 @@ def _time(value: Any) -> datetime | None:
     if value is None or value == "":
         return None
     if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+        return datetime.fromtimestamp(value / 1000, tz=UTC)
     try:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
@@ -125,8 +126,8 @@ def collect_completed(s3, settings: Settings, detail: dict[str, Any], when: date
             out_lines = read_lines(s3, out_bucket, out_key)
         except s3.exceptions.NoSuchKey:
             out_lines = []
-        owners = idempotency.settle(s3, settings.bucket, items, job)
-        for (item, line), owner in zip(join(items, out_lines), owners):
+        owners = claims.settle(s3, settings.bucket, items, job)
+        for (item, line), owner in zip(join(items, out_lines), owners, strict=False):
             if owner != job:
                 logger.info("image owned by another job; no row from this one",
                             extra={"job_name": job, "image_key": item["key"], "owner": owner})
@@ -181,7 +182,7 @@ def collect_failed(s3, settings: Settings, detail: dict[str, Any], when: datetim
     reason = JOB_STOPPED if status == "Stopped" else JOB_FAILED
     why = detail.get("FailureReason") or f"transform job {status.lower()}"
     items = [json.loads(ln) for in_bucket, in_key in input_files(s3, detail) for ln in read_lines(s3, in_bucket, in_key)]
-    owned = [it for it, o in zip(items, idempotency.settle(s3, settings.bucket, items, job)) if o == job]
+    owned = [it for it, o in zip(items, claims.settle(s3, settings.bucket, items, job), strict=False) if o == job]
     def another_attempt(it: dict[str, Any]) -> bool:
         return bool(settings.queue_url) and int(it.get("attempt", 0)) + 1 < settings.max_job_attempts
 

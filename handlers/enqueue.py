@@ -4,7 +4,7 @@ Flow for one invocation::
 
     SQS records --record_handler--> Item (valid) | failure row (wrong prefix, empty, too large,
                                                     superseded)
-    valid items --admit--> the items no job owns yet (claims/, handlers.idempotency)
+    valid items --admit--> the items no job owns yet (claims/, handlers.claims)
     those --manifest_text--> sorted, de-duplicated JSON Lines
     job name = <JOB_PREFIX>-<digest of the manifest>
     manifest --sharding.split--> manifests/<job>/<n>-shards/part-0000i-of-0000n.jsonl
@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from aws_lambda_powertools import Logger
@@ -37,10 +37,10 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.exceptions import ClientError
 
-from dermscore import imaging, layout, results, sharding
+from dermscore import layout, reasons, results, sharding
 from dermscore.config import Settings
-from handlers import idempotency
-from handlers.common import dt_of, s3_client, sagemaker_client, sqs_client, write_failures
+from handlers import claims
+from handlers.storage import dt_of, s3_client, sagemaker_client, sqs_client, write_failures
 
 logger = Logger(service="dermscore-enqueue")
 
@@ -157,24 +157,24 @@ def examine(s3, record: dict[str, Any]) -> tuple[Item | None, dict[str, Any] | N
         return None, row
 
     if not layout.is_incoming(key):
-        return fail(imaging.WRONG_PREFIX, f"key is outside {layout.INCOMING}")
+        return fail(reasons.WRONG_PREFIX, f"key is outside {layout.INCOMING}")
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            if etag and idempotency.owner(s3, bucket, Item(bucket, key, etag, 0, attempt)):
+            if etag and claims.owner(s3, bucket, Item(bucket, key, etag, 0, attempt)):
                 return None, None  # a late duplicate: its job owns the outcome
-            return fail(imaging.READ_ERROR, "object no longer exists")
+            return fail(reasons.READ_ERROR, "object no longer exists")
         raise  # transient: the record fails and SQS redelivers it
     current = str(head.get("ETag", "")).strip('"')
     if etag and current and etag != current:
         # The key was uploaded again since this event: that upload has its own event (and row).
-        return fail(imaging.SUPERSEDED, f"uploaded again (etag {current}) before this upload was scored")
+        return fail(reasons.SUPERSEDED, f"uploaded again (etag {current}) before this upload was scored")
     etag = current or etag
     size = int(head.get("ContentLength", obj.get("size", 0)))
     try:
-        imaging.check_size(size)
-    except imaging.ImageRejected as exc:
+        reasons.check_size(size)
+    except reasons.ImageRejected as exc:
         return fail(exc.reason, exc.detail)
     return Item(bucket, key, etag, size, attempt), None
 
@@ -228,7 +228,7 @@ def submit(settings: Settings, items: list[Item], s3=None, sm=None) -> str | Non
     key = layout.job_input_prefix(name, shards)
     instances = sharding.instances_for(shards, settings.instance_count)
     # Manifest first, then the claims, then the job: a claim always names a job that exists or
-    # can be submitted again from its manifest (handlers.idempotency).
+    # can be submitted again from its manifest (handlers.claims).
     claim_manifest(settings, s3, unique, name)
     try:
         sm.create_transform_job(**transform_request(settings, name, f"s3://{settings.bucket}/{key}", instances))
@@ -246,7 +246,7 @@ def submit(settings: Settings, items: list[Item], s3=None, sm=None) -> str | Non
 def claim_manifest(settings: Settings, s3, items: list[Item], name: str) -> None:
     """Claim the manifest's uploads for job ``name`` (a duplicate that raced us keeps its owner;
     collect then writes its row from that owner only)."""
-    owners = idempotency.claim_all(s3, settings.bucket, items, name)
+    owners = claims.claim_all(s3, settings.bucket, items, name)
     lost = sum(1 for o in owners if o != name)
     if lost:
         logger.warning("uploads claimed by another job meanwhile; their rows come from that job",
@@ -257,7 +257,7 @@ def admit(settings: Settings, items: list[Item], s3, sm) -> list[Item]:
     """The items no transform job owns yet (duplicates dropped); first re-submits any job whose
     images were claimed by an invocation that died before CreateTransformJob."""
     def resubmit(job: str) -> bool:
-        lines = idempotency.read_manifest(s3, settings.bucket, job)
+        lines = claims.read_manifest(s3, settings.bucket, job)
         if not lines:
             return False
         again = submit(settings, [Item(ln["bucket"], ln["key"], ln["etag"], int(ln.get("size", 0)),
@@ -266,7 +266,7 @@ def admit(settings: Settings, items: list[Item], s3, sm) -> list[Item]:
                        extra={"job_name": job, "images": len(lines), "resubmitted_as": again})
         return again == job
 
-    fresh, counts = idempotency.admit(s3, settings.bucket, items, lambda job: job_exists(sm, job), resubmit)
+    fresh, counts = claims.admit(s3, settings.bucket, items, lambda job: job_exists(sm, job), resubmit)
     if counts["duplicates"]:
         logger.info("duplicate deliveries dropped: their uploads are owned by a job", extra=counts)
     return fresh

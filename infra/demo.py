@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from infra.query import TOP_MELANOMA_SQL, format_table, run_query
+from analytics.query import TOP_MELANOMA_SQL, format_table, run_query
 from infra.stack import DEFAULT_BUCKET
 
 log = logging.getLogger("dermscore.demo")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = require_model(args.model)
     if model_dir is None:
         return 2
-    from batch.model import ModelMeta
+    from batch.bundle import ModelMeta
     from infra.local import LocalPipeline, image_files
 
     images_dir = args.images or default_images()

@@ -2,7 +2,7 @@
 
     dermscore publish-model --bucket dermscore-123456789012-us-east-1 [--model models/default]
 
-1. builds ``model.tar.gz`` with :func:`batch.package.build_model_tarball` (reproducible:
+1. builds ``model.tar.gz`` with :func:`infra.package.build_model_tarball` (reproducible:
    the same model and code give the same sha256);
 2. uploads it to ``s3://<bucket>/models/<sha>/model.tar.gz`` unless that exact archive is
    already there;
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batch.model import sha256_file
+from batch.bundle import sha256_file
 from dermscore import layout
 
 log = logging.getLogger("dermscore.deploy")
@@ -81,7 +81,7 @@ def already_uploaded(s3: Any, bucket: str, key: str, sha256: str) -> bool:
 def publish(model_dir: Path, bucket: str, stack_name: str = "dermscore", s3: Any = None,
             out: Path | None = None) -> Published:
     """Build the archive of ``model_dir`` and upload it to the stack's bucket (once)."""
-    from batch.package import build_model_tarball  # lazily: it imports torch (batch.model)
+    from infra.package import build_model_tarball  # lazily: it imports torch (batch.model)
 
     if s3 is None:
         import boto3

@@ -14,8 +14,9 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from dermscore import layout
 from infra.poller import Poller
@@ -47,7 +48,7 @@ class LocalPipeline:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def __enter__(self) -> "LocalPipeline":
+    def __enter__(self) -> LocalPipeline:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from dermscore.template import LOCAL_REGION
 from infra.stack import LocalStack
-from infra.template import LOCAL_REGION
 
 log = logging.getLogger("dermscore.poller")
 

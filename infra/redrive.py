@@ -11,7 +11,7 @@ Two ways, the first that works:
 * receive -> send -> delete, 10 at a time, where the endpoint does not implement it (the
   moto server of the local stack) or with ``--method copy``. A message is deleted from the
   DLQ only after the queue accepted it, so a crash can duplicate a message but never lose
-  one; enqueue drops the duplicate (its upload is claimed once, ``handlers.idempotency``).
+  one; enqueue drops the duplicate (its upload is claimed once, ``handlers.claims``).
 
 Against the local stack, point boto3 at it as usual (``AWS_ENDPOINT_URL`` or ``--endpoint-url``).
 """

@@ -29,13 +29,13 @@ import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from handlers.common import parse_s3_uri
+from dermscore.aws import parse_s3_uri
+from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION
 from infra.stack import LocalStack, invoke_lock
-from infra.template import LOCAL_ACCOUNT_ID, LOCAL_REGION
 
 log = logging.getLogger("dermscore.runner")
 
@@ -264,7 +264,7 @@ class TransformRunner:
         pools = [ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_instance,
                                      initargs=(str(model_dir), env, threads)) for _ in groups]
         try:
-            futures = [pool.submit(_instance_transform, job, in_bucket, group) for pool, group in zip(pools, groups)]
+            futures = [pool.submit(_instance_transform, job, in_bucket, group) for pool, group in zip(pools, groups, strict=False)]
             for future in futures:
                 pid, n, _ = future.result()
                 records += n
@@ -280,7 +280,7 @@ class TransformRunner:
     def run_job(self, name: str) -> dict[str, Any]:
         self.seen.add(name)
         job = self.sm.describe_transform_job(TransformJobName=name)
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         t0 = time.perf_counter()
         status, reason, records = "Completed", None, 0
         try:
@@ -289,7 +289,7 @@ class TransformRunner:
             log.exception("transform job %s failed", name)
             status, reason = "Failed", f"ClientError: {type(exc).__name__}: {exc}"[:1024]
         elapsed = time.perf_counter() - t0
-        event = state_change_event(job, status, reason, started, datetime.now(timezone.utc))
+        event = state_change_event(job, status, reason, started, datetime.now(UTC))
         log.info("transform job %s %s: %d records in %.2fs", name, status, records, elapsed)
         result = {"job_name": name, "status": status, "records": records, "seconds": elapsed,
                   "failure_reason": reason, "collected": None}

@@ -12,9 +12,9 @@ import signal
 import time
 from pathlib import Path
 
+from dermscore.template import LOCAL_REGION
 from infra.demo import LOCAL_VISIBILITY_TIMEOUT_S, require_model
 from infra.stack import DEFAULT_BUCKET, LOCAL_CREDENTIALS
-from infra.template import LOCAL_REGION
 
 log = logging.getLogger("dermscore.serve")
 

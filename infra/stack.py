@@ -3,7 +3,7 @@
 boto3 reaches the server over HTTP through ``AWS_ENDPOINT_URL`` (set in the process
 environment), so the handlers, the inference code and the CLI use unchanged clients,
 exactly as they would against AWS. Names and settings come from
-:func:`infra.template.local_spec`, i.e. from the template itself.
+:func:`dermscore.template.local_spec`, i.e. from the template itself.
 
 Resources (template logical name -> local resource)::
 
@@ -26,14 +26,15 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import boto3
 
 from dermscore import layout
-from infra.template import LOCAL_ACCOUNT_ID, LOCAL_REGION, LocalSpec, local_spec
+from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION, LocalSpec, local_spec
 
 log = logging.getLogger("dermscore.stack")
 
@@ -182,7 +183,7 @@ class LocalStack:
     @classmethod
     def create(cls, bucket: str = DEFAULT_BUCKET, stack_name: str = DEFAULT_STACK, endpoint: str | None = None,
                overrides: dict[str, Any] | None = None, visibility_timeout: int | None = None,
-               batching_window_s: int | None = None, batch_size: int | None = None, port: int = 0) -> "LocalStack":
+               batching_window_s: int | None = None, batch_size: int | None = None, port: int = 0) -> LocalStack:
         """Create the template's resources on ``endpoint`` (if None: a new server on ``port``, 0 = any free one).
 
         ``overrides`` are template parameter values (e.g. ``{"ModelName": ...}``);
@@ -223,7 +224,7 @@ class LocalStack:
 
     def register_model(self, model_dir: str | Path) -> str:
         """Package ``model_dir`` as model.tar.gz, upload it and create the SageMaker Model."""
-        from batch.package import build_model_tarball
+        from infra.package import build_model_tarball
 
         with tempfile.TemporaryDirectory(prefix="dermscore-model-") as tmp:
             tarball = Path(tmp) / "model.tar.gz"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from dermscore import imaging, layout
+from dermscore import layout, reasons
 
 log = logging.getLogger("dermscore.web")
 
@@ -76,7 +76,7 @@ class WebApp:
     def failure(self, key: str) -> dict[str, str] | None:
         if self.results_dir is None or not (self.results_dir / "failures").is_dir():
             return None
-        from infra.query import connect
+        from analytics.query import connect
 
         con = connect(self.results_dir)
         try:
@@ -150,9 +150,9 @@ def handler_class(app: WebApp) -> type[BaseHTTPRequestHandler]:
                 length = -1
             if length < 0:
                 return self.send_json(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
-            if length > imaging.MAX_BYTES:
+            if length > reasons.MAX_BYTES:
                 return self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                      {"error": f"larger than {imaging.MAX_BYTES // (1024 * 1024)} MB"})
+                                      {"error": f"larger than {reasons.MAX_BYTES // (1024 * 1024)} MB"})
             data = self.rfile.read(length)
             name = parse_qs(url.query).get("name", ["image.jpg"])[0]
             try:

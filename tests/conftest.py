@@ -10,10 +10,10 @@ hence no resources are shared across modules).
 from __future__ import annotations
 
 import json
-import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import SAMPLES, random_model
 
 FIGURES = ("forward_rate", "e2e_rate", "e2e_vs_forward", "seed_rate", "e2e_vs_seed",

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import stage_transform_job
 
 from dermscore import layout, results
 from dermscore.labels import CLASSES
-from conftest import stage_transform_job
 from infra.runner import state_change_event
 
 MODEL = {"name": "test", "version": "0", "weights_sha256": "0" * 64}
-ENDED = datetime(2026, 11, 23, 12, 30, tzinfo=timezone.utc)
+ENDED = datetime(2026, 11, 23, 12, 30, tzinfo=UTC)
 
 
 def probs(i: int) -> list[float]:

@@ -11,8 +11,8 @@ import pytest
 from moto import mock_aws
 
 from dermscore import cli, layout
+from dermscore.template import load_template
 from infra import deploy
-from infra.template import load_template
 
 BUCKET = "dermscore-123456789012-us-east-1"
 

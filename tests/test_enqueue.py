@@ -9,7 +9,7 @@ from urllib.parse import quote_plus
 import pyarrow.parquet as pq
 import pytest
 
-from dermscore import imaging, layout
+from dermscore import layout, reasons
 from handlers import enqueue
 from infra.poller import sqs_event
 
@@ -97,7 +97,7 @@ def test_rejections_become_failure_rows(stack) -> None:
     s3 = stack.client("s3")
     s3.put_object(Bucket=stack.bucket, Key="incoming/empty.jpg", Body=b"")
     s3.put_object(Bucket=stack.bucket, Key="elsewhere/x.jpg", Body=b"data")
-    s3.put_object(Bucket=stack.bucket, Key="incoming/big.jpg", Body=b"0" * (imaging.MAX_BYTES + 1))
+    s3.put_object(Bucket=stack.bucket, Key="incoming/big.jpg", Body=b"0" * (reasons.MAX_BYTES + 1))
     messages = [s3_message(stack.bucket, k) for k in
                 ("incoming/empty.jpg", "elsewhere/x.jpg", "incoming/big.jpg", "incoming/gone.jpg")]
     event = sqs_event(messages, stack.queue_arn)
@@ -107,11 +107,11 @@ def test_rejections_become_failure_rows(stack) -> None:
     assert jobs_of(stack) == []       # nothing valid, no job
     files = stack.list_keys(layout.FAILURES)   # one file per rejected upload: duplicates overwrite it
     assert len(files) == 4 and all(f.startswith(f"{layout.FAILURES}dt=2026-11-23/enqueue-") for f in files)
-    reasons = {r["image_key"]: (r["stage"], r["reason"]) for r in read_failures(stack)}
-    assert reasons == {"incoming/empty.jpg": ("enqueue", imaging.ZERO_BYTE),
-                       "elsewhere/x.jpg": ("enqueue", imaging.WRONG_PREFIX),
-                       "incoming/big.jpg": ("enqueue", imaging.TOO_LARGE),
-                       "incoming/gone.jpg": ("enqueue", imaging.READ_ERROR)}
+    found = {r["image_key"]: (r["stage"], r["reason"]) for r in read_failures(stack)}
+    assert found == {"incoming/empty.jpg": ("enqueue", reasons.ZERO_BYTE),
+                       "elsewhere/x.jpg": ("enqueue", reasons.WRONG_PREFIX),
+                       "incoming/big.jpg": ("enqueue", reasons.TOO_LARGE),
+                       "incoming/gone.jpg": ("enqueue", reasons.READ_ERROR)}
     assert all(r["detail"] for r in read_failures(stack))
 
 

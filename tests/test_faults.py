@@ -29,12 +29,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import SAMPLES, preserved_environ, unique_name
 from PIL import Image
 
-from dermscore import imaging, layout, results
-from handlers import idempotency
-from infra.query import run_query
-from conftest import SAMPLES, preserved_environ, unique_name
+from analytics.query import run_query
+from dermscore import layout, reasons, results
+from handlers import claims
 
 UPLOADS = int(os.environ.get("DERMSCORE_FAULT_UPLOADS", "200"))
 # The SQS batching window of the suite's stack: short in CI; the full size gathers larger batches
@@ -65,14 +65,14 @@ def bad_files(sample: bytes) -> dict[str, tuple[str, bytes]]:
     """reason code -> (file name suffix, content) for every kind of bad upload."""
     fmt = "WEBP" if "WEBP" in Image.SAVE else "BMP"
     return {
-        imaging.ZERO_BYTE: (".jpg", b""),
-        imaging.CORRUPT: (".jpg", sample[:6000]),                                  # truncated JPEG
-        imaging.NOT_AN_IMAGE: (".jpg", b"%PDF-1.4\n% not an image at all\n" * 20),
-        imaging.UNSUPPORTED_FORMAT: (".png", _encoded(fmt)),                       # WebP/BMP named .png
-        imaging.DECOMPRESSION_BOMB: (".png", _png_header_only(20_000, 20_000)),   # 400 MP claimed
-        imaging.TOO_LARGE: (".jpg", sample + b"\0" * (imaging.MAX_BYTES + 1 - len(sample))),
-        imaging.TOO_SMALL: (".jpg", _encoded("JPEG", (16, 16))),
-        imaging.WRONG_PREFIX: (".jpg", sample),                                    # outside incoming/
+        reasons.ZERO_BYTE: (".jpg", b""),
+        reasons.CORRUPT: (".jpg", sample[:6000]),                                  # truncated JPEG
+        reasons.NOT_AN_IMAGE: (".jpg", b"%PDF-1.4\n% not an image at all\n" * 20),
+        reasons.UNSUPPORTED_FORMAT: (".png", _encoded(fmt)),                       # WebP/BMP named .png
+        reasons.DECOMPRESSION_BOMB: (".png", _png_header_only(20_000, 20_000)),   # 400 MP claimed
+        reasons.TOO_LARGE: (".jpg", sample + b"\0" * (reasons.MAX_BYTES + 1 - len(sample))),
+        reasons.TOO_SMALL: (".jpg", _encoded("JPEG", (16, 16))),
+        reasons.WRONG_PREFIX: (".jpg", sample),                                    # outside incoming/
     }
 
 
@@ -133,7 +133,7 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
     for i in range(n_bad):
         reason = list(kinds)[i % len(kinds)]
         suffix, data = kinds[reason]
-        folder = "outside/faults/" if reason == imaging.WRONG_PREFIX else "incoming/faults/bad/"
+        folder = "outside/faults/" if reason == reasons.WRONG_PREFIX else "incoming/faults/bad/"
         plan.append((f"{folder}{reason}-{i}{suffix}", data, reason))
     for i in range(UPLOADS - n_bad):
         name = ODD_NAMES[i % len(ODD_NAMES)].format(i=i) if i % 5 == 0 else f"img-{i:05d}.jpg"
@@ -142,7 +142,7 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
 
     # Fault 1: the enqueue Lambda dies once in the middle of a batch (after its manifest and
     # some of its claims were written, before CreateTransformJob).
-    real_claim = idempotency.claim
+    real_claim = claims.claim
     crash = {"calls": 0, "crashed": 0}
 
     def claim_then_crash(s3, bucket, item, job):
@@ -152,7 +152,7 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
             raise RuntimeError("injected fault: enqueue Lambda killed mid-batch")
         return real_claim(s3, bucket, item, job)
 
-    monkeypatch.setattr(idempotency, "claim", claim_then_crash)
+    monkeypatch.setattr(claims, "claim", claim_then_crash)
 
     with preserved_environ():
         use_endpoint(moto_endpoint)
@@ -169,8 +169,8 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
             # notification would deliver them.
             bodies = [m["Body"] for m in take_all(sqs, p.stack.queue_url)]
             template = next(json.loads(b) for b in bodies if "Records" in json.loads(b))
-            for (b, key, etag), reason in uploads.items():
-                if reason == imaging.WRONG_PREFIX:
+            for (_b, key, etag), reason in uploads.items():
+                if reason == reasons.WRONG_PREFIX:
                     rec = json.loads(json.dumps(template["Records"][0]))
                     rec["s3"]["object"].update(key=key, eTag=etag, size=len(kinds[reason][1]))
                     bodies.append(json.dumps({"Records": [rec]}))
@@ -254,7 +254,7 @@ def test_reupload_scores_the_new_content_and_keeps_both_uploads_apart(moto_endpo
             p.export(tmp_path)
     got = outcome(tmp_path)
     assert sorted(e for _, _, e in got.scored) == sorted([e1, e3])
-    assert [(r[2], r[4]) for r in got.failed] == [(e2, imaging.SUPERSEDED)]
+    assert [(r[2], r[4]) for r in got.failed] == [(e2, reasons.SUPERSEDED)]
     doc = json.loads((tmp_path / layout.image_result_key(key)[len("results/"):]).read_text())
     assert doc["etag"] == e3
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import sample_images
 from PIL import Image
 
 from batch import gradcam
 from batch.model import build_network
 from dermscore.imaging import decode
-from conftest import sample_images
 
 torch.set_num_threads(1)
 
@@ -29,7 +29,7 @@ def test_target_layer_gives_a_map_per_image_and_leaves_the_model_alone(arch: str
         before = net(x)
     maps = gradcam.HeatmapMaker(net, arch).maps(px, [4, 1])
     assert maps.shape == (2, 64, 64) and maps.dtype == np.float32
-    assert 0 <= maps.min() and maps.max() <= 1 and np.isfinite(maps).all()
+    assert maps.min() >= 0 and maps.max() <= 1 and np.isfinite(maps).all()
     assert not any(m._forward_hooks or m._backward_hooks for m in net.modules())  # hooks live on the copy
     with torch.inference_mode():
         assert torch.equal(before, net(x))
@@ -57,7 +57,7 @@ def test_scorer_makes_heatmaps_for_high_risk_only_without_exif(varied_model: Pat
     lines = Scorer.from_model_dir(varied_model, "cpu", heatmaps="high", batch_size=4).score_bytes(blobs)
     high = [r for r in lines if r["risk_level"] == "high"]
     assert 0 < len(high) < len(lines)
-    for r, p in zip(lines, plain):
+    for r, p in zip(lines, plain, strict=False):
         assert ("heatmap_png" in r) == (r["risk_level"] == "high")
         assert r["probabilities"] == p["probabilities"]  # heatmaps change no score
     for r in high:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermscore import imaging
+from dermscore import imaging, reasons
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
 
@@ -40,29 +40,29 @@ def test_png_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
-        (b"", imaging.ZERO_BYTE),
-        (b"this is a text file, not an image\n", imaging.NOT_AN_IMAGE),
-        (encode(Image.new("RGB", (64, 64)), "BMP"), imaging.UNSUPPORTED_FORMAT),
-        (encode(Image.new("RGB", (64, 64)), "TIFF"), imaging.UNSUPPORTED_FORMAT),
-        (encode(Image.new("RGB", (64, 64)), "WEBP"), imaging.UNSUPPORTED_FORMAT),
-        (encode(Image.new("RGB", (16, 16)), "JPEG"), imaging.TOO_SMALL),
+        (b"", reasons.ZERO_BYTE),
+        (b"this is a text file, not an image\n", reasons.NOT_AN_IMAGE),
+        (encode(Image.new("RGB", (64, 64)), "BMP"), reasons.UNSUPPORTED_FORMAT),
+        (encode(Image.new("RGB", (64, 64)), "TIFF"), reasons.UNSUPPORTED_FORMAT),
+        (encode(Image.new("RGB", (64, 64)), "WEBP"), reasons.UNSUPPORTED_FORMAT),
+        (encode(Image.new("RGB", (16, 16)), "JPEG"), reasons.TOO_SMALL),
         # 42 Mpx of 1-bit PNG is a few KB on disk: a classic decompression bomb.
-        (encode(Image.new("1", (7000, 6000)), "PNG"), imaging.DECOMPRESSION_BOMB),
+        (encode(Image.new("1", (7000, 6000)), "PNG"), reasons.DECOMPRESSION_BOMB),
     ],
 )
 def test_rejects_carry_a_reason(payload: bytes, reason: str) -> None:
-    with pytest.raises(imaging.ImageRejected) as exc:
+    with pytest.raises(reasons.ImageRejected) as exc:
         imaging.decode(payload, (64, 64))
     assert exc.value.reason == reason and exc.value.detail
 
 
 def test_truncated_jpeg_is_corrupt(jpeg: bytes) -> None:
-    with pytest.raises(imaging.ImageRejected) as exc:
+    with pytest.raises(reasons.ImageRejected) as exc:
         imaging.decode(jpeg[: len(jpeg) // 3], (64, 64))
-    assert exc.value.reason == imaging.CORRUPT
+    assert exc.value.reason == reasons.CORRUPT
 
 
 def test_too_large_is_refused_before_decoding() -> None:
-    with pytest.raises(imaging.ImageRejected) as exc:
-        imaging.check_size(imaging.MAX_BYTES + 1)
-    assert exc.value.reason == imaging.TOO_LARGE
+    with pytest.raises(reasons.ImageRejected) as exc:
+        reasons.check_size(reasons.MAX_BYTES + 1)
+    assert exc.value.reason == reasons.TOO_LARGE

@@ -19,7 +19,7 @@ from PIL import Image
 from batch import inference
 from batch.inference import BadLine, Scorer, input_fn, model_fn, output_fn, predict_fn
 from batch.model import ModelMeta, build_network, save
-from dermscore import imaging
+from dermscore import imaging, reasons
 from dermscore.labels import CLASSES
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
@@ -97,14 +97,14 @@ def item(key: str, client=None) -> dict:
 def mixed_items(client, real_images) -> tuple[list[dict], list[str | None]]:
     """Real images interleaved with every kind of bad input; returns items and expected reasons."""
     items, expected = [], []
-    bad = [("incoming/corrupt.jpg", imaging.CORRUPT), ("incoming/notes.jpg", imaging.NOT_AN_IMAGE),
-           ("incoming/missing.jpg", imaging.READ_ERROR), ("incoming/empty.jpg", imaging.ZERO_BYTE)]
+    bad = [("incoming/corrupt.jpg", reasons.CORRUPT), ("incoming/notes.jpg", reasons.NOT_AN_IMAGE),
+           ("incoming/missing.jpg", reasons.READ_ERROR), ("incoming/empty.jpg", reasons.ZERO_BYTE)]
     for i, (name, _) in enumerate(real_images):
         items.append(item(f"incoming/{name}", client))
         expected.append(None)
         if i < len(bad):
             key, reason = bad[i]
-            items.append(item(key, client if reason != imaging.READ_ERROR else None))
+            items.append(item(key, client if reason != reasons.READ_ERROR else None))
             expected.append(reason)
     return items, expected
 
@@ -125,7 +125,7 @@ def test_s3_items_keep_order_and_reasons(scorer: Scorer, s3, real_images, model_
     assert [o["key"] for o in out] == [i["key"] for i in items]
     stats = scorer.last_stats
     assert (stats.images, stats.errors) == (N_REAL, len(items) - N_REAL) and stats.wall_s > 0
-    for o, it, reason in zip(out, items, expected):
+    for o, it, reason in zip(out, items, expected, strict=False):
         assert o["bucket"] == BUCKET and o["etag"] == it.get("etag", "")
         if reason is None:
             assert o["status"] == "ok", o
@@ -151,7 +151,7 @@ def test_streamed_equals_one_shot(model_dir: Path, s3, real_images) -> None:
     one_shot, streamed = list(big.score_items(items)), list(small.score_items(iter(items)))
     assert [(o["key"], o["status"], o.get("reason")) for o in one_shot] == \
            [(o["key"], o["status"], o.get("reason")) for o in streamed]
-    for a, b in zip(one_shot, streamed):
+    for a, b in zip(one_shot, streamed, strict=False):
         if a["status"] == "ok":
             np.testing.assert_allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-5)
 
@@ -183,7 +183,7 @@ def test_score_bytes_matches_and_rejects(scorer: Scorer, real_images) -> None:
     pairs = real_images[:2] + [("tiny.png", png.getvalue()), ("blank", b"")]
     out = scorer.score_bytes(pairs)
     assert [o["key"] for o in out] == [p[0] for p in pairs]
-    assert [o.get("reason") for o in out] == [None, None, imaging.TOO_SMALL, imaging.ZERO_BYTE]
+    assert [o.get("reason") for o in out] == [None, None, reasons.TOO_SMALL, reasons.ZERO_BYTE]
     assert all("_ref" not in o for o in out)
 
 
@@ -208,11 +208,11 @@ class _FakeS3:
 
 
 def test_too_large_is_refused_from_headers(model_dir: Path) -> None:
-    fake = _FakeS3(imaging.MAX_BYTES + 1)
+    fake = _FakeS3(reasons.MAX_BYTES + 1)
     s = Scorer.from_model_dir(model_dir, s3=fake, batch_size=2, workers=1)
     out = list(s.score_items([{"bucket": "b", "key": "incoming/huge.jpg"},
-                              {"bucket": "b", "key": "incoming/huge2.jpg", "size": imaging.MAX_BYTES + 5}]))
-    assert [o["reason"] for o in out] == [imaging.TOO_LARGE, imaging.TOO_LARGE]
+                              {"bucket": "b", "key": "incoming/huge2.jpg", "size": reasons.MAX_BYTES + 5}]))
+    assert [o["reason"] for o in out] == [reasons.TOO_LARGE, reasons.TOO_LARGE]
     assert fake.calls == 1 and fake.body.closed  # the manifest size alone refused the second
 
 
@@ -279,7 +279,7 @@ def test_non_finite_output_becomes_an_error_line(scorer: Scorer, real_images) ->
 
     broken = Scorer(nan_model, scorer.meta, "cpu", batch_size=4, workers=1)
     out = broken.score_bytes(real_images[:2])
-    assert [o.get("reason") for o in out] == [imaging.NON_FINITE_OUTPUT, None]
+    assert [o.get("reason") for o in out] == [reasons.NON_FINITE_OUTPUT, None]
     assert len(output_fn(out).split("\n")) == 2  # strict JSON (allow_nan=False) still serialises
 
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 import csv
 import io
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import stage_transform_job
 
 from dermscore import jobreport, layout, results
 from dermscore.labels import CLASSES
-from conftest import stage_transform_job
 from infra.runner import state_change_event
 
 MODEL = {"name": "m", "version": "1", "weights_sha256": "f" * 64}
 EVIL = 'incoming/batch/<script>alert("x")</script>.jpg'
-ENDED = datetime(2026, 11, 23, 12, 30, tzinfo=timezone.utc)
+ENDED = datetime(2026, 11, 23, 12, 30, tzinfo=UTC)
 
 
 def probs(mel: float, nv: float) -> list[float]:

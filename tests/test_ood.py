@@ -1,4 +1,4 @@
-"""Out-of-distribution score and threshold (batch.ood), and the fields the scorer writes."""
+"""Out-of-distribution score and threshold (training.ood), and the fields the scorer writes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from batch import ood
-from batch.model import METADATA_FILE, ModelMeta
+from batch.bundle import METADATA_FILE, ModelMeta
+from training import ood
 
 torch.set_num_threads(1)
 
@@ -52,7 +52,7 @@ def test_calibrate_an_existing_model_dir_from_its_validation_split(tiny_model: P
 
     scorer = Scorer.from_model_dir(model_dir, device="cpu", batch_size=2)
     recs = list(scorer.score_files(files[:3]))
-    for f, r in zip(files, recs):
+    for f, r in zip(files, recs, strict=False):
         assert r["image_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
         assert r["processing_ms"] > 0 and isinstance(r["ood_flag"], bool)
         assert r["ood_flag"] == (r["ood_score"] >= saved.ood_threshold)

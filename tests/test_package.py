@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from batch.model import ModelMeta, build_network, save
-from batch.package import build_model_tarball
+from infra.package import build_model_tarball
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
 

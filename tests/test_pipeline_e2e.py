@@ -7,16 +7,16 @@ are the ones the demo and AWS use. The model is a tiny random network (plumbing 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from dermscore import imaging, layout, results
-from infra.query import run_query
-from infra.runner import state_change_event
 from conftest import preserved_environ, sample_images, unique_name
+
+from analytics.query import run_query
+from dermscore import layout, reasons, results
+from infra.runner import state_change_event
 
 SPECIAL_KEY = "incoming/e2e/lésion été + copy (1).jpg"
 
@@ -77,14 +77,14 @@ def test_one_json_document_per_image(scored) -> None:
 def test_bad_files_give_failure_rows_with_reasons(scored) -> None:
     _, rows = run_query("SELECT image_key, stage, reason, detail FROM failures ORDER BY image_key", scored.out)
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("incoming/e2e/corrupt.jpg", "transform", imaging.CORRUPT),
-        ("incoming/e2e/empty.jpg", "enqueue", imaging.ZERO_BYTE),
+        ("incoming/e2e/corrupt.jpg", "transform", reasons.CORRUPT),
+        ("incoming/e2e/empty.jpg", "enqueue", reasons.ZERO_BYTE),
     ]
     assert all(r[3] for r in rows)
 
 
 def test_sql_example_and_nothing_left_in_flight(scored) -> None:
-    from infra.query import TOP_MELANOMA_SQL
+    from analytics.query import TOP_MELANOMA_SQL
 
     cols, rows = run_query(TOP_MELANOMA_SQL, scored.out)
     assert cols[:2] == ["image_key", "prob_mel"] and len(rows) == 10
@@ -113,7 +113,7 @@ def test_redelivered_batch_and_repeated_event_add_no_rows(moto_endpoint, tiny_mo
             assert event_job["status"] == "Completed"
             p.drain(timeout_s=60)
             job = p.stack.client("sagemaker").describe_transform_job(TransformJobName=event_job["job_name"])
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             p.runner.deliver(state_change_event(job, "Completed", None, now, now))   # EventBridge repeats itself
             p.export(tmp_path)
     _, rows = run_query("SELECT count(*), count(DISTINCT image_key) FROM predictions", tmp_path)

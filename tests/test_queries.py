@@ -3,7 +3,7 @@
 Images go through the local stack (moto server, the real handlers and inference, a random
 model whose outputs vary between images and whose melanoma threshold makes some rows high risk); the export is what
 Athena's tables would hold. Each named query's SQL text is read from the template and run in
-DuckDB with the documented dialect shim (``infra.query.ATHENA_SHIM``); its answer is compared
+DuckDB with the documented dialect shim (``analytics.query.ATHENA_SHIM``); its answer is compared
 with the same question answered independently in Python over the Parquet files.
 """
 
@@ -12,16 +12,16 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.dataset as ds
 import pytest
-
-from dermscore import imaging
-from infra.query import named_queries, run_query
 from conftest import preserved_environ, sample_images, unique_name
+
+from analytics.query import named_queries, run_query
+from dermscore import reasons
 
 OLD_DT = "2020-01-01"  # outside every query's window: must not show up
 
@@ -61,11 +61,11 @@ def rows_of(out: Path, table: str) -> list[dict]:
 
 
 def since(days: int) -> str:
-    return (datetime.now(timezone.utc).date() - timedelta(days=days)).isoformat()
+    return (datetime.now(UTC).date() - timedelta(days=days)).isoformat()
 
 
 def as_dicts(columns: list[str], rows: list[tuple]) -> list[dict]:
-    return [dict(zip(columns, r)) for r in rows]
+    return [dict(zip(columns, r, strict=False)) for r in rows]
 
 
 def test_the_template_has_the_three_named_queries() -> None:
@@ -119,9 +119,9 @@ def test_failures_by_reason(exported) -> None:
             example[k] = min(example.get(k, r["image_key"]), r["image_key"])
     assert {(g["dt"], g["stage"], g["reason"]): (g["images"], g["example_key"]) for g in got} == \
         {k: (n, example[k]) for k, n in counts.items()}
-    reasons = {(g["stage"], g["reason"]) for g in got}
-    assert {("enqueue", imaging.ZERO_BYTE), ("transform", imaging.CORRUPT)} <= reasons
-    assert any(reason == imaging.NOT_AN_IMAGE for _, reason in reasons)
+    found = {(g["stage"], g["reason"]) for g in got}
+    assert {("enqueue", reasons.ZERO_BYTE), ("transform", reasons.CORRUPT)} <= found
+    assert any(reason == reasons.NOT_AN_IMAGE for _, reason in found)
 
 
 def test_cli_runs_named_queries(exported, capsys) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from PIL import Image
 
+from analytics import report
 from dermscore import layout, results
-from infra import report
 
 MODEL = {"name": "m", "version": "1", "weights_sha256": "f" * 64}
 EVIL = 'incoming/batch/<script>alert("x")</script>.jpg'
@@ -23,7 +23,7 @@ def probs(mel: float, nv: float) -> list[float]:
 
 
 def write_results(root: Path) -> None:
-    when = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+    when = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
     lines = [("incoming/batch/a.jpg", probs(0.8, 0.1), -2.0), ("incoming/batch/b.jpg", probs(0.05, 0.9), -9.0),
              (EVIL, probs(0.2, 0.5), -7.0), ("incoming/batch/c.jpg", probs(0.01, 0.97), -8.0)]
     rows = [results.prediction_row(results.score_line({"bucket": "bk", "key": k, "etag": "e"}, p, MODEL, 0.3, 600, 450,

@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from botocore.exceptions import ClientError
-
 from conftest import preserved_environ, random_model, sample_images, unique_name
+
 from dermscore import layout, sharding
 from dermscore.config import Settings
 
@@ -327,7 +327,7 @@ def test_small_batch_waits_then_runs(moto_endpoint: str, small_model: Path) -> N
 # --------------------------------------------------------------------------- capacity model
 
 def test_plan_cost_arithmetic_by_hand() -> None:
-    from infra.plan import plan
+    from analytics.plan import plan
 
     # 1M images/day at 11.57 images/s: a 300 s window would gather 3,472, the cap is 3,000.
     p = plan(1_000_000, usd_per_hour=0.736, images_per_second=500, startup_minutes=6, window_s=300,
@@ -341,7 +341,7 @@ def test_plan_cost_arithmetic_by_hand() -> None:
 
 
 def test_plan_shards_big_jobs_and_keeps_small_ones_on_one_instance() -> None:
-    from infra.plan import plan
+    from analytics.plan import plan
 
     kw = dict(usd_per_hour=0.736, images_per_second=500, startup_minutes=6, max_instances=8)
     small = plan(1_000_000, **kw)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from batch.evaluate import evaluate
-from batch.model import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
+from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
+from training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "default"

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from batch import data as ham
-from batch.metrics import fit_temperature, melanoma_threshold
 from batch.model import load
 from dermscore.cli import main
+from training import data as ham
+from training.metrics import fit_temperature, melanoma_threshold
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import ROOT, sample_images
 
 ARTIFACTS = ROOT / "test-artifacts"

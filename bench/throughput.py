@@ -42,10 +42,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,7 @@ class RssSampler:
         self._phase_peak = max(self._phase_peak, now)
         return now
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -334,7 +335,7 @@ class ApiCalls:
         self._lock = threading.Lock()
         self._orig: Any = None
 
-    def __enter__(self) -> "ApiCalls":
+    def __enter__(self) -> ApiCalls:
         import botocore.client
 
         orig = self._orig = botocore.client.BaseClient._make_api_call

@@ -2,7 +2,7 @@
 
     dermscore train --data ../shared/data/ham10000 --out models/default
 
-The split is lesion-grouped and stratified (``batch.data.lesion_split``);
+The split is lesion-grouped and stratified (``training.data.lesion_split``);
 class imbalance is handled half by sampling and half by loss weights (each
 ~1/sqrt(frequency)), which balances classes in expectation without showing
 the 85 dermatofibroma images sixty times an epoch. After the last epoch the
@@ -36,12 +36,12 @@ from monai.transforms import (
 from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
-from batch import data as ham
-from batch import ood
-from batch.metrics import classification_report, fit_temperature, melanoma_threshold, softmax
 from batch.model import ARCHITECTURES, ModelMeta, build_network, pick_device, save
 from dermscore import __version__
-from dermscore.labels import CLASSES, MELANOMA_INDEX
+from dermscore.labels import MELANOMA_INDEX
+from training import data as ham
+from training import ood
+from training.metrics import classification_report, fit_temperature, melanoma_threshold, softmax
 
 log = logging.getLogger("dermscore.train")
 DEFAULT_INPUT_SIZE = (144, 192)  # (H, W): 4:3 like HAM10000, divisible by 16
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> None:
     train(args)
 
 
-if __name__ == "__main__":  # SageMaker training entry point: python -m batch.train
+if __name__ == "__main__":  # SageMaker training entry point: python -m training.train
     from dermscore.cli import main
 
     main(["train", *__import__("sys").argv[1:]])

@@ -43,7 +43,7 @@ ATHENA_SHIM = (
 
 def named_queries(template_path: str | Path | None = None) -> dict[str, tuple[str, str]]:
     """The template's ``AWS::Athena::NamedQuery`` resources: name -> (description, SQL text)."""
-    from infra.template import TEMPLATE_PATH, load_template
+    from dermscore.template import TEMPLATE_PATH, load_template
 
     template = load_template(template_path or TEMPLATE_PATH)
     return {r["Properties"]["Name"]: (r["Properties"].get("Description", ""), r["Properties"]["QueryString"])
@@ -95,8 +95,8 @@ def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> 
     cells = [[_cell(v)[:max_width] for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     line = "-+-".join("-" * w for w in widths)
-    out = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), line]
-    out += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    out = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=False)), line]
+    out += [" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) for r in cells]
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out)
 

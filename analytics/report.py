@@ -3,7 +3,7 @@
     dermscore report [--results output] [--out output/report] [--images DIR] [--top 24]
 
 Reads the exported ``predictions/`` and ``failures/`` (what ``dermscore demo`` / ``serve``
-write; the same Parquet files Athena reads) through the DuckDB views of :mod:`infra.query` and
+write; the same Parquet files Athena reads) through the DuckDB views of :mod:`analytics.query` and
 writes ``report.html`` with:
 
 * the class distribution and a risk histogram (malignant probability by risk level), as
@@ -28,7 +28,7 @@ import argparse
 import base64
 import io
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ G4DN_XLARGE_USD_PER_HOUR = TRANSFORM_USD_PER_HOUR[DEFAULT_INSTANCE_TYPE]
 
 def load(results_dir: Path) -> tuple[Any, Any]:
     """(predictions, failures) as pandas DataFrames, predictions most urgent first."""
-    from infra.query import connect
+    from analytics.query import connect
 
     con = connect(results_dir)
     try:
@@ -133,7 +133,7 @@ def risk_chart(preds: Any) -> str:
     data = [preds.loc[preds["risk_level"] == r, "malignant_prob"].to_numpy() for r in RISK_ORDER] if len(preds) \
         else [[] for _ in RISK_ORDER]
     ax.hist(data, bins=bins, stacked=True, color=[RISK_COLORS[r] for r in RISK_ORDER],
-            label=[f"{r} ({len(d)})" for r, d in zip(RISK_ORDER, data)])
+            label=[f"{r} ({len(d)})" for r, d in zip(RISK_ORDER, data, strict=False)])
     for x in (results.MODERATE_MALIGNANT, results.HIGH_MALIGNANT):
         ax.axvline(x, color="#555", linestyle="--", linewidth=1)
     ax.set_xlim(0, 1)
@@ -238,8 +238,8 @@ def render(preds: Any, fails: Any, results_dir: Path, images_dir: Path | None = 
     else:
         fail_html = "<p>No failures.</p>"
     models = sorted({f"{a} v{b} (weights {str(c)[:12]})" for a, b, c in
-                     zip(preds["model_name"], preds["model_version"], preds["weights_sha256"])}) if n else []
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                     zip(preds["model_name"], preds["model_version"], preds["weights_sha256"], strict=False)}) if n else []
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     cards = top_risk_cards(preds, results_dir, images_dir, top, progress) if n else "<p>No predictions yet.</p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dermscore report</title>

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from batch import data as ham
-from batch.metrics import classification_report, softmax
 from batch.model import load, pick_device
-from batch.train import predict_logits
 from dermscore.labels import CLASSES
+from training import data as ham
+from training.metrics import classification_report, softmax
+from training.train import predict_logits
 
 log = logging.getLogger("dermscore.evaluate")
 VALIDATION_SPLIT_FILE = "validation_split.csv"

@@ -26,13 +26,6 @@ def sqs_client():
     return boto3.client("sqs")
 
 
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    return bucket, key
-
-
 def put_parquet(s3, bucket: str, key: str, table: pa.Table) -> None:
     """Write ``table`` as one Parquet object (in-memory buffer + PUT: atomic, overwrites)."""
     buf = io.BytesIO()

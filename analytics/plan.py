@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         table = [HEADER, *rows(plans)]
         widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
         for r in table:
-            print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+            print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)))
     print(f"floor without start-up: ${plans[0].usd_per_million_ideal:,.2f} per 1M images")
     return 0
 

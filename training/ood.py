@@ -10,7 +10,7 @@ training data give higher energy. ``ood_flag`` is ``ood_score >= ModelMeta.ood_t
 
 The threshold is set on the model's validation split (never trained on) so that
 :data:`IN_DISTRIBUTION_KEPT` (95 %) of validation images pass: the flag fires on about 5 % of
-ordinary HAM10000-like images and on most images unlike them. ``batch.train`` sets it at the end
+ordinary HAM10000-like images and on most images unlike them. ``training.train`` sets it at the end
 of training; this command sets it for an existing model directory from its
 ``validation_split.csv`` without retraining (only ``metadata.json`` changes, the weights and
 their sha256 stay the same).
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.model import METADATA_FILE, ModelMeta
+from batch.bundle import METADATA_FILE, ModelMeta
 
 log = logging.getLogger("dermscore.ood")
 
@@ -59,7 +59,7 @@ def validation_paths(model_dir: Path, data_dir: Path) -> list[str]:
     """The image files of the model's validation split, found under ``data_dir``."""
     import pandas as pd
 
-    from batch import data as ham
+    from training import data as ham
 
     split = pd.read_csv(Path(model_dir) / VALIDATION_SPLIT)
     meta = ham.read_metadata(data_dir)

@@ -33,9 +33,9 @@ def format_table(records: Iterable[dict[str, Any]]) -> str:
         else:
             rows.append((r["key"], f"error: {r.get('reason')}", "", "", "", "", r.get("detail", "")[:60]))
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip(),
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=False)).rstrip(),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip() for row in rows]
     return "\n".join(lines) + "\n"
 
 

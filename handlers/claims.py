@@ -129,7 +129,7 @@ def settle(s3, bucket: str, items: Iterable[Any], job: str) -> list[str]:
     items = list(items)
     found = owners(s3, bucket, items)
     missing = [i for i, o in enumerate(found) if o is None]
-    for i, o in zip(missing, claim_all(s3, bucket, [items[i] for i in missing], job)):
+    for i, o in zip(missing, claim_all(s3, bucket, [items[i] for i in missing], job), strict=False):
         found[i] = o
     return found  # type: ignore[return-value]
 
@@ -149,7 +149,7 @@ def admit(s3, bucket: str, items: list[Any], job_exists: Callable[[str], bool],
             (resubmitted if resubmit(job) else lost).append(job)
     if lost:  # raise: the messages return to the queue, then the DLQ (alarm) - never dropped
         raise RuntimeError(f"images claimed by jobs that neither exist nor have a manifest: {lost}")
-    fresh = [it for it, o in zip(items, found) if o is None]
+    fresh = [it for it, o in zip(items, found, strict=False) if o is None]
     return fresh, {"duplicates": len(items) - len(fresh), "resubmitted": len(resubmitted)}
 
 

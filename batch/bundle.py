@@ -1,0 +1,54 @@
+"""The model directory format: ``model.pt`` + ``metadata.json``, and the sha256 that ties them.
+
+Torch-free on purpose: packaging, publishing and the demo read a model's description without
+importing torch (``batch.model`` loads the weights). The MONAI-bundle idea: a model never travels
+without its description (architecture, classes, input size, calibration, thresholds, weights hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dermscore.labels import CLASSES
+
+WEIGHTS_FILE = "model.pt"
+METADATA_FILE = "metadata.json"
+
+
+@dataclass
+class ModelMeta:
+    """What a model is and how to use its outputs (``metadata.json``)."""
+
+    name: str
+    version: str
+    arch: str
+    input_size: tuple[int, int]  # (height, width)
+    classes: tuple[str, ...] = CLASSES
+    temperature: float = 1.0
+    melanoma_threshold: float = 0.5
+    weights_sha256: str = ""
+    extra: dict = field(default_factory=dict)
+    # Out-of-distribution flag: energy score (-logsumexp(logits)) at or above this is flagged.
+    # Set on the validation split (training.ood); None in older metadata = no flag.
+    ood_threshold: float | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> ModelMeta:
+        raw = json.loads(Path(path).read_text())
+        raw["input_size"] = tuple(raw["input_size"])
+        raw["classes"] = tuple(raw["classes"])
+        return cls(**raw)
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,40 @@
+"""Why an upload cannot be scored: the reason codes of the failures table, and the size check.
+
+Pure Python on purpose: the Lambda functions need the codes and :func:`check_size` but not
+Pillow or numpy (decoding is :mod:`dermscore.imaging`, inside the transform container).
+"""
+
+from __future__ import annotations
+
+MAX_BYTES = 20 * 1024 * 1024          # larger objects are refused before download
+
+
+class ImageRejected(Exception):
+    """An input that cannot be scored; ``reason`` is a stable code for SQL."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# Reason codes, the vocabulary of the failures table.
+ZERO_BYTE = "zero_byte"
+TOO_LARGE = "too_large"
+NOT_AN_IMAGE = "not_an_image"
+UNSUPPORTED_FORMAT = "unsupported_format"
+CORRUPT = "corrupt_image"
+DECOMPRESSION_BOMB = "decompression_bomb"
+TOO_SMALL = "too_small"
+WRONG_PREFIX = "wrong_prefix"
+READ_ERROR = "read_error"
+BAD_MANIFEST_LINE = "bad_manifest_line"   # transform input line is not {"bucket", "key", ...}
+NON_FINITE_OUTPUT = "non_finite_output"   # the network produced NaN/inf for this image
+SUPERSEDED = "superseded"                 # the key was uploaded again before this upload was scored
+
+
+def check_size(n_bytes: int) -> None:
+    if n_bytes == 0:
+        raise ImageRejected(ZERO_BYTE, "object is empty")
+    if n_bytes > MAX_BYTES:
+        raise ImageRejected(TOO_LARGE, f"{n_bytes} bytes > limit {MAX_BYTES}")

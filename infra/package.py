@@ -1,0 +1,216 @@
+"""What ships: the SageMaker ``model.tar.gz`` and the Lambda functions' code, found from imports.
+
+    dermscore package-model --model models/default --out build/model.tar.gz
+    python -m infra.package --lambda-code DIR      # what `sam build` runs (infra/lambda/Makefile)
+
+``model.tar.gz`` layout (what the SageMaker PyTorch serving container expects)::
+
+    model.pt, metadata.json          the model directory (batch.bundle format)
+    code/inference.py                re-exports model_fn/input_fn/predict_fn/output_fn
+    code/requirements.txt            what the container lacks (never torch: it has its own)
+    code/<package>/<module>.py       exactly the project modules that batch.inference imports,
+                                     directly or through others (plus their package __init__)
+
+Both packages are the *import closure* of their entry points (:func:`code_closure`), read from
+the source with ``ast`` rather than from a list of folders: training, the benchmark, the CLI and
+the reports never ship, and editing them never changes the archive's bytes. The container puts
+``/opt/ml/model/code`` on ``sys.path``, so ``import batch`` works there exactly as here. The
+archive is reproducible: sorted entries, fixed mtimes/owners and a gzip header without a
+timestamp, so the same model and code give the same sha256 (a stable SageMaker model name can
+be derived from it, and an unchanged model is not uploaded twice).
+
+Standard library only (plus :mod:`batch.bundle`, itself torch-free), so `sam build` can run it
+with any python3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gzip
+import hashlib
+import io
+import logging
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+
+from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
+
+log = logging.getLogger("dermscore.package")
+
+ROOT = Path(__file__).resolve().parents[1]
+# The project's own top-level packages: imports of anything else are third-party or stdlib.
+PROJECT_PACKAGES = ("dermscore", "handlers", "batch", "training", "analytics", "bench", "infra")
+SERVING_ENTRY = "batch.inference"
+LAMBDA_ENTRIES = ("handlers.enqueue", "handlers.collect")
+# Distributions the serving container lacks. Versions come from pyproject.toml so there
+# is one place to pin them. torch is deliberately absent: the container's CUDA build wins.
+CONTAINER_REQUIREMENTS = ("monai", "efficientnet-lite-pytorch", "pillow", "numpy", "pyarrow", "boto3")
+FALLBACK_PINS = {"monai": "monai==1.6.1", "efficientnet-lite-pytorch": "efficientnet-lite-pytorch==0.1.0",
+                 "pillow": "pillow>=11", "numpy": "numpy>=2", "pyarrow": "pyarrow>=17", "boto3": "boto3>=1.35"}
+# 1980-01-01: the earliest time zip tools accept; any constant does, this one is conventional.
+DEFAULT_EPOCH = 315532800
+
+ENTRY_POINT = f'''"""SageMaker entry point: the real code lives in {SERVING_ENTRY} (shipped alongside)."""
+
+from {SERVING_ENTRY} import input_fn, model_fn, output_fn, predict_fn  # noqa: F401
+
+__all__ = ["model_fn", "input_fn", "predict_fn", "output_fn"]
+'''
+
+
+def requirements() -> str:
+    """``code/requirements.txt``: the container-missing pins, taken from pyproject.toml."""
+    pins = dict(FALLBACK_PINS)
+    pyproject = ROOT / "pyproject.toml"
+    if pyproject.is_file():
+        deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+        for dep in deps:
+            name = re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].strip().lower()
+            if name in pins:
+                pins[name] = dep.strip()
+    return "".join(f"{pins[n]}\n" for n in CONTAINER_REQUIREMENTS)
+
+
+# --- the import closure ------------------------------------------------------------------------
+
+def _module_file(root: Path, module: str) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every module name an import statement of ``tree`` may refer to (anywhere: lazy imports
+    inside functions count, since they run in the container just the same)."""
+    names: set[str] = set()
+    here = module.split(".") if is_package else module.split(".")[:-1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else (node.module or "")
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # "from pkg import module"
+    return names
+
+
+def code_closure(entries: tuple[str, ...] | list[str], root: Path = ROOT) -> list[tuple[str, Path]]:
+    """(relative path, file) of every project module the entry modules import, transitively,
+    and of the ``__init__.py`` of each package on the way, sorted by path."""
+    seen: dict[str, Path] = {}
+    todo = list(entries)
+    while todo:
+        module = todo.pop()
+        if module in seen or module.split(".")[0] not in PROJECT_PACKAGES:
+            continue
+        path = _module_file(root, module)
+        if path is None:
+            continue  # "from pkg import name" where name is not a module
+        seen[module] = path
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages
+        todo += _imported(ast.parse(path.read_bytes(), str(path)), module, path.name == "__init__.py")
+    return sorted((p.relative_to(root).as_posix(), p) for p in seen.values())
+
+
+def copy_lambda_code(out: Path, root: Path = ROOT) -> list[str]:
+    """Copy the Lambda handlers' import closure into ``out`` (a `sam build` ARTIFACTS_DIR)."""
+    out = Path(out)
+    for pkg in PROJECT_PACKAGES:
+        shutil.rmtree(out / pkg, ignore_errors=True)
+    files = code_closure(LAMBDA_ENTRIES, root)
+    for rel, path in files:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out / rel)
+    return [rel for rel, _ in files]
+
+
+# --- the archive -------------------------------------------------------------------------------
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mtime, info.mode = tarfile.DIRTYPE, mtime, 0o755
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info)
+
+
+def build_model_tarball(model_dir: Path, out: Path, root: Path = ROOT) -> Path:
+    """Write ``out`` (a SageMaker model.tar.gz) from ``model_dir``; returns ``out``.
+
+    Refuses a model whose weights do not match the sha256 in its metadata, since every
+    prediction row reports that hash as the weights that produced it.
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    for f in (WEIGHTS_FILE, METADATA_FILE):
+        if not (model_dir / f).is_file():
+            raise FileNotFoundError(f"{model_dir / f} is missing; is {model_dir} a model directory?")
+    meta = ModelMeta.read(model_dir / METADATA_FILE)
+    if meta.weights_sha256 and sha256_file(model_dir / WEIGHTS_FILE) != meta.weights_sha256:
+        raise ValueError(f"{model_dir / WEIGHTS_FILE} does not match weights_sha256 in {METADATA_FILE}")
+
+    entries: dict[str, bytes] = {
+        WEIGHTS_FILE: (model_dir / WEIGHTS_FILE).read_bytes(),
+        METADATA_FILE: (model_dir / METADATA_FILE).read_bytes(),
+        "code/inference.py": ENTRY_POINT.encode(),
+        "code/requirements.txt": requirements().encode(),
+    }
+    for rel, path in code_closure([SERVING_ENTRY], root):
+        entries[f"code/{rel}"] = path.read_bytes()
+    dirs = sorted({str(Path(n).parent.as_posix()) for n in entries if "/" in n}
+                  | {"code"})
+    dirs = sorted({p for d in dirs for p in _parents(d)})
+
+    mtime = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for d in dirs:
+                _add_dir(tar, d, mtime)
+            for name in sorted(entries):
+                _add(tar, name, entries[name], mtime)
+    tmp.replace(out)
+    log.info("wrote %s (%d files, %.1f MB, sha256 %s) for model %s v%s", out, len(entries),
+             out.stat().st_size / 1e6, sha256_file(out), meta.name, meta.version)
+    return out
+
+
+def _parents(d: str) -> list[str]:
+    parts = d.split("/")
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
+    p.add_argument("--out", type=Path, default=Path("build/model.tar.gz"), help="model.tar.gz to write")
+
+
+def run(args: argparse.Namespace) -> None:
+    out = build_model_tarball(args.model, args.out)
+    # The command's result on stdout (logs go to stderr): path and digest, for scripts.
+    sys.stdout.write(f"{out}\t{hashlib.sha256(out.read_bytes()).hexdigest()}\n")
+
+
+if __name__ == "__main__":  # `sam build`: python -m infra.package --lambda-code "$ARTIFACTS_DIR"
+    cli = argparse.ArgumentParser(description="copy the Lambda handlers' code (their import closure)")
+    cli.add_argument("--lambda-code", type=Path, required=True, metavar="DIR")
+    copied = copy_lambda_code(cli.parse_args().lambda_code)
+    sys.stdout.write("".join(f"{rel}\n" for rel in copied))
