@@ -35,12 +35,13 @@ from __future__ import annotations
 import base64
 import copy
 import io
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from dermscore.labels import CLASSES, MALIGNANT
+from dermscore.messages import OutputLine
 
 TARGET_LAYERS = {"efficientnet_lite0": "1._bn1", "densenet121": "1.class_layers.relu"}
 MODES = ("off", "high", "all")
@@ -48,18 +49,18 @@ DEFAULT_MODE = "high"
 OVERLAY_ALPHA = 0.45
 
 
-def wants_heatmap(line: dict[str, Any], mode: str) -> bool:
-    return line.get("status") == "ok" and (mode == "all" or (mode == "high" and line.get("risk_level") == "high"))
+def wants_heatmap(line: OutputLine, mode: str) -> bool:
+    return line.ok and (mode == "all" or (mode == "high" and line.risk_level == "high"))
 
 
-def target_class(line: dict[str, Any]) -> str:
+def target_class(line: OutputLine) -> str:
     """The class whose evidence the heatmap shows (see the module docstring)."""
-    p = line["probabilities"]
-    if line.get("melanoma_flag"):
+    p = line.probabilities or {}
+    if line.melanoma_flag:
         return "mel"
-    if line.get("risk_level") == "high":
+    if line.risk_level == "high":
         return max(MALIGNANT, key=lambda c: p[c])
-    return line["top_class"]
+    return str(line.top_class)
 
 
 class HeatmapMaker:
@@ -124,14 +125,13 @@ def encode(pixels: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def attach(maker: HeatmapMaker, pairs: list[tuple[dict[str, Any], np.ndarray]]) -> None:
-    """Add ``heatmap_png``, ``thumbnail_jpeg`` (base64) and ``heatmap_class`` to each line, in place."""
+def attach(maker: HeatmapMaker, pairs: list[tuple[OutputLine, np.ndarray]]) -> list[OutputLine]:
+    """Each line with its ``heatmap_png``, ``thumbnail_jpeg`` (base64) and ``heatmap_class``."""
     if not pairs:
-        return
+        return []
     pixels = np.stack([px for _, px in pairs])
     classes = [target_class(line) for line, _ in pairs]
     cams = maker.maps(pixels, [CLASSES.index(c) for c in classes])
-    for (line, px), cam, c in zip(pairs, cams, classes, strict=False):
-        line["heatmap_class"] = c
-        line["heatmap_png"] = base64.b64encode(encode(overlay(px, cam), "PNG")).decode()
-        line["thumbnail_jpeg"] = base64.b64encode(encode(px, "JPEG")).decode()
+    return [replace(line, heatmap_class=c, heatmap_png=base64.b64encode(encode(overlay(px, cam), "PNG")).decode(),
+                    thumbnail_jpeg=base64.b64encode(encode(px, "JPEG")).decode())
+            for (line, px), cam, c in zip(pairs, cams, classes, strict=True)]

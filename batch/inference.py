@@ -1,459 +1,53 @@
-"""SageMaker inference entry points and the streaming scorer behind them.
+"""SageMaker inference entry points: what the PyTorch serving container calls.
 
-SageMaker's PyTorch serving container calls, per model and per request::
+Per model and per request::
 
     model = model_fn(model_dir)                      # once per worker
-    data  = input_fn(body, "application/jsonlines")  # manifest lines -> items
-    pred  = predict_fn(data, model)                  # items -> output records
-    body  = output_fn(pred, "application/jsonlines") # records -> JSON Lines
+    data  = input_fn(body, "application/jsonlines")  # manifest lines -> ManifestLine | BadLine
+    pred  = predict_fn(data, model)                  # -> one OutputLine per input line
+    body  = output_fn(pred, "application/jsonlines") # -> JSON Lines
 
-The transform job uses ``SplitType=Line`` + ``BatchStrategy=MultiRecord``, so
-one request carries many manifest lines (``{"bucket", "key", "etag", "size"}``)
-and the response must carry exactly one line per input line, in the same
-order: :func:`dermscore.results.score_line` or :func:`dermscore.results.error_line`.
-One unreadable image produces an error line; it never fails the request.
+The transform job uses ``SplitType=Line`` + ``BatchStrategy=MultiRecord``, so one request
+carries many manifest lines and the response must carry exactly one line per input line, in
+the same order. One unreadable image produces an error line; it never fails the request. The
+work is done by :class:`batch.scorer.Scorer`.
 
-Why the :class:`Scorer` is built as a pipeline (issue 5): with one image per
-request the GPU idles while S3 and JPEG decoding run. Here a bounded thread
-pool fetches objects and decodes them (boto3 I/O and Pillow both release the
-GIL) while the main thread assembles uint8 batches into a preallocated
-(pinned, on CUDA) buffer and runs the forward pass, so the network stays the
-bottleneck. The read-ahead window is a few batches, so memory does not grow
-with the request size. The three stages (load/decode, forward, format) are
-separate methods so each can be tested and reused: the local transform runner
-and ``dermscore predict`` use the same object.
-
-Knobs (environment of the SageMaker model, all optional): ``DERMSCORE_DEVICE``
-(default cuda when available), ``DERMSCORE_BATCH_SIZE`` (32 on CPU, 128 on CUDA),
-``DERMSCORE_WORKERS`` (fetch/decode threads, default 4 x cores, max 32), ``DERMSCORE_GRADCAM``
-(``high`` = Grad-CAM heatmaps for high-risk images, the default; ``all``; ``off``). A
+Knobs (the SageMaker model's environment, ``TransformModel`` in template.yaml, all optional):
+``DERMSCORE_DEVICE`` (default cuda when available), ``DERMSCORE_BATCH_SIZE`` (32 on CPU, 128
+on CUDA), ``DERMSCORE_WORKERS`` (fetch/decode threads, default 4 x cores, max 32),
+``DERMSCORE_GRADCAM`` (``high`` = Grad-CAM heatmaps for high-risk images, ``all``, ``off``). A
 request's wall time grows with its line count, so the model server's timeout
 (``SAGEMAKER_MODEL_SERVER_TIMEOUT``) must cover MaxPayloadInMB worth of lines.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import logging
 import os
-import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-# Idle OpenMP threads sleep instead of spinning (read once, when torch loads OpenMP, so it only
-# acts if nothing imported torch before this module; the SageMaker model sets it in its
-# environment). The forward pass shares the cores with fetch/decode threads: spinning workers
-# took them away (dermscore bench, 2 cores: end to end 16 -> 24 images/s).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 from batch import gradcam
-from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
-from batch.model import load, pick_device
-from dermscore import imaging, reasons
-from dermscore.imaging import Decoded
-from dermscore.reasons import ImageRejected
-from dermscore.results import error_line, score_line
-
-log = logging.getLogger("dermscore.inference")
-
-# A manifest line that is not a JSON object with string "bucket" and "key".
-BAD_MANIFEST_LINE = reasons.BAD_MANIFEST_LINE
+from batch.model import pick_device
+from batch.scorer import BadLine, Scorer, make_s3_client
+from dermscore.messages import ManifestLine, OutputLine
 
 JSONLINES_TYPES = frozenset({"application/jsonlines", "application/x-jsonlines", "application/jsonl",
                              "application/json", "text/plain"})
 
-CPU_BATCH_SIZE = 32
-CUDA_BATCH_SIZE = 128
-READ_AHEAD_BATCHES = 3
 
+# ---- manifest lines -> ManifestLine ---------------------------------------------------------
 
-@dataclass(frozen=True)
-class BadLine:
-    """Placeholder for a manifest line that could not be parsed (keeps line order)."""
-
-    raw: str
-    detail: str
-
-
-@dataclass
-class PipelineStats:
-    """Where one pipeline run spent its time, to show what bounds throughput.
-
-    ``input_wait_s`` is time the forward loop sat waiting for fetch/decode: near zero
-    means the model is the bottleneck (the goal); large means the input side is.
-    """
-
-    images: int = 0
-    errors: int = 0
-    batches: int = 0
-    wall_s: float = 0.0
-    compute_s: float = 0.0
-    input_wait_s: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return (self.images + self.errors) / self.wall_s if self.wall_s > 0 else 0.0
-
-
-Item = dict[str, Any]
-Loader = Callable[[Any], Decoded]
-
-
-def make_s3_client(max_pool_connections: int = 32) -> Any:
-    """One client per process: boto3 clients are thread-safe and pool connections.
-
-    The endpoint comes from the environment (``AWS_ENDPOINT_URL`` for the local
-    moto stack), never from code. The pool is as large as the fetch threads,
-    otherwise urllib3 discards connections and every GET pays a new handshake.
-    """
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", config=Config(max_pool_connections=max_pool_connections,
-                                            retries={"max_attempts": 4, "mode": "standard"}))
-
-
-class Scorer:
-    """Loads a model once and scores streams of images in batched forward passes.
-
-    Stages (each usable on its own):
-      * :meth:`load_item` / :meth:`fetch`: S3 GetObject + :func:`dermscore.imaging.decode`
-        (runs in the worker threads);
-      * :meth:`forward`: a uint8 NHWC batch -> calibrated probabilities;
-      * :meth:`format`: probabilities -> a :func:`score_line` record.
-    """
-
-    def __init__(self, model: torch.nn.Module, meta: ModelMeta, device: torch.device | str = "cpu",
-                 s3: Any = None, batch_size: int | None = None, workers: int | None = None,
-                 read_ahead_batches: int = READ_AHEAD_BATCHES, heatmaps: str = "off") -> None:
-        self.model = model
-        self.meta = meta
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self.batch_size = batch_size or (CUDA_BATCH_SIZE if self.cuda else CPU_BATCH_SIZE)
-        # Threads beyond the cores still help: most of a GET is waiting on the network.
-        self.workers = workers or min(32, 4 * (os.cpu_count() or 1))
-        self.read_ahead = max(1, read_ahead_batches) * self.batch_size
-        self._s3 = s3
-        self.input_size = tuple(meta.input_size)  # (H, W)
-        self.model_info = {"name": meta.name, "version": meta.version, "weights_sha256": meta.weights_sha256}
-        h, w = self.input_size
-        # Two buffers: on CUDA the host->device copy of one may still be in flight while the
-        # next is filled. An NHWC uint8 buffer permuted to NCHW *is* channels_last memory.
-        self._buffers = [torch.empty((self.batch_size, h, w, 3), dtype=torch.uint8, pin_memory=self.cuda)
-                         for _ in range(2)]
-        self._np_buffers = [b.numpy() for b in self._buffers]  # numpy views: fast copy from decoded arrays
-        self._temperature = float(meta.temperature) or 1.0
-        self.last_stats = PipelineStats()
-        if heatmaps not in gradcam.MODES:
-            raise ValueError(f"heatmaps must be one of {gradcam.MODES}, not {heatmaps!r}")
-        self.heatmaps = heatmaps  # Grad-CAM for "high"-risk / "all" images, or "off" (batch.gradcam)
-        self._heatmap_maker: Any = None
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True
-
-    # ---- construction -------------------------------------------------------------------
-    @classmethod
-    def from_model_dir(cls, model_dir: Path | str, device: torch.device | str | None = None, s3: Any = None,
-                       verify: bool = True, **kwargs: Any) -> Scorer:
-        """Load ``model.pt`` + ``metadata.json``; refuse weights that do not match their metadata.
-
-        Every output line names ``weights_sha256``, so it must be the hash of the weights
-        that actually produced the numbers.
-        """
-        model_dir = Path(model_dir)
-        device = pick_device(device)
-        model, meta = load(model_dir, device)
-        if verify and meta.weights_sha256:
-            actual = sha256_file(model_dir / WEIGHTS_FILE)
-            if actual != meta.weights_sha256:
-                raise ValueError(f"{model_dir / WEIGHTS_FILE} sha256 {actual} != {METADATA_FILE} "
-                                 f"weights_sha256 {meta.weights_sha256}")
-        scorer = cls(model, meta, device, s3=s3, **kwargs)
-        log.info("model %s v%s (%s, input %sx%s, T=%.3f, mel threshold=%.3f) on %s, batch %d, %d workers",
-                 meta.name, meta.version, meta.arch, *scorer.input_size, scorer._temperature,
-                 meta.melanoma_threshold, device, scorer.batch_size, scorer.workers)
-        return scorer
-
-    @property
-    def s3(self) -> Any:
-        if self._s3 is None:  # local-file scoring never needs a client
-            self._s3 = make_s3_client(self.workers)
-        return self._s3
-
-    # ---- stage 1: fetch + decode (worker threads) ------------------------------------------
-    def fetch(self, item: Item) -> bytes:
-        """GetObject, refusing empty/oversized objects from the headers before reading the body."""
-        size = item.get("size")
-        if isinstance(size, int) and not isinstance(size, bool):
-            reasons.check_size(size)  # zero_byte / too_large from the event's size, without a request
-        try:
-            resp = self.s3.get_object(Bucket=item["bucket"], Key=item["key"])
-        except Exception as exc:  # NoSuchKey, AccessDenied, throttling after retries, network
-            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code") or type(exc).__name__
-            raise ImageRejected(reasons.READ_ERROR, f"GetObject s3://{item['bucket']}/{item['key']}: {code}") from exc
-        body = resp["Body"]
-        etag = item.get("etag")
-        if etag and resp.get("ETag") and resp["ETag"].strip('"') != str(etag).strip('"'):
-            # Overwritten since it was enqueued: these bytes are the newer upload, which has its
-            # own event, line and row; this upload's content is gone (docs/reliability.md).
-            body.close()
-            raise ImageRejected(reasons.SUPERSEDED, f"s3://{item['bucket']}/{item['key']} was uploaded again "
-                                                    f"(etag {etag} -> {resp['ETag'].strip(chr(34))}) before scoring")
-        try:
-            length = resp.get("ContentLength")
-            if length is not None:
-                reasons.check_size(int(length))  # zero_byte / too_large before reading the body
-            data = body.read()
-        except ImageRejected:
-            raise
-        except Exception as exc:
-            raise ImageRejected(reasons.READ_ERROR, f"reading s3://{item['bucket']}/{item['key']}: {exc}") from exc
-        finally:
-            body.close()
-        return data
-
-    def decode(self, data: bytes) -> Decoded:
-        """Decode + the sha256 of the bytes (the output names what was scored; bytes are not kept)."""
-        return dataclasses.replace(imaging.decode(data, self.input_size), sha256=hashlib.sha256(data).hexdigest())
-
-    def load_item(self, item: Item) -> Decoded:
-        return self.decode(self.fetch(item))
-
-    # ---- stage 2: forward ------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """(n, H, W, 3) uint8 -> (n, classes) calibrated probabilities (float32, on the device).
-
-        The result is left on the device so a CUDA caller can fill the next batch while the
-        kernels run; ``.cpu()`` is the synchronisation point.
-        """
-        return torch.softmax(self._logits(batch) / self._temperature, dim=1)
-
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last
-        if x.device != self.device:
-            x = x.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
-            logits = self.model(x)
-        return logits.float()
-
-    @torch.inference_mode()
-    def forward_scored(self, batch: torch.Tensor) -> torch.Tensor:
-        """Like :meth:`forward` with one more column: the energy score ``-logsumexp(logits)``
-        (Liu et al. 2020; T = 1, uncalibrated logits), the out-of-distribution score that
-        ``ModelMeta.ood_threshold`` was set on (see :mod:`training.ood`)."""
-        logits = self._logits(batch)
-        energy = -torch.logsumexp(logits, dim=1, keepdim=True)
-        return torch.cat([torch.softmax(logits / self._temperature, dim=1), energy], dim=1)
-
-    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities for already decoded (n, H, W, 3) uint8 images (benchmarks, evaluation)."""
-        out = [self.forward(torch.from_numpy(np.ascontiguousarray(pixels[i:i + self.batch_size]))).cpu()
-               for i in range(0, len(pixels), self.batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.meta.classes)), np.float32)
-
-    # ---- stage 3: format -------------------------------------------------------------------
-    def format(self, item: Item, probs: np.ndarray, decoded: Decoded, processing_ms: float | None = None,
-               ood_score: float | None = None) -> dict[str, Any]:
-        return score_line(item, probs.tolist(), self.model_info, self.meta.melanoma_threshold,
-                          decoded.width, decoded.height, image_sha256=decoded.sha256,
-                          processing_ms=processing_ms, ood_score=ood_score,
-                          ood_threshold=getattr(self.meta, "ood_threshold", None))
-
-    # ---- the pipeline ----------------------------------------------------------------------
-    def score_items(self, items: Iterable[Item | BadLine]) -> Iterator[dict[str, Any]]:
-        """Score manifest items from S3, yielding one output record per item, in order."""
-        _ = self.s3  # create the client here: boto3 client creation is not thread-safe, use is
-        return self._pipeline(items, self.load_item)
-
-    def score_bytes(self, pairs: Iterable[tuple[str, bytes]]) -> list[dict[str, Any]]:
-        """Score in-memory images given as (name, bytes); ``name`` becomes the record's key."""
-        data = {}
-
-        def items() -> Iterator[Item]:
-            for i, (name, blob) in enumerate(pairs):
-                data[i] = blob
-                yield {"bucket": "", "key": name, "etag": "", "size": len(blob), "_ref": i}
-
-        return [self._strip(r) for r in self._pipeline(items(), lambda it: self.decode(data.pop(it["_ref"])))]
-
-    def score_files(self, paths: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
-        """Score local files (read in the worker threads); the path becomes the record's key."""
-        def load_file(item: Item) -> Decoded:
-            try:
-                blob = Path(item["key"]).read_bytes()
-            except OSError as exc:
-                raise ImageRejected(reasons.READ_ERROR, f"{item['key']}: {exc.strerror or exc}") from exc
-            return self.decode(blob)
-
-        return self._pipeline(({"bucket": "", "key": str(p), "etag": ""} for p in paths), load_file)
-
-    @staticmethod
-    def _strip(record: dict[str, Any]) -> dict[str, Any]:
-        record.pop("_ref", None)
-        return record
-
-    def _pipeline(self, items: Iterable[Item | BadLine], loader: Loader) -> Iterator[dict[str, Any]]:
-        """Stream ``items`` through loader threads -> batched forward -> records, in input order.
-
-        At most ``read_ahead`` items are in flight: the window is refilled as results are
-        consumed, so a million-line request uses the memory of a few batches.
-        """
-        stats = self.last_stats = PipelineStats()
-        t0 = time.perf_counter()
-        source = iter(items)
-        window: deque[tuple[Item | BadLine, Future | None]] = deque()
-
-        def safe_load(item: Item) -> Decoded | ImageRejected:
-            try:
-                tl = time.perf_counter()
-                decoded = loader(item)
-                return dataclasses.replace(decoded, load_ms=1000 * (time.perf_counter() - tl))
-            except ImageRejected as exc:
-                return exc
-            except Exception as exc:  # anything unforeseen still must not fail the request
-                log.exception("unexpected error loading %s", item.get("key"))
-                return ImageRejected(reasons.READ_ERROR, f"{type(exc).__name__}: {exc}")
-
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dermscore-load")
-        try:
-            def refill() -> None:
-                while len(window) < self.read_ahead:
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        return
-                    if isinstance(item, BadLine):
-                        window.append((item, None))
-                    else:
-                        window.append((item, pool.submit(safe_load, item)))
-
-            refill()
-            pending: tuple[list, torch.Tensor | None] | None = None  # previous batch, maybe still computing
-            which = 0
-            while window or pending is not None:
-                # Assemble the next batch from the head of the window (order preserved).
-                entries: list[tuple[Any, Decoded | ImageRejected | BadLine]] = []
-                buf = self._buffers[which]
-                n = 0
-                while window and n < self.batch_size:
-                    item, fut = window.popleft()
-                    if fut is None:
-                        result: Decoded | ImageRejected | BadLine = item  # type: ignore[assignment]
-                    else:
-                        tw = time.perf_counter()
-                        result = fut.result()
-                        stats.input_wait_s += time.perf_counter() - tw
-                    if isinstance(result, Decoded):
-                        self._np_buffers[which][n] = result.pixels  # memcpy into the (pinned) buffer
-                        n += 1
-                    entries.append((item, result))
-                    refill()
-                probs = None
-                forward_s = 0.0
-                if n:
-                    tc = time.perf_counter()
-                    # On CUDA a short tail batch runs at full size: one input shape means one cuDNN
-                    # autotune per process, and the extra rows cost the GPU next to nothing.
-                    probs = self.forward_scored(buf if self.cuda else buf[:n])[:n]
-                    forward_s = time.perf_counter() - tc
-                    stats.compute_s += forward_s
-                    stats.batches += 1
-                # Emit the previous batch while this one computes (CUDA); on CPU forward is sync.
-                if pending is not None:
-                    yield from self._emit(*pending, stats)
-                pending = (entries, probs, forward_s) if entries else None
-                which ^= 1
-                if not window and pending is not None:
-                    yield from self._emit(*pending, stats)
-                    pending = None
-        finally:
-            # A consumer that stops early (or an exception) must not leave queued GETs running.
-            pool.shutdown(wait=True, cancel_futures=True)
-            stats.wall_s = time.perf_counter() - t0
-        log.info("scored %d images, %d errors in %.2fs (%.1f images/s; %d batches, compute %.2fs, "
-                 "waiting for input %.2fs)", stats.images, stats.errors, stats.wall_s, stats.rate,
-                 stats.batches, stats.compute_s, stats.input_wait_s)
-
-    def _emit(self, entries: list, probs: torch.Tensor | None, forward_s: float,
-              stats: PipelineStats) -> Iterator[dict[str, Any]]:
-        tc = time.perf_counter()
-        p = probs.cpu().numpy() if probs is not None else None  # CUDA: waits for the kernels
-        wait_s = time.perf_counter() - tc
-        stats.compute_s += wait_s
-        n_images = sum(isinstance(r, Decoded) for _, r in entries)
-        share_ms = 1000 * (forward_s + wait_s) / max(1, n_images)  # each image's share of the forward pass
-        n_classes = len(self.meta.classes)
-        i = 0
-        lines: list[dict[str, Any]] = []
-        selected: list[tuple[dict[str, Any], np.ndarray]] = []  # (line, pixels) that get a heatmap
-        for item, result in entries:
-            if isinstance(result, Decoded):
-                row, i = p[i], i + 1
-                if np.isfinite(row).all():
-                    stats.images += 1
-                    lines.append(self.format(item, row[:n_classes], result, processing_ms=result.load_ms + share_ms,
-                                             ood_score=float(row[n_classes])))
-                    if self.heatmaps != "off" and gradcam.wants_heatmap(lines[-1], self.heatmaps):
-                        selected.append((lines[-1], result.pixels))
-                    continue
-                # e.g. fp16 overflow: one image's bad numbers must not fail the JSON response
-                log.warning("non-finite probabilities for %s", item.get("key"))
-                lines.append(error_line(item, reasons.NON_FINITE_OUTPUT, "model produced NaN/inf"))
-            elif isinstance(result, BadLine):
-                detail = f"{result.detail}: {result.raw!r}" if result.raw else result.detail
-                lines.append(error_line({}, BAD_MANIFEST_LINE, detail))
-            else:
-                log.info("rejected %s: %s", item.get("key"), result)
-                lines.append(error_line(item, result.reason, result.detail))
-            stats.errors += 1
-        if selected:
-            self._add_heatmaps(selected)
-        yield from lines
-
-    def _add_heatmaps(self, selected: list[tuple[dict[str, Any], np.ndarray]]) -> None:
-        """Grad-CAM for the selected lines of a batch (after its forward pass; see batch.gradcam)."""
-        th = time.perf_counter()
-        try:
-            if self._heatmap_maker is None:
-                self._heatmap_maker = gradcam.HeatmapMaker(self.model, self.meta.arch, self.device)
-            gradcam.attach(self._heatmap_maker, selected)
-        except Exception:  # a heatmap is an extra: never fail the scores for it
-            log.exception("Grad-CAM failed for %d images; their lines go out without heatmaps", len(selected))
-            return
-        share_ms = 1000 * (time.perf_counter() - th) / len(selected)
-        for line, _ in selected:
-            if line.get("processing_ms") is not None:
-                line["processing_ms"] = round(line["processing_ms"] + share_ms, 3)
-
-
-# ---- manifest lines <-> records ------------------------------------------------------------
-
-def parse_line(line: str) -> Item | BadLine:
-    """One manifest line -> item, or a :class:`BadLine` that becomes an error record."""
+def parse_line(line: str) -> ManifestLine | BadLine:
+    """One manifest line -> :class:`ManifestLine`, or a :class:`BadLine` that becomes an error line."""
     try:
-        item = json.loads(line)
+        return ManifestLine.from_json(line)
     except ValueError as exc:
-        return BadLine(line[:200], f"not JSON: {exc}")
-    if not isinstance(item, dict):
-        return BadLine(line[:200], "not a JSON object")
-    if not isinstance(item.get("bucket"), str) or not isinstance(item.get("key"), str) or not item["key"]:
-        return BadLine(line[:200], 'needs string "bucket" and non-empty "key"')
-    return item
+        return BadLine(line[:200], f"not JSON: {exc}" if isinstance(exc, json.JSONDecodeError) else str(exc))
 
 
-def parse_manifest(body: bytes | bytearray | str) -> list[Item | BadLine]:
-    """A request body (JSON Lines, or a JSON array) -> items, one per line.
+def parse_manifest(body: bytes | bytearray | str) -> list[ManifestLine | BadLine]:
+    """A request body (JSON Lines, or a JSON array) -> one entry per line.
 
     ``splitlines`` drops the final newline, so "a\\nb\\n" is two records; blank lines
     in the middle are kept as bad lines so the output stays aligned line-for-line.
@@ -473,37 +67,41 @@ def parse_manifest(body: bytes | bytearray | str) -> list[Item | BadLine]:
     return [parse_line(ln) if ln.strip() else BadLine("", "empty line") for ln in lines]
 
 
-def to_jsonlines(records: Iterable[dict[str, Any]]) -> str:
-    """Records -> JSON Lines without a trailing newline (``AssembleWith=Line`` adds one per request)."""
-    return "\n".join(json.dumps(r, separators=(",", ":"), allow_nan=False) for r in records)
+def to_jsonlines(lines: Iterable[OutputLine]) -> str:
+    """Output lines -> JSON Lines without a trailing newline (``AssembleWith=Line`` adds one per request)."""
+    return "\n".join(line.to_json() for line in lines)
 
 
 # ---- SageMaker serving contract -----------------------------------------------------------
 
-def model_fn(model_dir: str, context: Any = None) -> Scorer:
-    """Load the model once per worker and create the one S3 client it will use."""
-    device = pick_device(os.environ.get("DERMSCORE_DEVICE"))
-    batch_size = int(os.environ.get("DERMSCORE_BATCH_SIZE", "0")) or None
-    workers = int(os.environ.get("DERMSCORE_WORKERS", "0")) or None
-    heatmaps = os.environ.get("DERMSCORE_GRADCAM", gradcam.DEFAULT_MODE).strip().lower() or gradcam.DEFAULT_MODE
-    scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=batch_size, workers=workers,
-                                   heatmaps=heatmaps)
-    scorer._s3 = make_s3_client(scorer.workers)  # once per worker process, shared by its threads
+def load_model(model_dir: str, env: Mapping[str, str]) -> Scorer:
+    """The scorer the model's environment asks for (``env``: the container's, i.e. TransformModel's)."""
+    heatmaps = env.get("DERMSCORE_GRADCAM", gradcam.DEFAULT_MODE).strip().lower() or gradcam.DEFAULT_MODE
+    scorer = Scorer.from_model_dir(model_dir, device=pick_device(env.get("DERMSCORE_DEVICE")),
+                                   batch_size=int(env.get("DERMSCORE_BATCH_SIZE", "0")) or None,
+                                   workers=int(env.get("DERMSCORE_WORKERS", "0")) or None, heatmaps=heatmaps)
+    scorer.s3 = make_s3_client(scorer.workers)  # once per worker process, shared by its threads
     return scorer
 
 
-def input_fn(request_body: bytes | str, request_content_type: str, context: Any = None) -> list[Item | BadLine]:
+def model_fn(model_dir: str, context: Any = None) -> Scorer:
+    """Load the model once per worker and create the one S3 client it will use."""
+    return load_model(model_dir, os.environ)
+
+
+def input_fn(request_body: bytes | str, request_content_type: str,
+             context: Any = None) -> list[ManifestLine | BadLine]:
     ctype = (request_content_type or "application/jsonlines").split(";")[0].strip().lower()
     if ctype not in JSONLINES_TYPES:
         raise ValueError(f"unsupported content type {request_content_type!r}; send application/jsonlines")
     return parse_manifest(request_body)
 
 
-def predict_fn(input_data: Iterable[Item | BadLine], model: Scorer, context: Any = None) -> list[dict[str, Any]]:
+def predict_fn(input_data: Iterable[ManifestLine | BadLine], model: Scorer, context: Any = None) -> list[OutputLine]:
     return list(model.score_items(input_data))
 
 
-def output_fn(prediction: Iterable[dict[str, Any]], accept: str | None = None, context: Any = None) -> str:
+def output_fn(prediction: Iterable[OutputLine], accept: str | None = None, context: Any = None) -> str:
     ctype = (accept or "application/jsonlines").split(";")[0].strip().lower()
     if ctype not in JSONLINES_TYPES and ctype != "*/*":
         raise ValueError(f"unsupported accept type {accept!r}; ask for application/jsonlines")

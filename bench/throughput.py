@@ -610,7 +610,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batch.inference import Scorer
+    from batch.scorer import Scorer
     from batch.model import pick_device
     from dermscore import imaging
     from infra.demo import require_model

@@ -5,8 +5,11 @@ No client is created here (callers pass theirs), so this stays free of settings 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+SQS_BATCH = 10   # entries per SendMessageBatch / ChangeMessageVisibilityBatch / DeleteMessageBatch
 
 MISSING = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
 
@@ -42,3 +45,9 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
         raise ValueError(f"not an s3:// URI: {uri!r}")
     bucket, _, key = uri[len("s3://"):].partition("/")
     return bucket, key
+
+
+def chunks(items: Sequence[T], size: int = SQS_BATCH) -> Iterator[Sequence[T]]:
+    """Consecutive slices of at most ``size`` (SQS batch calls take 10 entries)."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -7,6 +7,7 @@ local stack sets the same variables, so handlers run unchanged in both.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # On-demand price per instance-hour of SageMaker Batch Transform instances, USD, us-east-1: the
@@ -42,8 +43,10 @@ class Settings:
     max_job_attempts: int = 3
 
     @classmethod
-    def from_env(cls) -> Settings:
-        e = os.environ
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the function's environment (``os.environ`` on Lambda; the local stack passes the
+        function's own variables from template.yaml)."""
+        e = os.environ if env is None else env
         return cls(
             bucket=e["BUCKET_NAME"],
             model_name=e.get("MODEL_NAME", cls.model_name),

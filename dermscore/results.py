@@ -2,8 +2,8 @@
 
 Flow of a record::
 
-    inference (batch.inference)     -> score_line()/error_line()  one JSON line per manifest line
-    collect   (handlers.collect)    -> prediction_row()/failure_row()  + job name, time
+    container (batch.scorer)        -> score_line() / OutputLine.error()   one OutputLine per ManifestLine
+    collect   (handlers.collect)    -> prediction_row() / failure_row()    + job name, time
     Parquet / per-image JSON / SQL  -> PREDICTION_SCHEMA / FAILURE_SCHEMA
 
 Everything derived from probabilities (top class, malignant probability,
@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from dermscore import __version__
 from dermscore.labels import CLASS_NAMES, CLASSES, MALIGNANT
+from dermscore.messages import ManifestLine, OutputLine
 
 PROB_COLUMNS = [f"prob_{c}" for c in CLASSES]
 
@@ -89,53 +90,47 @@ def ood_flag(ood_score: float | None, ood_threshold: float | None) -> bool | Non
     return bool(ood_score >= ood_threshold)
 
 
-def score_line(item: dict[str, Any], probs: list[float], model: dict[str, str], melanoma_threshold: float,
+def score_line(line: ManifestLine, probs: list[float], model: dict[str, str], melanoma_threshold: float,
                width: int, height: int, image_sha256: str = "", processing_ms: float | None = None,
-               ood_score: float | None = None, ood_threshold: float | None = None) -> dict[str, Any]:
-    """The transform output line for one scored image (``item`` is its manifest line)."""
-    p = {c: float(v) for c, v in zip(CLASSES, probs, strict=False)}
+               ood_score: float | None = None, ood_threshold: float | None = None) -> OutputLine:
+    """The transform output line for one scored image."""
+    p = {c: float(v) for c, v in zip(CLASSES, probs, strict=True)}
     top = max(p, key=p.get)
     malignant = sum(p[c] for c in MALIGNANT)
     flag = p["mel"] >= melanoma_threshold
+    return OutputLine(
+        *line.upload, status="ok", probabilities=p, top_class=top, confidence=p[top], malignant_prob=malignant,
+        melanoma_flag=flag, risk_level=risk_level(malignant, flag), width=width, height=height, model=dict(model),
+        image_sha256=image_sha256 or None,
+        processing_ms=None if processing_ms is None else round(float(processing_ms), 3),
+        ood_score=None if ood_score is None else float(ood_score), ood_flag=ood_flag(ood_score, ood_threshold))
+
+
+def prediction_row(line: OutputLine, job_name: str, scored_at: datetime, heatmap_key: str | None = None,
+                   thumbnail_key: str | None = None) -> dict[str, Any]:
+    """Flatten a successful output line into a PREDICTION_SCHEMA row (picture keys: where collect stored them)."""
+    model = line.model
+    probs = line.probabilities or {}
     return {
-        "bucket": item["bucket"], "key": item["key"], "etag": item.get("etag", ""), "status": "ok",
-        "probabilities": p, "top_class": top, "confidence": p[top], "malignant_prob": malignant,
-        "melanoma_flag": flag, "risk_level": risk_level(malignant, flag),
-        "width": width, "height": height, "model": model,
-        "image_sha256": image_sha256,
-        "processing_ms": None if processing_ms is None else round(float(processing_ms), 3),
-        "ood_score": None if ood_score is None else float(ood_score),
-        "ood_flag": ood_flag(ood_score, ood_threshold),
-    }
-
-
-def error_line(item: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
-    """The transform output line for an image that could not be scored."""
-    return {"bucket": item.get("bucket", ""), "key": item.get("key", ""), "etag": item.get("etag", ""),
-            "status": "error", "reason": reason, "detail": detail}
-
-
-def prediction_row(line: dict[str, Any], job_name: str, scored_at: datetime) -> dict[str, Any]:
-    """Flatten a successful output line into a PREDICTION_SCHEMA row."""
-    model = line["model"]
-    return {
-        "image_key": line["key"], "bucket": line["bucket"], "etag": line["etag"], "job_name": job_name,
+        "image_key": line.key, "bucket": line.bucket, "etag": line.etag, "job_name": job_name,
         "scored_at": scored_at, "model_name": model["name"], "model_version": model["version"],
         "weights_sha256": model["weights_sha256"], "code_version": __version__,
-        **{f"prob_{c}": line["probabilities"][c] for c in CLASSES},
-        "top_class": line["top_class"], "top_class_name": CLASS_NAMES[line["top_class"]],
-        "confidence": line["confidence"], "malignant_prob": line["malignant_prob"],
-        "melanoma_flag": line["melanoma_flag"], "risk_level": line["risk_level"],
-        "width": line["width"], "height": line["height"],
-        "image_sha256": line.get("image_sha256") or None, "processing_ms": line.get("processing_ms"),
-        "ood_score": line.get("ood_score"), "ood_flag": line.get("ood_flag"),
-        "heatmap_key": line.get("heatmap_key"), "thumbnail_key": line.get("thumbnail_key"),
-        "heatmap_class": line.get("heatmap_class"),
+        **{f"prob_{c}": probs[c] for c in CLASSES},
+        "top_class": line.top_class, "top_class_name": CLASS_NAMES[line.top_class],
+        "confidence": line.confidence, "malignant_prob": line.malignant_prob,
+        "melanoma_flag": line.melanoma_flag, "risk_level": line.risk_level,
+        "width": line.width, "height": line.height,
+        "image_sha256": line.image_sha256 or None, "processing_ms": line.processing_ms,
+        "ood_score": line.ood_score, "ood_flag": line.ood_flag,
+        "heatmap_key": heatmap_key, "thumbnail_key": thumbnail_key,
+        "heatmap_class": line.heatmap_class if heatmap_key else None,
     }
 
 
-def failure_row(bucket: str, key: str, etag: str, stage: str, reason: str, detail: str,
+def failure_row(upload: ManifestLine, stage: str, reason: str, detail: str,
                 job_name: str | None = None, failed_at: datetime | None = None) -> dict[str, Any]:
+    """A FAILURE_SCHEMA row: the upload, where it stopped (enqueue | transform | collect) and why."""
+    bucket, key, etag = upload.upload
     return {"image_key": key, "bucket": bucket, "etag": etag, "job_name": job_name, "stage": stage,
             "reason": reason, "detail": detail, "failed_at": failed_at or utcnow()}
 

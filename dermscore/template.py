@@ -165,6 +165,9 @@ class Resolver:
                 return all(self.resolve(x) for x in arg)
             if key == "Fn::Or":
                 return any(self.resolve(x) for x in arg)
+            if key == "Fn::FindInMap":
+                name, top, second = (str(v) for v in self.resolve(arg))
+                return self.resolve(self.template["Mappings"][name][top][second])
             if key == "Condition":
                 return self.condition(arg)
         return {k: self.resolve(v) for k, v in node.items()}
@@ -184,6 +187,9 @@ class LocalSpec:
     notification_suffixes: tuple[str, ...]
     enqueue_env: dict[str, str]
     collect_env: dict[str, str]
+    # The SageMaker Model's container environment (TransformModel), which the local transform
+    # runner gives the container code, so local and AWS defaults cannot differ.
+    model_env: dict[str, str] = field(default_factory=dict)
     # Extras (beyond the contract above), handy for tests of the local stack.
     bucket: str = ""
     stack_name: str = "dermscore"
@@ -205,6 +211,12 @@ def function_property(template: dict[str, Any], logical_id: str, name: str, reso
     if name in props:
         return resolver.resolve(props[name])
     return resolver.resolve(((template.get("Globals") or {}).get("Function") or {}).get(name))
+
+
+def model_env(template: dict[str, Any], resolver: Resolver) -> dict[str, str]:
+    """The ``TransformModel`` container's Environment (``AWS::SageMaker::Model``)."""
+    container = template["Resources"]["TransformModel"]["Properties"]["PrimaryContainer"]
+    return {k: _str(v) for k, v in resolver.resolve(container.get("Environment", {})).items() if v is not None}
 
 
 def _str(v: Any) -> str:
@@ -261,6 +273,7 @@ def local_spec(bucket: str, stack_name: str = "dermscore", path: str | Path = TE
         notification_suffixes=suffixes,
         enqueue_env=function_env(t, "EnqueueFunction", r),
         collect_env=function_env(t, "CollectFunction", r),
+        model_env=model_env(t, r),
         bucket=bucket,
         stack_name=stack_name,
         enqueue_timeout_s=int(function_property(t, "EnqueueFunction", "Timeout", r) or 3),

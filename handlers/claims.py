@@ -7,6 +7,8 @@ object per upload attempt under ``claims/``, created with ``PutObject(IfNoneMatc
 
     claims/<sha256(bucket, key, etag, attempt)[:32]>.json  ->  {"job": <transform job name>, ...}
 
+(the key is :attr:`dermscore.messages.ManifestLine.claim_key`)
+
 S3 creates the object only if no object of that key exists (HTTP 412 otherwise), atomically
 and strongly consistent, so exactly one writer wins, however many duplicates race. **The claim
 names the one transform job whose output counts for that upload**; everything else follows:
@@ -39,128 +41,97 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
-from dermscore import layout
+from dermscore.aws import error_code, is_missing
+from dermscore.messages import ManifestLine
+
+T = TypeVar("T")
 
 WORKERS = 16                        # parallel claim requests (boto3 clients are thread-safe)
 CONFLICT_RETRIES = 5                # S3 answers 409 ConditionalRequestConflict to simultaneous writers
 PRECONDITION_FAILED = ("PreconditionFailed", "412")
 CONFLICT = ("ConditionalRequestConflict", "409")
-MISSING = ("NoSuchKey", "404", "NotFound")
 
 
-def _get(item: Any, name: str, default: Any = None) -> Any:
-    return item.get(name, default) if isinstance(item, Mapping) else getattr(item, name, default)
-
-
-def identity(item: Any) -> tuple[str, str, str, int]:
-    """(bucket, key, etag, attempt) of a manifest line (dict) or an enqueue ``Item``."""
-    return (str(_get(item, "bucket", "")), str(_get(item, "key", "")), str(_get(item, "etag", "") or "").strip('"'),
-            int(_get(item, "attempt", 0) or 0))
-
-
-def claim_key(item: Any) -> str:
-    bucket, key, etag, attempt = identity(item)
-    return f"{layout.CLAIMS}{layout.content_digest(bucket, key, etag, str(attempt), length=32)}.json"
-
-
-def _code(exc: ClientError) -> str:
-    err = exc.response.get("Error", {})
-    return str(err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-
-
-def owner(s3, bucket: str, item: Any) -> str | None:
+def owner(s3, bucket: str, line: ManifestLine) -> str | None:
     """The job named by the upload's claim, or None if it has none."""
     try:
-        body = s3.get_object(Bucket=bucket, Key=claim_key(item))["Body"].read()
+        body = s3.get_object(Bucket=bucket, Key=line.claim_key)["Body"].read()
     except ClientError as exc:
-        if _code(exc) in MISSING:
+        if is_missing(exc):
             return None
         raise
     return json.loads(body)["job"]
 
 
-def claim(s3, bucket: str, item: Any, job: str) -> str:
+def claim(s3, bucket: str, line: ManifestLine, job: str) -> str:
     """Claim the upload for ``job`` unless it is claimed already; returns the owning job."""
-    img_bucket, key, etag, attempt = identity(item)
+    img_bucket, key, etag, attempt = line.identity
     body = json.dumps({"job": job, "bucket": img_bucket, "key": key, "etag": etag, "attempt": attempt},
                       ensure_ascii=False).encode()
     for i in range(CONFLICT_RETRIES):
         try:
-            s3.put_object(Bucket=bucket, Key=claim_key(item), Body=body, IfNoneMatch="*",
+            s3.put_object(Bucket=bucket, Key=line.claim_key, Body=body, IfNoneMatch="*",
                           ContentType="application/json")
             return job
         except ClientError as exc:
-            code = _code(exc)
+            code = error_code(exc)
             if code in PRECONDITION_FAILED:
                 break
             if code not in CONFLICT or i == CONFLICT_RETRIES - 1:
                 raise
             time.sleep(0.05 * 2 ** i)
-    found = owner(s3, bucket, item)
+    found = owner(s3, bucket, line)
     if found is None:  # cannot happen with S3's guarantees; never guess an owner
-        raise RuntimeError(f"claim {claim_key(item)} refused but not readable")
+        raise RuntimeError(f"claim {line.claim_key} refused but not readable")
     return found
 
 
-def _map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-    if len(items) <= 1:
-        return [fn(it) for it in items]
-    with ThreadPoolExecutor(min(WORKERS, len(items)), thread_name_prefix="claims") as pool:
-        return list(pool.map(fn, items))
+def _map(fn: Callable[[ManifestLine], T], lines: list[ManifestLine]) -> list[T]:
+    if len(lines) <= 1:
+        return [fn(ln) for ln in lines]
+    with ThreadPoolExecutor(min(WORKERS, len(lines)), thread_name_prefix="claims") as pool:
+        return list(pool.map(fn, lines))
 
 
-def owners(s3, bucket: str, items: Iterable[Any]) -> list[str | None]:
-    return _map(lambda it: owner(s3, bucket, it), list(items))
+def owners(s3, bucket: str, lines: Iterable[ManifestLine]) -> list[str | None]:
+    return _map(lambda ln: owner(s3, bucket, ln), list(lines))
 
 
-def claim_all(s3, bucket: str, items: Iterable[Any], job: str) -> list[str]:
-    """Claim every item for ``job``; returns each item's owner (another job where a duplicate won)."""
-    return _map(lambda it: claim(s3, bucket, it, job), list(items))
+def claim_all(s3, bucket: str, lines: Iterable[ManifestLine], job: str) -> list[str]:
+    """Claim every line for ``job``; returns each line's owner (another job where a duplicate won)."""
+    return _map(lambda ln: claim(s3, bucket, ln, job), list(lines))
 
 
-def settle(s3, bucket: str, items: Iterable[Any], job: str) -> list[str]:
+def settle(s3, bucket: str, lines: Iterable[ManifestLine], job: str) -> list[str]:
     """Owners of a finished job's images (collect): unclaimed images are claimed for ``job``."""
-    items = list(items)
-    found = owners(s3, bucket, items)
+    lines = list(lines)
+    found: list[Any] = owners(s3, bucket, lines)
     missing = [i for i, o in enumerate(found) if o is None]
-    for i, o in zip(missing, claim_all(s3, bucket, [items[i] for i in missing], job), strict=False):
+    for i, o in zip(missing, claim_all(s3, bucket, [lines[i] for i in missing], job), strict=True):
         found[i] = o
-    return found  # type: ignore[return-value]
+    return found
 
 
-def admit(s3, bucket: str, items: list[Any], job_exists: Callable[[str], bool],
-          resubmit: Callable[[str], bool]) -> tuple[list[Any], dict[str, int]]:
-    """Enqueue's filter: the items no job owns yet, after finishing jobs whose submitter died.
+def admit(s3, bucket: str, lines: list[ManifestLine], job_exists: Callable[[str], bool],
+          resubmit: Callable[[str], bool]) -> tuple[list[ManifestLine], dict[str, int]]:
+    """Enqueue's filter: the lines no job owns yet, after finishing jobs whose submitter died.
 
-    An item claimed by a job that does not exist was claimed by an invocation that failed
+    A line claimed by a job that does not exist was claimed by an invocation that failed
     between claiming and CreateTransformJob; ``resubmit(job)`` submits that job again from its
-    manifest (True if it could). Returns (items to submit, counts for the log).
+    manifest (True if it could). Returns (lines to submit, counts for the log).
     """
-    found = owners(s3, bucket, items)
+    found = owners(s3, bucket, lines)
     resubmitted, lost = [], []
     for job in sorted({o for o in found if o}):
         if not job_exists(job):
             (resubmitted if resubmit(job) else lost).append(job)
     if lost:  # raise: the messages return to the queue, then the DLQ (alarm) - never dropped
         raise RuntimeError(f"images claimed by jobs that neither exist nor have a manifest: {lost}")
-    fresh = [it for it, o in zip(items, found, strict=False) if o is None]
-    return fresh, {"duplicates": len(items) - len(fresh), "resubmitted": len(resubmitted)}
-
-
-def read_manifest(s3, bucket: str, job: str) -> list[dict[str, Any]]:
-    """The manifest lines of ``job`` (every ``.jsonl`` under ``manifests/<job>``: one file or shards)."""
-    lines: list[dict[str, Any]] = []
-    prefix = f"{layout.MANIFESTS}{job}"
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            rest = obj["Key"][len(prefix):]
-            if obj["Key"].endswith(".jsonl") and (rest == ".jsonl" or rest.startswith("/")):
-                body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
-                lines += [json.loads(ln) for ln in body.splitlines() if ln.strip()]
-    return lines
+    fresh = [ln for ln, o in zip(lines, found, strict=True) if o is None]
+    return fresh, {"duplicates": len(lines) - len(fresh), "resubmitted": len(resubmitted)}

@@ -11,8 +11,9 @@ On ``Completed``::
                                                             last; its failure is logged, not raised
 
 On ``Failed`` / ``Stopped`` the job's images go back to the queue as a new attempt
-(``attempt + 1``, at most ``MAX_JOB_ATTEMPTS`` attempts in all); after the last attempt every
-image gets a failure row carrying the job's FailureReason (``<job>-job.parquet``).
+(a :class:`dermscore.messages.Retry` per image, ``attempt + 1``, at most ``MAX_JOB_ATTEMPTS``
+attempts in all); after the last attempt every image gets a failure row carrying the job's
+FailureReason (``<job>-job.parquet``).
 
 File names derive from the job name and the date from the job's end time, so a repeated
 event overwrites the same objects instead of adding rows; rows are written only for images
@@ -22,20 +23,20 @@ duplicate that raced) still gets one row.
 
 from __future__ import annotations
 
-import json
+import base64
 import posixpath
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote_plus
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
 
 from dermscore import jobreport, layout, results
-from dermscore.aws import parse_s3_uri
-from dermscore.config import Settings
-from handlers import claims
-from handlers.storage import dt_of, put_json, put_parquet, s3_client, sqs_client, write_failures
+from dermscore.aws import chunks, iter_keys, parse_s3_uri
+from dermscore.messages import ManifestLine, OutputLine, Retry
+from handlers import claims, runtime
+from handlers.runtime import Runtime
+from handlers.storage import dt_of, put_json, put_parquet, read_lines, write_failures
 
 logger = Logger(service="dermscore-collect")
 
@@ -63,19 +64,16 @@ def finished_at(event: EventBridgeEvent) -> datetime:
             or _time(detail.get("LastModifiedTime")) or results.utcnow())
 
 
-def read_lines(s3, bucket: str, key: str) -> list[str]:
-    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-    return [ln for ln in body.splitlines() if ln.strip()]
-
-
 def input_files(s3, detail: dict[str, Any]) -> list[tuple[str, str]]:
     """(bucket, key) of every input file of the job (S3Prefix semantics: all objects under it)."""
-    src = detail["TransformInput"]["DataSource"]["S3DataSource"]
-    bucket, prefix = parse_s3_uri(src["S3Uri"])
-    keys: list[str] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys += [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
-    return [(bucket, k) for k in sorted(keys)]
+    bucket, prefix = parse_s3_uri(detail["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"])
+    return [(bucket, k) for k in sorted(iter_keys(s3, bucket, prefix))]
+
+
+def job_lines(s3, detail: dict[str, Any]) -> list[tuple[str, list[ManifestLine]]]:
+    """(input key, its manifest lines) for every input file of the job."""
+    return [(key, [ManifestLine.from_json(ln) for ln in read_lines(s3, bucket, key)])
+            for bucket, key in input_files(s3, detail)]
 
 
 def output_key(output_path: str, input_key: str) -> tuple[str, str]:
@@ -85,67 +83,65 @@ def output_key(output_path: str, input_key: str) -> tuple[str, str]:
     return bucket, f"{prefix}{posixpath.basename(input_key)}.out"
 
 
-def join(items: list[dict[str, Any]], out_lines: list[str]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
-    """Pair manifest items with output lines (same order); a missing line pairs with None."""
+def join(lines: list[ManifestLine], out_lines: list[str]) -> list[tuple[ManifestLine, OutputLine | None]]:
+    """Pair manifest lines with output lines (same order); a missing line pairs with None."""
     pairs = []
-    for i, item in enumerate(items):
-        line = json.loads(out_lines[i]) if i < len(out_lines) else None
-        if line is not None and line.get("key") and line["key"] != item["key"]:
-            raise ValueError(f"output line {i} is for {line.get('key')!r}, manifest has {item['key']!r}")
-        pairs.append((item, line))
+    for i, line in enumerate(lines):
+        out = OutputLine.from_json(out_lines[i]) if i < len(out_lines) else None
+        if out is not None and out.key and out.key != line.key:
+            raise ValueError(f"output line {i} is for {out.key!r}, manifest has {line.key!r}")
+        pairs.append((line, out))
     return pairs
 
 
-PICTURES = (("heatmap_png", "heatmap_key", layout.HEATMAP_SUFFIX, "image/png"),
-            ("thumbnail_jpeg", "thumbnail_key", layout.THUMBNAIL_SUFFIX, "image/jpeg"))
+PICTURES = (("heatmap_png", layout.HEATMAP_SUFFIX, "image/png"),
+            ("thumbnail_jpeg", layout.THUMBNAIL_SUFFIX, "image/jpeg"))
 
 
-def store_pictures(s3, bucket: str, line: dict[str, Any]) -> dict[str, Any]:
+def store_pictures(s3, bucket: str, line: OutputLine) -> dict[str, str | None]:
     """Write a line's Grad-CAM heatmap and thumbnail (base64 in the transform output, from
-    ``batch.gradcam``) beside the image's JSON; the line keeps their keys instead of the bytes."""
-    import base64
-
-    for field, key_field, suffix, ctype in PICTURES:
-        data = line.pop(field, None)
+    ``batch.gradcam``) beside the image's JSON; returns their keys for the row."""
+    keys: dict[str, str | None] = {"heatmap_key": None, "thumbnail_key": None}
+    for (field, suffix, ctype), name in zip(PICTURES, keys, strict=True):
+        data = getattr(line, field)
         if data:
-            key = layout.image_artifact_key(line["key"], suffix)
-            s3.put_object(Bucket=bucket, Key=key, Body=base64.b64decode(data), ContentType=ctype)
-            line[key_field] = key
-    return line
+            keys[name] = layout.image_artifact_key(line.key, suffix)
+            s3.put_object(Bucket=bucket, Key=keys[name], Body=base64.b64decode(data), ContentType=ctype)
+    return keys
 
 
-def collect_completed(s3, settings: Settings, detail: dict[str, Any], when: datetime) -> dict[str, int]:
+def collect_completed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[str, int]:
+    s3, bucket = rt.s3, rt.settings.bucket
     job = detail["TransformJobName"]
     dt = dt_of(when)
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    for in_bucket, in_key in input_files(s3, detail):
-        items = [json.loads(ln) for ln in read_lines(s3, in_bucket, in_key)]
+    for in_key, lines in job_lines(s3, detail):
         out_bucket, out_key = output_key(detail["TransformOutput"]["S3OutputPath"], in_key)
         try:
             out_lines = read_lines(s3, out_bucket, out_key)
         except s3.exceptions.NoSuchKey:
             out_lines = []
-        owners = claims.settle(s3, settings.bucket, items, job)
-        for (item, line), owner in zip(join(items, out_lines), owners, strict=False):
+        owners = claims.settle(s3, bucket, lines, job)
+        for (line, out), owner in zip(join(lines, out_lines), owners, strict=True):
             if owner != job:
                 logger.info("image owned by another job; no row from this one",
-                            extra={"job_name": job, "image_key": item["key"], "owner": owner})
-            elif line is None:
-                failures.append(results.failure_row(item["bucket"], item["key"], item.get("etag", ""), "collect",
-                                                    MISSING_OUTPUT, f"no output line in {out_key}", job, when))
-            elif line.get("status") == "ok":
-                rows.append(results.prediction_row(store_pictures(s3, settings.bucket, line), job, when))
+                            extra={"job_name": job, "image_key": line.key, "owner": owner})
+            elif out is None:
+                failures.append(results.failure_row(line, "collect", MISSING_OUTPUT, f"no output line in {out_key}",
+                                                    job, when))
+            elif out.ok:
+                rows.append(results.prediction_row(out, job, when, **store_pictures(s3, bucket, out)))
             else:
-                failures.append(results.failure_row(item["bucket"], item["key"], item.get("etag", ""), "transform",
-                                                    line.get("reason", "unknown"), line.get("detail", ""), job, when))
+                failures.append(results.failure_row(line, "transform", out.reason or "unknown", out.detail or "",
+                                                    job, when))
     if rows:
-        put_parquet(s3, settings.bucket, layout.prediction_partition_key(dt, job),
+        put_parquet(s3, bucket, layout.prediction_partition_key(dt, job),
                     results.to_table(rows, results.PREDICTION_SCHEMA))
         for row in rows:
-            put_json(s3, settings.bucket, layout.image_result_key(row["image_key"]), results.image_document(row))
-    write_failures(s3, settings.bucket, dt, f"{job}-transform", failures)
-    write_report(s3, settings.bucket, rows, failures, job_summary(detail, when))
+            put_json(s3, bucket, layout.image_result_key(row["image_key"]), results.image_document(row))
+    write_failures(s3, bucket, dt, f"{job}-transform", failures)
+    write_report(s3, bucket, rows, failures, job_summary(detail, when))
     logger.info("transform job collected", extra={"job_name": job, "scored": len(rows), "failed": len(failures)})
     return {"scored": len(rows), "failed": len(failures)}
 
@@ -176,72 +172,59 @@ def write_report(s3, bucket: str, rows: list[dict[str, Any]], failures: list[dic
     return True
 
 
-def collect_failed(s3, settings: Settings, detail: dict[str, Any], when: datetime) -> dict[str, int]:
+def collect_failed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[str, int]:
+    settings = rt.settings
     job = detail["TransformJobName"]
     status = detail["TransformJobStatus"]
     reason = JOB_STOPPED if status == "Stopped" else JOB_FAILED
     why = detail.get("FailureReason") or f"transform job {status.lower()}"
-    items = [json.loads(ln) for in_bucket, in_key in input_files(s3, detail) for ln in read_lines(s3, in_bucket, in_key)]
-    owned = [it for it, o in zip(items, claims.settle(s3, settings.bucket, items, job), strict=False) if o == job]
-    def another_attempt(it: dict[str, Any]) -> bool:
-        return bool(settings.queue_url) and int(it.get("attempt", 0)) + 1 < settings.max_job_attempts
+    lines = [ln for _, file_lines in job_lines(rt.s3, detail) for ln in file_lines]
+    owners = claims.settle(rt.s3, settings.bucket, lines, job)
+    owned = [ln for ln, o in zip(lines, owners, strict=True) if o == job]
 
-    retry = [it for it in owned if another_attempt(it)]
-    last = [it for it in owned if not another_attempt(it)]
-    requeue(settings, retry, job, why, when)
-    failures = [results.failure_row(it["bucket"], it["key"], it.get("etag", ""), "transform", reason, why, job, when)
-                for it in last]
-    write_failures(s3, settings.bucket, dt_of(when), f"{job}-job", failures)
+    def another_attempt(line: ManifestLine) -> bool:
+        return bool(settings.queue_url) and line.attempt + 1 < settings.max_job_attempts
+
+    retry = [ln for ln in owned if another_attempt(ln)]
+    last = [ln for ln in owned if not another_attempt(ln)]
+    requeue(rt, [Retry(ln.next_attempt(), job, why) for ln in retry])
+    failures = [results.failure_row(ln, "transform", reason, why, job, when) for ln in last]
+    write_failures(rt.s3, settings.bucket, dt_of(when), f"{job}-job", failures)
     logger.error("transform job did not complete", extra={"job_name": job, "status": status, "reason": why,
                                                           "requeued": len(retry), "images": len(failures)})
     return {"scored": 0, "failed": len(failures), "requeued": len(retry)}
 
 
-def retry_record(item: dict[str, Any], job: str, why: str, when: datetime) -> dict[str, Any]:
-    """An S3 ObjectCreated record (the shape enqueue reads) for the next attempt of ``item``."""
-    return {"eventVersion": "2.1", "eventSource": "dermscore:collect", "eventName": "ObjectCreated:Retry",
-            "eventTime": when.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
-            "s3": {"bucket": {"name": item["bucket"]},
-                   "object": {"key": quote_plus(item["key"], safe=""), "size": item.get("size", 0),
-                              "eTag": item.get("etag", "")}},
-            "dermscore": {"attempt": int(item.get("attempt", 0)) + 1, "retryOf": job, "reason": why[:500]}}
-
-
-def requeue(settings: Settings, items: list[dict[str, Any]], job: str, why: str, when: datetime,
-            sqs=None) -> int:
-    """Send the images of a failed job back to the images queue, one message per image.
+def requeue(rt: Runtime, retries: list[Retry]) -> int:
+    """Send the images of a failed job back to the images queue, one :class:`Retry` message each.
 
     A repeated event sends them again; enqueue admits each (upload, attempt) once (its claim).
     A send that fails raises: Lambda retries the event, and nothing was written yet for them.
     """
-    if not items:
-        return 0
-    sqs = sqs or sqs_client()
-    for i in range(0, len(items), 10):
-        chunk = items[i:i + 10]
-        resp = sqs.send_message_batch(QueueUrl=settings.queue_url, Entries=[
-            {"Id": str(j), "MessageBody": json.dumps({"Records": [retry_record(it, job, why, when)]})}
-            for j, it in enumerate(chunk)])
+    for chunk in chunks(retries):
+        resp = rt.sqs.send_message_batch(QueueUrl=rt.settings.queue_url, Entries=[
+            {"Id": str(j), "MessageBody": r.to_json()} for j, r in enumerate(chunk)])
         if resp.get("Failed"):
-            raise RuntimeError(f"could not re-queue {len(resp['Failed'])} images of {job}: {resp['Failed'][:1]}")
-    logger.warning("images of a failed transform job re-queued", extra={"job_name": job, "images": len(items)})
-    return len(items)
+            raise RuntimeError(f"could not re-queue {len(resp['Failed'])} images of {chunk[0].failed_job}: "
+                               f"{resp['Failed'][:1]}")
+    if retries:
+        logger.warning("images of a failed transform job re-queued",
+                       extra={"job_name": retries[0].failed_job, "images": len(retries)})
+    return len(retries)
 
 
-def handle(event: EventBridgeEvent, settings: Settings | None = None, s3=None) -> dict[str, Any]:
-    settings = settings or Settings.from_env()
+def handle(event: EventBridgeEvent, rt: Runtime) -> dict[str, Any]:
     detail = event.detail
     job = detail.get("TransformJobName", "")
     status = detail.get("TransformJobStatus", "")
-    if event.detail_type != DETAIL_TYPE or not job.startswith(settings.job_prefix):
+    if event.detail_type != DETAIL_TYPE or not job.startswith(rt.settings.job_prefix):
         logger.info("event ignored", extra={"detail_type": event.detail_type, "job_name": job})
         return {"job_name": job, "status": status, "ignored": True}
-    s3 = s3 or s3_client()
     when = finished_at(event)
     if status == "Completed":
-        counts = collect_completed(s3, settings, detail, when)
+        counts = collect_completed(rt, detail, when)
     elif status in ("Failed", "Stopped"):
-        counts = collect_failed(s3, settings, detail, when)
+        counts = collect_failed(rt, detail, when)
     else:
         logger.info("non-terminal state ignored", extra={"job_name": job, "status": status})
         return {"job_name": job, "status": status, "ignored": True}
@@ -249,5 +232,5 @@ def handle(event: EventBridgeEvent, settings: Settings | None = None, s3=None) -
 
 
 @logger.inject_lambda_context
-def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return handle(EventBridgeEvent(event))
+def lambda_handler(event: dict[str, Any], context: Any, rt: Runtime | None = None) -> dict[str, Any]:
+    return handle(EventBridgeEvent(event), rt or runtime.default())

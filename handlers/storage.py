@@ -1,4 +1,4 @@
-"""Small helpers shared by the two handlers (S3 I/O of Parquet and JSON, clients)."""
+"""S3 I/O shared by the handlers: manifests in, Parquet and JSON out (clients come from handlers.runtime)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,29 @@ import json
 from datetime import datetime
 from typing import Any
 
-import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dermscore import layout, results
+from dermscore.aws import iter_keys
+from dermscore.messages import ManifestLine
 
 
-def s3_client():
-    return boto3.client("s3")
+def read_lines(s3, bucket: str, key: str) -> list[str]:
+    """The non-blank lines of a JSON Lines object."""
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    return [ln for ln in body.splitlines() if ln.strip()]
 
 
-def sagemaker_client():
-    return boto3.client("sagemaker")
+def manifest_files(s3, bucket: str, job: str) -> list[str]:
+    """Every ``.jsonl`` of ``job``'s manifest (one file, or shards under ``manifests/<job>/``)."""
+    prefix = f"{layout.MANIFESTS}{job}"
+    return sorted(k for k in iter_keys(s3, bucket, prefix)
+                  if k.endswith(".jsonl") and (k[len(prefix):] == ".jsonl" or k[len(prefix):].startswith("/")))
 
 
-def sqs_client():
-    return boto3.client("sqs")
+def read_manifest(s3, bucket: str, job: str) -> list[ManifestLine]:
+    return [ManifestLine.from_json(ln) for key in manifest_files(s3, bucket, job) for ln in read_lines(s3, bucket, key)]
 
 
 def put_parquet(s3, bucket: str, key: str, table: pa.Table) -> None:

@@ -4,7 +4,8 @@ moto accepts ``CreateTransformJob`` and runs nothing, so this runner does what t
 service does with the recorded request:
 
 1. downloads and extracts the ``model.tar.gz`` named by the Model's ``ModelDataUrl`` and
-   calls ``batch.inference.model_fn`` once per model (cached);
+   loads it once per model (cached) with the SageMaker Model's environment from template.yaml
+   (``TransformModel``), as the container would;
 2. for every input file under ``TransformInput ... S3Uri`` (S3Prefix semantics) splits
    the lines into requests of at most ``MaxPayloadInMB`` (``MultiRecord``; one line per
    request with ``SingleRecord``) and runs ``input_fn -> predict_fn -> output_fn`` on each;
@@ -35,7 +36,7 @@ from typing import Any
 
 from dermscore.aws import parse_s3_uri
 from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION
-from infra.stack import LocalStack, invoke_lock
+from infra.stack import LocalStack, client_lock
 
 log = logging.getLogger("dermscore.runner")
 
@@ -195,9 +196,15 @@ class TransformRunner:
         cache_key, model_dir = self.model_dir(model_name)
         if cache_key not in self._models:
             log.info("model %s loaded from %s", model_name, cache_key[0])
-            with invoke_lock():  # model_fn creates boto3 clients; handlers may be doing so in another thread
-                self._models[cache_key] = inference.model_fn(str(model_dir))
+            with client_lock():  # the scorer creates a boto3 client; others may be doing so in another thread
+                self._models[cache_key] = inference.load_model(str(model_dir), self.container_env())
         return self._models[cache_key]
+
+    def container_env(self) -> dict[str, str]:
+        """The transform container's environment: the SageMaker Model's (TransformModel in
+        template.yaml, as on AWS), with ``DERMSCORE_*`` variables of this process on top (a local
+        knob, e.g. ``dermscore bench --heatmaps``)."""
+        return {**self.stack.spec.model_env, **{k: v for k, v in os.environ.items() if k.startswith("DERMSCORE_")}}
 
     def model_dir(self, model_name: str) -> tuple[tuple[str, str], Path]:
         """The extracted model.tar.gz of ``model_name`` (downloaded once per artifact)."""
@@ -250,9 +257,8 @@ class TransformRunner:
         are spawned (not forked: this process runs server and client threads) and each loads the
         model once, like an instance's container; CPU threads are shared out between them."""
         _, model_dir = self.model_dir(job["ModelName"])
-        env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.startswith("DERMSCORE_")
-               or k in ("OMP_WAIT_POLICY",)}
-        env["AWS_ENDPOINT_URL"] = self.stack.endpoint
+        env = {**{k: v for k, v in os.environ.items() if k.startswith("AWS_")}, **self.container_env(),
+               "AWS_ENDPOINT_URL": self.stack.endpoint}
         threads = max(1, (os.cpu_count() or 1) // instances)
         env.setdefault("DERMSCORE_WORKERS", str(max(2, 4 * threads)))
         groups = assign_files(keys, instances)

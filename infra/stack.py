@@ -47,19 +47,16 @@ LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local-dermscore-not-a-key",
 LOCAL_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT_ID}:role/dermscore-local-sagemaker"
 LOCAL_IMAGE = f"{LOCAL_ACCOUNT_ID}.dkr.ecr.{LOCAL_REGION}.amazonaws.com/dermscore-local:latest"
 
-# Lambda gives every function its own environment; in one process the handlers' variables are
-# swapped in around each invocation under this lock (invocations are serialised locally).
-_INVOKE_LOCK = threading.RLock()
 # boto3's default session is not safe for creating clients from several threads at once.
 _CLIENT_LOCK = threading.Lock()
 
 
+def client_lock() -> threading.Lock:
+    """Held while clients are created in a process that runs the local stack's threads."""
+    return _CLIENT_LOCK
+
+
 # --------------------------------------------------------------------------- server + environment
-
-def invoke_lock() -> threading.RLock:
-    """Held while a handler runs (its environment is swapped in) or clients are being created."""
-    return _INVOKE_LOCK
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -101,20 +98,6 @@ def preserved_environ() -> Iterator[None]:
         os.environ.update(saved)
 
 
-@contextlib.contextmanager
-def patched_env(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @dataclass
 class LambdaContext:
     """The attributes of the Lambda context object that handlers and Powertools read."""
@@ -154,6 +137,7 @@ class LocalStack:
     dlq_arn: str
     server: Any = None
     _clients: dict[str, Any] = field(default_factory=dict, repr=False)
+    _runtimes: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def bucket(self) -> str:
@@ -212,7 +196,8 @@ class LocalStack:
         queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
         # `!Ref ImagesQueue` (QUEUE_URL) resolves to the logical id locally: the real URL instead.
         spec = replace(spec, **{name: {k: queue_url if v == "ImagesQueue" else v for k, v in env.items()}
-                                for name, env in (("enqueue_env", spec.enqueue_env), ("collect_env", spec.collect_env))})
+                                for name, env in (("enqueue_env", spec.enqueue_env),
+                                                  ("collect_env", spec.collect_env))})
 
         s3.create_bucket(Bucket=spec.enqueue_env["BUCKET_NAME"])
         s3.put_bucket_notification_configuration(
@@ -245,19 +230,34 @@ class LocalStack:
             self.server = None
 
     # ---- invoking the functions like Lambda does ---------------------------------------------
+    def function_env(self, function: str) -> dict[str, str]:
+        """What Lambda would give the function: its template.yaml variables, plus (locally) the
+        endpoint, region and dummy credentials of this stack."""
+        own = {"enqueue": self.spec.enqueue_env, "collect": self.spec.collect_env}[function]
+        return {**LOCAL_CREDENTIALS, "AWS_REGION": LOCAL_REGION, "AWS_DEFAULT_REGION": LOCAL_REGION,
+                "AWS_ENDPOINT_URL": self.endpoint, **own}
+
+    def runtime(self, function: str) -> Any:
+        """The function's settings and clients, built once (as in one warm Lambda container)."""
+        from handlers.runtime import Runtime
+
+        with _CLIENT_LOCK:
+            if function not in self._runtimes:
+                self._runtimes[function] = Runtime.from_env(self.function_env(function))
+            return self._runtimes[function]
+
     def invoke(self, function: str, event: dict[str, Any]) -> Any:
-        """Call handlers.<function>.lambda_handler with that function's template environment."""
+        """Call handlers.<function>.lambda_handler as Lambda does, with that function's runtime."""
         if function == "enqueue":
             from handlers.enqueue import lambda_handler
-            env, timeout = self.spec.enqueue_env, self.spec.enqueue_timeout_s
+            timeout = self.spec.enqueue_timeout_s
         elif function == "collect":
             from handlers.collect import lambda_handler
-            env, timeout = self.spec.collect_env, self.spec.collect_timeout_s
+            timeout = self.spec.collect_timeout_s
         else:
             raise ValueError(f"unknown function {function!r}")
         context = LambdaContext(function_name=f"{self.stack_name}-{function}", timeout_s=timeout or 120)
-        with _INVOKE_LOCK, patched_env({"AWS_ENDPOINT_URL": self.endpoint, **env}):
-            return lambda_handler(event, context)
+        return lambda_handler(event, context, rt=self.runtime(function))
 
     # ---- inspection helpers --------------------------------------------------------------
     def queue_depth(self, dlq: bool = False) -> dict[str, int]:

@@ -9,7 +9,6 @@ hence no resources are shared across modules).
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,16 +73,17 @@ def make_stack(aws_env: str):
     return make
 
 
-def stage_transform_job(stack, name: str, items: list[dict], out_lines: list[dict], **request: Any) -> dict:
-    """Write a job's manifest and its transform output as the runner would; return the job's
-    CreateTransformJob request (``request`` adds or overrides fields), for a state-change event."""
+def stage_transform_job(stack, name: str, items: list, out_lines: list, **request: Any) -> dict:
+    """Write a job's manifest (ManifestLines) and its transform output (OutputLines) as the runner
+    would; return the job's CreateTransformJob request (``request`` adds or overrides fields), for a
+    state-change event."""
     from dermscore import layout
 
     s3 = stack.client("s3")
     s3.put_object(Bucket=stack.bucket, Key=layout.manifest_key(name),
-                  Body="".join(json.dumps(it) + "\n" for it in items).encode())
+                  Body="".join(it.to_json() + "\n" for it in items).encode())
     s3.put_object(Bucket=stack.bucket, Key=f"{layout.transform_output_prefix(name)}{name}.jsonl.out",
-                  Body="".join(json.dumps(o) + "\n" for o in out_lines).encode())
+                  Body="".join(o.to_json() + "\n" for o in out_lines).encode())
     return {
         "TransformJobName": name, "ModelName": stack.model_name,
         "TransformInput": {"DataSource": {"S3DataSource": {
@@ -113,8 +113,8 @@ def varied_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
     import torch
 
-    from batch.inference import Scorer
     from batch.model import METADATA_FILE, ModelMeta, build_network, save
+    from batch.scorer import Scorer
     from dermscore.imaging import decode
 
     files = sample_images(8)
@@ -132,7 +132,7 @@ def varied_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         net[1]._fc.weight.mul_(10)
     net.eval()
     save(net, ModelMeta(name="test-varied", version="0", arch="efficientnet_lite0", input_size=(64, 64)), model_dir)
-    p_mel = sorted(r["probabilities"]["mel"] for r in Scorer.from_model_dir(model_dir, "cpu").score_files(files))
+    p_mel = sorted(r.probabilities["mel"] for r in Scorer.from_model_dir(model_dir, "cpu").score_files(files))
     meta = ModelMeta.read(model_dir / METADATA_FILE)
     meta.melanoma_threshold = p_mel[len(p_mel) // 2]
     meta.write(model_dir / METADATA_FILE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ from conftest import stage_transform_job
 
 from dermscore import layout, results
 from dermscore.labels import CLASSES
+from dermscore.messages import ManifestLine, OutputLine, Retry
 from infra.runner import state_change_event
 
 MODEL = {"name": "test", "version": "0", "weights_sha256": "0" * 64}
@@ -28,11 +30,11 @@ def job(make_stack):
     """A stack with a manifest of three images and its transform output (one error line)."""
     stack = make_stack()
     name = f"{stack.job_prefix}-0123456789abcdef"
-    items = [{"bucket": stack.bucket, "key": k, "etag": f"e{i}", "size": 100}
+    items = [ManifestLine(stack.bucket, k, f"e{i}", 100)
              for i, k in enumerate(["incoming/a.jpg", "incoming/b c+d é.jpg", "incoming/corrupt.jpg"])]
     out = [results.score_line(items[0], probs(0), MODEL, 0.5, 600, 450),
            results.score_line(items[1], probs(1), MODEL, 0.5, 640, 480),
-           results.error_line(items[2], "corrupt_image", "image file is truncated")]
+           OutputLine.error(items[2], "corrupt_image", "image file is truncated")]
     request = stage_transform_job(
         stack, name, items, out, TransformJobArn=f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{name}")
     return stack, name, items, request
@@ -62,7 +64,7 @@ def test_completed_job_writes_parquet_json_and_failures(job) -> None:
         assert sum(r[c] for c in results.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
         assert r["job_name"] == name and r["scored_at"] == ENDED and r["model_name"] == "test"
 
-    doc = json.loads(s3.get_object(Bucket=stack.bucket, Key=layout.image_result_key(items[1]["key"]))["Body"].read())
+    doc = json.loads(s3.get_object(Bucket=stack.bucket, Key=layout.image_result_key(items[1].key))["Body"].read())
     assert doc["image_key"] == "incoming/b c+d é.jpg" and doc["width"] == 640
     assert sum(doc[c] for c in results.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
     assert len(stack.list_keys(layout.IMAGES)) == 2
@@ -92,24 +94,23 @@ def test_failed_job_requeues_its_images_as_the_next_attempt(job) -> None:
     sqs = stack.client("sqs")
     bodies = []
     while msgs := sqs.receive_message(QueueUrl=stack.queue_url, MaxNumberOfMessages=10).get("Messages"):
-        bodies += [json.loads(m["Body"]) for m in msgs]
-    records = [r for b in bodies for r in b.get("Records", [])]   # (the queue's s3:TestEvent has none)
-    assert len(records) == 6 and all(r["eventName"].startswith("ObjectCreated") for r in records)
-    assert {(layout.decode_event_key(r["s3"]["object"]["key"]), r["s3"]["object"]["eTag"], r["dermscore"]["attempt"])
-            for r in records} == {(it["key"], it["etag"], 1) for it in items}
-    assert {r["dermscore"]["retryOf"] for r in records} == {name}
+        bodies += [m["Body"] for m in msgs]
+    retries = [r for r in map(Retry.from_json, bodies) if r is not None]   # (the queue's s3:TestEvent is none)
+    assert len(retries) == 6
+    assert {r.line for r in retries} == {it.next_attempt() for it in items}
+    assert {(r.failed_job, r.reason) for r in retries} == {(name, "AlgorithmError: boom")}
 
 
 def test_failed_job_gives_every_image_a_failure_row(job) -> None:
     stack, name, items, request = job
     last = int(stack.spec.collect_env["MAX_JOB_ATTEMPTS"]) - 1   # the images' final attempt
     stack.client("s3").put_object(Bucket=stack.bucket, Key=layout.manifest_key(name), Body="".join(
-        json.dumps({**it, "attempt": last}) + "\n" for it in items).encode())
+        replace(it, attempt=last).to_json() + "\n" for it in items).encode())
     out = stack.invoke("collect", state_change_event(request, "Failed", "AlgorithmError: boom", ENDED, ENDED))
     assert out["failed"] == 3 and out["scored"] == 0
     assert stack.list_keys(layout.PREDICTIONS) == []
     failures = parquet_rows(stack, layout.FAILURES)
-    assert sorted(f["image_key"] for f in failures) == sorted(it["key"] for it in items)
+    assert sorted(f["image_key"] for f in failures) == sorted(it.key for it in items)
     assert {(f["stage"], f["reason"], f["detail"], f["job_name"]) for f in failures} == {
         ("transform", "job_failed", "AlgorithmError: boom", name)}
 

@@ -15,6 +15,7 @@ from PIL import Image
 from batch import gradcam
 from batch.model import build_network
 from dermscore.imaging import decode
+from dermscore.messages import OutputLine
 
 torch.set_num_threads(1)
 
@@ -47,38 +48,40 @@ def exif_jpeg(path: Path) -> bytes:
 
 
 def test_scorer_makes_heatmaps_for_high_risk_only_without_exif(varied_model: Path) -> None:
-    from batch.inference import Scorer
+    from batch.scorer import Scorer
 
     files = sample_images(8)
     blobs = [(f.name, exif_jpeg(f)) for f in files]
     assert b"SecretCameraMaker" in blobs[0][1]
     plain = Scorer.from_model_dir(varied_model, "cpu").score_bytes(blobs)  # default: off
-    assert not any("heatmap_png" in r for r in plain)
+    assert not any(r.heatmap_png for r in plain)
     lines = Scorer.from_model_dir(varied_model, "cpu", heatmaps="high", batch_size=4).score_bytes(blobs)
-    high = [r for r in lines if r["risk_level"] == "high"]
+    high = [r for r in lines if r.risk_level == "high"]
     assert 0 < len(high) < len(lines)
     for r, p in zip(lines, plain, strict=False):
-        assert ("heatmap_png" in r) == (r["risk_level"] == "high")
-        assert r["probabilities"] == p["probabilities"]  # heatmaps change no score
+        assert bool(r.heatmap_png) == (r.risk_level == "high")
+        assert r.probabilities == p.probabilities  # heatmaps change no score
     for r in high:
-        assert r["heatmap_class"] == "mel" if r["melanoma_flag"] else r["heatmap_class"] in ("akiec", "bcc")
+        assert r.heatmap_class == "mel" if r.melanoma_flag else r.heatmap_class in ("akiec", "bcc")
         for field, fmt in (("heatmap_png", "PNG"), ("thumbnail_jpeg", "JPEG")):
-            data = base64.b64decode(r[field])
+            data = base64.b64decode(getattr(r, field))
             assert b"SecretCameraMaker" not in data
             with Image.open(io.BytesIO(data)) as im:
                 assert im.format == fmt and im.size == (64, 64) and not im.getexif()
     every = Scorer.from_model_dir(varied_model, "cpu", heatmaps="all").score_bytes(blobs[:2])
-    assert all("heatmap_png" in r for r in every)
+    assert all(r.heatmap_png for r in every)
     with pytest.raises(ValueError):
         Scorer.from_model_dir(varied_model, "cpu", heatmaps="sometimes")
 
 
 def test_target_class_follows_the_reason_for_the_risk() -> None:
     p = {"akiec": 0.3, "bcc": 0.25, "bkl": 0.05, "df": 0.0, "mel": 0.1, "nv": 0.3, "vasc": 0.0}
-    assert gradcam.target_class({"probabilities": p, "melanoma_flag": True, "risk_level": "high"}) == "mel"
-    assert gradcam.target_class({"probabilities": p, "melanoma_flag": False, "risk_level": "high"}) == "akiec"
-    assert gradcam.target_class({"probabilities": p, "melanoma_flag": False, "risk_level": "low",
-                                 "top_class": "nv"}) == "nv"
+    def line(**fields) -> OutputLine:
+        return OutputLine("b", "k", "e", "ok", probabilities=p, **fields)
+
+    assert gradcam.target_class(line(melanoma_flag=True, risk_level="high")) == "mel"
+    assert gradcam.target_class(line(melanoma_flag=False, risk_level="high")) == "akiec"
+    assert gradcam.target_class(line(melanoma_flag=False, risk_level="low", top_class="nv")) == "nv"
     assert gradcam.jet(np.array([0.0, 1.0])).tolist() == [[0, 0, 127], [127, 0, 0]]
 
 

@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from batch import inference
-from batch.inference import BadLine, Scorer, input_fn, model_fn, output_fn, predict_fn
+from batch.inference import input_fn, model_fn, output_fn, predict_fn
 from batch.model import ModelMeta, build_network, save
+from batch.scorer import BadLine, Scorer
 from dermscore import imaging, reasons
 from dermscore.labels import CLASSES
+from dermscore.messages import ManifestLine
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
 BUCKET = "dermscore-test"
@@ -86,15 +87,19 @@ def s3(fake_aws_env: None, real_images: list[tuple[str, bytes]]):
         yield client
 
 
-def item(key: str, client=None) -> dict:
-    it = {"bucket": BUCKET, "key": key}
-    if client is not None:
-        head = client.head_object(Bucket=BUCKET, Key=key)
-        it.update(etag=head["ETag"].strip('"'), size=head["ContentLength"])
-    return it
+def item(key: str, client=None) -> ManifestLine:
+    if client is None:
+        return ManifestLine(BUCKET, key, "")
+    head = client.head_object(Bucket=BUCKET, Key=key)
+    return ManifestLine(BUCKET, key, head["ETag"], head["ContentLength"])
 
 
-def mixed_items(client, real_images) -> tuple[list[dict], list[str | None]]:
+def wire(lines) -> list[dict]:
+    """Output lines as the transform output carries them (JSON), for field-by-field checks."""
+    return [json.loads(o.to_json()) for o in lines]
+
+
+def mixed_items(client, real_images) -> tuple[list[ManifestLine], list[str | None]]:
     """Real images interleaved with every kind of bad input; returns items and expected reasons."""
     items, expected = [], []
     bad = [("incoming/corrupt.jpg", reasons.CORRUPT), ("incoming/notes.jpg", reasons.NOT_AN_IMAGE),
@@ -121,12 +126,12 @@ def reference_logits(model_dir: Path, data: bytes) -> torch.Tensor:
 
 def test_s3_items_keep_order_and_reasons(scorer: Scorer, s3, real_images, model_dir: Path) -> None:
     items, expected = mixed_items(s3, real_images)
-    out = list(scorer.score_items(items))
-    assert [o["key"] for o in out] == [i["key"] for i in items]
+    out = wire(scorer.score_items(items))
+    assert [o["key"] for o in out] == [i.key for i in items]
     stats = scorer.last_stats
     assert (stats.images, stats.errors) == (N_REAL, len(items) - N_REAL) and stats.wall_s > 0
     for o, it, reason in zip(out, items, expected, strict=False):
-        assert o["bucket"] == BUCKET and o["etag"] == it.get("etag", "")
+        assert o["bucket"] == BUCKET and o["etag"] == it.etag
         if reason is None:
             assert o["status"] == "ok", o
             p = np.array([o["probabilities"][c] for c in CLASSES])
@@ -148,7 +153,7 @@ def test_streamed_equals_one_shot(model_dir: Path, s3, real_images) -> None:
     items, _ = mixed_items(s3, real_images)
     big = Scorer.from_model_dir(model_dir, batch_size=64, workers=4)
     small = Scorer.from_model_dir(model_dir, batch_size=2, workers=1, read_ahead_batches=1)
-    one_shot, streamed = list(big.score_items(items)), list(small.score_items(iter(items)))
+    one_shot, streamed = wire(big.score_items(items)), wire(small.score_items(iter(items)))
     assert [(o["key"], o["status"], o.get("reason")) for o in one_shot] == \
            [(o["key"], o["status"], o.get("reason")) for o in streamed]
     for a, b in zip(one_shot, streamed, strict=False):
@@ -169,12 +174,11 @@ def test_read_ahead_is_bounded(scorer: Scorer, real_images) -> None:
             yield name, data
 
     out = []
-    gen = scorer._pipeline(({"bucket": "", "key": n, "_d": d} for n, d in source()),
-                           lambda it: scorer.decode(it["_d"]))
+    gen = scorer._pipeline(((ManifestLine("", n, ""), d) for n, d in source()), lambda _line, d: scorer.decode(d))
     for rec in gen:
         out.append(rec)
         assert consumed - len(out) <= scorer.read_ahead + 2 * scorer.batch_size
-    assert len(out) == len(pairs) and all(r["status"] == "ok" for r in out)
+    assert len(out) == len(pairs) and all(r.ok for r in out)
 
 
 def test_score_bytes_matches_and_rejects(scorer: Scorer, real_images) -> None:
@@ -182,9 +186,8 @@ def test_score_bytes_matches_and_rejects(scorer: Scorer, real_images) -> None:
     Image.new("RGB", (16, 16)).save(png, "PNG")
     pairs = real_images[:2] + [("tiny.png", png.getvalue()), ("blank", b"")]
     out = scorer.score_bytes(pairs)
-    assert [o["key"] for o in out] == [p[0] for p in pairs]
-    assert [o.get("reason") for o in out] == [None, None, reasons.TOO_SMALL, reasons.ZERO_BYTE]
-    assert all("_ref" not in o for o in out)
+    assert [o.key for o in out] == [p[0] for p in pairs]
+    assert [o.reason for o in out] == [None, None, reasons.TOO_SMALL, reasons.ZERO_BYTE]
 
 
 class _Body:
@@ -210,9 +213,9 @@ class _FakeS3:
 def test_too_large_is_refused_from_headers(model_dir: Path) -> None:
     fake = _FakeS3(reasons.MAX_BYTES + 1)
     s = Scorer.from_model_dir(model_dir, s3=fake, batch_size=2, workers=1)
-    out = list(s.score_items([{"bucket": "b", "key": "incoming/huge.jpg"},
-                              {"bucket": "b", "key": "incoming/huge2.jpg", "size": reasons.MAX_BYTES + 5}]))
-    assert [o["reason"] for o in out] == [reasons.TOO_LARGE, reasons.TOO_LARGE]
+    out = list(s.score_items([ManifestLine("b", "incoming/huge.jpg", ""),
+                              ManifestLine("b", "incoming/huge2.jpg", "", reasons.MAX_BYTES + 5)]))
+    assert [o.reason for o in out] == [reasons.TOO_LARGE, reasons.TOO_LARGE]
     assert fake.calls == 1 and fake.body.closed  # the manifest size alone refused the second
 
 
@@ -221,7 +224,7 @@ def test_manifest_parsing_keeps_one_record_per_line() -> None:
     items = input_fn(body, "application/jsonlines")
     assert len(items) == 6
     assert [isinstance(i, BadLine) for i in items] == [False, True, True, True, True, False]
-    assert input_fn('[{"bucket": "b", "key": "x"}]', "application/json")[0]["key"] == "x"
+    assert input_fn('[{"bucket": "b", "key": "x"}]', "application/json")[0].key == "x"
     with pytest.raises(ValueError):
         input_fn(body, "image/jpeg")
 
@@ -231,9 +234,9 @@ def test_sagemaker_contract_round_trip(model_dir: Path, s3, real_images, monkeyp
     model = model_fn(str(model_dir))
     assert model.batch_size == 3
     items, expected = mixed_items(s3, real_images)
-    lines = [json.dumps(i) for i in items]
+    lines = [i.to_json() for i in items]
     lines.insert(2, "{broken")
-    expected.insert(2, inference.BAD_MANIFEST_LINE)
+    expected.insert(2, reasons.BAD_MANIFEST_LINE)
     body = ("\n".join(lines) + "\n").encode()
     response = output_fn(predict_fn(input_fn(body, "application/jsonlines"), model), "application/jsonlines")
     assert isinstance(response, str) and not response.endswith("\n")
@@ -279,7 +282,7 @@ def test_non_finite_output_becomes_an_error_line(scorer: Scorer, real_images) ->
 
     broken = Scorer(nan_model, scorer.meta, "cpu", batch_size=4, workers=1)
     out = broken.score_bytes(real_images[:2])
-    assert [o.get("reason") for o in out] == [reasons.NON_FINITE_OUTPUT, None]
+    assert [o.reason for o in out] == [reasons.NON_FINITE_OUTPUT, None]
     assert len(output_fn(out).split("\n")) == 2  # strict JSON (allow_nan=False) still serialises
 
 
@@ -287,13 +290,13 @@ def test_consumer_can_stop_early(scorer: Scorer, real_images) -> None:
     """Closing the stream cancels queued work instead of decoding the rest of the request."""
     decoded = 0
 
-    def load(it: dict) -> imaging.Decoded:
+    def load(_line: ManifestLine, data: bytes) -> imaging.Decoded:
         nonlocal decoded
         decoded += 1
-        return scorer.decode(it["_d"])
+        return scorer.decode(data)
 
-    stream = scorer._pipeline(({"bucket": "", "key": n, "_d": d} for n, d in real_images * 20), load)
-    assert next(stream)["status"] == "ok"
+    stream = scorer._pipeline(((ManifestLine("", n, ""), d) for n, d in real_images * 20), load)
+    assert next(stream).ok
     stream.close()
     assert decoded <= scorer.read_ahead + 2 * scorer.batch_size < len(real_images) * 20
 

@@ -9,7 +9,8 @@ from urllib.parse import quote_plus
 import pytest
 
 from dermscore import layout
-from handlers.enqueue import Item, job_name, manifest_items, manifest_text, s3_records
+from dermscore.messages import ManifestLine as Item
+from handlers.enqueue import job_name, manifest_items, manifest_text, s3_records
 from infra.runner import MB, split_payload
 
 SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")

@@ -48,7 +48,7 @@ def test_calibrate_an_existing_model_dir_from_its_validation_split(tiny_model: P
     assert saved.ood_threshold == meta.ood_threshold and np.isfinite(saved.ood_threshold)
     assert saved.extra["ood"]["validation_images"] == 3 and saved.weights_sha256 == weights_before
     # the scorer now writes a flag, the image's sha256 and its processing time
-    from batch.inference import Scorer
+    from batch.scorer import Scorer
 
     scorer = Scorer.from_model_dir(model_dir, device="cpu", batch_size=2)
     recs = list(scorer.score_files(files[:3]))

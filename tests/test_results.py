@@ -8,23 +8,24 @@ import pyarrow as pa
 
 from dermscore import results
 from dermscore.labels import CLASSES
+from dermscore.messages import ManifestLine, OutputLine
 
 MODEL = {"name": "m", "version": "1", "weights_sha256": "abc"}
-ITEM = {"bucket": "b", "key": "incoming/x y.jpg", "etag": "e1"}
+ITEM = ManifestLine("b", "incoming/x y.jpg", "e1")
 
 
-def line(probs: list[float], threshold: float = 0.3) -> dict:
+def line(probs: list[float], threshold: float = 0.3) -> OutputLine:
     return results.score_line(ITEM, probs, MODEL, threshold, 600, 450)
 
 
 def test_derived_fields() -> None:
     out = line([0.05, 0.05, 0.1, 0.0, 0.4, 0.35, 0.05])
-    assert out["top_class"] == "mel" and out["melanoma_flag"] is True
-    assert abs(out["malignant_prob"] - 0.5) < 1e-9 and out["risk_level"] == "high"
+    assert out.top_class == "mel" and out.melanoma_flag is True
+    assert abs(out.malignant_prob - 0.5) < 1e-9 and out.risk_level == "high"
     low = line([0.01, 0.01, 0.05, 0.01, 0.02, 0.85, 0.05])
-    assert (low["top_class"], low["melanoma_flag"], low["risk_level"]) == ("nv", False, "low")
+    assert (low.top_class, low.melanoma_flag, low.risk_level) == ("nv", False, "low")
     moderate = line([0.1, 0.1, 0.1, 0.0, 0.05, 0.6, 0.05], threshold=0.5)
-    assert moderate["risk_level"] == "moderate"
+    assert moderate.risk_level == "moderate"
 
 
 def test_row_matches_schema_and_json_round_trips() -> None:
@@ -37,7 +38,7 @@ def test_row_matches_schema_and_json_round_trips() -> None:
 
 
 def test_failure_row_matches_schema() -> None:
-    row = results.failure_row("b", "incoming/x.jpg", "e", "enqueue", "zero_byte", "object is empty")
+    row = results.failure_row(ManifestLine("b", "incoming/x.jpg", "e"), "enqueue", "zero_byte", "object is empty")
     assert results.to_table([row], results.FAILURE_SCHEMA).column("reason").to_pylist() == ["zero_byte"]
     assert results.FAILURE_SCHEMA.field("failed_at").type == pa.timestamp("ms", tz="UTC")
 
@@ -45,16 +46,16 @@ def test_failure_row_matches_schema() -> None:
 def test_issue7_fields_sha_time_and_ood_flag() -> None:
     out = results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 600, 450, image_sha256="ab" * 32,
                              processing_ms=12.34567, ood_score=-3.0, ood_threshold=-4.0)
-    assert out["ood_flag"] is True and out["processing_ms"] == 12.346 and out["image_sha256"] == "ab" * 32
+    assert out.ood_flag is True and out.processing_ms == 12.346 and out.image_sha256 == "ab" * 32
     row = results.prediction_row(out, "job-1", results.utcnow())
     assert results.to_table([row], results.PREDICTION_SCHEMA).column("ood_flag").to_pylist() == [True]
-    assert results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0, ood_threshold=-4.0)["ood_flag"] is False
+    assert results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0, ood_threshold=-4.0).ood_flag is False
     # a model without a threshold (older metadata) gives no flag, and older output lines still collect
-    assert results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0)["ood_flag"] is None
-    old = line([1 / 7] * 7)
+    assert results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0).ood_flag is None
+    doc = json.loads(line([1 / 7] * 7).to_json())
     for k in ("image_sha256", "processing_ms", "ood_score", "ood_flag"):
-        old.pop(k)
-    row = results.prediction_row(old, "job-1", results.utcnow())
+        doc.pop(k, None)
+    row = results.prediction_row(OutputLine.from_json(doc), "job-1", results.utcnow())
     assert row["ood_flag"] is None and results.to_table([row], results.PREDICTION_SCHEMA).num_rows == 1
 
 

@@ -21,7 +21,7 @@ import pytest
 from botocore.exceptions import ClientError
 from conftest import preserved_environ, random_model, sample_images, unique_name
 
-from dermscore import layout, sharding
+from dermscore import batching, layout, sharding
 from dermscore.config import Settings
 
 SCALE_IMAGES = int(os.environ.get("DERMSCORE_SCALE_IMAGES", "200"))
@@ -100,25 +100,25 @@ def test_enqueue_request_uses_one_instance_per_shard() -> None:
 
 def test_backoff_grows_is_capped_and_jittered() -> None:
     rng = random.Random(0)
-    delays = [sharding.backoff_s(n, 60, cap_s=900, jitter=0) for n in range(1, 7)]
+    delays = [batching.backoff_s(n, 60, cap_s=900, jitter=0) for n in range(1, 7)]
     assert delays == [60, 120, 240, 480, 900, 900]
-    jittered = {sharding.backoff_s(1, 100, jitter=0.2, rng=rng) for _ in range(50)}
+    jittered = {batching.backoff_s(1, 100, jitter=0.2, rng=rng) for _ in range(50)}
     assert len(jittered) > 1 and all(80 <= d <= 120 for d in jittered)
 
 
 def test_quota_named_in_service_quotas_words() -> None:
-    assert sharding.quota_name("ml.g4dn.xlarge", "ResourceLimitExceeded",
+    assert batching.quota_name("ml.g4dn.xlarge", "ResourceLimitExceeded",
                                "The account-level service limit 'ml.g4dn.xlarge for transform job usage' is 0 "
                                "Instances") == "ml.g4dn.xlarge for transform job usage"
-    assert sharding.quota_name("ml.g4dn.xlarge", "ResourceLimitExceeded", "limit exceeded") == \
+    assert batching.quota_name("ml.g4dn.xlarge", "ResourceLimitExceeded", "limit exceeded") == \
         "ml.g4dn.xlarge for transform job usage"                     # nothing quoted: the instance quota
-    assert sharding.quota_name("ml.g4dn.xlarge", "ResourceLimitExceeded",
+    assert batching.quota_name("ml.g4dn.xlarge", "ResourceLimitExceeded",
                                "The account-level service limit 'Number of concurrent transform jobs' is 4 "
                                "Jobs") == "Number of concurrent transform jobs"
-    assert "throttling" in sharding.quota_name("ml.g4dn.xlarge", "ThrottlingException").lower()
-    assert sharding.is_retryable_create_error("ThrottlingException")
-    assert sharding.is_retryable_create_error("ResourceLimitExceeded")
-    assert not sharding.is_retryable_create_error("ValidationException")
+    assert "throttling" in batching.quota_name("ml.g4dn.xlarge", "ThrottlingException").lower()
+    assert batching.is_retryable_create_error("ThrottlingException")
+    assert batching.is_retryable_create_error("ResourceLimitExceeded")
+    assert not batching.is_retryable_create_error("ValidationException")
 
 
 @pytest.mark.parametrize(("images", "age", "receives", "defer"), [
@@ -130,15 +130,15 @@ def test_quota_named_in_service_quotas_words() -> None:
     (0, 10, 1, False),
 ])
 def test_batching_policy(images: int, age: float, receives: int, defer: bool) -> None:
-    assert sharding.should_defer(images, age, receives, min_images_per_job=500, max_job_wait_s=900,
+    assert batching.should_defer(images, age, receives, min_images_per_job=500, max_job_wait_s=900,
                                  max_receive_count=5) is defer
 
 
 def test_batching_policy_off_by_default() -> None:
     s = Settings(bucket="b")
-    assert not sharding.should_defer(1, 0, 1, min_images_per_job=s.min_images_per_job,
+    assert not batching.should_defer(1, 0, 1, min_images_per_job=s.min_images_per_job,
                                      max_job_wait_s=s.max_job_wait_s, max_receive_count=s.max_receive_count)
-    assert sharding.defer_delay_s(850, 900, 60) == 50 and sharding.defer_delay_s(0, 900, 60) == 60
+    assert batching.defer_delay_s(850, 900, 60) == 50 and batching.defer_delay_s(0, 900, 60) == 60
 
 
 # --------------------------------------------------------------------------- on the local stack

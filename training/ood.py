@@ -75,7 +75,7 @@ def score_files(model_dir: Path, paths: list[str], batch_size: int = 64, progres
     import torch
     from tqdm import tqdm
 
-    from batch.inference import Scorer
+    from batch.scorer import Scorer
     from dermscore.imaging import decode
 
     scorer = Scorer.from_model_dir(model_dir, device="cpu", batch_size=batch_size)

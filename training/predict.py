@@ -3,7 +3,7 @@
     dermscore predict IMAGE... [--model models/default] [--json]
 
 A quick look at what a model says about a few files, without S3 or the local
-stack: the files go through :class:`batch.inference.Scorer` (decode, batched
+stack: the files go through :class:`batch.scorer.Scorer` (decode, batched
 forward, calibrated probabilities, melanoma threshold), so the numbers are the
 ones the pipeline would write to Parquet.
 """
@@ -11,27 +11,28 @@ ones the pipeline would write to Parquet.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
+
+from dermscore.messages import OutputLine
 
 log = logging.getLogger("dermscore.predict")
 
 COLUMNS = ("file", "top class", "confidence", "p(mel)", "malignant", "risk", "melanoma flag")
 
 
-def format_table(records: Iterable[dict[str, Any]]) -> str:
+def format_table(records: Iterable[OutputLine]) -> str:
     """Fixed-width table, one row per record; unreadable files show their reason code."""
     rows = []
     for r in records:
-        if r.get("status") == "ok":
-            rows.append((r["key"], r["top_class"], f"{r['confidence']:.3f}", f"{r['probabilities']['mel']:.3f}",
-                         f"{r['malignant_prob']:.3f}", r["risk_level"], "YES" if r["melanoma_flag"] else "no"))
+        if r.ok:
+            rows.append((r.key, str(r.top_class), f"{r.confidence:.3f}", f"{(r.probabilities or {})['mel']:.3f}",
+                         f"{r.malignant_prob:.3f}", str(r.risk_level), "YES" if r.melanoma_flag else "no"))
         else:
-            rows.append((r["key"], f"error: {r.get('reason')}", "", "", "", "", r.get("detail", "")[:60]))
+            rows.append((r.key, f"error: {r.reason}", "", "", "", "", (r.detail or "")[:60]))
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=False)).rstrip(),
              "  ".join("-" * w for w in widths)]
@@ -42,7 +43,7 @@ def format_table(records: Iterable[dict[str, Any]]) -> str:
 def predict(images: list[Path], model_dir: Path, as_json: bool, out: TextIO = sys.stdout,
             device: str | None = None, batch_size: int | None = None) -> int:
     """Score ``images`` and write the table / JSON lines to ``out``; returns the number of errors."""
-    from batch.inference import Scorer
+    from batch.scorer import Scorer
 
     if not (model_dir / "metadata.json").is_file():
         raise SystemExit(f"no model at {model_dir} (expected model.pt + metadata.json); "
@@ -51,8 +52,8 @@ def predict(images: list[Path], model_dir: Path, as_json: bool, out: TextIO = sy
     if as_json:  # streamed: fine for thousands of files
         errors = 0
         for r in scorer.score_files(images):
-            errors += r.get("status") != "ok"
-            out.write(json.dumps(r) + "\n")
+            errors += not r.ok
+            out.write(r.to_json() + "\n")
         return errors
     from tqdm import tqdm
 
@@ -62,7 +63,7 @@ def predict(images: list[Path], model_dir: Path, as_json: bool, out: TextIO = sy
     m = scorer.meta
     out.write(f"\nmodel {m.name} v{m.version} ({m.arch}); melanoma flag at p(mel) >= {m.melanoma_threshold:.3f}. "
               "Research use only, not a diagnosis.\n")
-    return sum(r.get("status") != "ok" for r in records)
+    return sum(not r.ok for r in records)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

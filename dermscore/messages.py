@@ -1,0 +1,156 @@
+"""The messages that cross a boundary, one type each: what enqueue, the container and collect exchange.
+
+::
+
+    enqueue  --ManifestLine-->  manifests/<job>/...jsonl  --(Batch Transform, SplitType=Line)-->  container
+    container  --OutputLine-->  transform-output/<job>/...jsonl.out  -->  collect
+    collect  --Retry (SQS)-->  enqueue      (the images of a failed job, as their next attempt)
+
+Each type owns its JSON form (``to_json`` / ``from_json``), so no stage digs in another's dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from dermscore import layout
+
+
+def _compact(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def _object(text: str | bytes | dict[str, Any]) -> dict[str, Any]:
+    doc = json.loads(text) if isinstance(text, (str, bytes, bytearray)) else text
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    return doc
+
+
+@dataclass(frozen=True, order=True)
+class ManifestLine:
+    """One upload to score, as one line of a transform job's input.
+
+    ``(bucket, key, etag)`` is the upload; ``attempt`` counts transform jobs that failed on it
+    (collect re-queues it with ``attempt + 1``), so each attempt has a claim of its own.
+    """
+
+    bucket: str
+    key: str
+    etag: str
+    size: int = 0
+    attempt: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "etag", str(self.etag or "").strip('"'))
+
+    @property
+    def upload(self) -> tuple[str, str, str]:
+        return self.bucket, self.key, self.etag
+
+    @property
+    def identity(self) -> tuple[str, str, str, int]:
+        """What a claim is about: this upload, this attempt."""
+        return self.bucket, self.key, self.etag, self.attempt
+
+    @property
+    def claim_key(self) -> str:
+        """``claims/<digest>.json``: the one object that names the job owning this attempt."""
+        return f"{layout.CLAIMS}{layout.content_digest(*self.identity[:3], str(self.attempt), length=32)}.json"
+
+    def next_attempt(self) -> ManifestLine:
+        return replace(self, attempt=self.attempt + 1)
+
+    def to_json(self) -> str:
+        doc: dict[str, Any] = {"bucket": self.bucket, "key": self.key, "etag": self.etag, "size": self.size}
+        if self.attempt:
+            doc["attempt"] = self.attempt
+        return json.dumps(doc, ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes | dict[str, Any]) -> ManifestLine:
+        """Parse one line; ``ValueError`` for anything that is not ``{"bucket": str, "key": str, ...}``."""
+        doc = _object(text)
+        bucket, key = doc.get("bucket"), doc.get("key")
+        if not isinstance(bucket, str) or not isinstance(key, str) or not key:
+            raise ValueError('needs string "bucket" and non-empty "key"')
+        size = doc.get("size", 0)
+        return cls(bucket, key, str(doc.get("etag") or ""), size if isinstance(size, int) else 0,
+                   int(doc.get("attempt", 0) or 0))
+
+
+@dataclass(frozen=True)
+class OutputLine:
+    """The container's answer for one manifest line: scores (``status="ok"``) or a refusal.
+
+    Everything derived from probabilities (top class, malignant probability, flags, risk level)
+    is computed once, in :func:`dermscore.results.score`, where the model's thresholds are at hand.
+    Grad-CAM pictures travel base64-encoded; collect stores them beside the image's JSON.
+    """
+
+    bucket: str
+    key: str
+    etag: str
+    status: str                                  # "ok" | "error"
+    reason: str | None = None                    # error: a code of dermscore.reasons
+    detail: str | None = None
+    probabilities: dict[str, float] | None = None
+    top_class: str | None = None
+    confidence: float | None = None
+    malignant_prob: float | None = None
+    melanoma_flag: bool | None = None
+    risk_level: str | None = None
+    width: int | None = None
+    height: int | None = None
+    model: dict[str, str] = field(default_factory=dict)   # name, version, weights_sha256
+    image_sha256: str | None = None
+    processing_ms: float | None = None
+    ood_score: float | None = None
+    ood_flag: bool | None = None
+    heatmap_class: str | None = None
+    heatmap_png: str | None = None               # base64 PNG (Grad-CAM overlay)
+    thumbnail_jpeg: str | None = None            # base64 JPEG (the model-size input)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def error(cls, line: ManifestLine | None, reason: str, detail: str) -> OutputLine:
+        """The line for an image that could not be scored (``line`` None: the input was unreadable)."""
+        bucket, key, etag = line.upload if line else ("", "", "")
+        return cls(bucket, key, etag, "error", reason=reason, detail=detail)
+
+    def to_json(self) -> str:
+        return _compact({k: v for k, v in asdict(self).items() if v is not None and v != {}})
+
+    @classmethod
+    def from_json(cls, text: str | bytes | dict[str, Any]) -> OutputLine:
+        doc = _object(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Retry:
+    """An SQS message from collect to enqueue: ``line`` (its next attempt) of a job that failed."""
+
+    line: ManifestLine
+    failed_job: str
+    reason: str
+
+    KIND = "dermscore.retry"
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.KIND, "line": json.loads(self.line.to_json()), "failed_job": self.failed_job,
+                           "reason": self.reason[:500]}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes | dict[str, Any]) -> Retry | None:
+        """The retry a message body carries, or None when the body is something else (an S3 event)."""
+        doc = _object(text)
+        if doc.get("kind") != cls.KIND:
+            return None
+        return cls(ManifestLine.from_json(doc["line"]), str(doc.get("failed_job", "")), str(doc.get("reason", "")))

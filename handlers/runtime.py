@@ -1,0 +1,57 @@
+"""What a handler works with: its settings and AWS clients, built once per container.
+
+Lambda keeps a container's module state between invocations, so :func:`default` builds the
+clients on the first call and reuses them (connection pools included). The local stack builds
+one :class:`Runtime` per function from that function's own environment (template.yaml) and
+passes it in, so no process-wide environment is swapped around an invocation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from dermscore.config import Settings
+
+# Claims run up to 16 parallel requests on one client (handlers.claims.WORKERS).
+CLIENT_CONFIG = Config(max_pool_connections=32, retries={"max_attempts": 4, "mode": "standard"})
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    s3: Any
+    sqs: Any
+    sagemaker: Any
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Runtime:
+        """Settings and clients from ``env`` (default ``os.environ``): credentials, region and
+        ``AWS_ENDPOINT_URL`` come from there when it names them, else from boto3's usual chain."""
+        e = os.environ if env is None else env
+        session = boto3.session.Session(
+            aws_access_key_id=e.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=e.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=e.get("AWS_SESSION_TOKEN"),
+            region_name=e.get("AWS_REGION") or e.get("AWS_DEFAULT_REGION"))
+        endpoint = e.get("AWS_ENDPOINT_URL") or None
+
+        def client(service: str) -> Any:
+            return session.client(service, endpoint_url=endpoint, config=CLIENT_CONFIG)
+
+        return cls(Settings.from_env(e), client("s3"), client("sqs"), client("sagemaker"))
+
+
+_DEFAULT: Runtime | None = None
+
+
+def default() -> Runtime:
+    """The container's runtime, from its environment, built on first use."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = Runtime.from_env()
+    return _DEFAULT
