@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import stage_transform_job
+from conftest import recorded_event, stage_transform_job
 
 from dermscore import layout, results
 from dermscore.labels import CLASSES
@@ -144,3 +144,20 @@ def test_collect_rule_pattern_routes_only_this_stacks_terminal_events(job) -> No
     assert not matches(pattern, state_change_event(request, "InProgress", None, ENDED, ENDED))
     assert not matches(pattern, state_change_event(dict(request, TransformJobName="other-1"), "Completed", None,
                                                    ENDED, ENDED))
+
+
+def test_recorded_state_change_event_is_collected(job) -> None:
+    """GIVEN a "SageMaker Transform Job State Change" event as AWS documents it (times in epoch
+    milliseconds, S3Prefix input) WHEN collect handles it THEN the job's rows land in the
+    partition of its end time."""
+    stack, name, items, _ = job
+    event = recorded_event("transform_job_state_change_completed.json", bucket=stack.bucket, job=name)
+    # the recorded input is a shard folder; this job's manifest is one file: point the event at it
+    event["detail"]["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] = \
+        f"s3://{stack.bucket}/{layout.manifest_key(name)}"
+    out = stack.invoke("collect", event)
+    assert out == {"job_name": name, "status": "Completed", "scored": 2, "failed": 1}
+    rows = parquet_rows(stack, layout.PREDICTIONS)
+    assert {r["image_key"] for r in rows} == {items[0].key, items[1].key}
+    assert {r["scored_at"] for r in rows} == {datetime(2026, 11, 23, 11, 30, 5, tzinfo=UTC)}
+    assert stack.list_keys(layout.PREDICTIONS) == [layout.prediction_partition_key("2026-11-23", name)]

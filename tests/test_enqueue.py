@@ -9,6 +9,8 @@ from urllib.parse import quote_plus
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import recorded_event
+
 from dermscore import layout, reasons
 from handlers import enqueue
 from infra.poller import sqs_event
@@ -135,3 +137,17 @@ def test_transform_request_uses_settings() -> None:
     assert req["MaxPayloadInMB"] == 3 and req["MaxConcurrentTransforms"] == 4
     assert req["ModelClientConfig"] == {"InvocationsTimeoutInSeconds": 600}
     assert req["TransformOutput"]["S3OutputPath"] == "s3://bk/transform-output/dermscore-abc/"
+
+
+def test_recorded_s3_notification_delivered_by_sqs(stack) -> None:
+    """GIVEN the S3 -> SQS event as AWS documents it (URL-encoded key, an s3:TestEvent beside it)
+    WHEN enqueue handles it THEN one job scores the decoded key and nothing fails."""
+    key = "incoming/clinic A/ISIC_0024306 + retake.jpg"
+    stack.client("s3").put_object(Bucket=stack.bucket, Key=key, Body=b"\xff\xd8 bytes")
+    event = recorded_event("sqs_s3_object_created.json", bucket=stack.bucket, queue_arn=stack.queue_arn)
+    assert stack.invoke("enqueue", event) == {"batchItemFailures": []}
+    (job,) = jobs_of(stack)
+    shard = layout.shard_key(job["TransformJobName"], 0, 1)
+    body = stack.client("s3").get_object(Bucket=stack.bucket, Key=shard)["Body"].read().decode()
+    assert [json.loads(ln)["key"] for ln in body.splitlines()] == [key]
+    assert read_failures(stack) == []
