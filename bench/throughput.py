@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,40 +328,62 @@ def start_moto(mode: str) -> MotoProcess:
 
 
 class ApiCalls:
-    """Counts the AWS API calls (and their wall time) of every boto3 client in this process."""
+    """Counts the AWS API calls (and their wall time) per operation, from botocore's events.
 
-    def __init__(self) -> None:
+    A call is counted at ``before-call`` and timed until ``after-call`` (any HTTP status) or
+    ``after-call-error`` (no response). A client copies its session's event handlers when it is
+    created: ``sessions`` cover the clients they create from now on, ``clients`` those that exist.
+    """
+
+    def __init__(self, sessions: Iterable[Any] = (), clients: Iterable[Any] = ()) -> None:
         self.calls: dict[str, list[float]] = {}
         self._lock = threading.Lock()
-        self._orig: Any = None
+        self._emitters = [s.events for s in sessions] + [c.meta.events for c in clients]
+        self._active = False
+        self._id = f"dermscore-bench-{id(self)}"
+
+    def _before(self, model: Any, context: dict[str, Any], **_: Any) -> None:
+        if self._active:
+            context[self._id] = (model.name, time.perf_counter())
+        # None: a before-call handler that returns a response would replace the request
+
+    def _after(self, context: dict[str, Any], **_: Any) -> None:
+        started = context.pop(self._id, None)
+        if started is not None:
+            operation, t = started
+            with self._lock:
+                c = self.calls.setdefault(operation, [0, 0.0])
+                c[0] += 1
+                c[1] += time.perf_counter() - t
+
+    def _handlers(self) -> list[tuple[str, Any]]:
+        return [("before-call", self._before), ("after-call", self._after), ("after-call-error", self._after)]
 
     def __enter__(self) -> ApiCalls:
-        import botocore.client
-
-        orig = self._orig = botocore.client.BaseClient._make_api_call
-        calls, lock = self.calls, self._lock
-
-        def counted(client: Any, operation: str, params: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return orig(client, operation, params)
-            finally:
-                with lock:
-                    c = calls.setdefault(operation, [0, 0.0])
-                    c[0] += 1
-                    c[1] += time.perf_counter() - t
-
-        botocore.client.BaseClient._make_api_call = counted
+        for events in self._emitters:
+            for event, handler in self._handlers():
+                events.register(event, handler, unique_id=f"{self._id}-{event}")
+        self._active = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import botocore.client
-
-        botocore.client.BaseClient._make_api_call = self._orig
+        self._active = False  # clients created meanwhile keep the handlers: they stop counting
+        for events in self._emitters:
+            for event, _ in self._handlers():
+                events.unregister(event, unique_id=f"{self._id}-{event}")
 
     def summary(self, images: int) -> dict[str, dict[str, float]]:
         return {op: {"calls": n, "per_image": round(n / images, 3), "wall_s": round(t, 2)}
                 for op, (n, t) in sorted(self.calls.items(), key=lambda kv: -kv[1][0])}
+
+
+def default_session() -> Any:
+    """boto3's default session (``boto3.client`` creates its clients), made if none exists yet."""
+    import boto3
+
+    if boto3.DEFAULT_SESSION is None:
+        boto3.setup_default_session()
+    return boto3.DEFAULT_SESSION
 
 
 def count_parquet_rows(s3: Any, bucket: str, prefix: str) -> int:
@@ -408,7 +430,10 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                 scorer = runner.model(stack.model_name)  # container start-up, outside the clock
                 s3 = stack.client("s3")
                 bucket = stack.bucket
-                with rss.phase("e2e"), ApiCalls() as api:
+                # Every client of the pipeline: the stack's own (poller, runner, uploads), the
+                # transform's, and (from boto3's default session) those the handlers create.
+                clients = [stack.client(service) for service in ("s3", "sqs", "sagemaker")] + [scorer.s3]
+                with rss.phase("e2e"), ApiCalls(sessions=[default_session()], clients=clients) as api:
                     pipeline.start_background()
                     bar = progress(n, "end to end (rows)", show)
                     c0, m0 = process_cpu_s(), moto.cpu_s()
