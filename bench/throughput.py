@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import platform
-import socket
+import select
 import subprocess
 import sys
 import threading
@@ -291,7 +291,7 @@ class MotoProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
+            self.proc.stdin.close()  # MOTO_CHILD stops its server and exits
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -302,29 +302,38 @@ class MotoProcess:
             self.server = None
 
 
-def start_moto(mode: str) -> MotoProcess:
-    if mode == "thread":
-        from infra.stack import start_server
+# The local stack's server (infra.stack.start_server) in a process of its own: it prints its
+# endpoint once it accepts connections and serves until its stdin closes (so also when we die).
+MOTO_CHILD = """
+import os, sys
+from infra.stack import start_server
+server, endpoint = start_server()
+print(endpoint, flush=True)
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nobody reads its stdout from here on
+sys.stdin.read()
+server.stop()
+"""
 
+
+def start_moto(mode: str, timeout_s: float = 60) -> MotoProcess:
+    from infra.stack import start_server
+
+    if mode == "thread":
         server, endpoint = start_server()
         return MotoProcess(endpoint, server=server)
-    from infra.stack import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from moto.server import main; main(sys.argv[1:])",
-                             "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL,
-                            stderr=open(os.environ["BENCH_MOTO_LOG"], "w") if os.environ.get("BENCH_MOTO_LOG")
-                            else subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return MotoProcess(f"http://127.0.0.1:{port}", proc=proc)
-        time.sleep(0.1)
+    log_path = os.environ.get("BENCH_MOTO_LOG")
+    with open(log_path, "w") if log_path else contextlib.nullcontext(subprocess.DEVNULL) as err:
+        proc = subprocess.Popen([sys.executable, "-c", MOTO_CHILD], cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    endpoint = proc.stdout.readline().strip() if ready else ""
+    proc.stdout.close()
+    if endpoint:
+        return MotoProcess(endpoint, proc=proc)
     proc.kill()
-    raise TimeoutError("moto server did not start within 60 s")
+    if ready:
+        raise RuntimeError(f"moto server exited with {proc.wait()}")
+    raise TimeoutError(f"moto server did not start within {timeout_s:.0f} s")
 
 
 class ApiCalls:
