@@ -398,12 +398,13 @@ def default_session() -> Any:
 def count_parquet_rows(s3: Any, bucket: str, prefix: str) -> int:
     import pyarrow.parquet as pq
 
+    from dermscore.aws import iter_keys
+
     rows = 0
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith(".parquet"):
-                body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-                rows += pq.ParquetFile(io.BytesIO(body)).metadata.num_rows
+    for key in iter_keys(s3, bucket, prefix):
+        if key.endswith(".parquet"):
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            rows += pq.ParquetFile(io.BytesIO(body)).metadata.num_rows
     return rows
 
 
@@ -518,10 +519,10 @@ def payload_sizing(s3: Any, bucket: str, job_name: str, max_payload_mb: int, rat
     """Bytes per manifest line and per output line of one job, and what they imply for a request
     of ``max_payload_mb`` (lines per request, response size, seconds per request at ``rate``)."""
     from dermscore import layout
+    from dermscore.aws import iter_keys
 
     def first(prefix: str) -> bytes:  # whatever the manifest layout (one file or shards)
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-        return s3.get_object(Bucket=bucket, Key=sorted(keys)[0])["Body"].read()
+        return s3.get_object(Bucket=bucket, Key=min(iter_keys(s3, bucket, prefix)))["Body"].read()
 
     manifest = first(f"{layout.MANIFESTS}{job_name}")
     output = first(layout.transform_output_prefix(job_name))
