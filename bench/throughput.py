@@ -498,7 +498,8 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                     sizing = payload_sizing(s3, bucket, jobs[0]["job_name"],
                                             int(stack.spec.enqueue_env.get("MAX_PAYLOAD_MB", 6)),
                                             transform_images / transform_s if transform_s else 0.0)
-                out = {"images": n, "seconds": elapsed, "payload": sizing, "api_calls": api.summary(n), "rate": n / elapsed, "upload_seconds": t_uploaded,
+                out = {"images": n, "seconds": elapsed, "payload": sizing, "api_calls": api.summary(n),
+                       "rate": n / elapsed, "upload_seconds": t_uploaded,
                        "parquet_rows": rows, "scored": scored, "failed": failed, "jobs": len(jobs),
                        "transform_seconds": transform_s,
                        "transform_rate": transform_images / transform_s if transform_s else 0.0,
@@ -550,7 +551,8 @@ def render(result: dict[str, Any]) -> str:
     dev = result["machine"]["device"]
     lines = [f"dermscore bench: {result['images']} images ({result['distinct_images']} distinct, repeated under "
              f"distinct keys), model {result['model']['name']} v{result['model']['version']} "
-             f"({result['model']['arch']}, input {result['model']['input_size'][0]}x{result['model']['input_size'][1]}, "
+             f"({result['model']['arch']}, "
+             f"input {result['model']['input_size'][0]}x{result['model']['input_size'][1]}, "
              f"sha256 {result['model']['weights_sha256'][:12]})",
              f"device: {dev}; load average at start {result['loadavg_at_start'][0]:.1f}, at end "
              f"{result['machine']['loadavg_at_end'][0]:.1f} (other processes share these cores)", ""]
@@ -617,7 +619,8 @@ def render(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory (model.pt + metadata.json)")
+    p.add_argument("--model", type=Path, default=Path("models/default"),
+                   help="model directory (model.pt + metadata.json)")
     p.add_argument("--images", type=int, default=1000, help="images per measurement (default 1000)")
     p.add_argument("--images-dir", type=Path, default=None,
                    help=f"distinct images, repeated under distinct keys (default {DEFAULT_IMAGES_DIR})")
@@ -675,7 +678,8 @@ def run(args: argparse.Namespace) -> int:
     show = not args.no_progress
     blobs = load_blobs(args.images_dir or DEFAULT_IMAGES_DIR, limit=n if n < 200 else None)
 
-    result: dict[str, Any] = {"loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "images": n, "distinct_images": min(n, len(blobs)), "command": " ".join(sys.argv)}
+    result: dict[str, Any] = {"loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "images": n,
+                              "distinct_images": min(n, len(blobs)), "command": " ".join(sys.argv)}
     figures: dict[str, float] = {}
     with RssSampler() as rss:
         scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=args.batch_size or None,

@@ -55,7 +55,8 @@ def copy_messages(sqs, dlq_url: str, queue_url: str, max_messages: int | None = 
     while max_messages is None or moved < max_messages:
         want = BATCH if max_messages is None else min(BATCH, max_messages - moved)
         msgs = sqs.receive_message(QueueUrl=dlq_url, MaxNumberOfMessages=want, WaitTimeSeconds=1,
-                                   VisibilityTimeout=visibility_timeout, MessageAttributeNames=["All"]).get("Messages", [])
+                                   VisibilityTimeout=visibility_timeout,
+                                   MessageAttributeNames=["All"]).get("Messages", [])
         if not msgs:
             break
         entries = []

@@ -258,7 +258,8 @@ class TransformRunner:
         pools = [ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_instance,
                                      initargs=(str(model_dir), env, threads)) for _ in groups]
         try:
-            futures = [pool.submit(_instance_transform, job, in_bucket, group) for pool, group in zip(pools, groups, strict=False)]
+            futures = [pool.submit(_instance_transform, job, in_bucket, group)
+                       for pool, group in zip(pools, groups, strict=False)]
             for future in futures:
                 pid, n, _ = future.result()
                 records += n
@@ -307,7 +308,8 @@ class TransformRunner:
         asynchronous invocation (MaximumRetryAttempts 2), retry a failed delivery."""
         pattern = self.stack.spec.collect_event_pattern
         if pattern and not matches(pattern, event):
-            log.info("event for %s does not match the collect rule; not delivered", event["detail"].get("TransformJobName"))
+            log.info("event for %s does not match the collect rule; not delivered",
+                     event["detail"].get("TransformJobName"))
             return None
         for attempt in range(1, attempts + 1):
             try:
