@@ -177,7 +177,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
               "startup_minutes": args.startup_minutes}
     missing = [k for k, v in values.items() if v is None and prof is None]
     if missing:
-        raise SystemExit(f"no built-in profile for {args.instance}: give --{', --'.join(m.replace('_', '-') for m in missing)}")
+        options = ", ".join(f"--{m.replace('_', '-')}" for m in missing)
+        raise SystemExit(f"no built-in profile for {args.instance}: give {options}")
     for k in values:
         if values[k] is None:
             values[k] = getattr(prof, k)
@@ -196,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
           + (f"  [{prof.source}]" if prof and None in (args.usd_per_hour, args.images_per_second,
                                                        args.startup_minutes) else ""))
     print(f"batching: window {args.window:g} s, <= {args.batch_cap:,} images/job, MinImagesPerJob "
-          f"{args.min_images_per_job}, MaxJobWait {args.max_job_wait:g} s; shards >= {args.min_images_per_shard} images")
+          f"{args.min_images_per_job}, MaxJobWait {args.max_job_wait:g} s; "
+          f"shards >= {args.min_images_per_shard} images")
     if args.markdown:
         print(markdown_table(plans))
     else:

@@ -36,13 +36,13 @@ import json
 import logging
 import os
 import platform
-import socket
+import select
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,7 +291,7 @@ class MotoProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
+            self.proc.stdin.close()  # MOTO_CHILD stops its server and exits
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -302,77 +302,109 @@ class MotoProcess:
             self.server = None
 
 
-def start_moto(mode: str) -> MotoProcess:
-    if mode == "thread":
-        from infra.stack import start_server
+# The local stack's server (infra.stack.start_server) in a process of its own: it prints its
+# endpoint once it accepts connections and serves until its stdin closes (so also when we die).
+MOTO_CHILD = """
+import os, sys
+from infra.stack import start_server
+server, endpoint = start_server()
+print(endpoint, flush=True)
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nobody reads its stdout from here on
+sys.stdin.read()
+server.stop()
+"""
 
+
+def start_moto(mode: str, timeout_s: float = 60) -> MotoProcess:
+    from infra.stack import start_server
+
+    if mode == "thread":
         server, endpoint = start_server()
         return MotoProcess(endpoint, server=server)
-    from infra.stack import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from moto.server import main; main(sys.argv[1:])",
-                             "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL,
-                            stderr=open(os.environ["BENCH_MOTO_LOG"], "w") if os.environ.get("BENCH_MOTO_LOG")
-                            else subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return MotoProcess(f"http://127.0.0.1:{port}", proc=proc)
-        time.sleep(0.1)
+    log_path = os.environ.get("BENCH_MOTO_LOG")
+    with open(log_path, "w") if log_path else contextlib.nullcontext(subprocess.DEVNULL) as err:
+        proc = subprocess.Popen([sys.executable, "-c", MOTO_CHILD], cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    endpoint = proc.stdout.readline().strip() if ready else ""
+    proc.stdout.close()
+    if endpoint:
+        return MotoProcess(endpoint, proc=proc)
     proc.kill()
-    raise TimeoutError("moto server did not start within 60 s")
+    if ready:
+        raise RuntimeError(f"moto server exited with {proc.wait()}")
+    raise TimeoutError(f"moto server did not start within {timeout_s:.0f} s")
 
 
 class ApiCalls:
-    """Counts the AWS API calls (and their wall time) of every boto3 client in this process."""
+    """Counts the AWS API calls (and their wall time) per operation, from botocore's events.
 
-    def __init__(self) -> None:
+    A call is counted at ``before-call`` and timed until ``after-call`` (any HTTP status) or
+    ``after-call-error`` (no response). A client copies its session's event handlers when it is
+    created: ``sessions`` cover the clients they create from now on, ``clients`` those that exist.
+    """
+
+    def __init__(self, sessions: Iterable[Any] = (), clients: Iterable[Any] = ()) -> None:
         self.calls: dict[str, list[float]] = {}
         self._lock = threading.Lock()
-        self._orig: Any = None
+        self._emitters = [s.events for s in sessions] + [c.meta.events for c in clients]
+        self._active = False
+        self._id = f"dermscore-bench-{id(self)}"
+
+    def _before(self, model: Any, context: dict[str, Any], **_: Any) -> None:
+        if self._active:
+            context[self._id] = (model.name, time.perf_counter())
+        # None: a before-call handler that returns a response would replace the request
+
+    def _after(self, context: dict[str, Any], **_: Any) -> None:
+        started = context.pop(self._id, None)
+        if started is not None:
+            operation, t = started
+            with self._lock:
+                c = self.calls.setdefault(operation, [0, 0.0])
+                c[0] += 1
+                c[1] += time.perf_counter() - t
+
+    def _handlers(self) -> list[tuple[str, Any]]:
+        return [("before-call", self._before), ("after-call", self._after), ("after-call-error", self._after)]
 
     def __enter__(self) -> ApiCalls:
-        import botocore.client
-
-        orig = self._orig = botocore.client.BaseClient._make_api_call
-        calls, lock = self.calls, self._lock
-
-        def counted(client: Any, operation: str, params: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return orig(client, operation, params)
-            finally:
-                with lock:
-                    c = calls.setdefault(operation, [0, 0.0])
-                    c[0] += 1
-                    c[1] += time.perf_counter() - t
-
-        botocore.client.BaseClient._make_api_call = counted
+        for events in self._emitters:
+            for event, handler in self._handlers():
+                events.register(event, handler, unique_id=f"{self._id}-{event}")
+        self._active = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import botocore.client
-
-        botocore.client.BaseClient._make_api_call = self._orig
+        self._active = False  # clients created meanwhile keep the handlers: they stop counting
+        for events in self._emitters:
+            for event, _ in self._handlers():
+                events.unregister(event, unique_id=f"{self._id}-{event}")
 
     def summary(self, images: int) -> dict[str, dict[str, float]]:
         return {op: {"calls": n, "per_image": round(n / images, 3), "wall_s": round(t, 2)}
                 for op, (n, t) in sorted(self.calls.items(), key=lambda kv: -kv[1][0])}
 
 
+def default_session() -> Any:
+    """boto3's default session (``boto3.client`` creates its clients), made if none exists yet."""
+    import boto3
+
+    if boto3.DEFAULT_SESSION is None:
+        boto3.setup_default_session()
+    return boto3.DEFAULT_SESSION
+
+
 def count_parquet_rows(s3: Any, bucket: str, prefix: str) -> int:
     import pyarrow.parquet as pq
 
+    from dermscore.aws import iter_keys
+
     rows = 0
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith(".parquet"):
-                body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-                rows += pq.ParquetFile(io.BytesIO(body)).metadata.num_rows
+    for key in iter_keys(s3, bucket, prefix):
+        if key.endswith(".parquet"):
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            rows += pq.ParquetFile(io.BytesIO(body)).metadata.num_rows
     return rows
 
 
@@ -408,7 +440,10 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                 scorer = runner.model(stack.model_name)  # container start-up, outside the clock
                 s3 = stack.client("s3")
                 bucket = stack.bucket
-                with rss.phase("e2e"), ApiCalls() as api:
+                # Every client of the pipeline: the stack's own (poller, runner, uploads), the
+                # transform's, and (from boto3's default session) those the handlers create.
+                clients = [stack.client(service) for service in ("s3", "sqs", "sagemaker")] + [scorer.s3]
+                with rss.phase("e2e"), ApiCalls(sessions=[default_session()], clients=clients) as api:
                     pipeline.start_background()
                     bar = progress(n, "end to end (rows)", show)
                     c0, m0 = process_cpu_s(), moto.cpu_s()
@@ -463,7 +498,8 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                     sizing = payload_sizing(s3, bucket, jobs[0]["job_name"],
                                             int(stack.spec.enqueue_env.get("MAX_PAYLOAD_MB", 6)),
                                             transform_images / transform_s if transform_s else 0.0)
-                out = {"images": n, "seconds": elapsed, "payload": sizing, "api_calls": api.summary(n), "rate": n / elapsed, "upload_seconds": t_uploaded,
+                out = {"images": n, "seconds": elapsed, "payload": sizing, "api_calls": api.summary(n),
+                       "rate": n / elapsed, "upload_seconds": t_uploaded,
                        "parquet_rows": rows, "scored": scored, "failed": failed, "jobs": len(jobs),
                        "transform_seconds": transform_s,
                        "transform_rate": transform_images / transform_s if transform_s else 0.0,
@@ -484,10 +520,10 @@ def payload_sizing(s3: Any, bucket: str, job_name: str, max_payload_mb: int, rat
     """Bytes per manifest line and per output line of one job, and what they imply for a request
     of ``max_payload_mb`` (lines per request, response size, seconds per request at ``rate``)."""
     from dermscore import layout
+    from dermscore.aws import iter_keys
 
     def first(prefix: str) -> bytes:  # whatever the manifest layout (one file or shards)
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-        return s3.get_object(Bucket=bucket, Key=sorted(keys)[0])["Body"].read()
+        return s3.get_object(Bucket=bucket, Key=min(iter_keys(s3, bucket, prefix)))["Body"].read()
 
     manifest = first(f"{layout.MANIFESTS}{job_name}")
     output = first(layout.transform_output_prefix(job_name))
@@ -515,7 +551,8 @@ def render(result: dict[str, Any]) -> str:
     dev = result["machine"]["device"]
     lines = [f"dermscore bench: {result['images']} images ({result['distinct_images']} distinct, repeated under "
              f"distinct keys), model {result['model']['name']} v{result['model']['version']} "
-             f"({result['model']['arch']}, input {result['model']['input_size'][0]}x{result['model']['input_size'][1]}, "
+             f"({result['model']['arch']}, "
+             f"input {result['model']['input_size'][0]}x{result['model']['input_size'][1]}, "
              f"sha256 {result['model']['weights_sha256'][:12]})",
              f"device: {dev}; load average at start {result['loadavg_at_start'][0]:.1f}, at end "
              f"{result['machine']['loadavg_at_end'][0]:.1f} (other processes share these cores)", ""]
@@ -582,7 +619,8 @@ def render(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory (model.pt + metadata.json)")
+    p.add_argument("--model", type=Path, default=Path("models/default"),
+                   help="model directory (model.pt + metadata.json)")
     p.add_argument("--images", type=int, default=1000, help="images per measurement (default 1000)")
     p.add_argument("--images-dir", type=Path, default=None,
                    help=f"distinct images, repeated under distinct keys (default {DEFAULT_IMAGES_DIR})")
@@ -640,7 +678,8 @@ def run(args: argparse.Namespace) -> int:
     show = not args.no_progress
     blobs = load_blobs(args.images_dir or DEFAULT_IMAGES_DIR, limit=n if n < 200 else None)
 
-    result: dict[str, Any] = {"loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "images": n, "distinct_images": min(n, len(blobs)), "command": " ".join(sys.argv)}
+    result: dict[str, Any] = {"loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "images": n,
+                              "distinct_images": min(n, len(blobs)), "command": " ".join(sys.argv)}
     figures: dict[str, float] = {}
     with RssSampler() as rss:
         scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=args.batch_size or None,

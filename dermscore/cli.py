@@ -20,12 +20,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate", "evaluate a model: per-class metrics, AUC, calibration, plots"),
     "demo": ("infra.demo", "run the whole pipeline locally on demo images and print the results"),
     "serve": ("infra.serve", "keep the local stack running; drop images into s3://<bucket>/incoming/"),
-    "report": ("analytics.report", "HTML report (classes, risk histogram, top-risk thumbnails, failures, throughput) + results.csv"),
+    "report": ("analytics.report",
+               "HTML report (classes, risk histogram, top-risk thumbnails, failures, throughput) + results.csv"),
     "query": ("analytics.query", 'SQL (DuckDB, Athena-compatible) over exported results: query "SELECT ..."'),
     "redrive": ("infra.redrive", "move the dead-letter queue's messages back to the images queue"),
     "publish-model": ("infra.deploy", "upload model.tar.gz to the stack's bucket; print the sam deploy parameters"),
     "bench": ("bench.throughput", "throughput benchmark: model forward vs end-to-end pipeline vs seed style; memory"),
-    "plan": ("analytics.plan", "capacity model: instances, jobs/day, latency and $ per million images per daily volume"),
+    "plan": ("analytics.plan",
+             "capacity model: instances, jobs/day, latency and $ per million images per daily volume"),
 }
 
 

@@ -4,8 +4,8 @@ The local (embedded) stack calls :func:`local_spec` to get the queue settings,
 the bucket notification filter and the exact environment of each Lambda
 function, so it never repeats a value the template already holds.
 
-``load_template`` parses CloudFormation YAML including the short-form
-intrinsic tags (``!Ref``, ``!GetAtt``, ``!Sub`` ...) into their long form
+``load_template`` parses CloudFormation YAML with cfn-lint's decoder, which turns the
+short-form intrinsic tags (``!Ref``, ``!GetAtt``, ``!Sub`` ...) into their long form
 (``{"Ref": ...}``, ``{"Fn::GetAtt": [...]}``), exactly as CloudFormation does.
 """
 
@@ -15,8 +15,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_PATH = REPO_ROOT / "template.yaml"
@@ -29,38 +27,27 @@ LOCAL_PARTITION = "aws"
 
 # --------------------------------------------------------------------------- YAML
 
-class _CfnLoader(yaml.SafeLoader):
-    """SafeLoader that understands CloudFormation's short-form intrinsic functions."""
-
-
-def _intrinsic(long_name: str):
-    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> dict[str, Any]:
-        if isinstance(node, yaml.ScalarNode):
-            value: Any = loader.construct_scalar(node)
-            if long_name == "Fn::GetAtt":       # !GetAtt Res.Attr -> ["Res", "Attr"]
-                value = value.split(".", 1)
-        elif isinstance(node, yaml.SequenceNode):
-            value = loader.construct_sequence(node, deep=True)
-        else:
-            value = loader.construct_mapping(node, deep=True)
-        return {long_name: value}
-    return construct
-
-
-_TAGS = {
-    "Ref": "Ref", "Condition": "Condition",
-    **{name: f"Fn::{name}" for name in (
-        "GetAtt", "Sub", "Join", "Select", "Split", "If", "Equals", "Not", "And", "Or",
-        "FindInMap", "GetAZs", "ImportValue", "Base64", "Cidr", "Length", "ToJsonString")},
-}
-for _short, _long in _TAGS.items():
-    _CfnLoader.add_constructor(f"!{_short}", _intrinsic(_long))
-
-
 def load_template(path: str | Path = TEMPLATE_PATH) -> dict[str, Any]:
-    """Parse a CloudFormation/SAM YAML template into plain Python data."""
-    with open(path, encoding="utf-8") as f:
-        return yaml.load(f, Loader=_CfnLoader)  # noqa: S506 - SafeLoader subclass
+    """Parse a CloudFormation/SAM YAML template into plain Python data.
+
+    cfn-lint's decoder reads the short-form tags (``!GetAtt A.B`` -> ``{"Fn::GetAtt": ["A", "B"]}``)
+    and rejects duplicate keys; its nodes (dict/list/str subclasses carrying line marks) are
+    turned into plain dicts, lists and strings.
+    """
+    from cfnlint.decode import cfn_yaml  # cfn-lint's import is not needed for the constants above
+
+    return _plain(cfn_yaml.load(str(path)))
+
+
+def _plain(node: Any) -> Any:
+    """cfn-lint's ``dict_node`` / ``list_node`` / ``str_node`` (and their keys) as dict / list / str."""
+    if isinstance(node, dict):
+        return {_plain(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    if isinstance(node, str):
+        return str(node)
+    return node
 
 
 # --------------------------------------------------------------------------- resolving

@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("output"), help="where results/ is exported (default: output)")
     p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
     p.add_argument("--batching-window", type=float, default=LOCAL_BATCHING_WINDOW_S,
-                   help="SQS batching window in seconds (template.yaml: EnqueueBatchingWindowSeconds, 300; shorter locally)")
+                   help="SQS batching window in seconds "
+                        "(template.yaml: EnqueueBatchingWindowSeconds, 300; shorter locally)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     transform_s = sum(j["seconds"] for j in jobs)
     out = args.out
     print()
-    print(f"dermscore demo: {len(files)} images uploaded to s3://{bucket}/{DEMO_PREFIX} on the local stack ({endpoint})")
+    print(f"dermscore demo: {len(files)} images uploaded to s3://{bucket}/{DEMO_PREFIX} "
+          f"on the local stack ({endpoint})")
     print(f"  model:    {meta.name} v{meta.version} ({meta.arch}, weights sha256 {meta.weights_sha256[:12]})")
     print(f"  scored:   {scored} images, failures: {n_failed}"
           + (" (" + ", ".join(f"{r}: {n}" for r, n in failures) + ")" if failures else ""))

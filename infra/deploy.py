@@ -33,6 +33,7 @@ from typing import Any
 
 from batch.bundle import sha256_file
 from dermscore import layout
+from dermscore.aws import error_code, is_missing
 
 log = logging.getLogger("dermscore.deploy")
 
@@ -72,7 +73,7 @@ def already_uploaded(s3: Any, bucket: str, key: str, sha256: str) -> bool:
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if is_missing(exc):
             return False
         raise
     return head.get("Metadata", {}).get("sha256") == sha256
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     except ClientError as exc:
         log.error("bucket %s is not reachable (%s). Deploy the stack first (sam deploy, ModelDataUrl empty): "
                   "it creates the bucket <stack>-<account>-<region>.", args.bucket,
-                  exc.response.get("Error", {}).get("Code"))
+                  error_code(exc))
         return 2
     result = publish(args.model, args.bucket, stack_name=args.stack_name, s3=s3, out=args.keep)
     merged = {**samconfig_overrides(args.samconfig, args.config_env), **result.overrides()}

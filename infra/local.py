@@ -132,18 +132,18 @@ class LocalPipeline:
             for name in EXPORTED:
                 shutil.rmtree(out / name, ignore_errors=True)
         counts = {name: 0 for name in EXPORTED}
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.stack.bucket, Prefix=RESULTS):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(RESULTS):]
-                if not rel or rel.endswith("/"):
-                    continue
-                target = out / rel
-                top = rel.split("/", 1)[0]
-                if top in counts:
-                    counts[top] += 1
-                if not mirror and target.is_file() and target.stat().st_size == obj["Size"] \
-                        and target.stat().st_mtime >= obj["LastModified"].timestamp():
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.s3.download_file(self.stack.bucket, obj["Key"], str(target))
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.stack.bucket, Prefix=RESULTS)
+        for obj in pages.search("Contents[]"):  # Size and LastModified too, so not dermscore.aws.iter_keys
+            rel = obj["Key"][len(RESULTS):] if obj else ""  # None: a page without objects
+            if not rel or rel.endswith("/"):
+                continue
+            target = out / rel
+            top = rel.split("/", 1)[0]
+            if top in counts:
+                counts[top] += 1
+            if not mirror and target.is_file() and target.stat().st_size == obj["Size"] \
+                    and target.stat().st_mtime >= obj["LastModified"].timestamp():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.s3.download_file(self.stack.bucket, obj["Key"], str(target))
         return counts

@@ -181,12 +181,13 @@ def build_model_tarball(model_dir: Path, out: Path, root: Path = ROOT) -> Path:
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
-        with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            for d in dirs:
-                _add_dir(tar, d, mtime)
-            for name in sorted(entries):
-                _add(tar, name, entries[name], mtime)
+    with (open(tmp, "wb") as raw,
+          gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+          tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar):
+        for d in dirs:
+            _add_dir(tar, d, mtime)
+        for name in sorted(entries):
+            _add(tar, name, entries[name], mtime)
     tmp.replace(out)
     log.info("wrote %s (%d files, %.1f MB, sha256 %s) for model %s v%s", out, len(entries),
              out.stat().st_size / 1e6, sha256_file(out), meta.name, meta.version)

@@ -25,6 +25,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from dermscore.aws import error_code
+
 log = logging.getLogger("dermscore.redrive")
 
 BATCH = 10                      # SQS batch limit
@@ -53,7 +55,8 @@ def copy_messages(sqs, dlq_url: str, queue_url: str, max_messages: int | None = 
     while max_messages is None or moved < max_messages:
         want = BATCH if max_messages is None else min(BATCH, max_messages - moved)
         msgs = sqs.receive_message(QueueUrl=dlq_url, MaxNumberOfMessages=want, WaitTimeSeconds=1,
-                                   VisibilityTimeout=visibility_timeout, MessageAttributeNames=["All"]).get("Messages", [])
+                                   VisibilityTimeout=visibility_timeout,
+                                   MessageAttributeNames=["All"]).get("Messages", [])
         if not msgs:
             break
         entries = []
@@ -82,8 +85,8 @@ def redrive(sqs, dlq_url: str, queue_url: str, method: str = "auto", max_message
             handle = move_task(sqs, dlq_url, queue_url)
             return {"method": "move-task", "task_handle": handle}
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            code = error_code(exc)
+            status = str((exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode", ""))
             if method == "move-task" or not (code in NOT_SUPPORTED or status in NOT_SUPPORTED):
                 raise
             log.info("StartMessageMoveTask not available here (%s); moving messages one batch at a time", code)

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dermscore.aws import parse_s3_uri
+from dermscore.aws import iter_keys, parse_s3_uri
 from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION
 from infra.stack import LocalStack, client_lock
 
@@ -227,15 +227,9 @@ class TransformRunner:
 
     # ---- jobs -------------------------------------------------------------------------------
     def pending(self) -> list[str]:
-        names: list[str] = []
-        kwargs: dict[str, Any] = {"NameContains": self.stack.job_prefix}
-        while True:
-            page = self.sm.list_transform_jobs(**kwargs)
-            names += [j["TransformJobName"] for j in page.get("TransformJobSummaries", [])]
-            if not page.get("NextToken"):
-                break
-            kwargs["NextToken"] = page["NextToken"]
-        return [n for n in names if n.startswith(f"{self.stack.job_prefix}-") and n not in self.seen]
+        pages = self.sm.get_paginator("list_transform_jobs").paginate(NameContains=self.stack.job_prefix)
+        names = pages.search("TransformJobSummaries[].TransformJobName")  # None: a page without jobs
+        return [n for n in names if n and n.startswith(f"{self.stack.job_prefix}-") and n not in self.seen]
 
     def execute(self, job: dict[str, Any]) -> int:
         """Run the transform; returns the number of records written."""
@@ -243,7 +237,7 @@ class TransformRunner:
         if src.get("S3DataType", "S3Prefix") != "S3Prefix":
             raise ValueError(f"S3DataType {src.get('S3DataType')} is not supported by the local runner")
         in_bucket, prefix = parse_s3_uri(src["S3Uri"])
-        keys = [k for k in self._list(in_bucket, prefix) if not k.endswith("/")]
+        keys = sorted(iter_keys(self.s3, in_bucket, prefix))
         if not keys:
             raise ValueError(f"no input objects under {src['S3Uri']}")
         instances = min(int((job.get("TransformResources") or {}).get("InstanceCount", 1) or 1), len(keys))
@@ -270,7 +264,8 @@ class TransformRunner:
         pools = [ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_instance,
                                      initargs=(str(model_dir), env, threads)) for _ in groups]
         try:
-            futures = [pool.submit(_instance_transform, job, in_bucket, group) for pool, group in zip(pools, groups, strict=False)]
+            futures = [pool.submit(_instance_transform, job, in_bucket, group)
+                       for pool, group in zip(pools, groups, strict=False)]
             for future in futures:
                 pid, n, _ = future.result()
                 records += n
@@ -319,7 +314,8 @@ class TransformRunner:
         asynchronous invocation (MaximumRetryAttempts 2), retry a failed delivery."""
         pattern = self.stack.spec.collect_event_pattern
         if pattern and not matches(pattern, event):
-            log.info("event for %s does not match the collect rule; not delivered", event["detail"].get("TransformJobName"))
+            log.info("event for %s does not match the collect rule; not delivered",
+                     event["detail"].get("TransformJobName"))
             return None
         for attempt in range(1, attempts + 1):
             try:
@@ -350,12 +346,6 @@ class TransformRunner:
                         stop.wait(interval_s)
             finally:
                 self._delivery = None
-
-    def _list(self, bucket: str, prefix: str) -> list[str]:
-        keys: list[str] = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys += [o["Key"] for o in page.get("Contents", [])]
-        return sorted(keys)
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
     p.add_argument("--port", type=int, default=0, help="port of the local endpoint (default: any free port)")
     p.add_argument("--batching-window", type=float, default=5.0,
-                   help="SQS batching window in seconds (template.yaml: EnqueueBatchingWindowSeconds, 300; shorter locally)")
+                   help="SQS batching window in seconds "
+                        "(template.yaml: EnqueueBatchingWindowSeconds, 300; shorter locally)")
     p.add_argument("--export-interval", type=float, default=2.0, help="seconds between result exports")
     p.add_argument("--web-port", type=int, default=8765,
                    help="port of the upload page on 127.0.0.1 (0: any free port, -1: no page)")
@@ -55,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"dermscore serve: local stack at {ep} (bucket {bucket}, region {LOCAL_REGION})\n"
               f"Drop images into s3://{bucket}/incoming/, for example:\n"
               f"  {creds} aws --endpoint-url {ep} --region {LOCAL_REGION} s3 cp lesion.jpg s3://{bucket}/incoming/\n"
-              f"  {creds} aws --endpoint-url {ep} --region {LOCAL_REGION} s3 cp ./images s3://{bucket}/incoming/batch1/ "
-              f"--recursive\n"
+              f"  {creds} aws --endpoint-url {ep} --region {LOCAL_REGION} s3 cp ./images "
+              f"s3://{bucket}/incoming/batch1/ --recursive\n"
               f"Results are exported to {args.out}/ as they arrive; query them with\n"
               f'  dermscore query "SELECT image_key, top_class, prob_mel FROM predictions ORDER BY prob_mel DESC" '
               f"--results {args.out}\n"

@@ -34,6 +34,7 @@ from typing import Any
 import boto3
 
 from dermscore import layout
+from dermscore.aws import iter_keys
 from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION, LocalSpec, local_spec
 
 log = logging.getLogger("dermscore.stack")
@@ -268,10 +269,7 @@ class LocalStack:
                 "in_flight": int(attrs["ApproximateNumberOfMessagesNotVisible"])}
 
     def list_keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        for page in self.client("s3").get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            keys += [o["Key"] for o in page.get("Contents", [])]
-        return keys
+        return list(iter_keys(self.client("s3"), self.bucket, prefix))
 
 
 def notification_configs(spec: LocalSpec, queue_arn: str) -> list[dict[str, Any]]:

@@ -62,4 +62,5 @@ def test_calibrate_an_existing_model_dir_from_its_validation_split(tiny_model: P
 def test_metadata_without_ood_threshold_still_loads(tiny_model: Path) -> None:
     raw = json.loads((tiny_model / METADATA_FILE).read_text())
     raw.pop("ood_threshold", None)
-    assert ModelMeta(**{**raw, "input_size": tuple(raw["input_size"]), "classes": tuple(raw["classes"])}).ood_threshold is None
+    meta = ModelMeta(**{**raw, "input_size": tuple(raw["input_size"]), "classes": tuple(raw["classes"])})
+    assert meta.ood_threshold is None

@@ -85,7 +85,8 @@ with mock_aws():
     s3.create_bucket(Bucket="dermscore-test")
     s3.put_object(Bucket="dermscore-test", Key="incoming/x.jpg", Body=Path(sys.argv[2]).read_bytes())
     model = inference.model_fn(str(code.parent))
-    body = b'{"bucket": "dermscore-test", "key": "incoming/x.jpg"}\n{"bucket": "dermscore-test", "key": "incoming/gone.jpg"}\n'
+    body = (b'{"bucket": "dermscore-test", "key": "incoming/x.jpg"}\n'
+            b'{"bucket": "dermscore-test", "key": "incoming/gone.jpg"}\n')
     data = inference.input_fn(body, "application/jsonlines")
     print(inference.output_fn(inference.predict_fn(data, model), "application/jsonlines"))
 '''

@@ -49,7 +49,8 @@ def test_issue7_fields_sha_time_and_ood_flag() -> None:
     assert out.ood_flag is True and out.processing_ms == 12.346 and out.image_sha256 == "ab" * 32
     row = results.prediction_row(out, "job-1", results.utcnow())
     assert results.to_table([row], results.PREDICTION_SCHEMA).column("ood_flag").to_pylist() == [True]
-    assert results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0, ood_threshold=-4.0).ood_flag is False
+    in_distribution = results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0, ood_threshold=-4.0)
+    assert in_distribution.ood_flag is False
     # a model without a threshold (older metadata) gives no flag, and older output lines still collect
     assert results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0).ood_flag is None
     doc = json.loads(line([1 / 7] * 7).to_json())

@@ -298,7 +298,8 @@ def _s3_prefixes(role: dict[str, Any], actions: set[str]) -> set[str]:
         for s in statements(policy["PolicyDocument"]):
             if set(as_list(s["Action"])) & actions:
                 for r in as_list(s["Resource"]):
-                    m = re.fullmatch(r"\$\{ImagesBucket\.Arn\}/(.*)\*", r.get("Fn::Sub", "") if isinstance(r, dict) else "")
+                    sub = r.get("Fn::Sub", "") if isinstance(r, dict) else ""
+                    m = re.fullmatch(r"\$\{ImagesBucket\.Arn\}/(.*)\*", sub)
                     assert m, f"object access must be prefix-scoped: {r}"
                     out.add(m.group(1))
     return out
@@ -334,8 +335,8 @@ def test_reliability_wiring(template, resolver):
         assert env["QUEUE_URL"] == {"Ref": "ImagesQueue"} and env["MAX_JOB_ATTEMPTS"] == {"Ref": "MaxJobAttempts"}
     sends = [s for s in statements(res["CollectRole"]["Properties"]["Policies"][0]["PolicyDocument"])
              if "sqs:SendMessage" in as_list(s["Action"])]
-    assert sorted(json.dumps(s["Resource"]) for s in sends) == sorted(json.dumps({"Fn::GetAtt": [q, "Arn"]})
-                                                                       for q in ("ImagesQueue", "CollectFailedEventsQueue"))
+    assert sorted(json.dumps(s["Resource"]) for s in sends) == sorted(
+        json.dumps({"Fn::GetAtt": [q, "Arn"]}) for q in ("ImagesQueue", "CollectFailedEventsQueue"))
     rules = res["ImagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
     (claims,) = [r for r in rules if r.get("Prefix") == layout.CLAIMS]
     assert claims["ExpirationInDays"] == {"Ref": "ClaimRetentionDays"}
@@ -351,11 +352,13 @@ def test_bucket_policies_deny_insecure_transport(template):
     for name in buckets:
         denies = [s for p in policies if p["Properties"]["Bucket"] == {"Ref": name}
                   for s in statements(p["Properties"]["PolicyDocument"])
-                  if s["Effect"] == "Deny" and s.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport") == "false"]
+                  if s["Effect"] == "Deny"
+                  and s.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport") == "false"]
         assert denies, f"{name}: no TLS-only policy"
         (deny,) = denies
         assert deny["Principal"] == "*" and deny["Action"] == "s3:*"
-        assert {"Fn::GetAtt": [name, "Arn"]} in deny["Resource"] and {"Fn::Sub": f"${{{name}.Arn}}/*"} in deny["Resource"]
+        assert {"Fn::GetAtt": [name, "Arn"]} in deny["Resource"]
+        assert {"Fn::Sub": f"${{{name}.Arn}}/*"} in deny["Resource"]
         props = buckets[name]["Properties"]
         assert all(props["PublicAccessBlockConfiguration"].values())
         assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
@@ -365,7 +368,8 @@ def test_lifecycle_expires_intermediate_prefixes_only(template):
     rules = template["Resources"]["ImagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
     expiring = {r["Prefix"] for r in rules if "ExpirationInDays" in r}
     assert {layout.MANIFESTS, layout.TRANSFORM_OUTPUT} <= expiring
-    assert not expiring & {layout.INCOMING, layout.PREDICTIONS, layout.IMAGES, layout.FAILURES, layout.REPORTS, "models/"}
+    kept = {layout.INCOMING, layout.PREDICTIONS, layout.IMAGES, layout.FAILURES, layout.REPORTS, "models/"}
+    assert not expiring & kept
 
 
 # --------------------------------------------------------------------------- model and transform settings

@@ -107,9 +107,11 @@ def test_upload_api_scores_and_reports_failures(served) -> None:
     for key in keys:
         doc = wait_result(served.url, key)
         assert doc["status"] == "ok" and doc["result"]["image_key"] == key
-        assert abs(sum(doc["result"][f"prob_{c}"] for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")) - 1) < 1e-4
+        classes = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+        assert abs(sum(doc["result"][f"prob_{c}"] for c in classes) - 1) < 1e-4
         if doc["result"]["heatmap_key"]:
-            status, headers, png = http(f"{served.url}api/picture?key={urllib.parse.quote(doc['result']['heatmap_key'])}")
+            heatmap = urllib.parse.quote(doc["result"]["heatmap_key"])
+            status, headers, png = http(f"{served.url}api/picture?key={heatmap}")
             assert status == 200 and headers["Content-Type"] == "image/png" and png[:4] == b"\x89PNG"
     failed = wait_result(served.url, bad_key)
     assert failed["status"] == "failed" and failed["reason"] == "not_an_image"

@@ -83,7 +83,8 @@ def plot(report: dict, probs: np.ndarray, labels: np.ndarray, out: Path) -> None
            xlabel="predicted", ylabel="true", title="Confusion matrix (row-normalised, counts shown)")
     for i in range(len(CLASSES)):
         for j in range(len(CLASSES)):
-            ax.text(j, i, cm[i, j], ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+            ax.text(j, i, cm[i, j], ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black",
+                    fontsize=8)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out / "confusion_matrix.png", dpi=120)
@@ -118,14 +119,16 @@ def markdown(report: dict, meta_model: dict) -> str:
         f"| accuracy | {f(report['accuracy'])} |",
         f"| melanoma sensitivity at specificity 0.80 | {f(report['melanoma_sensitivity_at_specificity_0.80'])} |",
         f"| melanoma sensitivity / specificity at the stored threshold {f(report.get('melanoma_threshold'))} "
-        f"| {f(report.get('melanoma_sensitivity_at_threshold'))} / {f(report.get('melanoma_specificity_at_threshold'))} |",
+        f"| {f(report.get('melanoma_sensitivity_at_threshold'))} "
+        f"/ {f(report.get('melanoma_specificity_at_threshold'))} |",
         f"| expected calibration error (15 bins) | {f(report['ece'])} |",
         "", "| class | precision | recall | F1 | AUC | support |", "|---|---|---|---|---|---|",
     ]
     for c, m in report["per_class"].items():
-        lines.append(f"| {c} | {f(m['precision'])} | {f(m['recall'])} | {f(m['f1'])} | {f(m['auc'])} | {m['support']} |")
-    lines += ["", "Baselines (for comparison):", "", "| baseline | accuracy | balanced accuracy | macro F1 | macro AUC |",
-              "|---|---|---|---|---|"]
+        lines.append(f"| {c} | {f(m['precision'])} | {f(m['recall'])} | {f(m['f1'])} | {f(m['auc'])} "
+                     f"| {m['support']} |")
+    lines += ["", "Baselines (for comparison):", "",
+              "| baseline | accuracy | balanced accuracy | macro F1 | macro AUC |", "|---|---|---|---|---|"]
     for name, b in report["baselines"].items():
         lines.append(f"| {name} | {f(b.get('accuracy'))} | {f(b.get('balanced_accuracy'))} | {f(b.get('macro_f1'))} "
                      f"| {f(b.get('macro_auc'))} |")

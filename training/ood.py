@@ -103,7 +103,8 @@ def calibrate(model_dir: Path, data_dir: Path, kept: float = IN_DISTRIBUTION_KEP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory (with validation_split.csv)")
+    p.add_argument("--model", type=Path, default=Path("models/default"),
+                   help="model directory (with validation_split.csv)")
     p.add_argument("--data", type=Path, default=Path("../shared/data/ham10000"), help="HAM10000 folder")
     p.add_argument("--kept", type=float, default=IN_DISTRIBUTION_KEPT,
                    help="share of validation images left unflagged (default 0.95)")

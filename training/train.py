@@ -71,7 +71,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+def predict_logits(model: torch.nn.Module, pixels: np.ndarray, device: torch.device,
+                   batch_size: int = 64) -> np.ndarray:
     model.eval()
     out = []
     for i in range(0, len(pixels), batch_size):
@@ -122,7 +123,8 @@ def train(args: argparse.Namespace) -> dict:
     total = args.epochs * steps_per_epoch
     warmup = min(steps_per_epoch, total // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        opt, lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
     )
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
