@@ -18,7 +18,7 @@ FAILURES = "results/failures/"
 MODELS = "models/"                  # model.tar.gz artifacts (dermscore publish-model)
 ATHENA_RESULTS = "athena-results/"  # the Athena workgroup's query results
 CLAIMS = "claims/"                  # one object per upload attempt: the job that owns it (handlers.claims)
-REPORTS = "results/reports/"        # one HTML page + CSV per transform job (dermscore.jobreport)
+REPORTS = "results/reports/"        # one HTML page + CSV + facts JSON per transform job (dermscore.report)
 
 # Image suffixes the bucket notification forwards (lower and upper case,
 # S3 suffix filters are case-sensitive).
@@ -91,6 +91,12 @@ def job_report_key(job_name: str) -> str:
 def job_report_csv_key(job_name: str) -> str:
     """The job's predictions as CSV, beside its report page."""
     return f"{REPORTS}{job_name}.csv"
+
+
+def job_facts_key(job_name: str) -> str:
+    """The job's facts (status, instances, start and end: ``dermscore.report.Job``), beside its report
+    page, so ``dermscore report`` over exported results can price the job as its page does."""
+    return f"{REPORTS}{job_name}.json"
 
 
 def content_digest(*parts: str, length: int = 16) -> str:

@@ -7,7 +7,7 @@ On ``Completed``::
       -> results/predictions/dt=<date>/<job>.parquet       one file per job (PREDICTION_SCHEMA)
       -> results/images/<key without incoming/>.json       one document per image
       -> results/failures/dt=<date>/<job>-transform.parquet error lines (stage "transform")
-      -> results/reports/<job>.html + <job>.csv             the job's report (dermscore.jobreport),
+      -> results/reports/<job>.html + .csv + .json          the job's report (dermscore.report),
                                                             last; its failure is logged, not raised
 
 On ``Failed`` / ``Stopped`` the job's images go back to the queue as a new attempt
@@ -31,7 +31,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
 
-from dermscore import jobreport, layout, results
+from dermscore import layout, report, results
 from dermscore.aws import chunks, iter_keys, parse_s3_uri
 from dermscore.messages import ManifestLine, OutputLine, Retry
 from handlers import claims, runtime
@@ -147,7 +147,7 @@ def collect_completed(rt: Runtime, detail: dict[str, Any], when: datetime) -> di
 
 
 def job_summary(detail: dict[str, Any], when: datetime) -> dict[str, Any]:
-    """What the job report needs of the event (``dermscore.jobreport.JOB_FIELDS``)."""
+    """What the job report needs of the event (the fields of ``dermscore.report.Job``)."""
     resources = detail.get("TransformResources") or {}
     return {"name": detail["TransformJobName"], "status": detail.get("TransformJobStatus"),
             "instance_type": resources.get("InstanceType"), "instance_count": resources.get("InstanceCount"),
@@ -156,16 +156,20 @@ def job_summary(detail: dict[str, Any], when: datetime) -> dict[str, Any]:
 
 def write_report(s3, bucket: str, rows: list[dict[str, Any]], failures: list[dict[str, Any]],
                  job: dict[str, Any]) -> bool:
-    """The job's report page and CSV under results/reports/ (deterministic keys: a repeated event
-    overwrites them). Written after the results; a failure here is logged, never raised, so it
-    cannot fail (and re-run) a collection whose Parquet and JSON are already in place."""
+    """The job's report page, CSV and facts under results/reports/ (``dermscore.report``: the same
+    build and template as ``dermscore report``, which reads the facts back to price the job).
+    Deterministic keys and bytes: a repeated event overwrites them. Written after the results;
+    a failure here is logged, never raised, so it cannot fail (and re-run) a collection whose
+    Parquet and JSON are already in place."""
     try:
         name = job["name"]
-        s3.put_object(Bucket=bucket, Key=layout.job_report_csv_key(name), Body=jobreport.to_csv(rows),
-                      ContentType="text/csv; charset=utf-8",
-                      ContentDisposition=f'attachment; filename="{name}.csv"')
-        s3.put_object(Bucket=bucket, Key=layout.job_report_key(name),
-                      Body=jobreport.render(rows, failures, job).encode("utf-8"), ContentType="text/html; charset=utf-8")
+        page = report.render(report.job_page(rows, failures, job)).encode("utf-8")
+        objects = [(layout.job_report_csv_key(name), report.to_csv(rows), "text/csv; charset=utf-8",
+                    {"ContentDisposition": f'attachment; filename="{name}.csv"'}),
+                   (layout.job_facts_key(name), report.Job.of(job).to_json(), "application/json", {}),
+                   (layout.job_report_key(name), page, "text/html; charset=utf-8", {})]
+        for key, body, ctype, extra in objects:
+            s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=ctype, **extra)
     except Exception:
         logger.exception("job report not written; the results are", extra={"job_name": job.get("name")})
         return False

@@ -13,7 +13,9 @@
 
 Both packages are the *import closure* of their entry points (:func:`code_closure`), read from
 the source with ``ast`` rather than from a list of folders: training, the benchmark, the CLI and
-the reports never ship, and editing them never changes the archive's bytes. The container puts
+the local report never ship, and editing them never changes the archive's bytes. The Lambda
+package also gets the package data (:data:`PACKAGE_DATA`: the report template) of the packages
+in its closure; ``model.tar.gz`` holds modules only (its closure reads no data files). The container puts
 ``/opt/ml/model/code`` on ``sys.path``, so ``import batch`` works there exactly as here. The
 archive is reproducible: sorted entries, fixed mtimes/owners and a gzip header without a
 timestamp, so the same model and code give the same sha256 (a stable SageMaker model name can
@@ -48,6 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT_PACKAGES = ("dermscore", "handlers", "batch", "training", "analytics", "bench", "infra")
 SERVING_ENTRY = "batch.inference"
 LAMBDA_ENTRIES = ("handlers.enqueue", "handlers.collect")
+# Files other than modules that a package reads at run time (its package data, as pyproject.toml's
+# [tool.setuptools.package-data] lists them), by top-level package: copied with its code wherever
+# one of its modules ships to Lambda (dermscore.report renders dermscore/templates/report.html.j2).
+PACKAGE_DATA: dict[str, tuple[str, ...]] = {"dermscore": ("templates/*.j2",)}
 # Distributions the serving container lacks. Versions come from pyproject.toml so there
 # is one place to pin them. torch is deliberately absent: the container's CUDA build wins.
 CONTAINER_REQUIREMENTS = ("monai", "efficientnet-lite-pytorch", "pillow", "numpy", "pyarrow", "boto3")
@@ -122,12 +128,22 @@ def code_closure(entries: tuple[str, ...] | list[str], root: Path = ROOT) -> lis
     return sorted((p.relative_to(root).as_posix(), p) for p in seen.values())
 
 
+def package_data(files: list[tuple[str, Path]], root: Path = ROOT) -> list[tuple[str, Path]]:
+    """(relative path, file) of the :data:`PACKAGE_DATA` of every top-level package among ``files``."""
+    shipped = {rel.split("/", 1)[0] for rel, _ in files}
+    found = {p for pkg in sorted(shipped) for pattern in PACKAGE_DATA.get(pkg, ())
+             for p in (root / pkg).glob(pattern) if p.is_file()}
+    return sorted((p.relative_to(root).as_posix(), p) for p in found)
+
+
 def copy_lambda_code(out: Path, root: Path = ROOT) -> list[str]:
-    """Copy the Lambda handlers' import closure into ``out`` (a `sam build` ARTIFACTS_DIR)."""
+    """Copy the Lambda handlers' import closure, and the package data of the packages in it,
+    into ``out`` (a `sam build` ARTIFACTS_DIR)."""
     out = Path(out)
     for pkg in PROJECT_PACKAGES:
         shutil.rmtree(out / pkg, ignore_errors=True)
-    files = code_closure(LAMBDA_ENTRIES, root)
+    code = code_closure(LAMBDA_ENTRIES, root)
+    files = sorted(code + package_data(code, root))
     for rel, path in files:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, out / rel)

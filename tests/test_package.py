@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from batch.model import ModelMeta, build_network, save
-from infra.package import build_model_tarball
+from infra.package import build_model_tarball, copy_lambda_code
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
 
@@ -111,3 +111,44 @@ def test_extracted_tarball_serves(tarball: Path, tmp_path: Path) -> None:
     assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-5
     meta = json.loads((root / "metadata.json").read_text())
     assert lines[0]["model"]["weights_sha256"] == meta["weights_sha256"]
+
+
+LAMBDA = r'''
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+import dermscore, handlers.collect
+from dermscore import report
+
+code = Path(sys.argv[1]).resolve()
+assert Path(dermscore.__file__).resolve().is_relative_to(code), dermscore.__file__
+assert Path(handlers.collect.__file__).resolve().is_relative_to(code), handlers.collect.__file__
+end = datetime(2026, 1, 1, tzinfo=UTC)
+job = {"name": "j-<1>", "instance_type": "ml.g4dn.xlarge", "instance_count": 1, "started": end - timedelta(hours=1),
+       "ended": end}
+print(report.render(report.job_page([], [], job)))
+'''
+
+
+def test_lambda_code_is_the_handlers_closure_plus_its_package_data(tmp_path: Path) -> None:
+    out = tmp_path / "artifacts"
+    copied = copy_lambda_code(out)
+    assert {"handlers/collect.py", "handlers/enqueue.py", "dermscore/report.py",
+            "dermscore/templates/report.html.j2"} <= set(copied)
+    assert not any(rel.startswith(("batch/", "training/", "analytics/", "bench/", "infra/")) for rel in copied)
+    assert [rel for rel in copied if not rel.endswith(".py")] == ["dermscore/templates/report.html.j2"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(copied)
+    # the copied package renders collect's report page on its own (the template travels with it)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(PYTHONPATH=str(out), AWS_DEFAULT_REGION="us-east-1")
+    (tmp_path / "lambda.py").write_text(LAMBDA)
+    proc = subprocess.run([sys.executable, str(tmp_path / "lambda.py"), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "job j-&lt;1&gt;" in proc.stdout and "<tr><td>cost</td><td>$0.7360</td></tr>" in proc.stdout
+
+
+def test_model_tarball_holds_no_report(tarball: Path) -> None:
+    with tarfile.open(tarball) as tar:
+        names = set(tar.getnames())
+    assert "code/dermscore/report.py" not in names and not any("templates" in n for n in names)

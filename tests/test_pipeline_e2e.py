@@ -60,7 +60,7 @@ def test_every_real_image_gets_one_row(scored) -> None:
     assert all(r[2] == pytest.approx(1.0, abs=1e-4) for r in rows)
     assert all(isinstance(r[1], str) and len(r[1]) == 10 for r in rows)   # dt partition, as Athena sees it
     assert scored.counts["predictions"] == 1                             # one Parquet file for the one job
-    assert scored.counts["reports"] == 2                                 # and its report page + CSV
+    assert scored.counts["reports"] == 3                                 # and its report page, CSV and facts
 
 
 def test_one_json_document_per_image(scored) -> None:
