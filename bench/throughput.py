@@ -648,8 +648,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batch.scorer import Scorer
     from batch.model import pick_device
+    from batch.scorer import Scorer
     from dermscore import imaging
     from infra.demo import require_model
 

@@ -9,6 +9,7 @@ hence no resources are shared across modules).
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path

@@ -8,7 +8,6 @@ from urllib.parse import quote_plus
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import recorded_event
 
 from dermscore import layout, reasons
@@ -37,7 +36,8 @@ def read_failures(stack) -> list[dict]:
 
 def jobs_of(stack) -> list[dict]:
     sm = stack.client("sagemaker")
-    names = [j["TransformJobName"] for j in sm.list_transform_jobs(NameContains=stack.job_prefix)["TransformJobSummaries"]]
+    summaries = sm.list_transform_jobs(NameContains=stack.job_prefix)["TransformJobSummaries"]
+    names = [j["TransformJobName"] for j in summaries]
     return [sm.describe_transform_job(TransformJobName=n) for n in names]
 
 
@@ -71,7 +71,8 @@ def test_batch_writes_one_manifest_and_starts_one_job(stack) -> None:
     assert job["TransformOutput"]["S3OutputPath"] == f"s3://{stack.bucket}/{layout.transform_output_prefix(name)}"
     assert job["TransformOutput"]["AssembleWith"] == "Line"
     assert job["TransformResources"]["InstanceType"] == stack.spec.enqueue_env["TRANSFORM_INSTANCE_TYPE"]
-    assert job["ModelClientConfig"]["InvocationsTimeoutInSeconds"] == int(stack.spec.enqueue_env["INVOCATIONS_TIMEOUT_S"])
+    timeout = int(stack.spec.enqueue_env["INVOCATIONS_TIMEOUT_S"])
+    assert job["ModelClientConfig"]["InvocationsTimeoutInSeconds"] == timeout
 
     assert job["TransformResources"]["InstanceCount"] == 1     # 3 images: one shard, one instance
     body = s3.get_object(Bucket=stack.bucket, Key=layout.shard_key(name, 0, 1))["Body"].read().decode()

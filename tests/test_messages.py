@@ -32,7 +32,8 @@ def test_manifest_line_refuses_what_is_not_one(text: str) -> None:
 
 def test_output_line_round_trip_keeps_every_field() -> None:
     out = results.score_line(ManifestLine("b", "incoming/x.jpg", "e"), [0.1, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1], MODEL,
-                             0.3, 600, 450, image_sha256="ab" * 32, processing_ms=1.5, ood_score=-3.0, ood_threshold=-4.0)
+                             0.3, 600, 450, image_sha256="ab" * 32, processing_ms=1.5, ood_score=-3.0,
+                             ood_threshold=-4.0)
     assert OutputLine.from_json(out.to_json()) == out
     err = OutputLine.error(ManifestLine("b", "incoming/y.jpg", "e2"), "corrupt_image", "truncated")
     assert OutputLine.from_json(err.to_json()) == err and not err.ok

@@ -18,6 +18,7 @@ from PIL import Image
 from analytics import report as local_report
 from dermscore import layout, report, results
 from dermscore.labels import CLASSES
+from dermscore.messages import ManifestLine, OutputLine
 from infra.runner import state_change_event
 
 MODEL = {"name": "m", "version": "1", "weights_sha256": "f" * 64}
@@ -25,6 +26,10 @@ EVIL = 'incoming/batch/<script>alert("x")</script>.jpg'
 EVIL_ESCAPED = "incoming/batch/&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;.jpg"
 ENDED = datetime(2026, 11, 23, 12, 30, tzinfo=UTC)
 G4DN = 0.736
+
+
+def upload(key: str) -> ManifestLine:
+    return ManifestLine("bk", key, "e")
 
 
 def probs(mel: float, nv: float) -> list[float]:
@@ -36,16 +41,16 @@ def rows_and_failures(job: str = "job-1", when: datetime = ENDED) -> tuple[list[
     lines = [("incoming/batch/a.jpg", probs(0.8, 0.1), -2.0), ("incoming/batch/b.jpg", probs(0.05, 0.9), -9.0),
              (EVIL, probs(0.2, 0.5), -7.0), ("incoming/batch/c.jpg", probs(0.01, 0.97), -8.0),
              ("incoming/batch/=HYPERLINK(1).jpg", probs(0.02, 0.9), -8.0)]
-    rows = [results.prediction_row(results.score_line({"bucket": "bk", "key": k, "etag": "e"}, p, MODEL, 0.3, 600, 450,
+    rows = [results.prediction_row(results.score_line(upload(k), p, MODEL, 0.3, 600, 450,
                                                       image_sha256="0" * 64, processing_ms=40.0, ood_score=o,
                                                       ood_threshold=-3.0), job, when) for k, p, o in lines]
     rows[0]["heatmap_key"] = layout.image_artifact_key(rows[0]["image_key"], layout.HEATMAP_SUFFIX)
     rows[0]["thumbnail_key"] = layout.image_artifact_key(rows[0]["image_key"], layout.THUMBNAIL_SUFFIX)
-    fails = [results.failure_row("bk", "incoming/batch/bad.jpg", "e", "transform", "corrupt_image", "<b>truncated</b>",
+    fails = [results.failure_row(upload("incoming/batch/bad.jpg"), "transform", "corrupt_image", "<b>truncated</b>",
                                  job, when),
-             results.failure_row("bk", "incoming/batch/bad2.jpg", "e", "transform", "corrupt_image", "truncated",
+             results.failure_row(upload("incoming/batch/bad2.jpg"), "transform", "corrupt_image", "truncated",
                                  job, when),
-             results.failure_row("bk", "incoming/batch/gone.jpg", "e", "collect", "missing_output", "no line",
+             results.failure_row(upload("incoming/batch/gone.jpg"), "collect", "missing_output", "no line",
                                  job, when)]
     return rows, fails
 
@@ -154,7 +159,7 @@ def test_totals_over_several_jobs() -> None:
     rows2, _ = rows_and_failures("job-2")
     job2 = {**JOB, "name": "job-2", "instance_count": 1, "started": ENDED - timedelta(minutes=5),
             "ended": ENDED + timedelta(minutes=5)}
-    enqueue = results.failure_row("bk", "incoming/empty.jpg", "e", "enqueue", "zero_byte", "object is empty", None,
+    enqueue = results.failure_row(upload("incoming/empty.jpg"), "enqueue", "zero_byte", "object is empty", None,
                                   ENDED)
     data = report.build(rows1 + rows2, fails1 + [enqueue], [JOB, job2])
     assert [ln.job.name for ln in data.jobs] == ["job-1", "job-2"]
@@ -197,11 +202,11 @@ def completed_job(make_stack):
     """A stack with a manifest of three images (one error line) and the Completed event."""
     stack = make_stack()
     name = f"{stack.job_prefix}-0123456789abcdef"
-    items = [{"bucket": stack.bucket, "key": k, "etag": f"e{i}", "size": 100}
+    items = [ManifestLine(stack.bucket, k, f"e{i}", 100)
              for i, k in enumerate(["incoming/a.jpg", "incoming/<script>.jpg", "incoming/corrupt.jpg"])]
     out = [results.score_line(items[0], probs(0.8, 0.1), MODEL, 0.5, 600, 450),
            results.score_line(items[1], probs(0.05, 0.9), MODEL, 0.5, 640, 480),
-           results.error_line(items[2], "corrupt_image", "image file is truncated")]
+           OutputLine.error(items[2], "corrupt_image", "image file is truncated")]
     request = stage_transform_job(stack, name, items, out,
                                   TransformResources={"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1})
     return stack, name, state_change_event(request, "Completed", None, ENDED - timedelta(minutes=5), ENDED)
@@ -289,15 +294,15 @@ def write_results(root: Path, facts: bool = True) -> None:
     when = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
     lines = [("incoming/batch/a.jpg", probs(0.8, 0.1), -2.0), ("incoming/batch/b.jpg", probs(0.05, 0.9), -9.0),
              (EVIL, probs(0.2, 0.5), -7.0), ("incoming/batch/c.jpg", probs(0.01, 0.97), -8.0)]
-    rows = [results.prediction_row(results.score_line({"bucket": "bk", "key": k, "etag": "e"}, p, MODEL, 0.3, 600, 450,
+    rows = [results.prediction_row(results.score_line(upload(k), p, MODEL, 0.3, 600, 450,
                                                       image_sha256="0" * 64, processing_ms=40.0, ood_score=o,
                                                       ood_threshold=-3.0), "job-1", when) for k, p, o in lines]
     path = root / "predictions" / "dt=2026-11-23" / "job-1.parquet"
     path.parent.mkdir(parents=True)
     pq.write_table(results.to_table(rows, results.PREDICTION_SCHEMA), path)
-    fails = [results.failure_row("bk", "incoming/batch/empty.jpg", "e", "enqueue", "zero_byte", "object is empty",
+    fails = [results.failure_row(upload("incoming/batch/empty.jpg"), "enqueue", "zero_byte", "object is empty",
                                  None, when),
-             results.failure_row("bk", "incoming/batch/bad.jpg", "e", "transform", "corrupt_image", "truncated",
+             results.failure_row(upload("incoming/batch/bad.jpg"), "transform", "corrupt_image", "truncated",
                                  "job-1", when)]
     path = root / "failures" / "dt=2026-11-23" / "job-1.parquet"
     path.parent.mkdir(parents=True)
