@@ -26,6 +26,7 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 CORRUPT = "corrupt_image"
 DECOMPRESSION_BOMB = "decompression_bomb"
 TOO_SMALL = "too_small"
+EXTREME_ASPECT = "extreme_aspect_ratio"    # longer side over imaging.MAX_ASPECT (4) x the shorter
 WRONG_PREFIX = "wrong_prefix"
 READ_ERROR = "read_error"
 BAD_MANIFEST_LINE = "bad_manifest_line"   # transform input line is not {"bucket", "key", ...}
