@@ -245,7 +245,7 @@ class Scorer:
                ood_score: float | None = None) -> OutputLine:
         return score_line(line, probs.tolist(), self.model_info, self.meta.melanoma_threshold,
                           decoded.width, decoded.height, image_sha256=decoded.sha256,
-                          processing_ms=processing_ms, ood_score=ood_score,
+                          processing_ms=processing_ms, ood_score=ood_score, orientation=decoded.orientation,
                           ood_threshold=getattr(self.meta, "ood_threshold", None))
 
     # ---- the pipeline ----------------------------------------------------------------------

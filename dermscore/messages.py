@@ -102,8 +102,9 @@ class OutputLine:
     malignant_prob: float | None = None
     melanoma_flag: bool | None = None
     risk_level: str | None = None
-    width: int | None = None
+    width: int | None = None                     # as displayed (after the EXIF orientation)
     height: int | None = None
+    orientation: int | None = None               # EXIF Orientation applied before scoring (1 = none)
     model: dict[str, str] = field(default_factory=dict)   # name, version, weights_sha256
     image_sha256: str | None = None
     processing_ms: float | None = None

@@ -57,6 +57,7 @@ PREDICTION_SCHEMA = pa.schema([
     ("heatmap_key", pa.string()),     # Grad-CAM overlay PNG beside the JSON (NULL: none made)
     ("thumbnail_key", pa.string()),   # re-encoded small JPEG of the image (with the heatmap)
     ("heatmap_class", pa.string()),   # the class the heatmap explains
+    ("orientation", pa.int8()),       # EXIF Orientation (1-8) applied before scoring; 1 = none
 ])
 
 FAILURE_SCHEMA = pa.schema([
@@ -92,7 +93,8 @@ def ood_flag(ood_score: float | None, ood_threshold: float | None) -> bool | Non
 
 def score_line(line: ManifestLine, probs: list[float], model: dict[str, str], melanoma_threshold: float,
                width: int, height: int, image_sha256: str = "", processing_ms: float | None = None,
-               ood_score: float | None = None, ood_threshold: float | None = None) -> OutputLine:
+               ood_score: float | None = None, ood_threshold: float | None = None,
+               orientation: int = 1) -> OutputLine:
     """The transform output line for one scored image."""
     p = {c: float(v) for c, v in zip(CLASSES, probs, strict=True)}
     top = max(p, key=p.get)
@@ -100,7 +102,8 @@ def score_line(line: ManifestLine, probs: list[float], model: dict[str, str], me
     flag = p["mel"] >= melanoma_threshold
     return OutputLine(
         *line.upload, status="ok", probabilities=p, top_class=top, confidence=p[top], malignant_prob=malignant,
-        melanoma_flag=flag, risk_level=risk_level(malignant, flag), width=width, height=height, model=dict(model),
+        melanoma_flag=flag, risk_level=risk_level(malignant, flag), width=width, height=height,
+        orientation=orientation, model=dict(model),
         image_sha256=image_sha256 or None,
         processing_ms=None if processing_ms is None else round(float(processing_ms), 3),
         ood_score=None if ood_score is None else float(ood_score), ood_flag=ood_flag(ood_score, ood_threshold))
@@ -124,6 +127,7 @@ def prediction_row(line: OutputLine, job_name: str, scored_at: datetime, heatmap
         "ood_score": line.ood_score, "ood_flag": line.ood_flag,
         "heatmap_key": heatmap_key, "thumbnail_key": thumbnail_key,
         "heatmap_class": line.heatmap_class if heatmap_key else None,
+        "orientation": line.orientation,
     }
 
 
