@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -14,7 +15,14 @@ import pytest
 import torch
 
 from batch.model import ModelMeta, build_network, save
-from infra.package import build_model_tarball, copy_lambda_code
+from infra.package import (
+    PROJECT_PACKAGES,
+    ROOT,
+    SERVING_ENTRY,
+    build_model_tarball,
+    code_closure,
+    copy_lambda_code,
+)
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
 
@@ -136,6 +144,7 @@ def test_lambda_code_is_the_handlers_closure_plus_its_package_data(tmp_path: Pat
     assert {"handlers/collect.py", "handlers/enqueue.py", "dermscore/report.py",
             "dermscore/templates/report.html.j2"} <= set(copied)
     assert not any(rel.startswith(("batch/", "training/", "analytics/", "bench/", "infra/")) for rel in copied)
+    assert "dermscore/imaging.py" not in copied        # Pillow-free: images are decoded in the container only
     assert [rel for rel in copied if not rel.endswith(".py")] == ["dermscore/templates/report.html.j2"]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(copied)
     # the copied package renders collect's report page on its own (the template travels with it)
@@ -152,3 +161,34 @@ def test_model_tarball_holds_no_report(tarball: Path) -> None:
     with tarfile.open(tarball) as tar:
         names = set(tar.getnames())
     assert "code/dermscore/report.py" not in names and not any("templates" in n for n in names)
+
+
+def test_archive_holds_only_the_serving_closure(tarball: Path) -> None:
+    """model.tar.gz = weights + the modules batch.inference imports: no training, benchmark,
+    CLI, report, handler or local-stack module."""
+    with tarfile.open(tarball) as tar:
+        modules = {n for n in tar.getnames() if n.endswith(".py")}
+    expected = {f"code/{rel}" for rel, _ in code_closure([SERVING_ENTRY])} | {"code/inference.py"}
+    assert modules == expected
+    assert {"code/batch/inference.py", "code/batch/scorer.py", "code/dermscore/imaging.py"} <= modules
+    never = ("code/training/", "code/bench/", "code/analytics/", "code/infra/", "code/handlers/",
+             "code/dermscore/cli.py", "code/dermscore/report.py", "code/dermscore/template.py")
+    assert not [m for m in modules if m.startswith(never)]
+
+
+def test_archive_bytes_ignore_edits_outside_the_closure(model_dir: Path, tmp_path: Path) -> None:
+    """Editing the benchmark or the CLI leaves model.tar.gz byte-identical (no new SageMaker
+    Model); editing the scorer does not."""
+    root = tmp_path / "repo"
+    for pkg in PROJECT_PACKAGES:
+        shutil.copytree(ROOT / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    before = sha256(build_model_tarball(model_dir, tmp_path / "before.tar.gz", root=root))
+    with open(root / "bench" / "throughput.py", "a") as f:
+        f.write("\n# an edit to the benchmark\n")
+    cli = root / "dermscore" / "cli.py"
+    cli.write_text(cli.read_text().replace("Bulk scoring of dermatoscopic images.", "Other help text."))
+    assert sha256(build_model_tarball(model_dir, tmp_path / "after.tar.gz", root=root)) == before
+    with open(root / "batch" / "scorer.py", "a") as f:
+        f.write("\n# an edit to the container code\n")
+    assert sha256(build_model_tarball(model_dir, tmp_path / "scorer.tar.gz", root=root)) != before
+
