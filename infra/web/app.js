@@ -1,11 +1,13 @@
 // dermscore upload page: POST each dropped file to /api/upload, poll /api/result until it is
 // scored or failed, then show probabilities, risk and the Grad-CAM heatmap. Everything from the
-// server is inserted as text (textContent), never as HTML.
+// server is inserted as text (textContent), never as HTML. Uploads carry the session token that
+// the server put into the page (<meta name="dermscore-token">): without it the server refuses them.
 "use strict";
 
 const POLL_MS = 1000;
 const GIVE_UP_MS = 15 * 60 * 1000;
 let meta = null;  // {classes: [...], names: {...}, malignant: [...]}
+const TOKEN = document.querySelector('meta[name="dermscore-token"]')?.content || "";
 const counts = { uploaded: 0, scored: 0, failed: 0 };
 
 function el(tag, attrs, ...children) {
@@ -94,7 +96,8 @@ async function send(file) {
   counts.uploaded += 1;
   updateSummary();
   try {
-    const r = await fetch(`/api/upload?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
+    const r = await fetch(`/api/upload?name=${encodeURIComponent(file.name)}`, {
+      method: "POST", body: file, headers: { "X-Dermscore-Token": TOKEN } });
     const body = await r.json();
     if (!r.ok) return showFailure(card, `upload refused: ${body.error || r.status}`);
     card.dataset.key = body.key;
