@@ -40,7 +40,7 @@ from dermscore.aws import error_code  # noqa: E402
 from dermscore.imaging import Decoded  # noqa: E402
 from dermscore.messages import ManifestLine, OutputLine  # noqa: E402
 from dermscore.reasons import ImageRejected  # noqa: E402
-from dermscore.results import score_line  # noqa: E402
+from dermscore.scoring import score_line  # noqa: E402
 
 log = logging.getLogger("dermscore.scorer")
 

@@ -45,7 +45,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-from dermscore import layout, results
+from dermscore import layout, results, scoring
 from dermscore.config import TRANSFORM_USD_PER_HOUR
 from dermscore.labels import CLASS_NAMES, CLASSES, MALIGNANT
 
@@ -224,7 +224,7 @@ class ReportData:
     price_source: str
     csv_href: str
     csv_name: str
-    thresholds: tuple[float, float] = (results.MODERATE_MALIGNANT, results.HIGH_MALIGNANT)
+    thresholds: tuple[float, float] = (scoring.MODERATE_MALIGNANT, scoring.HIGH_MALIGNANT)
 
 
 # ---- rows ----------------------------------------------------------------------------------------

@@ -2,13 +2,13 @@
 
 Flow of a record::
 
-    container (batch.scorer)        -> score_line() / OutputLine.error()   one OutputLine per ManifestLine
+    container (batch.scorer)        -> scoring.score_line() / OutputLine.error()   one per ManifestLine
     collect   (handlers.collect)    -> prediction_row() / failure_row()    + job name, time
     Parquet / per-image JSON / SQL  -> PREDICTION_SCHEMA / FAILURE_SCHEMA
 
 Everything derived from probabilities (top class, malignant probability,
-melanoma flag, risk level) is computed once, in :func:`score_line`, where the
-model's metadata (threshold) is at hand.
+melanoma flag, risk level) is computed once, in :func:`dermscore.scoring.score_line`
+(pyarrow-free, so the container needs no pyarrow), where the model's threshold is at hand.
 """
 
 from __future__ import annotations
@@ -19,16 +19,10 @@ from typing import Any
 import pyarrow as pa
 
 from dermscore import __version__
-from dermscore.labels import CLASS_NAMES, CLASSES, MALIGNANT
+from dermscore.labels import CLASS_NAMES, CLASSES
 from dermscore.messages import ManifestLine, OutputLine
 
 PROB_COLUMNS = [f"prob_{c}" for c in CLASSES]
-
-# Risk levels: "high" = melanoma flag raised (threshold chosen on validation for
-# sensitivity >= 0.85) or malignant probability >= 0.5; "moderate" =
-# malignant probability >= 0.2; otherwise "low".
-HIGH_MALIGNANT = 0.5
-MODERATE_MALIGNANT = 0.2
 
 PREDICTION_SCHEMA = pa.schema([
     ("image_key", pa.string()),
@@ -76,37 +70,6 @@ PARTITION_COLUMN = "dt"  # Hive-style partition key (YYYY-MM-DD), lives in the p
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def risk_level(malignant_prob: float, melanoma_flag: bool) -> str:
-    if melanoma_flag or malignant_prob >= HIGH_MALIGNANT:
-        return "high"
-    return "moderate" if malignant_prob >= MODERATE_MALIGNANT else "low"
-
-
-def ood_flag(ood_score: float | None, ood_threshold: float | None) -> bool | None:
-    """Out-of-distribution / low-quality flag; None when the model or the score is missing."""
-    if ood_score is None or ood_threshold is None:
-        return None
-    return bool(ood_score >= ood_threshold)
-
-
-def score_line(line: ManifestLine, probs: list[float], model: dict[str, str], melanoma_threshold: float,
-               width: int, height: int, image_sha256: str = "", processing_ms: float | None = None,
-               ood_score: float | None = None, ood_threshold: float | None = None,
-               orientation: int = 1) -> OutputLine:
-    """The transform output line for one scored image."""
-    p = {c: float(v) for c, v in zip(CLASSES, probs, strict=True)}
-    top = max(p, key=p.get)
-    malignant = sum(p[c] for c in MALIGNANT)
-    flag = p["mel"] >= melanoma_threshold
-    return OutputLine(
-        *line.upload, status="ok", probabilities=p, top_class=top, confidence=p[top], malignant_prob=malignant,
-        melanoma_flag=flag, risk_level=risk_level(malignant, flag), width=width, height=height,
-        orientation=orientation, model=dict(model),
-        image_sha256=image_sha256 or None,
-        processing_ms=None if processing_ms is None else round(float(processing_ms), 3),
-        ood_score=None if ood_score is None else float(ood_score), ood_flag=ood_flag(ood_score, ood_threshold))
 
 
 def prediction_row(line: OutputLine, job_name: str, scored_at: datetime, heatmap_key: str | None = None,

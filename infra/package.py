@@ -56,9 +56,9 @@ LAMBDA_ENTRIES = ("handlers.enqueue", "handlers.collect")
 PACKAGE_DATA: dict[str, tuple[str, ...]] = {"dermscore": ("templates/*.j2",)}
 # Distributions the serving container lacks. Versions come from pyproject.toml so there
 # is one place to pin them. torch is deliberately absent: the container's CUDA build wins.
-CONTAINER_REQUIREMENTS = ("monai", "efficientnet-lite-pytorch", "pillow", "numpy", "pyarrow", "boto3")
+CONTAINER_REQUIREMENTS = ("monai", "efficientnet-lite-pytorch", "pillow", "numpy", "boto3")
 FALLBACK_PINS = {"monai": "monai==1.6.1", "efficientnet-lite-pytorch": "efficientnet-lite-pytorch==0.1.0",
-                 "pillow": "pillow>=11", "numpy": "numpy>=2", "pyarrow": "pyarrow>=17", "boto3": "boto3>=1.35"}
+                 "pillow": "pillow>=11", "numpy": "numpy>=2", "boto3": "boto3>=1.35"}
 # 1980-01-01: the earliest time zip tools accept; any constant does, this one is conventional.
 DEFAULT_EPOCH = 315532800
 

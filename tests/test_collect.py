@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import recorded_event, stage_transform_job
 
-from dermscore import layout, results
+from dermscore import layout, results, scoring
 from dermscore.labels import CLASSES
 from dermscore.messages import ManifestLine, OutputLine, Retry
 from infra.runner import state_change_event
@@ -32,8 +32,8 @@ def job(make_stack):
     name = f"{stack.job_prefix}-0123456789abcdef"
     items = [ManifestLine(stack.bucket, k, f"e{i}", 100)
              for i, k in enumerate(["incoming/a.jpg", "incoming/b c+d é.jpg", "incoming/corrupt.jpg"])]
-    out = [results.score_line(items[0], probs(0), MODEL, 0.5, 600, 450),
-           results.score_line(items[1], probs(1), MODEL, 0.5, 640, 480),
+    out = [scoring.score_line(items[0], probs(0), MODEL, 0.5, 600, 450),
+           scoring.score_line(items[1], probs(1), MODEL, 0.5, 640, 480),
            OutputLine.error(items[2], "corrupt_image", "image file is truncated")]
     request = stage_transform_job(
         stack, name, items, out, TransformJobArn=f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{name}")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dermscore import layout, results
+from dermscore import layout, scoring
 from dermscore.messages import ManifestLine, OutputLine, Retry
 
 MODEL = {"name": "m", "version": "1", "weights_sha256": "abc"}
@@ -31,7 +31,7 @@ def test_manifest_line_refuses_what_is_not_one(text: str) -> None:
 
 
 def test_output_line_round_trip_keeps_every_field() -> None:
-    out = results.score_line(ManifestLine("b", "incoming/x.jpg", "e"), [0.1, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1], MODEL,
+    out = scoring.score_line(ManifestLine("b", "incoming/x.jpg", "e"), [0.1, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1], MODEL,
                              0.3, 600, 450, image_sha256="ab" * 32, processing_ms=1.5, ood_score=-3.0,
                              ood_threshold=-4.0)
     assert OutputLine.from_json(out.to_json()) == out

@@ -16,7 +16,7 @@ from conftest import stage_transform_job
 from PIL import Image
 
 from analytics import report as local_report
-from dermscore import layout, report, results
+from dermscore import layout, report, results, scoring
 from dermscore.labels import CLASSES
 from dermscore.messages import ManifestLine, OutputLine
 from infra.runner import state_change_event
@@ -41,7 +41,7 @@ def rows_and_failures(job: str = "job-1", when: datetime = ENDED) -> tuple[list[
     lines = [("incoming/batch/a.jpg", probs(0.8, 0.1), -2.0), ("incoming/batch/b.jpg", probs(0.05, 0.9), -9.0),
              (EVIL, probs(0.2, 0.5), -7.0), ("incoming/batch/c.jpg", probs(0.01, 0.97), -8.0),
              ("incoming/batch/=HYPERLINK(1).jpg", probs(0.02, 0.9), -8.0)]
-    rows = [results.prediction_row(results.score_line(upload(k), p, MODEL, 0.3, 600, 450,
+    rows = [results.prediction_row(scoring.score_line(upload(k), p, MODEL, 0.3, 600, 450,
                                                       image_sha256="0" * 64, processing_ms=40.0, ood_score=o,
                                                       ood_threshold=-3.0), job, when) for k, p, o in lines]
     rows[0]["heatmap_key"] = layout.image_artifact_key(rows[0]["image_key"], layout.HEATMAP_SUFFIX)
@@ -204,8 +204,8 @@ def completed_job(make_stack):
     name = f"{stack.job_prefix}-0123456789abcdef"
     items = [ManifestLine(stack.bucket, k, f"e{i}", 100)
              for i, k in enumerate(["incoming/a.jpg", "incoming/<script>.jpg", "incoming/corrupt.jpg"])]
-    out = [results.score_line(items[0], probs(0.8, 0.1), MODEL, 0.5, 600, 450),
-           results.score_line(items[1], probs(0.05, 0.9), MODEL, 0.5, 640, 480),
+    out = [scoring.score_line(items[0], probs(0.8, 0.1), MODEL, 0.5, 600, 450),
+           scoring.score_line(items[1], probs(0.05, 0.9), MODEL, 0.5, 640, 480),
            OutputLine.error(items[2], "corrupt_image", "image file is truncated")]
     request = stage_transform_job(stack, name, items, out,
                                   TransformResources={"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1})
@@ -294,7 +294,7 @@ def write_results(root: Path, facts: bool = True) -> None:
     when = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
     lines = [("incoming/batch/a.jpg", probs(0.8, 0.1), -2.0), ("incoming/batch/b.jpg", probs(0.05, 0.9), -9.0),
              (EVIL, probs(0.2, 0.5), -7.0), ("incoming/batch/c.jpg", probs(0.01, 0.97), -8.0)]
-    rows = [results.prediction_row(results.score_line(upload(k), p, MODEL, 0.3, 600, 450,
+    rows = [results.prediction_row(scoring.score_line(upload(k), p, MODEL, 0.3, 600, 450,
                                                       image_sha256="0" * 64, processing_ms=40.0, ood_score=o,
                                                       ood_threshold=-3.0), "job-1", when) for k, p, o in lines]
     path = root / "predictions" / "dt=2026-11-23" / "job-1.parquet"

@@ -6,7 +6,7 @@ import json
 
 import pyarrow as pa
 
-from dermscore import results
+from dermscore import results, scoring
 from dermscore.labels import CLASSES
 from dermscore.messages import ManifestLine, OutputLine
 
@@ -15,7 +15,7 @@ ITEM = ManifestLine("b", "incoming/x y.jpg", "e1")
 
 
 def line(probs: list[float], threshold: float = 0.3) -> OutputLine:
-    return results.score_line(ITEM, probs, MODEL, threshold, 600, 450)
+    return scoring.score_line(ITEM, probs, MODEL, threshold, 600, 450)
 
 
 def test_derived_fields() -> None:
@@ -44,15 +44,15 @@ def test_failure_row_matches_schema() -> None:
 
 
 def test_issue7_fields_sha_time_and_ood_flag() -> None:
-    out = results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 600, 450, image_sha256="ab" * 32,
+    out = scoring.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 600, 450, image_sha256="ab" * 32,
                              processing_ms=12.34567, ood_score=-3.0, ood_threshold=-4.0)
     assert out.ood_flag is True and out.processing_ms == 12.346 and out.image_sha256 == "ab" * 32
     row = results.prediction_row(out, "job-1", results.utcnow())
     assert results.to_table([row], results.PREDICTION_SCHEMA).column("ood_flag").to_pylist() == [True]
-    in_distribution = results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0, ood_threshold=-4.0)
+    in_distribution = scoring.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0, ood_threshold=-4.0)
     assert in_distribution.ood_flag is False
     # a model without a threshold (older metadata) gives no flag, and older output lines still collect
-    assert results.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0).ood_flag is None
+    assert scoring.score_line(ITEM, [1 / 7] * 7, MODEL, 0.3, 1, 1, ood_score=-5.0).ood_flag is None
     doc = json.loads(line([1 / 7] * 7).to_json())
     for k in ("image_sha256", "processing_ms", "ood_score", "ood_flag"):
         doc.pop(k, None)
