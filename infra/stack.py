@@ -337,6 +337,12 @@ class LocalStack:
                 self._runtimes[function] = Runtime.from_env(self.function_env(function))
             return self._runtimes[function]
 
+    def inject(self, function: str, **clients: Any) -> None:
+        """Give a function other clients (tests: a SageMaker client that refuses, ...)."""
+        current = self.runtime(function)
+        with _CLIENT_LOCK:
+            self._runtimes[function] = replace(current, **clients)
+
     def invoke(self, function: str, event: dict[str, Any]) -> Any:
         """Call handlers.<function>.lambda_handler as Lambda does, with that function's runtime."""
         if function == "enqueue":

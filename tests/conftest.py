@@ -100,14 +100,15 @@ EVENTS = Path(__file__).resolve().parent / "events"
 RECORDED_BUCKET = "dermscore-123456789012-us-east-1"    # the names the recorded events carry
 RECORDED_QUEUE_ARN = "arn:aws:sqs:us-east-1:123456789012:dermscore-images"
 RECORDED_JOB = "dermscore-0123456789abcdef"
+RECORDED_ETAG = "recorded-etag"
 
 
 def recorded_event(name: str, **names: str) -> dict:
     """A recorded AWS event from ``tests/events/`` (the documented shapes, not made by the local
-    stack), with its resource names swapped for a test's: ``bucket``, ``queue_arn``, ``job``."""
+    stack), with its resource names swapped for a test's: ``bucket``, ``queue_arn``, ``job``, ``etag``."""
     text = (EVENTS / name).read_text()
     for old, new in ((RECORDED_QUEUE_ARN, names.get("queue_arn")), (RECORDED_BUCKET, names.get("bucket")),
-                     (RECORDED_JOB, names.get("job"))):
+                     (RECORDED_JOB, names.get("job")), (RECORDED_ETAG, names.get("etag"))):
         if new:
             text = text.replace(old, new)
     return json.loads(text)

@@ -144,8 +144,8 @@ def test_recorded_s3_notification_delivered_by_sqs(stack) -> None:
     """GIVEN the S3 -> SQS event as AWS documents it (URL-encoded key, an s3:TestEvent beside it)
     WHEN enqueue handles it THEN one job scores the decoded key and nothing fails."""
     key = "incoming/clinic A/ISIC_0024306 + retake.jpg"
-    stack.client("s3").put_object(Bucket=stack.bucket, Key=key, Body=b"\xff\xd8 bytes")
-    event = recorded_event("sqs_s3_object_created.json", bucket=stack.bucket, queue_arn=stack.queue_arn)
+    etag = stack.client("s3").put_object(Bucket=stack.bucket, Key=key, Body=b"\xff\xd8 bytes")["ETag"].strip('"')
+    event = recorded_event("sqs_s3_object_created.json", bucket=stack.bucket, queue_arn=stack.queue_arn, etag=etag)
     assert stack.invoke("enqueue", event) == {"batchItemFailures": []}
     (job,) = jobs_of(stack)
     shard = layout.shard_key(job["TransformJobName"], 0, 1)

@@ -53,10 +53,10 @@ def test_calibrate_an_existing_model_dir_from_its_validation_split(tiny_model: P
     scorer = Scorer.from_model_dir(model_dir, device="cpu", batch_size=2)
     recs = list(scorer.score_files(files[:3]))
     for f, r in zip(files, recs, strict=False):
-        assert r["image_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
-        assert r["processing_ms"] > 0 and isinstance(r["ood_flag"], bool)
-        assert r["ood_flag"] == (r["ood_score"] >= saved.ood_threshold)
-    assert json.loads(json.dumps(recs))
+        assert r.image_sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+        assert r.processing_ms > 0 and isinstance(r.ood_flag, bool)
+        assert r.ood_flag == (r.ood_score >= saved.ood_threshold)
+    assert all(json.loads(r.to_json())["ood_flag"] == r.ood_flag for r in recs)
 
 
 def test_metadata_without_ood_threshold_still_loads(tiny_model: Path) -> None:

@@ -39,7 +39,7 @@ def exported(moto_endpoint: str, varied_model: Path, tmp_path_factory: pytest.Te
         use_endpoint(moto_endpoint)
         with LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=moto_endpoint,
                            batching_window_s=0.5, visibility_timeout=2,
-                           overrides={"ModelName": f"{name}-model"}) as p:
+                           overrides={"ModelName": f"{name}-model", "HeatmapMode": "high"}) as p:
             keys = p.upload(files, "incoming/q/")
             s3 = p.s3
             s3.put_object(Bucket=p.stack.bucket, Key="incoming/q/corrupt.jpg", Body=files[0].read_bytes()[:5000])
@@ -144,7 +144,7 @@ def test_new_result_fields_on_the_local_stack(exported) -> None:
 
 
 def test_high_risk_images_link_heatmaps_stored_beside_their_json(exported) -> None:
-    """The default transform (DERMSCORE_GRADCAM unset = high) stores Grad-CAM + thumbnail for
+    """HeatmapMode=high (the model environment of template.yaml) stores Grad-CAM + thumbnail for
     high-risk images only; JSON and Parquet link them; no original bytes are stored."""
     import json
 

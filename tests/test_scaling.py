@@ -277,15 +277,14 @@ class RefusingSageMaker:
 
 
 def test_refused_create_returns_the_batch_and_succeeds_later(moto_endpoint: str, small_model: Path,
-                                                              monkeypatch, caplog) -> None:
-    from handlers import enqueue
+                                                              caplog) -> None:
     from infra.stack import use_endpoint
 
     with preserved_environ():
         use_endpoint(moto_endpoint)
         with make_pipeline(moto_endpoint, small_model, ThrottleBackoffSeconds=1) as p:
             refusing = RefusingSageMaker(p.stack.client("sagemaker"), ["ResourceLimitExceeded", "ThrottlingException"])
-            monkeypatch.setattr(enqueue, "sagemaker_client", lambda: refusing)
+            p.stack.inject("enqueue", sagemaker=refusing)
             keys = p.upload(sample_images(6), "incoming/throttle/")
 
             first = p.poller.dispatch(receive_all(p, 7))

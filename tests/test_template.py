@@ -430,7 +430,7 @@ def test_env_var_names_match_settings_from_env(monkeypatch):
 
 # --------------------------------------------------------------------------- SQL
 
-ATHENA_TYPES = {"string": "string", "float": "float", "bool": "boolean", "int32": "int",
+ATHENA_TYPES = {"string": "string", "float": "float", "bool": "boolean", "int32": "int", "int8": "tinyint",
                 "timestamp[ms, tz=UTC]": "timestamp"}
 
 

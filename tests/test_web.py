@@ -57,7 +57,8 @@ def http(url: str, data: bytes | None = None, timeout: float = 30,
 @pytest.fixture(scope="module")
 def served(varied_model: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("serve-out")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # Heatmaps for high-risk images (the page shows them): the local knob over HeatmapMode.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DERMSCORE_GRADCAM": "high"}
     env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
     proc = subprocess.Popen([sys.executable, "-m", "dermscore.cli", "serve", "--model", str(varied_model),
                              "--out", str(out), "--web-port", "0", "--batching-window", "0.5",
