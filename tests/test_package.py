@@ -53,7 +53,7 @@ def test_layout(tarball: Path) -> None:
         shim = tar.extractfile("code/inference.py").read().decode()
     assert {"model.pt", "metadata.json", "code/inference.py", "code/requirements.txt",
             "code/batch/inference.py", "code/batch/model.py", "code/dermscore/imaging.py",
-            "code/dermscore/results.py"} <= names
+            "code/dermscore/scoring.py"} <= names
     assert "checkpoint.pt" not in names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     files = {n for n in names if not n.endswith("/") and "." in n.rsplit("/", 1)[-1]}
