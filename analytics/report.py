@@ -69,7 +69,15 @@ def load_jobs(results_dir: Path) -> list[report.Job]:
 
 def artifact_path(results_dir: Path, image_key: str, suffix: str) -> Path:
     """Where the pipeline stores a derived image for ``image_key`` (next to its JSON document)."""
-    return Path(results_dir) / layout.image_artifact_key(image_key, suffix)[len("results/"):]
+    return layout.local_path(results_dir, layout.image_artifact_key(image_key, suffix)[len("results/"):])
+
+
+def _exported(results_dir: Path, key: str) -> bool:
+    """Is the object ``key`` (``results/...``) in the export? Never looks outside it."""
+    try:
+        return layout.local_path(results_dir, key[len(report.RESULTS_ROOT) + 1:]).is_file()
+    except ValueError:
+        return False
 
 
 def exported_pictures(rows: list[dict[str, Any]], results_dir: Path) -> list[dict[str, Any]]:
@@ -80,8 +88,7 @@ def exported_pictures(rows: list[dict[str, Any]], results_dir: Path) -> list[dic
         row = dict(row)
         for field, suffix in PICTURES:
             key = row.get(field) or layout.image_artifact_key(row["image_key"], suffix)
-            there = key.startswith(report.RESULTS_ROOT + "/") and \
-                (Path(results_dir) / key[len(report.RESULTS_ROOT) + 1:]).is_file()
+            there = key.startswith(report.RESULTS_ROOT + "/") and _exported(results_dir, key)
             row[field] = key if there else None
         out.append(row)
     return out

@@ -7,7 +7,11 @@ notification filter and lifecycle rules) takes its prefixes from here.
 from __future__ import annotations
 
 import hashlib
+import re
+from pathlib import Path
 from urllib.parse import unquote_plus
+
+from dermscore import reasons
 
 INCOMING = "incoming/"
 MANIFESTS = "manifests/"
@@ -20,9 +24,7 @@ ATHENA_RESULTS = "athena-results/"  # the Athena workgroup's query results
 CLAIMS = "claims/"                  # one object per upload attempt: the job that owns it (handlers.claims)
 REPORTS = "results/reports/"        # one HTML page + CSV + facts JSON per transform job (dermscore.report)
 
-# Image suffixes the bucket notification forwards (lower and upper case,
-# S3 suffix filters are case-sensitive).
-IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+MAX_KEY_BYTES = 1024                # S3's limit on an object key (UTF-8 bytes)
 
 
 def decode_event_key(raw: str) -> str:
@@ -34,8 +36,40 @@ def decode_event_key(raw: str) -> str:
     return unquote_plus(raw)
 
 
-def is_incoming(key: str) -> bool:
-    return key.startswith(INCOMING) and not key.endswith("/")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def key_problem(key: str) -> tuple[str, str] | None:
+    """Why an upload's key cannot be laid out under results/ (reason code, detail), or None.
+
+    Every key derived from an upload (``results/images/<rest>.json`` and its pictures, local
+    export paths) mirrors the part after ``incoming/``; a key with ``.``/``..`` segments,
+    backslashes or control characters could escape its folder once mirrored onto a file
+    system, and one whose longest derived key exceeds S3's 1,024 bytes cannot be written.
+    """
+    if key.endswith("/"):
+        return reasons.FOLDER_MARKER, "a folder placeholder, not a file"
+    rest = key[len(INCOMING):] if key.startswith(INCOMING) else key
+    if _CONTROL.search(key):
+        return reasons.UNSAFE_KEY, "key contains control characters"
+    if "\\" in key:
+        return reasons.UNSAFE_KEY, "key contains a backslash"
+    if any(part in ("", ".", "..") for part in rest.split("/")):
+        return reasons.UNSAFE_KEY, "key has an empty, '.' or '..' path segment"
+    longest = max(len(image_artifact_key(key, s).encode()) for s in (".json", HEATMAP_SUFFIX, THUMBNAIL_SUFFIX))
+    if longest > MAX_KEY_BYTES:
+        return reasons.KEY_TOO_LONG, f"its result key would be {longest} bytes (S3 allows {MAX_KEY_BYTES})"
+    return None
+
+
+def local_path(root: Path, relative: str) -> Path:
+    """``root / relative`` for a path derived from an object key, refused when it would leave
+    ``root`` (``..``, absolute parts, links): every local export and report path goes through here."""
+    base = Path(root).resolve()
+    target = (base / relative).resolve()
+    if not target.is_relative_to(base) or target == base:
+        raise ValueError(f"{relative!r} would leave {base}")
+    return target
 
 
 def manifest_key(job_name: str) -> str:

@@ -32,6 +32,9 @@ READ_ERROR = "read_error"
 BAD_MANIFEST_LINE = "bad_manifest_line"   # transform input line is not {"bucket", "key", ...}
 NON_FINITE_OUTPUT = "non_finite_output"   # the network produced NaN/inf for this image
 SUPERSEDED = "superseded"                 # the key was uploaded again before this upload was scored
+UNSAFE_KEY = "unsafe_key"                 # '.'/'..' segments, backslashes or control characters in the key
+KEY_TOO_LONG = "key_too_long"             # a result key derived from it would exceed S3's 1,024 bytes
+FOLDER_MARKER = "folder_marker"           # a zero-byte "folder/" object (the console's Create folder)
 
 
 def check_size(n_bytes: int) -> None:

@@ -4,7 +4,9 @@ Parse -> decide -> act::
 
     parse   every SQS message (Powertools BatchProcessor; typed SQSRecord / S3Event) -> an Arrival:
             its ManifestLines (valid uploads, or a collect Retry) and failure rows (wrong prefix,
-            empty, too large, superseded, gone). A message that raises is a batch item failure:
+            unsafe or too long key, folder marker, empty, too large, superseded, gone). Names
+            decide nothing else: whether the bytes are an image is decided by content, in the
+            container (unsupported_format / not_an_image rows). A message that raises is a batch item failure:
             SQS redelivers it alone.
     decide  dermscore.batching.decide: Submit, or GiveBack (a small, young batch accumulates)
     act     Submit: admit (claims/, handlers.claims: drop uploads a job owns) -> manifest shards
@@ -144,8 +146,11 @@ def examine(s3, record: S3EventRecord) -> tuple[ManifestLine | None, dict[str, A
     def fail(reason: str, detail: str) -> tuple[None, dict[str, Any]]:
         return None, {**results.failure_row(upload, "enqueue", reason, detail, failed_at=when), "_dt": dt_of(when)}
 
-    if not layout.is_incoming(upload.key):
+    if not upload.key.startswith(layout.INCOMING):
         return fail(reasons.WRONG_PREFIX, f"key is outside {layout.INCOMING}")
+    problem = layout.key_problem(upload.key)
+    if problem:
+        return fail(*problem)
     try:
         head = s3.head_object(Bucket=upload.bucket, Key=upload.key)
     except ClientError as exc:

@@ -27,11 +27,11 @@ log = logging.getLogger("dermscore.local")
 
 RESULTS = "results/"
 EXPORTED = ("predictions", "failures", "images", "reports")
-IMAGE_SUFFIXES = tuple(s.lower() for s in layout.IMAGE_SUFFIXES)
 
 
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every file of ``folder``, whatever its name: what cannot be scored gets a failure row, as on AWS."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file())
 
 
 class LocalPipeline:
@@ -137,7 +137,7 @@ class LocalPipeline:
             rel = obj["Key"][len(RESULTS):] if obj else ""  # None: a page without objects
             if not rel or rel.endswith("/"):
                 continue
-            target = out / rel
+            target = layout.local_path(out, rel)   # a key can never write outside out_dir
             top = rel.split("/", 1)[0]
             if top in counts:
                 counts[top] += 1

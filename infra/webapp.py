@@ -61,12 +61,10 @@ SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY", "
 
 
 def safe_name(name: str) -> str:
-    """A file name for the key: the last path part, no control or odd characters, an image suffix."""
+    """A file name for the key: the last path part, no control or odd characters."""
     base = re.split(r"[\\/]", name or "")[-1]
     base = re.sub(r"[^\w.\- ()+]", "_", base).strip(" .")[:120] or "image"
-    if Path(base).suffix.lower() not in CONTENT_TYPES:
-        base += ".jpg"  # the bucket notification only forwards image suffixes; decode judges the content
-    return base
+    return base  # any name: the bucket forwards every object under incoming/, decode judges the content
 
 
 class WebApp:

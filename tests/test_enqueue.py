@@ -152,3 +152,16 @@ def test_recorded_s3_notification_delivered_by_sqs(stack) -> None:
     body = stack.client("s3").get_object(Bucket=stack.bucket, Key=shard)["Body"].read().decode()
     assert [json.loads(ln)["key"] for ln in body.splitlines()] == [key]
     assert read_failures(stack) == []
+
+
+def test_keys_that_could_escape_the_result_layout_become_failure_rows(stack) -> None:
+    """GIVEN events for keys with '..' segments, a backslash, a control character, a folder
+    placeholder and one too long for results/ WHEN enqueue handles them THEN each is a failure
+    row with its reason and no job is created (nothing reaches the container or the export)."""
+    keys = {"incoming/../../x.jpg": reasons.UNSAFE_KEY, "incoming/a\\..\\b.jpg": reasons.UNSAFE_KEY,
+            "incoming/bell\x07.jpg": reasons.UNSAFE_KEY, "incoming/sub/": reasons.FOLDER_MARKER,
+            "incoming/" + "x" * 1000 + ".jpg": reasons.KEY_TOO_LONG}
+    event = sqs_event([s3_message(stack.bucket, k) for k in keys], stack.queue_arn)
+    assert stack.invoke("enqueue", event) == {"batchItemFailures": []}
+    assert jobs_of(stack) == []
+    assert {r["image_key"]: r["reason"] for r in read_failures(stack)} == keys

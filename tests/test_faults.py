@@ -27,7 +27,9 @@ import zlib
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import quote_plus
 
+import numpy as np
 import pytest
 from conftest import SAMPLES, preserved_environ, unique_name
 from PIL import Image
@@ -72,8 +74,33 @@ def bad_files(sample: bytes) -> dict[str, tuple[str, bytes]]:
         reasons.DECOMPRESSION_BOMB: (".png", _png_header_only(20_000, 20_000)),   # 400 MP claimed
         reasons.TOO_LARGE: (".jpg", sample + b"\0" * (reasons.MAX_BYTES + 1 - len(sample))),
         reasons.TOO_SMALL: (".jpg", _encoded("JPEG", (16, 16))),
+        reasons.EXTREME_ASPECT: (".jpg", _encoded("JPEG", (900, 100))),
         reasons.WRONG_PREFIX: (".jpg", sample),                                    # outside incoming/
+        # keys S3 would store but the result layout cannot hold (their events are injected)
+        reasons.UNSAFE_KEY: ("/../../escape.jpg", sample),
+        reasons.KEY_TOO_LONG: ("-" + "k" * 980 + ".jpg", sample),           # fits S3, not results/
     }
+
+
+# Reasons whose uploads are not stored by this suite: the events are sent as a misrouted
+# notification (outside/) or a hostile client (unsafe keys) would deliver them.
+INJECTED = (reasons.WRONG_PREFIX, reasons.UNSAFE_KEY, reasons.KEY_TOO_LONG)
+
+
+def odd_good_files(sample: bytes) -> list[tuple[str, bytes]]:
+    """(name, content) of uploads that look unusual but are real photographs: each must be scored."""
+    with Image.open(io.BytesIO(sample)) as im:
+        lesion = im.convert("RGB")
+    rotated, big, mpo, grey16 = io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                 # EXIF Orientation: rotate 90 CW
+    lesion.rotate(90, expand=True).save(rotated, "JPEG", exif=exif)
+    lesion.resize((8000, 6000), Image.BILINEAR).save(big, "JPEG", quality=70)    # a 48 MP camera photo
+    lesion.save(mpo, "MPO", save_all=True, append_images=[lesion.transpose(Image.FLIP_LEFT_RIGHT)])
+    Image.fromarray(np.asarray(lesion.convert("L"), dtype=np.uint16) * 257).save(grey16, "PNG")   # 16-bit grey
+    return [("IMG_{i}.Jpg", sample), ("scan-{i}", sample), ("photo-{i}.tif", sample),
+            ("rotated-{i}.jpg", rotated.getvalue()), ("camera-48mp-{i}.jpg", big.getvalue()),
+            ("phone-{i}.mpo", mpo.getvalue()), ("grey16-{i}.png", grey16.getvalue())]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -128,6 +155,7 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
         pytest.skip(f"needs sample images in {SAMPLES}")
     rng = random.Random(6)
     kinds = bad_files(samples[0].read_bytes())
+    odd = odd_good_files(samples[1].read_bytes())
     n_bad = max(len(kinds), round(UPLOADS * BAD_SHARE))
     plan: list[tuple[str, bytes, str | None]] = []          # (key, content, expected reason or None)
     for i in range(n_bad):
@@ -136,6 +164,10 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
         folder = "outside/faults/" if reason == reasons.WRONG_PREFIX else "incoming/faults/bad/"
         plan.append((f"{folder}{reason}-{i}{suffix}", data, reason))
     for i in range(UPLOADS - n_bad):
+        if i % 10 == 3:     # names with other suffixes or none, big photos, 16-bit, rotated, MPO
+            name, data = odd[(i // 10) % len(odd)]
+            plan.append((f"incoming/faults/odd/{name.format(i=i)}", data, None))
+            continue
         name = ODD_NAMES[i % len(ODD_NAMES)].format(i=i) if i % 5 == 0 else f"img-{i:05d}.jpg"
         plan.append((f"incoming/faults/good/{name}", samples[i % len(samples)].read_bytes(), None))
     rng.shuffle(plan)
@@ -159,20 +191,23 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
         with make_pipeline(moto_endpoint, tiny_model, window_s=WINDOW_S) as p:
             s3, sqs, bucket = p.s3, p.stack.client("sqs"), p.stack.bucket
             uploads: dict[tuple[str, str, str], str | None] = {}
-            for key, data, reason in plan:
-                etag = s3.put_object(Bucket=bucket, Key=key, Body=data)["ETag"].strip('"')
+            sizes: dict[str, int] = {}
+            for i, (key, data, reason) in enumerate(plan):
+                etag = f"injected-{i}" if reason in (reasons.UNSAFE_KEY, reasons.KEY_TOO_LONG) else \
+                    s3.put_object(Bucket=bucket, Key=key, Body=data)["ETag"].strip('"')
                 uploads[(bucket, key, etag)] = reason
+                sizes[key] = len(data)
 
             # Fault 2: every S3 event delivered twice, in shuffled order. The notifications S3
-            # (moto) sent are taken off the queue and sent back twice each; the bucket's filter
-            # keeps outside/ keys off the queue, so their events are sent as a misrouted
-            # notification would deliver them.
+            # (moto) sent are taken off the queue and sent back twice each; the bucket notifies
+            # on incoming/ only, so the events of outside/ keys and of unsafe keys are sent as a
+            # misrouted notification or a hostile client would deliver them.
             bodies = [m["Body"] for m in take_all(sqs, p.stack.queue_url)]
             template = next(json.loads(b) for b in bodies if "Records" in json.loads(b))
             for (_b, key, etag), reason in uploads.items():
-                if reason == reasons.WRONG_PREFIX:
+                if reason in INJECTED:
                     rec = json.loads(json.dumps(template["Records"][0]))
-                    rec["s3"]["object"].update(key=key, eTag=etag, size=len(kinds[reason][1]))
+                    rec["s3"]["object"].update(key=quote_plus(key, safe=""), eTag=etag, size=sizes[key])
                     bodies.append(json.dumps({"Records": [rec]}))
             events = sum(len(json.loads(b).get("Records", [])) for b in bodies)
             assert events == len(uploads)
@@ -191,7 +226,8 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
                 return real_execute(job)
 
             p.runner.execute = execute_or_fail
-            p.drain(timeout_s=max(900, 2 * UPLOADS))   # a bound against hangs, not a timing assertion
+            # a bound against hangs, not a timing assertion; the bar shows progress (pytest -s)
+            p.drain(timeout_s=max(900, 2 * UPLOADS), progress_total=len(plan) - sum(r in INJECTED for *_, r in plan))
             left = in_flight(p)
             jobs = list(p.runner.results)
             p.export(tmp_path)
@@ -225,6 +261,8 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
     assert all(r[4] and r[5] for r in got.failed)                       # every failure has a reason
     assert {u: r for u, r in uploads.items() if r} == {(b, k, e): r for b, k, e, _, r, _ in got.failed}
     assert set(scored) == {u for u, r in uploads.items() if r is None}  # the failed job's images too
+    _, turned = run_query("SELECT orientation FROM predictions WHERE image_key LIKE '%/rotated-%'", tmp_path)
+    assert turned and {r[0] for r in turned} == {6}                     # EXIF rotation applied and reported
     assert left == {"queue": 0, "dlq": 0, "jobs_pending": 0}
     # the per-image JSON documents: one per result, nothing but the result's own fields (and keys
     # of pictures derived from it): no EXIF or other metadata of the upload

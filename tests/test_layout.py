@@ -8,7 +8,7 @@ from urllib.parse import quote_plus
 
 import pytest
 
-from dermscore import layout
+from dermscore import layout, reasons
 from dermscore.messages import ManifestLine as Item
 from handlers.enqueue import job_name, manifest_items, manifest_text, s3_records
 from infra.runner import MB, split_payload
@@ -39,8 +39,8 @@ def test_result_keys() -> None:
     assert layout.prediction_partition_key("2026-11-23", "job") == "results/predictions/dt=2026-11-23/job.parquet"
     assert layout.manifest_key("job") == "manifests/job.jsonl"
     assert layout.transform_output_prefix("job") == "transform-output/job/"
-    assert layout.is_incoming("incoming/a.jpg") and not layout.is_incoming("other/a.jpg")
-    assert not layout.is_incoming("incoming/folder/")
+    assert layout.key_problem("incoming/a b/c+d é.jpg") is None
+    assert layout.key_problem("incoming/folder/")[0] == reasons.FOLDER_MARKER
 
 
 def _items() -> list[Item]:
@@ -105,3 +105,32 @@ def test_split_payload_single_record_and_unlimited() -> None:
 def test_split_payload_rejects_a_record_over_the_limit() -> None:
     with pytest.raises(ValueError, match="MaxPayloadInMB"):
         split_payload([b"a" * MB], 1)
+
+
+@pytest.mark.parametrize(("key", "reason"), [
+    ("incoming/../../x.jpg", reasons.UNSAFE_KEY), ("incoming/a/./b.jpg", reasons.UNSAFE_KEY),
+    ("incoming//b.jpg", reasons.UNSAFE_KEY), ("incoming/..", reasons.UNSAFE_KEY),
+    ("incoming/a\\..\\b.jpg", reasons.UNSAFE_KEY), ("incoming/a\nb.jpg", reasons.UNSAFE_KEY),
+    ("incoming/a\x00.jpg", reasons.UNSAFE_KEY), ("incoming/" + "é" * 500 + ".jpg", reasons.KEY_TOO_LONG),
+    ("incoming/sub/", reasons.FOLDER_MARKER),
+])
+def test_keys_that_could_escape_or_overflow_the_result_layout(key: str, reason: str) -> None:
+    problem = layout.key_problem(key)
+    assert problem is not None and problem[0] == reason and problem[1]
+
+
+def test_longest_acceptable_key_fits_every_derived_key() -> None:
+    room = layout.MAX_KEY_BYTES - len(layout.IMAGES) - max(len(layout.HEATMAP_SUFFIX), len(layout.THUMBNAIL_SUFFIX))
+    key = layout.INCOMING + "a" * room
+    assert layout.key_problem(key) is None and layout.key_problem(key + "a")[0] == reasons.KEY_TOO_LONG
+    assert len(layout.image_artifact_key(key, layout.HEATMAP_SUFFIX).encode()) <= layout.MAX_KEY_BYTES
+
+
+def test_local_paths_never_leave_their_root(tmp_path) -> None:
+    assert layout.local_path(tmp_path, "images/a/b.json") == tmp_path.resolve() / "images/a/b.json"
+    for bad in ("images/../../x.json", "../x", "/etc/passwd", "images/../.."):
+        with pytest.raises(ValueError):
+            layout.local_path(tmp_path, bad)
+    (tmp_path / "link").symlink_to("/tmp")
+    with pytest.raises(ValueError):
+        layout.local_path(tmp_path, "link/x.json")

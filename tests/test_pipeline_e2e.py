@@ -159,25 +159,34 @@ def test_demo_command_end_to_end(tiny_model, tmp_path, capsys) -> None:
     """`dermscore demo` on its own server (tiny model: this test checks plumbing, not scores)."""
     import shutil
 
+    from PIL import Image
+
     from dermscore.cli import main
 
     images = tmp_path / "images"
     images.mkdir()
-    for f in sample_images(3):
+    files = sample_images(4)
+    for f in files[:3]:
         shutil.copy(f, images / f.name)
-    (images / "readme.txt").write_text("not an image, not uploaded")
+    # Every file is uploaded and ends in one place, whatever its name (S3 notifies on the prefix):
+    shutil.copy(files[3], images / "IMG_0001.Jpg")                      # a JPEG with a mixed-case suffix
+    (images / "readme.txt").write_text("not an image")                   # -> not_an_image
+    with Image.open(files[0]) as im:
+        im.save(images / "scan.webp", "WEBP")                            # -> unsupported_format
     out = tmp_path / "output"
     with preserved_environ():
         assert main(["demo", "--images", str(images), "--model", str(tiny_model), "--out", str(out),
                      "--batching-window", "0.5"]) == 0
     printed = capsys.readouterr().out
-    assert "scored:   3 images, failures: 0" in printed
+    assert "scored:   4 images, failures: 2" in printed
     assert "images/s" in printed and str(out / "predictions") in printed
     assert printed.count("incoming/demo/ISIC_") == 3          # the example query's table
-    assert len(list((out / "images" / "demo").glob("*.json"))) == 3
+    assert len(list((out / "images" / "demo").glob("*.json"))) == 4
 
-    assert main(["query", "SELECT count(*) AS n FROM predictions", "--results", str(out)]) == 0
-    assert "3" in capsys.readouterr().out.splitlines()[2]
+    assert main(["query", "SELECT image_key, reason FROM failures ORDER BY image_key", "--results", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "incoming/demo/readme.txt" in table and reasons.NOT_AN_IMAGE in table
+    assert "incoming/demo/scan.webp" in table and reasons.UNSUPPORTED_FORMAT in table
 
 
 def test_demo_refuses_to_run_without_a_trained_model(tmp_path, capsys) -> None:
