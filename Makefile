@@ -34,5 +34,9 @@ $(TOOLS_STAMP):
 	$(TOOLS)/bin/pip install --quiet '$(SAM_CLI)'
 	touch $@
 
+# The layering of the packages (import-linter contracts in pyproject.toml) and ruff come first:
+# a broken layer fails in seconds, before the suite runs.
 test: $(STAMP) $(TOOLS_STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
 	REQUIRE_SAM_CLI=1 $(BIN)/python -m pytest
