@@ -144,7 +144,7 @@ def examine(s3, record: S3EventRecord) -> tuple[ManifestLine | None, dict[str, A
     when = _event_time(record.event_time)
 
     def fail(reason: str, detail: str) -> tuple[None, dict[str, Any]]:
-        return None, {**results.failure_row(upload, "enqueue", reason, detail, failed_at=when), "_dt": dt_of(when)}
+        return None, results.failure_row(upload, "enqueue", reason, detail, failed_at=when)
 
     if not upload.key.startswith(layout.INCOMING):
         return fail(reasons.WRONG_PREFIX, f"key is outside {layout.INCOMING}")
@@ -260,10 +260,9 @@ def write_enqueue_failures(s3, bucket: str, arrivals: list[Arrival]) -> list[str
     """One deterministic file per rejected upload (bucket, key, etag), in its event's date
     partition: a duplicate event in any later batch overwrites the same file, never adds a row."""
     keys = []
-    for row in (dict(f) for a in arrivals for f in a.failures):
-        dt = row.pop("_dt")
+    for row in (f for a in arrivals for f in a.failures):
         name = "enqueue-" + layout.content_digest(row["bucket"], row["image_key"], row["etag"])
-        keys.append(write_failures(s3, bucket, dt, name, [row]))
+        keys.append(write_failures(s3, bucket, dt_of(row["failed_at"]), name, [row]))
     if keys:
         logger.warning("images rejected before scoring", extra={"failures": len(keys)})
     return sorted(set(keys))
