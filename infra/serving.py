@@ -22,10 +22,11 @@ AWS), and is done by a few lines of :data:`LAUNCHER` around the unmodified toolk
   *the* TorchServe process on the machine (it refuses to start beside another): the config goes
   to the instance's folder and the process looked for is the one serving that folder's model
   store; TorchServe's temp folder (its pid file and worker socket) is per instance too;
-* TorchServe binds 127.0.0.1 (``TS_*_ADDRESS``; the toolkit's config says 0.0.0.0) and its
-  metrics port is a free one; ``SAGEMAKER_MODEL_SERVER_WORKERS`` defaults to the job's
-  ``MaxConcurrentTransforms`` (TorchServe's own default, one worker per CPU core, would load
-  the model that many times on a CPU machine; a GPU instance has one worker per GPU);
+* TorchServe binds 127.0.0.1 (``TS_*_ADDRESS``; the toolkit's config says 0.0.0.0), and its
+  metrics and gRPC ports (8082, 7070, 7071 by default) are free ones;
+  ``SAGEMAKER_MODEL_SERVER_WORKERS`` defaults to the job's ``MaxConcurrentTransforms``
+  (TorchServe's own default, one worker per CPU core, would load the model that many times on a
+  CPU machine; a GPU instance has one worker per GPU);
 * AWS credentials and endpoint are the local stack's (``AWS_ENDPOINT_URL``), not a role's;
 * a started server is reused by later jobs of the same artifact and environment
   (:class:`ServerPool`); every AWS job starts fresh instances (minutes of start-up).
@@ -241,10 +242,18 @@ def tree_cpu_seconds(root: int) -> float:
     return total / tick
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1 (held together while chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 # --------------------------------------------------------------------------- one instance
@@ -271,6 +280,7 @@ class ServerInstance:
         self.model_env = dict(model_env)
         self.workers = workers
         self.port = 0
+        self._side_ports: list[int] = []
         self.proc: subprocess.Popen | None = None
         self.log_path = self.folder / "server.log"
         self.started_s: float | None = None
@@ -282,7 +292,7 @@ class ServerInstance:
 
     def environment(self) -> dict[str, str]:
         tmp = self.folder / "tmp"
-        metrics_port = free_port()
+        metrics_port, grpc_inference, grpc_management = self._side_ports
         keep = {k: v for k, v in os.environ.items()
                 if k.startswith("AWS_") or k in ("HOME", "USER", "LOGNAME", "TZ", "JAVA_HOME")}
         env = {**keep, **IMAGE_ENV,
@@ -294,6 +304,9 @@ class ServerInstance:
                "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{self.port}",
                "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{self.port}",
                "TS_METRICS_ADDRESS": f"http://127.0.0.1:{metrics_port}",
+               # TorchServe also opens gRPC ports (7070/7071 by default; one server per machine on AWS)
+               "TS_GRPC_INFERENCE_ADDRESS": "127.0.0.1", "TS_GRPC_INFERENCE_PORT": str(grpc_inference),
+               "TS_GRPC_MANAGEMENT_ADDRESS": "127.0.0.1", "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
                "TMPDIR": str(tmp), "TEMP": str(tmp)}
         env.setdefault("SAGEMAKER_MODEL_SERVER_WORKERS", str(max(1, self.workers)))
         if self.serve.java and not env.get("JAVA_HOME"):  # the java located, first on PATH
@@ -309,7 +322,7 @@ class ServerInstance:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(self.model_dir, target_is_directory=True)
-        self.port = free_port()
+        self.port, *self._side_ports = free_ports(4)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen([str(self.serve.python), "-c", LAUNCHER], cwd=self.folder, env=self.environment(),
                                      stdin=subprocess.PIPE, stdout=self._log_file, stderr=subprocess.STDOUT,
