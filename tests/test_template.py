@@ -435,7 +435,7 @@ def test_env_var_names_match_settings_from_env(monkeypatch):
 # --------------------------------------------------------------------------- SQL
 
 ATHENA_TYPES = {"string": "string", "float": "float", "bool": "boolean", "int32": "int",
-                "timestamp[ms, tz=UTC]": "timestamp"}
+                "timestamp[ms, tz=UTC]": "timestamp", "int8": "tinyint"}
 
 
 @pytest.mark.parametrize("table,schema,prefix", [("PredictionsTable", results.PREDICTION_SCHEMA, layout.PREDICTIONS),
