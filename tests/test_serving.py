@@ -183,8 +183,8 @@ def test_instances_of_a_job_are_separate_server_processes(stack) -> None:
 def test_missing_serving_stack_names_make_setup(tmp_path: Path, monkeypatch, capsys) -> None:
     with pytest.raises(ServingUnavailable, match="make setup"):
         ServeEnv.locate(tmp_path / "no-venv")
-    venv = ServeEnv.locate().venv if os.environ.get("REQUIRE_SERVING") or shutil.which("java") else None
-    if venv is not None and (venv / "bin" / "torchserve").exists():
+    venv = Path(os.environ.get("DERMSCORE_SERVE_VENV") or ROOT / ".venv-serve")
+    if (venv / "bin" / "torchserve").exists():  # a serve venv, but no Java on PATH
         monkeypatch.delenv("JAVA_HOME", raising=False)
         monkeypatch.setenv("PATH", str(tmp_path))   # no java on it
         with pytest.raises(ServingUnavailable, match="Java 11"):
