@@ -24,18 +24,17 @@ The ``Normalize`` module sits in front of both (``nn.Sequential``), hence the ``
 
 What is stored: a PNG of the heatmap blended over the model-input-size image and a small JPEG
 of the image itself, both encoded from decoded pixels, so no EXIF or other metadata of the
-upload survives and the original bytes are never stored. They travel in the transform output
-line (base64, only for the selected images) and ``handlers.collect`` writes them next to the
-per-image JSON (``layout.image_artifact_key``), which links them (``heatmap_key``,
-``thumbnail_key``).
+upload survives and the original bytes are never stored. The container writes them itself
+(:class:`batch.scorer.Scorer`) to the image's bucket, next to its per-image JSON
+(``layout.image_artifact_key``: the transform role may put exactly those keys), and the output
+line carries only their keys (``heatmap_key``, ``thumbnail_key``), which collect copies to the
+row and the JSON.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
 import io
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -125,13 +124,12 @@ def encode(pixels: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def attach(maker: HeatmapMaker, pairs: list[tuple[OutputLine, np.ndarray]]) -> list[OutputLine]:
-    """Each line with its ``heatmap_png``, ``thumbnail_jpeg`` (base64) and ``heatmap_class``."""
+def render(maker: HeatmapMaker, pairs: list[tuple[OutputLine, np.ndarray]]) -> list[tuple[str, bytes, bytes]]:
+    """For each (line, pixels): (the class explained, the Grad-CAM overlay PNG, the thumbnail JPEG)."""
     if not pairs:
         return []
     pixels = np.stack([px for _, px in pairs])
     classes = [target_class(line) for line, _ in pairs]
     cams = maker.maps(pixels, [CLASSES.index(c) for c in classes])
-    return [replace(line, heatmap_class=c, heatmap_png=base64.b64encode(encode(overlay(px, cam), "PNG")).decode(),
-                    thumbnail_jpeg=base64.b64encode(encode(px, "JPEG")).decode())
-            for (line, px), cam, c in zip(pairs, cams, classes, strict=True)]
+    return [(c, encode(overlay(px, cam), "PNG"), encode(px, "JPEG"))
+            for (_, px), cam, c in zip(pairs, cams, classes, strict=True)]

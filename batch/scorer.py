@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from batch import gradcam  # noqa: E402
 from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file  # noqa: E402
 from batch.model import load, pick_device  # noqa: E402
-from dermscore import imaging, reasons  # noqa: E402
+from dermscore import imaging, layout, reasons  # noqa: E402
 from dermscore.aws import error_code  # noqa: E402
 from dermscore.imaging import Decoded  # noqa: E402
 from dermscore.messages import ManifestLine, OutputLine  # noqa: E402
@@ -133,6 +133,7 @@ class Scorer:
             raise ValueError(f"heatmaps must be one of {gradcam.MODES}, not {heatmaps!r}")
         self.heatmaps = heatmaps  # Grad-CAM for "high"-risk / "all" images, or "off" (batch.gradcam)
         self._heatmap_maker: Any = None
+        self.pictures: dict[str, bytes] = {}  # pictures of local images (no bucket), by key
         if self.cuda:
             torch.backends.cudnn.benchmark = True
 
@@ -389,17 +390,44 @@ class Scorer:
         yield from lines
 
     def _add_heatmaps(self, lines: list[OutputLine], selected: list[tuple[int, np.ndarray]]) -> None:
-        """Grad-CAM for the selected lines of a batch (after its forward pass; see batch.gradcam);
-        each image's share of the Grad-CAM time is added to its ``processing_ms``."""
+        """Grad-CAM for the selected lines of a batch (after its forward pass; see batch.gradcam),
+        stored by :meth:`store_picture` (S3, beside the image's JSON); the lines get the keys.
+        Each image's share of the Grad-CAM and upload time is added to its ``processing_ms``."""
         th = time.perf_counter()
         try:
             if self._heatmap_maker is None:
                 self._heatmap_maker = gradcam.HeatmapMaker(self.model, self.meta.arch, self.device)
-            with_maps = gradcam.attach(self._heatmap_maker, [(lines[i], px) for i, px in selected])
+            pictures = gradcam.render(self._heatmap_maker, [(lines[i], px) for i, px in selected])
         except Exception:  # a heatmap is an extra: never fail the scores for it
             log.exception("Grad-CAM failed for %d images; their lines go out without heatmaps", len(selected))
             return
+
+        def store(item: tuple[tuple[int, np.ndarray], tuple[str, bytes, bytes]]) -> tuple[int, dict[str, Any]]:
+            (i, _), (cls, png, jpeg) = item
+            line = lines[i]
+            try:
+                keys = {"heatmap_key": self.store_picture(line, layout.HEATMAP_SUFFIX, png, "image/png"),
+                        "thumbnail_key": self.store_picture(line, layout.THUMBNAIL_SUFFIX, jpeg, "image/jpeg")}
+            except Exception as exc:  # the scores go out all the same, without pictures
+                log.warning("heatmap of %s not stored: %s", line.key, error_code(exc))
+                return i, {}
+            return i, {"heatmap_class": cls, **keys}
+
+        with ThreadPoolExecutor(min(8, len(pictures)), thread_name_prefix="dermscore-heatmap") as pool:
+            stored = list(pool.map(store, zip(selected, pictures, strict=True)))
         share_ms = 1000 * (time.perf_counter() - th) / len(selected)
-        for (i, _), line in zip(selected, with_maps, strict=True):
+        for i, fields in stored:
+            line = lines[i]
             ms = None if line.processing_ms is None else round(line.processing_ms + share_ms, 3)
-            lines[i] = dataclasses.replace(line, processing_ms=ms)
+            lines[i] = dataclasses.replace(line, processing_ms=ms, **fields)
+
+    def store_picture(self, line: OutputLine, suffix: str, data: bytes, content_type: str) -> str:
+        """Write a derived picture of ``line``'s image next to its JSON document; returns the key.
+        Images from S3 go to their own bucket (the transform role may put exactly these keys);
+        local images (no bucket: ``dermscore predict``, tests) are kept in :attr:`pictures`."""
+        key = layout.image_artifact_key(line.key, suffix)
+        if line.bucket:
+            self.s3.put_object(Bucket=line.bucket, Key=key, Body=data, ContentType=content_type)
+        else:
+            self.pictures[key] = data
+        return key

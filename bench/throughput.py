@@ -197,13 +197,16 @@ def bench_decode(blobs: list[tuple[str, bytes]], size: tuple[int, int], n: int, 
                      ("without_draft", lambda b: decode_without_draft(b, size))):
         fn(blobs[0][1])  # warm-up (imports, codec tables)
         bar = progress(n, f"decode {name.replace('_', ' ')}", show)
+        c0 = process_cpu_s()
         t0 = time.perf_counter()
         for i in range(n):
             fn(blobs[i % len(blobs)][1])
             bar.update()
         elapsed = time.perf_counter() - t0
+        cpu = process_cpu_s() - c0
         bar.close()
         out[f"{name}_per_core"] = n / elapsed
+        out[f"{name}_cpu_ms_per_image"] = 1000 * cpu / n
     out["draft_speedup"] = out["with_draft_per_core"] / out["without_draft_per_core"]
     return out
 
@@ -437,16 +440,24 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                                      overrides={"ModelName": f"{name}-model"})
             try:
                 stack, runner = pipeline.stack, pipeline.runner
-                scorer = runner.model(stack.model_name)  # container start-up, outside the clock
+                # Container start-up, outside the clock: the model server (serving mode: its GETs
+                # and PUTs are made in the server's processes, not counted below), or the scorer.
+                scorer, servers = None, []
+                if runner.mode == "serving":
+                    servers = runner.servers(stack.model_name)
+                else:
+                    scorer = runner.model(stack.model_name)
                 s3 = stack.client("s3")
                 bucket = stack.bucket
                 # Every client of the pipeline: the stack's own (poller, runner, uploads), the
                 # transform's, and (from boto3's default session) those the handlers create.
-                clients = [stack.client(service) for service in ("s3", "sqs", "sagemaker")] + [scorer.s3]
+                clients = [stack.client(service) for service in ("s3", "sqs", "sagemaker")] + \
+                    ([scorer.s3] if scorer is not None else [])
                 with rss.phase("e2e"), ApiCalls(sessions=[default_session()], clients=clients) as api:
                     pipeline.start_background()
                     bar = progress(n, "end to end (rows)", show)
                     c0, m0 = process_cpu_s(), moto.cpu_s()
+                    s0 = sum(srv.cpu_seconds() for srv in servers)
                     t0 = time.perf_counter()
 
                     def put(i: int) -> None:
@@ -484,6 +495,7 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                         time.sleep(0.02)
                     elapsed = time.perf_counter() - t0
                     cpu, m1 = process_cpu_s() - c0, moto.cpu_s()
+                    server_cpu = sum(srv.cpu_seconds() for srv in servers) - s0 if servers else None
                     bar.n = n
                     bar.close()
                     pipeline.close()  # stop poller + runner threads inside the measured phase
@@ -503,7 +515,10 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                        "parquet_rows": rows, "scored": scored, "failed": failed, "jobs": len(jobs),
                        "transform_seconds": transform_s,
                        "transform_rate": transform_images / transform_s if transform_s else 0.0,
-                       "batch_size": scorer.batch_size, "workers": scorer.workers,
+                       "transform_mode": runner.mode, "transform_stack": runner.describe(),
+                       "server_cpu_ms_per_image": 1000 * server_cpu / n if server_cpu is not None else None,
+                       "batch_size": scorer.batch_size if scorer else os.environ.get("DERMSCORE_BATCH_SIZE", "default"),
+                       "workers": scorer.workers if scorer else os.environ.get("DERMSCORE_WORKERS", "default"),
                        "batching_window_s": args.batching_window, "moto": args.moto, "max_ahead": args.max_ahead,
                        "heatmaps": args.heatmaps or "default",
                        "moto_server_peak_rss_mb": moto.rss_mb(),
@@ -571,7 +586,12 @@ def render(result: dict[str, Any]) -> str:
         if f.get("e2e_vs_forward") is not None:
             add("   ratio end to end / forward", f"{f['e2e_vs_forward']:.2f}x", "target >= 0.90")
         add("   transform only (runner: GET+decode+forward)", f"{e['transform_rate']:.1f} img/s",
-            f"{e['transform_seconds']:.1f} s in jobs")
+            f"{e['transform_seconds']:.1f} s in jobs; {e.get('transform_stack', '')}")
+        if f.get("transform.vs_forward") is not None:
+            add("   ratio transform / forward", f"{f['transform.vs_forward']:.2f}x", "transform.vs_forward")
+        if f.get("transform.cpu_ms_outside_forward") is not None:
+            add("   server CPU per image outside forward", f"{f['transform.cpu_ms_outside_forward']:.1f} ms",
+                f"{e['server_cpu_ms_per_image']:.1f} ms in the server processes - forward alone")
         cpu = f"{e['cpu_ms_per_image']:.0f} ms pipeline process"
         if e.get("moto_cpu_ms_per_image") is not None:
             cpu += f" + {e['moto_cpu_ms_per_image']:.0f} ms moto server"
@@ -596,6 +616,7 @@ def render(result: dict[str, Any]) -> str:
         add("4. decode+resize with draft()", f"{f['decode_with_draft_per_core']:.0f} img/s/core", "")
         add("   decode+resize without draft()", f"{f['decode_without_draft_per_core']:.0f} img/s/core",
             f"draft {result['decode']['draft_speedup']:.2f}x faster")
+        add("   decode CPU per image (draft)", f"{f['decode.cpu_ms_per_image']:.2f} ms", "decode.cpu_ms_per_image")
     mem = result["memory"]
     add("5. peak RSS (bench process)", f"{f['peak_rss_mb']:.0f} MB", "")
     for name, m in mem["phases"].items():
@@ -717,6 +738,16 @@ def run(args: argparse.Namespace) -> int:
     result["memory"] = {"peak_rss_mb": rss.peak, "phases": rss.phases, "vmhwm_mb": (_status_kb("VmHWM") or 0) / 1024}
     if figures.get("e2e_rate") and figures.get("forward_rate"):
         figures["e2e_vs_forward"] = figures["e2e_rate"] / figures["forward_rate"]
+    if "e2e" in result:  # the transform phase, through the real serving stack unless DERMSCORE_TRANSFORM=inprocess
+        e = result["e2e"]
+        figures["transform.rate"] = e["transform_rate"]
+        if figures.get("forward_rate"):
+            figures["transform.vs_forward"] = e["transform_rate"] / figures["forward_rate"]
+        if e.get("server_cpu_ms_per_image") is not None and "forward" in result:
+            figures["transform.cpu_ms_outside_forward"] = (e["server_cpu_ms_per_image"]
+                                                           - result["forward"]["cpu_ms_per_image"])
+    if "decode" in result:
+        figures["decode.cpu_ms_per_image"] = result["decode"]["with_draft_cpu_ms_per_image"]
     if figures.get("e2e_rate") and figures.get("seed_rate"):
         figures["e2e_vs_seed"] = figures["e2e_rate"] / figures["seed_rate"]
     if figures.get("e2e_rate"):

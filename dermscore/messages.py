@@ -86,8 +86,10 @@ class OutputLine:
     """The container's answer for one manifest line: scores (``status="ok"``) or a refusal.
 
     Everything derived from probabilities (top class, malignant probability, flags, risk level)
-    is computed once, in :func:`dermscore.results.score`, where the model's thresholds are at hand.
-    Grad-CAM pictures travel base64-encoded; collect stores them beside the image's JSON.
+    is computed once, in :func:`dermscore.scoring.score_line`, where the model's thresholds are at
+    hand. Grad-CAM pictures never travel in the line: the container writes them to S3 beside the
+    image's JSON (``layout.image_artifact_key``) and the line names their keys, so a line stays
+    ~1 KB whether or not it has a heatmap.
     """
 
     bucket: str
@@ -111,8 +113,8 @@ class OutputLine:
     ood_score: float | None = None
     ood_flag: bool | None = None
     heatmap_class: str | None = None
-    heatmap_png: str | None = None               # base64 PNG (Grad-CAM overlay)
-    thumbnail_jpeg: str | None = None            # base64 JPEG (the model-size input)
+    heatmap_key: str | None = None               # Grad-CAM overlay PNG the container stored (same bucket)
+    thumbnail_key: str | None = None             # JPEG of the model-input-size image, beside it
 
     @property
     def ok(self) -> bool:

@@ -23,7 +23,6 @@ duplicate that raced) still gets one row.
 
 from __future__ import annotations
 
-import base64
 import posixpath
 from datetime import UTC, datetime
 from typing import Any
@@ -94,19 +93,21 @@ def join(lines: list[ManifestLine], out_lines: list[str]) -> list[tuple[Manifest
     return pairs
 
 
-PICTURES = (("heatmap_png", layout.HEATMAP_SUFFIX, "image/png"),
-            ("thumbnail_jpeg", layout.THUMBNAIL_SUFFIX, "image/jpeg"))
+PICTURES = (("heatmap_key", layout.HEATMAP_SUFFIX), ("thumbnail_key", layout.THUMBNAIL_SUFFIX))
 
 
-def store_pictures(s3, bucket: str, line: OutputLine) -> dict[str, str | None]:
-    """Write a line's Grad-CAM heatmap and thumbnail (base64 in the transform output, from
-    ``batch.gradcam``) beside the image's JSON; returns their keys for the row."""
-    keys: dict[str, str | None] = {"heatmap_key": None, "thumbnail_key": None}
-    for (field, suffix, ctype), name in zip(PICTURES, keys, strict=True):
-        data = getattr(line, field)
-        if data:
-            keys[name] = layout.image_artifact_key(line.key, suffix)
-            s3.put_object(Bucket=bucket, Key=keys[name], Body=base64.b64decode(data), ContentType=ctype)
+def picture_keys(line: OutputLine) -> dict[str, str | None]:
+    """The Grad-CAM heatmap and thumbnail keys for the row: the container stored the pictures
+    (``batch.scorer``); a key is kept only where the layout puts that image's picture."""
+    keys: dict[str, str | None] = {}
+    for name, suffix in PICTURES:
+        key = getattr(line, name)
+        expected = layout.image_artifact_key(line.key, suffix)
+        if key and key != expected:
+            logger.warning("picture key not where the layout puts it; dropped",
+                           extra={"image_key": line.key, "picture_key": key, "expected": expected})
+            key = None
+        keys[name] = key or None
     return keys
 
 
@@ -131,7 +132,7 @@ def collect_completed(rt: Runtime, detail: dict[str, Any], when: datetime) -> di
                 failures.append(results.failure_row(line, "collect", MISSING_OUTPUT, f"no output line in {out_key}",
                                                     job, when))
             elif out.ok:
-                rows.append(results.prediction_row(out, job, when, **store_pictures(s3, bucket, out)))
+                rows.append(results.prediction_row(out, job, when, **picture_keys(out)))
             else:
                 failures.append(results.failure_row(line, "transform", out.reason or "unknown", out.detail or "",
                                                     job, when))

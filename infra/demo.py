@@ -78,6 +78,16 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         sys.stderr.write(f"no .jpg/.jpeg/.png images in {images_dir}\n")
         return 2
+    from infra.runner import resolve_mode
+    from infra.serving import ServeEnv, ServingUnavailable
+
+    if resolve_mode() == "serving":
+        try:
+            ServeEnv.locate()
+        except ServingUnavailable as exc:
+            sys.stderr.write(f"dermscore demo transforms through the SageMaker serving stack: {exc}\n"
+                             f"(DERMSCORE_TRANSFORM=inprocess runs the container code in this process instead)\n")
+            return 2
     meta = ModelMeta.read(model_dir / "metadata.json")
     log.info("demo: %d images from %s, model %s v%s from %s", len(files), images_dir, meta.name, meta.version,
              model_dir)
@@ -91,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         counts = pipeline.export(args.out)
         endpoint, bucket = pipeline.stack.endpoint, pipeline.stack.bucket
         jobs = list(pipeline.runner.results)
+        transform = pipeline.runner.describe()
 
     scored = run_query("SELECT count(*) FROM predictions", args.out)[1][0][0]
     failures = run_query("SELECT reason, count(*) FROM failures GROUP BY reason ORDER BY 2 DESC", args.out)[1]
@@ -101,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"dermscore demo: {len(files)} images uploaded to s3://{bucket}/{DEMO_PREFIX} "
           f"on the local stack ({endpoint})")
     print(f"  model:    {meta.name} v{meta.version} ({meta.arch}, weights sha256 {meta.weights_sha256[:12]})")
+    print(f"  transform: {transform}")
     print(f"  scored:   {scored} images, failures: {n_failed}"
           + (" (" + ", ".join(f"{r}: {n}" for r, n in failures) + ")" if failures else ""))
     speed = (f"  speed:    {scored / elapsed:.2f} images/s end to end ({elapsed:.1f} s from upload to results, "

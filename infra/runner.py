@@ -1,20 +1,29 @@
 """A local SageMaker Batch Transform: executes the CreateTransformJob requests moto records.
 
 moto accepts ``CreateTransformJob`` and runs nothing, so this runner does what the managed
-service does with the recorded request:
+service does with the recorded request. Two modes (``TransformRunner(mode=...)``, or the
+environment variable ``DERMSCORE_TRANSFORM``):
 
-1. downloads and extracts the ``model.tar.gz`` named by the Model's ``ModelDataUrl`` and
-   loads it once per model (cached) with the SageMaker Model's environment from template.yaml
-   (``TransformModel``), as the container would;
-2. for every input file under ``TransformInput ... S3Uri`` (S3Prefix semantics) splits
-   the lines into requests of at most ``MaxPayloadInMB`` (``MultiRecord``; one line per
-   request with ``SingleRecord``) and runs ``input_fn -> predict_fn -> output_fn`` on each;
-   with ``InstanceCount`` > 1 the files are spread over that many worker processes (whole
-   files per worker, as the service spreads them over instances), each loading the model
-   once (its "container start-up");
-3. writes ``<S3OutputPath>/<input file name>.out`` (``AssembleWith=Line``);
-4. delivers the "SageMaker Transform Job State Change" event (Completed, or Failed with a
-   reason when anything above raised) to ``handlers.collect.lambda_handler``.
+``serving`` (the default: ``dermscore demo``, ``dermscore serve``, the end-to-end tests)
+    the real serving stack (:mod:`infra.serving`): for each job, ``InstanceCount`` model servers
+    (the SageMaker PyTorch inference toolkit + TorchServe, each its own process tree) on the
+    unpacked ``model.tar.gz`` of the Model's ``ModelDataUrl``, with the Model's environment from
+    template.yaml (``TransformModel``). Then, as Batch Transform does: ``/ping`` until healthy;
+    whole input files to instances; each file split by ``SplitType=Line`` into requests of at
+    most ``MaxPayloadInMB`` (``MultiRecord``; one line each with ``SingleRecord``);
+    ``MaxConcurrentTransforms`` requests in flight per instance; ``ModelClientConfig``'s
+    ``InvocationsTimeoutInSeconds`` (default 600) and ``InvocationsMaxRetries`` (default 3);
+    a request that still fails fails the job. Servers are reused by later jobs of the same
+    artifact (AWS starts fresh instances for every job).
+``inprocess`` (fast, for unit tests: conftest selects it)
+    the same container code called in this process: ``inference.load_model`` once per model,
+    then ``input_fn -> predict_fn -> output_fn`` per request (one worker process per instance
+    when ``InstanceCount`` > 1). No model server, no HTTP, the project's own venv.
+
+In both modes the output of each input file is assembled by line into
+``<S3OutputPath>/<input file name>.out`` (``AssembleWith=Line``), and the "SageMaker Transform
+Job State Change" event (Completed, or Failed with a reason when anything above raised) goes
+to ``handlers.collect.lambda_handler``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batch.bundle import sha256_file
 from dermscore.aws import iter_keys, parse_s3_uri
 from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION
 from infra.stack import LocalStack, client_lock
@@ -42,6 +52,37 @@ log = logging.getLogger("dermscore.runner")
 
 MB = 1024 * 1024
 DETAIL_TYPE = "SageMaker Transform Job State Change"
+MODE_ENV = "DERMSCORE_TRANSFORM"
+MODES = ("serving", "inprocess")
+DEFAULT_MODE = "serving"
+# ModelClientConfig defaults of Batch Transform.
+DEFAULT_INVOCATIONS_TIMEOUT_S = 600
+DEFAULT_INVOCATIONS_MAX_RETRIES = 3
+
+
+def resolve_mode(mode: str | None = None) -> str:
+    """The transform mode: ``mode``, else ``$DERMSCORE_TRANSFORM``, else serving."""
+    chosen = (mode or os.environ.get(MODE_ENV) or DEFAULT_MODE).strip().lower()
+    if chosen not in MODES:
+        raise ValueError(f"{MODE_ENV}={chosen!r}: choose one of {MODES}")
+    return chosen
+
+
+def assemble(parts: list[str]) -> bytes:
+    """``AssembleWith=Line``: each response followed by a newline."""
+    return "".join(p.rstrip("\n") + "\n" for p in parts).encode()
+
+
+def output_location(job: dict[str, Any], key: str) -> tuple[str, str]:
+    out_bucket, out_prefix = parse_s3_uri(job["TransformOutput"]["S3OutputPath"])
+    if out_prefix and not out_prefix.endswith("/"):
+        out_prefix += "/"
+    return out_bucket, f"{out_prefix}{posixpath.basename(key)}.out"
+
+
+def request_bodies(s3, job: dict[str, Any], in_bucket: str, key: str) -> list[bytes]:
+    lines = s3.get_object(Bucket=in_bucket, Key=key)["Body"].read().splitlines()
+    return split_payload(lines, int(job.get("MaxPayloadInMB", 6)), job.get("BatchStrategy", "MultiRecord"))
 
 
 def split_payload(lines: list[bytes], max_payload_mb: int, strategy: str = "MultiRecord") -> list[bytes]:
@@ -72,30 +113,44 @@ def split_payload(lines: list[bytes], max_payload_mb: int, strategy: str = "Mult
 
 
 def transform_file(s3, scorer: Any, job: dict[str, Any], in_bucket: str, key: str) -> int:
-    """One input file -> ``<S3OutputPath><file name>.out``; returns the records written."""
+    """In-process mode: one input file -> ``<S3OutputPath><file name>.out``; returns the records written."""
     from batch import inference
 
-    out_bucket, out_prefix = parse_s3_uri(job["TransformOutput"]["S3OutputPath"])
-    if out_prefix and not out_prefix.endswith("/"):
-        out_prefix += "/"
     content_type = job["TransformInput"].get("ContentType", "application/jsonlines")
     accept = job["TransformOutput"].get("Accept", "application/jsonlines")
     records = 0
-    lines = s3.get_object(Bucket=in_bucket, Key=key)["Body"].read().splitlines()
     parts: list[str] = []
-    for body in split_payload(lines, int(job.get("MaxPayloadInMB", 6)), job.get("BatchStrategy", "MultiRecord")):
+    for body in request_bodies(s3, job, in_bucket, key):
         data = inference.input_fn(body, content_type)
         prediction = inference.predict_fn(data, scorer)
         out = inference.output_fn(prediction, accept)
         if isinstance(out, tuple):
             out = out[0]
         text = out.decode() if isinstance(out, (bytes, bytearray)) else str(out)
-        parts.append(text.rstrip("\n"))
+        parts.append(text)
         records += len(data)
-    # AssembleWith=Line: each response followed by a newline.
-    s3.put_object(Bucket=out_bucket, Key=f"{out_prefix}{posixpath.basename(key)}.out",
-                  Body="".join(p + "\n" for p in parts).encode(), ContentType=accept)
+    out_bucket, out_key = output_location(job, key)
+    s3.put_object(Bucket=out_bucket, Key=out_key, Body=assemble(parts), ContentType=accept)
     return records
+
+
+def serve_file(s3, server: Any, job: dict[str, Any], in_bucket: str, key: str) -> int:
+    """Serving mode: one input file through a model server, as Batch Transform feeds an instance:
+    ``MaxConcurrentTransforms`` requests in flight, each with the job's timeout and retries; the
+    responses assembled by line in input order. Returns the records sent."""
+    content_type = job["TransformInput"].get("ContentType", "application/jsonlines")
+    accept = job["TransformOutput"].get("Accept", "application/jsonlines")
+    client = job.get("ModelClientConfig") or {}
+    timeout_s = float(client.get("InvocationsTimeoutInSeconds") or DEFAULT_INVOCATIONS_TIMEOUT_S)
+    retries = int(client.get("InvocationsMaxRetries", DEFAULT_INVOCATIONS_MAX_RETRIES))
+    concurrent = max(1, int(job.get("MaxConcurrentTransforms") or 1))
+    bodies = request_bodies(s3, job, in_bucket, key)
+    with ThreadPoolExecutor(concurrent, thread_name_prefix="invocations") as pool:
+        outs = list(pool.map(lambda b: server.invoke(b, content_type, accept, timeout_s, retries), bodies))
+    out_bucket, out_key = output_location(job, key)
+    s3.put_object(Bucket=out_bucket, Key=out_key, Body=assemble([o.decode("utf-8") for o in outs]),
+                  ContentType=accept)
+    return sum(b.count(b"\n") for b in bodies)
 
 
 # --- one "instance": a worker process with its own model and S3 client ------------------------
@@ -176,7 +231,15 @@ def matches(pattern: Any, value: Any) -> bool:
 
 
 class TransformRunner:
-    def __init__(self, stack: LocalStack, work_dir: str | Path | None = None) -> None:
+    def __init__(self, stack: LocalStack, work_dir: str | Path | None = None, mode: str | None = None,
+                 pool: Any = None) -> None:
+        self.mode = resolve_mode(mode)
+        self.serve = None
+        if self.mode == "serving":
+            from infra import serving
+
+            self.serve = serving.ServeEnv.locate()   # ServingUnavailable (naming `make setup`) if it cannot run
+            self.pool = pool or serving.SERVERS
         self.stack = stack
         self.s3 = stack.client("s3")
         self.sm = stack.client("sagemaker")
@@ -185,9 +248,16 @@ class TransformRunner:
         self.seen: set[str] = set()
         self._models: dict[tuple[str, str], Any] = {}
         self._dirs: set[tuple[str, str]] = set()
+        self._artifacts: dict[tuple[str, str], str] = {}   # (url, etag) -> sha256 of the downloaded archive
         self.instance_pids: dict[str, set[int]] = {}   # job -> worker processes that ran its files
         self.results: list[dict[str, Any]] = []
         self._delivery: ThreadPoolExecutor | None = None  # set while run() runs in the background
+
+    def describe(self) -> str:
+        """What runs the transform (the demo prints it)."""
+        if self.serve is not None:
+            return self.serve.describe()
+        return "in process (batch.inference.load_model + input_fn/predict_fn/output_fn; no model server)"
 
     # ---- model ------------------------------------------------------------------------------
     def model(self, model_name: str) -> Any:
@@ -206,24 +276,36 @@ class TransformRunner:
         knob, e.g. ``dermscore bench --heatmaps``)."""
         return {**self.stack.spec.model_env, **{k: v for k, v in os.environ.items() if k.startswith("DERMSCORE_")}}
 
-    def model_dir(self, model_name: str) -> tuple[tuple[str, str], Path]:
-        """The extracted model.tar.gz of ``model_name`` (downloaded once per artifact)."""
+    def model_artifact(self, model_name: str) -> tuple[tuple[str, str], Path, str]:
+        """(cache key, local model.tar.gz, its sha256) of ``model_name`` (downloaded once per artifact)."""
         url = self.sm.describe_model(ModelName=model_name)["PrimaryContainer"]["ModelDataUrl"]
         bucket, key = parse_s3_uri(url)
         etag = self.s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
         cache_key = (url, etag)
-        model_dir = self.work_dir / "models" / etag
+        tarball = self.work_dir / "artifacts" / f"{etag}.tar.gz"
+        if cache_key not in self._artifacts:
+            tarball.parent.mkdir(parents=True, exist_ok=True)
+            self.s3.download_file(bucket, key, str(tarball))
+            self._artifacts[cache_key] = sha256_file(tarball)
+        return cache_key, tarball, self._artifacts[cache_key]
+
+    def model_dir(self, model_name: str) -> tuple[tuple[str, str], Path]:
+        """The extracted model.tar.gz of ``model_name`` (in-process mode; extracted once per artifact)."""
+        cache_key, tarball, _ = self.model_artifact(model_name)
+        model_dir = self.work_dir / "models" / cache_key[1]
         if cache_key not in self._dirs:
             if model_dir.exists():
                 shutil.rmtree(model_dir)
             model_dir.mkdir(parents=True)
-            tarball = model_dir.with_suffix(".tar.gz")
-            self.s3.download_file(bucket, key, str(tarball))
             with tarfile.open(tarball) as tar:
                 tar.extractall(model_dir, filter="data")
-            tarball.unlink()
             self._dirs.add(cache_key)
         return cache_key, model_dir
+
+    def servers(self, model_name: str, count: int = 1, concurrent: int = 1) -> list[Any]:
+        """Serving mode: ``count`` healthy model servers of ``model_name``'s artifact (started or reused)."""
+        _, tarball, digest = self.model_artifact(model_name)
+        return self.pool.instances(self.serve, tarball, digest, self.container_env(), count, workers=concurrent)
 
     # ---- jobs -------------------------------------------------------------------------------
     def pending(self) -> list[str]:
@@ -241,10 +323,29 @@ class TransformRunner:
         if not keys:
             raise ValueError(f"no input objects under {src['S3Uri']}")
         instances = min(int((job.get("TransformResources") or {}).get("InstanceCount", 1) or 1), len(keys))
+        if self.mode == "serving":
+            return self._execute_serving(job, in_bucket, keys, instances)
         if instances <= 1:
             scorer = self.model(job["ModelName"])
             return sum(transform_file(self.s3, scorer, job, in_bucket, key) for key in keys)
         return self._execute_parallel(job, in_bucket, keys, instances)
+
+    def _execute_serving(self, job: dict[str, Any], in_bucket: str, keys: list[str], instances: int) -> int:
+        """One model server per instance (separate process trees), whole files per instance."""
+        concurrent = max(1, int(job.get("MaxConcurrentTransforms") or 1))
+        servers = self.servers(job["ModelName"], instances, concurrent)
+        groups = assign_files(keys, instances)
+
+        def run(server: Any, group: list[str]) -> int:
+            return sum(serve_file(self.s3, server, job, in_bucket, k) for k in group)
+
+        with ThreadPoolExecutor(len(groups), thread_name_prefix="instance") as pool:
+            futures = [pool.submit(run, server, group) for server, group in zip(servers, groups, strict=False)]
+            records = sum(f.result() for f in futures)
+        self.instance_pids[job["TransformJobName"]] = {s.pid for s in servers[:len(groups)]}
+        log.info("transform job %s: %d files on %d serving instances (ports %s)", job["TransformJobName"], len(keys),
+                 len(groups), [s.port for s in servers[:len(groups)]])
+        return records
 
     def _execute_parallel(self, job: dict[str, Any], in_bucket: str, keys: list[str], instances: int) -> int:
         """InstanceCount > 1: one worker process per instance, whole files per instance. Processes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def run(args: argparse.Namespace) -> int:
     if model_dir is None:
         return 2
     from infra.local import LocalPipeline
+    from infra.runner import resolve_mode
+    from infra.serving import ServeEnv, ServingUnavailable
+
+    if resolve_mode() == "serving":
+        try:
+            ServeEnv.locate()
+        except ServingUnavailable as exc:
+            sys.stderr.write(f"dermscore serve transforms through the SageMaker serving stack: {exc}\n")
+            return 2
 
     def stop_on_sigterm(signum, frame):  # `kill` / container stop: shut down like Ctrl-C
         raise KeyboardInterrupt
@@ -54,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"Upload page: {web_url} (drag and drop images; results appear as they are scored)", flush=True)
         creds = " ".join(f"{k}={v}" for k, v in LOCAL_CREDENTIALS.items())
         print(f"dermscore serve: local stack at {ep} (bucket {bucket}, region {LOCAL_REGION})\n"
+              f"Transform: {pipeline.runner.describe()}\n"
               f"Drop images into s3://{bucket}/incoming/, for example:\n"
               f"  {creds} aws --endpoint-url {ep} --region {LOCAL_REGION} s3 cp lesion.jpg s3://{bucket}/incoming/\n"
               f"  {creds} aws --endpoint-url {ep} --region {LOCAL_REGION} s3 cp ./images "

@@ -9,7 +9,9 @@ hence no resources are shared across modules).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,11 @@ from typing import Any
 import pytest
 
 from infra.stack import preserved_environ
+
+# The local transform runner's fast in-process mode for the suite (the fault suite, the query and
+# report tests ...); tests of the real serving stack (test_pipeline_e2e, test_serving) select
+# "serving" themselves. DERMSCORE_TRANSFORM=serving pytest ... runs every suite through it.
+os.environ.setdefault("DERMSCORE_TRANSFORM", "inprocess")
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000" / "fullres_sample"
@@ -156,3 +163,37 @@ def varied_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     meta.melanoma_threshold = p_mel[len(p_mel) // 2]
     meta.write(model_dir / METADATA_FILE)
     return model_dir
+
+
+@contextlib.contextmanager
+def transform_mode(mode: str) -> Iterator[None]:
+    old = os.environ.get("DERMSCORE_TRANSFORM")
+    os.environ["DERMSCORE_TRANSFORM"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DERMSCORE_TRANSFORM", None)
+        else:
+            os.environ["DERMSCORE_TRANSFORM"] = old
+
+
+@pytest.fixture(scope="session")
+def serve_env():
+    """The serving stack's venv and Java (``make setup``): skipped without them, unless
+    REQUIRE_SERVING=1 (``make test``: CI must run these tests)."""
+    from infra.serving import ServeEnv, ServingUnavailable
+
+    try:
+        return ServeEnv.locate()
+    except ServingUnavailable as exc:
+        if os.environ.get("REQUIRE_SERVING") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def serving_mode(serve_env):
+    """The module's pipelines transform through the real serving stack."""
+    with transform_mode("serving"):
+        yield serve_env

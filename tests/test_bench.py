@@ -15,7 +15,11 @@ from conftest import SAMPLES, random_model
 
 FIGURES = ("forward_rate", "e2e_rate", "e2e_vs_forward", "seed_rate", "e2e_vs_seed",
            "decode_with_draft_per_core", "decode_without_draft_per_core", "peak_rss_mb",
-           "usd_per_million_e2e", "usd_per_million_forward")
+           "usd_per_million_e2e", "usd_per_million_forward",
+           "transform.rate", "transform.vs_forward", "decode.cpu_ms_per_image")
+# CPU per image of the serving processes minus the forward pass: a difference of two measurements,
+# only required to be there (and finite)
+PRESENT = ("transform.cpu_ms_outside_forward",)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +27,10 @@ def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_model(tmp_path_factory.mktemp("bench-model"))
 
 
-def test_quick_bench_prints_every_figure(bench_model: Path, tmp_path: Path, capsys) -> None:
+def test_quick_bench_prints_every_figure(bench_model: Path, tmp_path: Path, capsys, serving_mode) -> None:
+    """The transform phase goes through the real serving stack (the bench's default)."""
+    import math
+
     from dermscore.cli import main
 
     if len(list(SAMPLES.glob("*.jpg"))) < 40:
@@ -41,6 +48,9 @@ def test_quick_bench_prints_every_figure(bench_model: Path, tmp_path: Path, caps
     figures = result["figures"]
     for name in FIGURES:
         assert figures.get(name) is not None and figures[name] > 0, name
+    for name in PRESENT:
+        assert figures.get(name) is not None and math.isfinite(figures[name]), name
+    assert result["e2e"]["transform_mode"] == "serving" and "TorchServe 0.12.0" in result["e2e"]["transform_stack"]
     assert result["e2e"]["parquet_rows"] == result["images"] == 40
     assert result["e2e"]["failed"] == 0
     assert set(result["memory"]["phases"]) >= {"decode", "forward", "seed", "e2e"}

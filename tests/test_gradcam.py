@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from PIL import Image
 
 from batch import gradcam
 from batch.model import build_network
+from dermscore import layout
 from dermscore.imaging import decode
 from dermscore.messages import OutputLine
 
@@ -54,22 +54,26 @@ def test_scorer_makes_heatmaps_for_high_risk_only_without_exif(varied_model: Pat
     blobs = [(f.name, exif_jpeg(f)) for f in files]
     assert b"SecretCameraMaker" in blobs[0][1]
     plain = Scorer.from_model_dir(varied_model, "cpu").score_bytes(blobs)  # default: off
-    assert not any(r.heatmap_png for r in plain)
-    lines = Scorer.from_model_dir(varied_model, "cpu", heatmaps="high", batch_size=4).score_bytes(blobs)
+    assert not any(r.heatmap_key for r in plain)
+    scorer = Scorer.from_model_dir(varied_model, "cpu", heatmaps="high", batch_size=4)
+    lines = scorer.score_bytes(blobs)
     high = [r for r in lines if r.risk_level == "high"]
     assert 0 < len(high) < len(lines)
     for r, p in zip(lines, plain, strict=False):
-        assert bool(r.heatmap_png) == (r.risk_level == "high")
+        assert bool(r.heatmap_key) == bool(r.thumbnail_key) == (r.risk_level == "high")
         assert r.probabilities == p.probabilities  # heatmaps change no score
+        assert len(r.to_json()) < 1500            # keys, never pictures, travel in the line
+    assert set(scorer.pictures) == {k for r in high for k in (r.heatmap_key, r.thumbnail_key)}
     for r in high:
         assert r.heatmap_class == "mel" if r.melanoma_flag else r.heatmap_class in ("akiec", "bcc")
-        for field, fmt in (("heatmap_png", "PNG"), ("thumbnail_jpeg", "JPEG")):
-            data = base64.b64decode(getattr(r, field))
+        assert r.heatmap_key == layout.image_artifact_key(r.key, layout.HEATMAP_SUFFIX)
+        for key, fmt in ((r.heatmap_key, "PNG"), (r.thumbnail_key, "JPEG")):
+            data = scorer.pictures[key]
             assert b"SecretCameraMaker" not in data
             with Image.open(io.BytesIO(data)) as im:
                 assert im.format == fmt and im.size == (64, 64) and not im.getexif()
     every = Scorer.from_model_dir(varied_model, "cpu", heatmaps="all").score_bytes(blobs[:2])
-    assert all(r.heatmap_png for r in every)
+    assert all(r.heatmap_key for r in every)
     with pytest.raises(ValueError):
         Scorer.from_model_dir(varied_model, "cpu", heatmaps="sometimes")
 

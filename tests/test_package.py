@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from batch.model import ModelMeta, build_network, save
+from infra.container import CONTAINER
 from infra.package import (
     PROJECT_PACKAGES,
     ROOT,
@@ -49,18 +50,23 @@ def sha256(p: Path) -> str:
 def test_layout(tarball: Path) -> None:
     with tarfile.open(tarball) as tar:
         names = set(tar.getnames())
-        reqs = tar.extractfile("code/requirements.txt").read().decode()
         shim = tar.extractfile("code/inference.py").read().decode()
-    assert {"model.pt", "metadata.json", "code/inference.py", "code/requirements.txt",
+    assert {"model.pt", "metadata.json", "code/inference.py",
             "code/batch/inference.py", "code/batch/model.py", "code/dermscore/imaging.py",
             "code/dermscore/scoring.py"} <= names
+    assert "code/dermscore/results.py" not in names   # pyarrow-free: the container has no pyarrow
     assert "checkpoint.pt" not in names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     files = {n for n in names if not n.endswith("/") and "." in n.rsplit("/", 1)[-1]}
     assert all(n.endswith(".py") for n in files if n.startswith(("code/batch/", "code/dermscore/")))
-    pkgs = {ln.split("=")[0].split(">")[0].strip().lower() for ln in reqs.splitlines() if ln.strip()}
-    assert {"monai", "efficientnet-lite-pytorch", "pillow", "numpy"} <= pkgs and "torch" not in pkgs
-    assert all(fn in shim for fn in ("model_fn", "input_fn", "predict_fn", "output_fn"))
+    # Nothing for the toolkit to pip-install at start: what the container lacks is in code/lib/.
+    assert not any(n.endswith("requirements.txt") for n in names)
+    for wheel in CONTAINER.vendored:
+        dist = wheel.name.replace("-", "_")
+        assert f"code/lib/{dist}/__init__.py" in names, wheel
+        assert f"code/lib/{dist}-{wheel.version}.dist-info/METADATA" in names, wheel
+    assert not any(n.startswith(("code/lib/torch", "code/lib/numpy", "code/lib/PIL", "code/lib/boto")) for n in names)
+    assert all(fn in shim for fn in ("model_fn", "input_fn", "predict_fn", "output_fn")) and '"lib"' in shim
 
 
 def test_reproducible(model_dir: Path, tarball: Path, tmp_path: Path) -> None:
@@ -82,12 +88,14 @@ import json, os, sys
 from pathlib import Path
 import boto3
 from moto import mock_aws
-import inference, batch, dermscore
+import inference, batch, dermscore, monai, efficientnet_lite_pytorch
 
 code = Path(sys.argv[1]).resolve()
-# The shipped copies are what runs, not the repository's.
+# The shipped copies are what runs, not the repository's, nor this venv's monai.
 assert Path(batch.__file__).resolve().is_relative_to(code), batch.__file__
 assert Path(dermscore.__file__).resolve().is_relative_to(code), dermscore.__file__
+for vendored in (monai, efficientnet_lite_pytorch):
+    assert Path(vendored.__file__).resolve().is_relative_to(code / "lib"), vendored.__file__
 with mock_aws():
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="dermscore-test")
@@ -167,7 +175,7 @@ def test_archive_holds_only_the_serving_closure(tarball: Path) -> None:
     """model.tar.gz = weights + the modules batch.inference imports: no training, benchmark,
     CLI, report, handler or local-stack module."""
     with tarfile.open(tarball) as tar:
-        modules = {n for n in tar.getnames() if n.endswith(".py")}
+        modules = {n for n in tar.getnames() if n.endswith(".py") and not n.startswith("code/lib/")}
     expected = {f"code/{rel}" for rel, _ in code_closure([SERVING_ENTRY])} | {"code/inference.py"}
     assert modules == expected
     assert {"code/batch/inference.py", "code/batch/scorer.py", "code/dermscore/imaging.py"} <= modules

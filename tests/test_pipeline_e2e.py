@@ -1,7 +1,9 @@
 """End to end on the local stack: real images -> S3 -> SQS -> enqueue -> transform -> collect -> SQL.
 
 Everything goes over HTTP to the moto server; the handlers, the inference code and the runner
-are the ones the demo and AWS use. The model is a tiny random network (plumbing only).
+are the ones the demo and AWS use, and the transform runs through the real serving stack (the
+SageMaker PyTorch inference toolkit + TorchServe on model.tar.gz, as the demo's default). The
+model is a tiny random network (plumbing only).
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from dermscore import layout, reasons, results
 from infra.runner import state_change_event
 
 SPECIAL_KEY = "incoming/e2e/lésion été + copy (1).jpg"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _through_the_serving_stack(serving_mode):
+    yield
 
 
 def make_pipeline(endpoint: str, model_dir: Path | None, **kwargs):
@@ -93,6 +100,7 @@ def test_sql_example_and_nothing_left_in_flight(scored) -> None:
     assert stack.queue_depth() == {"visible": 0, "in_flight": 0}
     assert stack.queue_depth(dlq=True) == {"visible": 0, "in_flight": 0}
     assert len(scored.pipeline.runner.results) == 1 and scored.pipeline.runner.results[0]["status"] == "Completed"
+    assert scored.pipeline.runner.mode == "serving"
 
 
 def test_redelivered_batch_and_repeated_event_add_no_rows(moto_endpoint, tiny_model, tmp_path) -> None:
@@ -179,6 +187,7 @@ def test_demo_command_end_to_end(tiny_model, tmp_path, capsys) -> None:
                      "--batching-window", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "scored:   4 images, failures: 2" in printed
+    assert "transform: SageMaker PyTorch inference toolkit 2.0.25 + TorchServe 0.12.0 (Java " in printed
     assert "images/s" in printed and str(out / "predictions") in printed
     assert printed.count("incoming/demo/ISIC_") == 3          # the example query's table
     assert len(list((out / "images" / "demo").glob("*.json"))) == 4

@@ -21,6 +21,7 @@ import pytest
 
 from dermscore import layout, results
 from dermscore.template import REPO_ROOT, TEMPLATE_PATH, Resolver, load_template, local_spec, translate
+from infra.serving import RESPONSE_FACTOR
 
 SAM = REPO_ROOT / ".venv-tools" / "bin" / "sam"
 STACK = "dermscore"
@@ -295,9 +296,9 @@ def _s3_prefixes(role: dict[str, Any], actions: set[str]) -> set[str]:
             if set(as_list(s["Action"])) & actions:
                 for r in as_list(s["Resource"]):
                     sub = r.get("Fn::Sub", "") if isinstance(r, dict) else ""
-                    m = re.fullmatch(r"\$\{ImagesBucket\.Arn\}/(.*)\*", sub)
+                    m = re.fullmatch(r"\$\{ImagesBucket\.Arn\}/([^*]*)\*(\.[a-z.]+)?", sub)
                     assert m, f"object access must be prefix-scoped: {r}"
-                    out.add(m.group(1))
+                    out.add(m.group(1) + (f"*{m.group(2)}" if m.group(2) else ""))
     return out
 
 
@@ -305,7 +306,9 @@ def test_s3_access_is_scoped_to_prefixes(template):
     res = template["Resources"]
     sm = res["TransformRole"]
     assert _s3_prefixes(sm, {"s3:GetObject"}) == {layout.INCOMING, layout.MANIFESTS, "models/"}
-    assert _s3_prefixes(sm, {"s3:PutObject"}) == {layout.TRANSFORM_OUTPUT}
+    # the container stores Grad-CAM pictures itself: exactly the heatmap/thumbnail keys of results/images/
+    assert _s3_prefixes(sm, {"s3:PutObject"}) == {layout.TRANSFORM_OUTPUT, f"{layout.IMAGES}*{layout.HEATMAP_SUFFIX}",
+                                                  f"{layout.IMAGES}*{layout.THUMBNAIL_SUFFIX}"}
     assert _s3_prefixes(res["EnqueueRole"], {"s3:GetObject"}) == {layout.INCOMING, layout.CLAIMS, layout.MANIFESTS}
     assert _s3_prefixes(res["EnqueueRole"], {"s3:PutObject"}) == {layout.MANIFESTS, layout.CLAIMS, layout.FAILURES}
     assert _s3_prefixes(res["CollectRole"], {"s3:PutObject"}) == {layout.PREDICTIONS, layout.IMAGES, layout.FAILURES,
@@ -383,7 +386,8 @@ def test_model_container_settings(template):
     allowed = template["Parameters"]["MaxPayloadInMB"]["AllowedValues"]
     assert sorted(int(k) for k in limits) == sorted(allowed)
     for mb, lim in limits.items():
-        assert lim["Request"] == int(mb) * 2**20 and lim["Response"] == 8 * lim["Request"]
+        # 16x: twice the worst output/manifest line ratio (tests/test_serving.py measures it)
+        assert lim["Request"] == int(mb) * 2**20 and lim["Response"] == RESPONSE_FACTOR * lim["Request"]
     assert template["Parameters"]["TransformInstanceType"]["Default"] == "ml.g4dn.xlarge"
 
 

