@@ -144,8 +144,14 @@ def test_collected_job_is_left_alone(world) -> None:
     description = world.scheduler.runtime.sagemaker.describe_transform_job(TransformJobName=job)
     world.stack.invoke("collect", collect.state_change_event(description))    # EventBridge delivered it
     before = world.stack.list_keys("")
+    calls: list[str] = []
+    rt = world.scheduler.runtime
+    for client in (rt.s3, rt.sagemaker, rt.sqs):
+        client.meta.events.register("before-call.*.*", lambda model, **_: calls.append(model.name))
     assert acted(world.reconcile()) == {"collected": 1}
     assert world.collect_invocations() == [] and world.stack.list_keys("") == before
+    # the cost of a run in steady state: one listing of manifests/ and one of collected/, nothing per job
+    assert calls == ["ListObjectsV2", "ListObjectsV2"]
 
 
 def test_young_job_waits_for_the_bound(make_stack) -> None:
