@@ -56,8 +56,8 @@ MAX_REDRIVES = 3                   # re-drives (or re-submissions) of one job be
 RUNNING = ("InProgress", "Stopping")
 ORPHANED = "Orphaned"              # marker status: a manifest whose job never claimed an image
 
-# What decide() says about a job.
-WAIT, OVERDUE, REDRIVE, RESUBMIT, GIVE_UP = "wait", "overdue", "redrive", "resubmit", "give_up"
+# What decide() says about a due job.
+OVERDUE, REDRIVE, RESUBMIT, GIVE_UP = "overdue", "redrive", "resubmit", "give_up"
 
 _REDRIVE = re.compile(r"redrive-(\d+)\.json")
 
@@ -164,14 +164,15 @@ def resubmit(rt: Runtime, job: Job) -> tuple[str, int]:
         logger.info("manifest whose job never claimed an image: nothing to do (its images are owned by other "
                     "jobs or still queued)", extra={"job_name": job.name, "images": len(lines)})
         return ORPHANED, 0
+    again = enqueue.job_name(rt.settings.job_prefix, enqueue.manifest_text(lines))
+    if again != job.name:   # the settings changed the job's name: its claims can never be collected
+        return GIVE_UP, give_up(rt, job, None, lines, f"the manifest re-submits as {again}, not as {job.name}")
     try:
-        again = enqueue.submit(rt, lines)
+        enqueue.submit(rt, lines)
     except ClientError as exc:
         if not batching.is_retryable_create_error(error_code(exc)):   # throttled or over quota: no attempt
             record(rt, job, RESUBMIT, error=f"{error_code(exc)}: {exc}"[:500])
         raise
-    if again != job.name:   # the settings changed the job's name: its claims can never be collected
-        return GIVE_UP, give_up(rt, job, None, lines, f"the manifest re-submits as {again}, not as {job.name}")
     record(rt, job, RESUBMIT)
     logger.warning("transform job missing although its manifest and claims exist (its submitter died): "
                    "re-submitted", extra={"job_name": job.name, "images": len(lines),

@@ -258,6 +258,8 @@ def test_a_manifest_that_cannot_be_submitted_under_its_name_gives_failure_rows(w
     assert sorted(r["image_key"] for r in rows) == sorted(KEYS)
     assert {(r["job_name"], r["stage"], r["reason"]) for r in rows} == {(name, "reconcile", "unreconciled")}
     assert "re-submits as" in rows[0]["detail"] and world.marker(name)["status"] == collect.UNRECONCILED
+    sm = world.stack.client("sagemaker")      # and no job of the other name was started for them
+    assert sm.list_transform_jobs(NameContains=world.stack.job_prefix)["TransformJobSummaries"] == []
 
 
 def test_lambda_handler_reports_and_raises_when_a_job_could_not_be_looked_at(world, monkeypatch) -> None:
