@@ -6,6 +6,7 @@ No client is created here (callers pass theirs), so this stays free of settings 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -37,6 +38,13 @@ def iter_keys(s3: Any, bucket: str, prefix: str = "") -> Iterator[str]:
     for key in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix).search("Contents[].Key"):
         if key is not None and not key.endswith("/"):
             yield key
+
+
+def iter_objects(s3: Any, bucket: str, prefix: str = "") -> Iterator[tuple[str, datetime]]:
+    """``(key, LastModified)`` of every object under ``prefix`` (the same listing as :func:`iter_keys`)."""
+    for obj in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix).search("Contents[]"):
+        if obj is not None and not obj["Key"].endswith("/"):
+            yield obj["Key"], obj["LastModified"]
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

@@ -41,6 +41,10 @@ class Settings:
     # how many transform attempts an image gets before it becomes a failure row.
     queue_url: str = ""
     max_job_attempts: int = 3
+    # The reconciler (handlers.reconcile): the collect function it re-drives lost events to, and
+    # how old a job's manifest must be before a job without an outcome is looked at.
+    collect_function: str = ""
+    reconcile_after_minutes: float = 120.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -63,4 +67,6 @@ class Settings:
             throttle_backoff_s=int(e.get("THROTTLE_BACKOFF_S", cls.throttle_backoff_s)),
             queue_url=e.get("QUEUE_URL", cls.queue_url),
             max_job_attempts=int(e.get("MAX_JOB_ATTEMPTS", cls.max_job_attempts)),
+            collect_function=e.get("COLLECT_FUNCTION_NAME", cls.collect_function),
+            reconcile_after_minutes=float(e.get("RECONCILE_AFTER_MINUTES", cls.reconcile_after_minutes)),
         )

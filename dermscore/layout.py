@@ -140,3 +140,20 @@ def content_digest(*parts: str, length: int = 16) -> str:
         h.update(p.encode())
         h.update(b"\0")
     return h.hexdigest()[:length]
+
+
+# --- outcomes of transform jobs (handlers.collect writes them, handlers.reconcile reads them) ---
+
+COLLECTED = "collected/"            # one small marker per transform job whose outcome is written
+
+
+def collected_key(job_name: str) -> str:
+    """The job's marker: written by collect last, after a successful collection (Completed, Failed
+    or Stopped), or by the reconciler when it gave up on the job. The reconciler lists these."""
+    return f"{COLLECTED}{job_name}.json"
+
+
+def redrive_key(job_name: str, attempt: int) -> str:
+    """The reconciler's record of its ``attempt``-th re-drive (or re-submission) of a job, beside
+    the markers so that one listing gives both (SageMaker job names hold no '.')."""
+    return f"{COLLECTED}{job_name}.redrive-{attempt}.json"

@@ -79,7 +79,8 @@ class Resolver:
         self.conditions: dict[str, bool] = {}
 
     # Properties that hold a resource's physical name (what Ref returns for these types).
-    NAME_PROPERTIES = {"AWS::S3::Bucket": "BucketName", "AWS::Athena::WorkGroup": "Name"}
+    NAME_PROPERTIES = {"AWS::S3::Bucket": "BucketName", "AWS::Athena::WorkGroup": "Name",
+                       "AWS::Serverless::Function": "FunctionName"}
 
     def ref(self, name: str) -> Any:
         if name in self.refs:
@@ -183,6 +184,10 @@ class LocalSpec:
     enqueue_timeout_s: int = 0
     collect_timeout_s: int = 0
     collect_event_pattern: dict[str, Any] = field(default_factory=dict)
+    # The reconciler (ReconcileFunction): its environment, timeout and schedule (rate, in seconds).
+    reconcile_env: dict[str, str] = field(default_factory=dict)
+    reconcile_timeout_s: int = 0
+    reconcile_interval_s: int = 0
 
 
 def function_env(template: dict[str, Any], logical_id: str, resolver: Resolver) -> dict[str, str]:
@@ -220,6 +225,18 @@ def _event(template: dict[str, Any], logical_id: str, event_type: str) -> dict[s
     raise KeyError(f"{logical_id} has no {event_type} event")
 
 
+_RATE = re.compile(r"rate\((\d+) (minute|minutes|hour|hours|day|days)\)")
+_UNIT_S = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+def rate_seconds(expression: str) -> int:
+    """``rate(15 minutes)`` -> 900 (an EventBridge schedule's rate expression)."""
+    m = _RATE.fullmatch(expression.strip())
+    if not m:
+        raise ValueError(f"not a rate expression: {expression!r}")
+    return int(m.group(1)) * _UNIT_S[m.group(2).rstrip("s")]
+
+
 def notification_filter(bucket_props: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
     """(prefix, suffixes) of the bucket's queue notifications (one suffix per S3 rule)."""
     prefixes: set[str] = set()
@@ -249,6 +266,7 @@ def local_spec(bucket: str, stack_name: str = "dermscore", path: str | Path = TE
     dlq = r.resolve(res["ImagesDeadLetterQueue"]["Properties"])
     sqs_event = r.resolve(_event(t, "EnqueueFunction", "SQS"))
     rule_event = r.resolve(_event(t, "CollectFunction", "EventBridgeRule"))
+    schedule = r.resolve(_event(t, "ReconcileFunction", "Schedule"))
     prefix, suffixes = notification_filter(r.resolve(res["ImagesBucket"]["Properties"]))
     return LocalSpec(
         queue_visibility_timeout=int(queue["VisibilityTimeout"]),
@@ -266,6 +284,9 @@ def local_spec(bucket: str, stack_name: str = "dermscore", path: str | Path = TE
         enqueue_timeout_s=int(function_property(t, "EnqueueFunction", "Timeout", r) or 3),
         collect_timeout_s=int(function_property(t, "CollectFunction", "Timeout", r) or 3),
         collect_event_pattern=rule_event.get("Pattern", {}),
+        reconcile_env=function_env(t, "ReconcileFunction", r),
+        reconcile_timeout_s=int(function_property(t, "ReconcileFunction", "Timeout", r) or 3),
+        reconcile_interval_s=rate_seconds(schedule["Schedule"]),
     )
 
 

@@ -15,6 +15,11 @@ On ``Failed`` / ``Stopped`` the job's images go back to the queue as a new attem
 attempts in all); after the last attempt every image gets a failure row carrying the job's
 FailureReason (``<job>-job.parquet``).
 
+Last, either way: the job's marker ``collected/<job>.json`` (its status and counts), which the
+reconciler (``handlers.reconcile``) lists to find jobs whose event was lost. An event for a job
+the reconciler gave up on (marker status ``Unreconciled``: its images already have failure
+rows) is ignored, so a late event cannot add a second row for an image.
+
 File names derive from the job name and the date from the job's end time, so a repeated
 event overwrites the same objects instead of adding rows; rows are written only for images
 whose claim names this job (``handlers.claims``), so an image two jobs scored (a
@@ -24,6 +29,8 @@ duplicate that raced) still gets one row.
 from __future__ import annotations
 
 import posixpath
+import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +42,7 @@ from dermscore.aws import chunks, iter_keys, parse_s3_uri
 from dermscore.messages import ManifestLine, OutputLine, Retry
 from handlers import claims, runtime
 from handlers.runtime import Runtime
-from handlers.storage import dt_of, put_json, put_parquet, read_lines, write_failures
+from handlers.storage import dt_of, put_json, put_parquet, read_json, read_lines, write_failures
 
 logger = Logger(service="dermscore-collect")
 
@@ -43,6 +50,8 @@ DETAIL_TYPE = "SageMaker Transform Job State Change"
 JOB_FAILED = "job_failed"
 JOB_STOPPED = "job_stopped"
 MISSING_OUTPUT = "missing_output"
+TERMINAL = ("Completed", "Failed", "Stopped")
+UNRECONCILED = "Unreconciled"   # marker status: the reconciler gave up on the job (handlers.reconcile)
 
 
 def _time(value: Any) -> datetime | None:
@@ -225,15 +234,50 @@ def handle(event: EventBridgeEvent, rt: Runtime) -> dict[str, Any]:
     if event.detail_type != DETAIL_TYPE or not job.startswith(rt.settings.job_prefix):
         logger.info("event ignored", extra={"detail_type": event.detail_type, "job_name": job})
         return {"job_name": job, "status": status, "ignored": True}
-    when = finished_at(event)
-    if status == "Completed":
-        counts = collect_completed(rt, detail, when)
-    elif status in ("Failed", "Stopped"):
-        counts = collect_failed(rt, detail, when)
-    else:
+    if status not in TERMINAL:
         logger.info("non-terminal state ignored", extra={"job_name": job, "status": status})
         return {"job_name": job, "status": status, "ignored": True}
+    if (marker(rt, job) or {}).get("status") == UNRECONCILED:
+        logger.warning("the reconciler gave up on this job and wrote its images' failure rows; event ignored",
+                       extra={"job_name": job, "status": status})
+        return {"job_name": job, "status": status, "ignored": True}
+    when = finished_at(event)
+    counts = (collect_completed if status == "Completed" else collect_failed)(rt, detail, when)
+    mark(rt, job, status, finished_at=when.isoformat(), **counts)
     return {"job_name": job, "status": status, **counts}
+
+
+# --- the job's marker, and the event of a job's current state (for handlers.reconcile) ----------
+
+def marker(rt: Runtime, job: str) -> dict[str, Any] | None:
+    """The job's marker (``collected/<job>.json``), or None while its outcome is not written."""
+    return read_json(rt.s3, rt.settings.bucket, layout.collected_key(job))
+
+
+def mark(rt: Runtime, job: str, status: str, **facts: Any) -> None:
+    """Write the job's marker: its outcome is in results/ (or, ``Unreconciled``, in failure rows)."""
+    put_json(rt.s3, rt.settings.bucket, layout.collected_key(job), {"job": job, "status": status, **facts})
+
+
+def _epoch_ms(value: Any) -> Any:
+    return int(value.timestamp() * 1000) if isinstance(value, datetime) else value
+
+
+def state_change_event(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The "SageMaker Transform Job State Change" event for a DescribeTransformJob response: the
+    event's detail is the job's description (times in epoch milliseconds), as SageMaker sends it.
+    The reconciler re-drives a lost event with it; its id is derived from the job and status."""
+    detail = {k: _epoch_ms(v) for k, v in job.items() if k != "ResponseMetadata" and v is not None}
+    arn = str(detail.get("TransformJobArn") or "")
+    parts = arn.split(":")
+    region, account = (parts[3], parts[4]) if len(parts) > 5 else ("", "")
+    end = job.get("TransformEndTime") or job.get("LastModifiedTime")
+    when = end if isinstance(end, datetime) else _time(end) or results.utcnow()
+    return {"version": "0", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{arn or detail.get('TransformJobName')}#"
+                                                                      f"{detail.get('TransformJobStatus')}")),
+            "detail-type": DETAIL_TYPE, "source": "aws.sagemaker", "account": account,
+            "time": when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "region": region,
+            "resources": [arn] if arn else [], "detail": detail}
 
 
 @logger.inject_lambda_context

@@ -28,6 +28,7 @@ class Runtime:
     s3: Any
     sqs: Any
     sagemaker: Any
+    lambda_: Any = None   # only a function that invokes another (the reconciler invokes collect) gets one
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Runtime:
@@ -43,7 +44,9 @@ class Runtime:
         def client(service: str) -> Any:
             return session.client(service, endpoint_url=endpoint, config=CLIENT_CONFIG)
 
-        return cls(Settings.from_env(e), client("s3"), client("sqs"), client("sagemaker"))
+        settings = Settings.from_env(e)
+        return cls(settings, client("s3"), client("sqs"), client("sagemaker"),
+                   client("lambda") if settings.collect_function else None)
 
 
 _DEFAULT: Runtime | None = None

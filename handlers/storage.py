@@ -9,9 +9,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.exceptions import ClientError
 
 from dermscore import layout, results
-from dermscore.aws import iter_keys
+from dermscore.aws import is_missing, iter_keys
 from dermscore.messages import ManifestLine
 
 
@@ -37,6 +38,27 @@ def put_parquet(s3, bucket: str, key: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     s3.put_object(Bucket=bucket, Key=key, Body=buf.getvalue(), ContentType="application/vnd.apache.parquet")
+
+
+def read_parquet(s3, bucket: str, key: str) -> pa.Table | None:
+    """One Parquet object as a table; None if there is no such object."""
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if is_missing(exc):
+            return None
+        raise
+    return pq.read_table(io.BytesIO(body))
+
+
+def read_json(s3, bucket: str, key: str) -> dict[str, Any] | None:
+    """One JSON object; None if there is no such object."""
+    try:
+        return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except ClientError as exc:
+        if is_missing(exc):
+            return None
+        raise
 
 
 def put_json(s3, bucket: str, key: str, doc: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ Used by ``dermscore demo`` / ``dermscore serve`` and by the end-to-end tests::
 
     with LocalPipeline(model_dir) as p:          # moto server, bucket, queues, model
         p.upload(files, "incoming/demo/")        # S3 -> SQS notifications, as on AWS
-        p.drain()                                # poller -> enqueue -> runner -> collect
+        p.drain()                                # poller -> enqueue -> runner -> collect (+ reconciler)
         p.export("output")                       # results/ -> output/ (Parquet + JSON)
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 from dermscore import layout
 from infra.poller import Poller
 from infra.runner import TransformRunner
+from infra.scheduler import Scheduler
 from infra.stack import DEFAULT_BUCKET, DEFAULT_STACK, LocalStack
 
 log = logging.getLogger("dermscore.local")
@@ -38,13 +39,17 @@ class LocalPipeline:
     def __init__(self, model_dir: str | Path | None, bucket: str = DEFAULT_BUCKET, stack_name: str = DEFAULT_STACK,
                  endpoint: str | None = None, batching_window_s: float | None = None,
                  visibility_timeout: int | None = None, overrides: dict[str, Any] | None = None,
-                 port: int = 0) -> None:
+                 port: int = 0, reconcile_after_s: float | None = None,
+                 reconcile_interval_s: float | None = None) -> None:
         self.stack = LocalStack.create(bucket=bucket, stack_name=stack_name, endpoint=endpoint, overrides=overrides,
                                        visibility_timeout=visibility_timeout, port=port)
         if model_dir is not None:
             self.stack.register_model(model_dir)
         self.poller = Poller(self.stack, window_s=batching_window_s)
         self.runner = TransformRunner(self.stack)
+        # the reconciler: template.yaml's bound and schedule unless shortened (tests)
+        self.scheduler = Scheduler(self.stack, self.runner.sagemaker_view(), after_s=reconcile_after_s,
+                                   interval_s=reconcile_interval_s)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -85,7 +90,9 @@ class LocalPipeline:
         """Run the pipeline in this thread until the queue is empty and no job is pending.
 
         Messages that failed and wait out their visibility timeout count as in flight, so
-        drain also sees retries (and DLQ moves) through.
+        drain also sees retries (and DLQ moves) through. Once idle, the reconciler runs (as its
+        schedule would); drain goes on while it finds work, or jobs it will act on within the
+        drain's time (a bound shorter than what is left of ``timeout_s``).
         """
         deadline = time.monotonic() + timeout_s
         bar = None
@@ -97,18 +104,30 @@ class LocalPipeline:
                 busy = self.step()
                 if bar is not None:
                     bar.update(min(progress_total, sum(r["records"] for r in self.runner.results)) - bar.n)
-                if not busy and self.idle():
+                if not busy and self.idle() and self.reconciled(deadline):
                     return
         finally:
             if bar is not None:
                 bar.close()
         raise TimeoutError(f"pipeline not idle after {timeout_s}s: queue {self.stack.queue_depth()}")
 
+    def reconciled(self, deadline: float) -> bool:
+        """One reconciler run at idle: True if it had nothing to do, now or before ``deadline``."""
+        report = self.scheduler.run_once()
+        if report is None:
+            return True   # logged; drain must not spin on a reconciler that fails
+        if report["redriven"] + report["resubmitted"] + report["given_up"] + report["orphaned"]:
+            return False   # a collection, a job or failure rows: see them through
+        return not (report["waiting"] and time.monotonic() + self.scheduler.after_s < deadline)
+
     def start_background(self) -> None:
-        """Poller and runner in their own threads, as the managed services run beside each other."""
+        """Poller, runner and reconciler in their own threads, as the managed services run beside
+        each other."""
         self._stop.clear()
         self._threads = [threading.Thread(target=self.poller.run, args=(self._stop,), name="sqs-poller", daemon=True),
                          threading.Thread(target=self.runner.run, args=(self._stop,), name="transform-runner",
+                                          daemon=True),
+                         threading.Thread(target=self.scheduler.run, args=(self._stop,), name="reconciler",
                                           daemon=True)]
         for t in self._threads:
             t.start()

@@ -24,6 +24,13 @@ In both modes the output of each input file is assembled by line into
 ``<S3OutputPath>/<input file name>.out`` (``AssembleWith=Line``), and the "SageMaker Transform
 Job State Change" event (Completed, or Failed with a reason when anything above raised) goes
 to ``handlers.collect.lambda_handler``.
+
+moto reports every transform job as Completed the moment it is created, so what the job's state
+*is* comes from here: :meth:`TransformRunner.sagemaker_view` answers DescribeTransformJob with the
+runner's outcome (InProgress until the job ran), for the reconciler (``infra.scheduler``).
+
+A lost event is a test's fault to inject: replace :meth:`TransformRunner.deliver` (as
+``tests/test_faults.py`` replaces ``execute``) with one that drops it.
 """
 
 from __future__ import annotations
@@ -251,6 +258,7 @@ class TransformRunner:
         self._artifacts: dict[tuple[str, str], str] = {}   # (url, etag) -> sha256 of the downloaded archive
         self.instance_pids: dict[str, set[int]] = {}   # job -> worker processes that ran its files
         self.results: list[dict[str, Any]] = []
+        self.outcomes: dict[str, dict[str, Any]] = {}  # job -> status, failure reason, start and end
         self._delivery: ThreadPoolExecutor | None = None  # set while run() runs in the background
 
     def describe(self) -> str:
@@ -391,7 +399,10 @@ class TransformRunner:
             log.exception("transform job %s failed", name)
             status, reason = "Failed", f"ClientError: {type(exc).__name__}: {exc}"[:1024]
         elapsed = time.perf_counter() - t0
-        event = state_change_event(job, status, reason, started, datetime.now(UTC))
+        ended = datetime.now(UTC)
+        # the job's state changes before its event is sent
+        self.outcomes[name] = {"status": status, "failure_reason": reason, "started": started, "ended": ended}
+        event = state_change_event(job, status, reason, started, ended)
         log.info("transform job %s %s: %d records in %.2fs", name, status, records, elapsed)
         result = {"job_name": name, "status": status, "records": records, "seconds": elapsed,
                   "failure_reason": reason, "collected": None}
@@ -428,6 +439,10 @@ class TransformRunner:
                     raise
                 time.sleep(0.5 * attempt)
 
+    def sagemaker_view(self) -> LocalSageMaker:
+        """SageMaker as a caller of DescribeTransformJob should see it: job states from this runner."""
+        return LocalSageMaker(self.sm, self.outcomes)
+
     def run_pending(self) -> list[dict[str, Any]]:
         return [self.run_job(n) for n in self.pending()]
 
@@ -451,3 +466,27 @@ class TransformRunner:
     def close(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+class LocalSageMaker:
+    """The local SageMaker client (moto) with the job states of the transform runner: moto keeps the
+    jobs and their requests, the runner knows whether a job ran and how it ended."""
+
+    def __init__(self, client: Any, outcomes: dict[str, dict[str, Any]]) -> None:
+        self._client = client
+        self._outcomes = outcomes
+
+    def describe_transform_job(self, **kwargs: Any) -> dict[str, Any]:
+        job = self._client.describe_transform_job(**kwargs)   # a missing job raises, as on SageMaker
+        job = {k: v for k, v in job.items() if k not in ("TransformEndTime", "FailureReason")}
+        outcome = self._outcomes.get(job["TransformJobName"])
+        if outcome is None:
+            return {**job, "TransformJobStatus": "InProgress"}
+        job.update(TransformJobStatus=outcome["status"], TransformStartTime=outcome["started"],
+                   TransformEndTime=outcome["ended"])
+        if outcome["failure_reason"]:
+            job["FailureReason"] = outcome["failure_reason"]
+        return job
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)

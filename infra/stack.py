@@ -12,6 +12,7 @@ Resources (template logical name -> local resource)::
     ImagesDeadLetterQueue   <stack>-images-dlq
     EnqueueFunction         handlers.enqueue.lambda_handler  (invoked by infra.poller)
     CollectFunction         handlers.collect.lambda_handler  (invoked by infra.runner)
+    ReconcileFunction       handlers.reconcile.lambda_handler  (invoked by infra.scheduler)
     ModelName parameter     a SageMaker Model whose ModelDataUrl is s3://<bucket>/models/model.tar.gz
 """
 
@@ -175,7 +176,9 @@ def use_endpoint(endpoint: str) -> None:
         os.environ.pop(var, None)
     os.environ.update(LOCAL_CREDENTIALS)
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": LOCAL_REGION,
-                       "AWS_REGION": LOCAL_REGION})
+                       "AWS_REGION": LOCAL_REGION,
+                       # no CloudWatch here: the reconciler's metrics would only print EMF lines
+                       "POWERTOOLS_METRICS_DISABLED": "true"})
 
 
 @contextlib.contextmanager
@@ -324,7 +327,8 @@ class LocalStack:
     def function_env(self, function: str) -> dict[str, str]:
         """What Lambda would give the function: its template.yaml variables, plus (locally) the
         endpoint, region and dummy credentials of this stack."""
-        own = {"enqueue": self.spec.enqueue_env, "collect": self.spec.collect_env}[function]
+        own = {"enqueue": self.spec.enqueue_env, "collect": self.spec.collect_env,
+               "reconcile": self.spec.reconcile_env}[function]
         return {**LOCAL_CREDENTIALS, "AWS_REGION": LOCAL_REGION, "AWS_DEFAULT_REGION": LOCAL_REGION,
                 "AWS_ENDPOINT_URL": self.endpoint, **own}
 
@@ -343,18 +347,22 @@ class LocalStack:
         with _CLIENT_LOCK:
             self._runtimes[function] = replace(current, **clients)
 
-    def invoke(self, function: str, event: dict[str, Any]) -> Any:
-        """Call handlers.<function>.lambda_handler as Lambda does, with that function's runtime."""
+    def invoke(self, function: str, event: dict[str, Any], rt: Any = None) -> Any:
+        """Call handlers.<function>.lambda_handler as Lambda does, with that function's runtime
+        (``rt``: another one, e.g. the reconciler's with the local SageMaker and Lambda)."""
         if function == "enqueue":
             from handlers.enqueue import lambda_handler
             timeout = self.spec.enqueue_timeout_s
         elif function == "collect":
             from handlers.collect import lambda_handler
             timeout = self.spec.collect_timeout_s
+        elif function == "reconcile":
+            from handlers.reconcile import lambda_handler
+            timeout = self.spec.reconcile_timeout_s
         else:
             raise ValueError(f"unknown function {function!r}")
         context = LambdaContext(function_name=f"{self.stack_name}-{function}", timeout_s=timeout or 120)
-        return lambda_handler(event, context, rt=self.runtime(function))
+        return lambda_handler(event, context, rt=rt or self.runtime(function))
 
     # ---- inspection helpers --------------------------------------------------------------
     def queue_depth(self, dlq: bool = False) -> dict[str, int]:

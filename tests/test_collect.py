@@ -161,3 +161,51 @@ def test_recorded_state_change_event_is_collected(job) -> None:
     assert {r["image_key"] for r in rows} == {items[0].key, items[1].key}
     assert {r["scored_at"] for r in rows} == {datetime(2026, 11, 23, 11, 30, 5, tzinfo=UTC)}
     assert stack.list_keys(layout.PREDICTIONS) == [layout.prediction_partition_key("2026-11-23", name)]
+
+
+def test_a_collected_job_gets_its_marker_last(job) -> None:
+    """collected/<job>.json tells the reconciler that the job's outcome is written: for a completed
+    job and for a failed one (whose images went back to the queue), and not for an ignored event."""
+    stack, name, _, request = job
+    assert stack.invoke("collect", state_change_event(request, "InProgress", None, ENDED, ENDED))["ignored"]
+    assert stack.list_keys(layout.COLLECTED) == []
+    stack.invoke("collect", state_change_event(request, "Completed", None, ENDED, ENDED))
+    s3 = stack.client("s3")
+    marker = json.loads(s3.get_object(Bucket=stack.bucket, Key=layout.collected_key(name))["Body"].read())
+    assert marker == {"job": name, "status": "Completed", "finished_at": ENDED.isoformat(), "scored": 2, "failed": 1}
+    stack.invoke("collect", state_change_event(request, "Failed", "AlgorithmError: boom", ENDED, ENDED))
+    marker = json.loads(s3.get_object(Bucket=stack.bucket, Key=layout.collected_key(name))["Body"].read())
+    assert (marker["status"], marker["requeued"]) == ("Failed", 3)
+
+
+def test_an_event_for_a_job_the_reconciler_gave_up_on_is_ignored(job) -> None:
+    """Its images have 'unreconciled' failure rows already: a late event must not add result rows."""
+    from handlers import collect
+
+    stack, name, _, request = job
+    collect.mark(stack.runtime("collect"), name, collect.UNRECONCILED, images=3)
+    out = stack.invoke("collect", state_change_event(request, "Completed", None, ENDED, ENDED))
+    assert out["ignored"] and stack.list_keys("results/") == []
+
+
+def test_state_change_event_from_describe_transform_job_is_what_sagemaker_sends(job) -> None:
+    """The reconciler's event for a lost one: the recorded event's envelope and detail fields, built
+    from a DescribeTransformJob response (datetimes -> epoch ms), and collected the same way."""
+    from handlers import collect
+
+    stack, name, items, _ = job
+    recorded = recorded_event("transform_job_state_change_completed.json", bucket=stack.bucket, job=name)
+    detail = dict(recorded["detail"])
+    description = {**{k: v for k, v in detail.items() if k not in ("Tags",)},
+                   **{k: datetime.fromtimestamp(detail[k] / 1000, tz=UTC)
+                      for k in ("CreationTime", "TransformStartTime", "TransformEndTime")},
+                   "ResponseMetadata": {"HTTPStatusCode": 200}}
+    event = collect.state_change_event(description)
+    assert {k: event[k] for k in ("detail-type", "source", "account", "region", "resources")} == {
+        k: recorded[k] for k in ("detail-type", "source", "account", "region", "resources")}
+    assert event["detail"] == {k: v for k, v in detail.items() if k != "Tags"}
+    assert event["time"] == "2026-11-23T11:30:05Z"                         # the job's end
+    assert event["id"] == collect.state_change_event(description)["id"]    # the same job and state: same id
+    event["detail"]["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] = \
+        f"s3://{stack.bucket}/{layout.manifest_key(name)}"
+    assert stack.invoke("collect", event) == {"job_name": name, "status": "Completed", "scored": 2, "failed": 1}

@@ -342,7 +342,7 @@ def test_nothing_but_results_leaves_the_pipeline(moto_endpoint, tiny_model) -> N
             assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == before
             written = [k for k in p.stack.list_keys("") if not k.startswith((layout.INCOMING, layout.MODELS))]
             assert written and {k.split("/")[0] + "/" for k in written} <= {
-                layout.MANIFESTS, layout.TRANSFORM_OUTPUT, layout.CLAIMS, "results/"}
+                layout.MANIFESTS, layout.TRANSFORM_OUTPUT, layout.CLAIMS, layout.COLLECTED, "results/"}
             for k in written:
                 body = s3.get_object(Bucket=bucket, Key=k)["Body"].read()
                 if body.startswith(IMAGE_MAGIC):
@@ -352,3 +352,80 @@ def test_nothing_but_results_leaves_the_pipeline(moto_endpoint, tiny_model) -> N
                         assert not {"xmp", "comment"} & set(im.info), (k, im.info.keys())
                 else:
                     assert not any(m in body for m in IMAGE_MAGIC) and b"Exif" not in body, k
+
+
+def test_lost_state_change_events_are_recovered_by_the_reconciler(moto_endpoint, tiny_model, tmp_path,
+                                                                   capsys) -> None:
+    """EventBridge loses the state-change event of the first failed job and of the first completed
+    one: collect never hears of them and no alarm fires. The reconciler (its bound shortened to a
+    second) finds both finished but uncollected, re-drives collect, the failed job's images go round
+    again: results + failures == unique uploads, no duplicates, nothing lost, nothing in flight."""
+    from infra.local import LocalPipeline
+    from infra.stack import use_endpoint
+
+    samples = sorted(SAMPLES.glob("*.jpg"))
+    if not samples:
+        pytest.skip(f"needs sample images in {SAMPLES}")
+    kinds = bad_files(samples[0].read_bytes())
+    plan = [(f"incoming/lost/{ODD_NAMES[i % 3].format(i=i) if i % 4 == 0 else f'img-{i:03d}.jpg'}",
+             samples[i % len(samples)].read_bytes(), None) for i in range(12)]
+    plan += [(f"incoming/lost/bad/{reason}{kinds[reason][0]}", kinds[reason][1], reason)
+             for reason in (reasons.ZERO_BYTE, reasons.CORRUPT)]
+    name = unique_name()
+    with preserved_environ():
+        use_endpoint(moto_endpoint)
+        with LocalPipeline(tiny_model, bucket=f"{name}-images", stack_name=name, endpoint=moto_endpoint,
+                           batching_window_s=0.5, visibility_timeout=2, overrides={"ModelName": f"{name}-model"},
+                           reconcile_after_s=1) as p:
+            s3, bucket = p.s3, p.stack.bucket
+            uploads = {(bucket, key, s3.put_object(Bucket=bucket, Key=key, Body=data)["ETag"].strip('"')): reason
+                       for key, data, reason in plan}
+
+            # Fault 1: the first transform job fails (as in the suite above).
+            real_execute, forced = p.runner.execute, []
+
+            def execute_or_fail(job):
+                if not forced:
+                    forced.append(job["TransformJobName"])
+                    raise RuntimeError("injected fault: instance terminated")
+                return real_execute(job)
+
+            # Fault 2: EventBridge loses the first event of each terminal status.
+            real_deliver, lost = p.runner.deliver, {}
+
+            def deliver_or_lose(event, *args, **kwargs):
+                detail = event["detail"]
+                if detail["TransformJobStatus"] not in lost:
+                    lost[detail["TransformJobStatus"]] = detail["TransformJobName"]
+                    return None
+                return real_deliver(event, *args, **kwargs)
+
+            p.runner.execute, p.runner.deliver = execute_or_fail, deliver_or_lose
+            p.drain(timeout_s=600)   # a bound against hangs, not a timing assertion
+            left = in_flight(p)
+            jobs = list(p.runner.results)
+            reports = list(p.scheduler.reports)
+            markers = {job: json.loads(s3.get_object(Bucket=bucket, Key=layout.collected_key(job))["Body"].read())
+                       for job in lost.values()}
+            p.export(tmp_path)
+
+    got = outcome(tmp_path)
+    places = Counter((b, k, e) for b, k, e in got.scored) + Counter((b, k, e) for b, k, e, *_ in got.failed)
+    duplicates = sum(n - 1 for n in places.values() if n > 1)
+    lost_uploads = [u for u in uploads if u not in places]
+    redriven = sum(r["redriven"] for r in reports)
+    with capsys.disabled():
+        print(f"\nlost events: {len(uploads)} uploads, {len(jobs)} transform jobs, events lost {lost}, "
+              f"re-driven by the reconciler {redriven} ({len(reports)} runs)\n"
+              f"  results: {len(got.scored)}  failures: {len(got.failed)}  duplicates: {duplicates}  "
+              f"lost: {len(lost_uploads)}  in flight: {left}")
+
+    assert len(forced) == 1 and set(lost) == {"Failed", "Completed"}      # both faults really happened
+    assert lost["Failed"] == forced[0]
+    assert redriven == 2 and {job: m["status"] for job, m in markers.items()} == {
+        lost["Failed"]: "Failed", lost["Completed"]: "Completed"}
+    assert len(got.scored) + len(got.failed) == len(uploads)
+    assert duplicates == 0 and lost_uploads == [] and set(places) == set(uploads)
+    assert {u: r for u, r in uploads.items() if r} == {(b, k, e): r for b, k, e, _, r, _ in got.failed}
+    assert set(Counter((b, k, e) for b, k, e in got.scored)) == {u for u, r in uploads.items() if r is None}
+    assert left == {"queue": 0, "dlq": 0, "jobs_pending": 0}

@@ -24,6 +24,7 @@ from dermscore.template import REPO_ROOT, TEMPLATE_PATH, Resolver, load_template
 from infra.serving import RESPONSE_FACTOR
 
 SAM = REPO_ROOT / ".venv-tools" / "bin" / "sam"
+FUNCTIONS = ("EnqueueFunction", "CollectFunction", "ReconcileFunction")
 STACK = "dermscore"
 BUCKET = "dermscore-123456789012-us-east-1"
 
@@ -119,10 +120,10 @@ def test_sam_build_bundles_handlers_and_light_requirements_only(tmp_path):
     r = _sam("build", "--template-file", str(TEMPLATE_PATH), "--build-dir", str(build),
              "--cache-dir", str(tmp_path / "cache"))
     assert r.returncode == 0, r.stdout + r.stderr
-    for fn in ("EnqueueFunction", "CollectFunction"):
+    for fn in FUNCTIONS:
         art = build / fn
-        for must in ("handlers/enqueue.py", "handlers/collect.py", "dermscore/results.py", "dermscore/config.py",
-                     "aws_lambda_powertools"):
+        for must in ("handlers/enqueue.py", "handlers/collect.py", "handlers/reconcile.py", "dermscore/results.py",
+                     "dermscore/config.py", "aws_lambda_powertools"):
             assert (art / must).exists(), f"{fn}: {must} missing"
         for never in ("batch", "training", "bench", "infra", "analytics", "PIL", "models", "tests", "torch",
                       "pyarrow", "pandas", "numpy", "boto3", ".venv"):
@@ -130,10 +131,10 @@ def test_sam_build_bundles_handlers_and_light_requirements_only(tmp_path):
         size = sum(p.stat().st_size for p in art.rglob("*") if p.is_file())
         assert size < 60 * 2**20, f"{fn}: {size / 2**20:.0f} MiB (the pandas layer needs room in 250 MiB)"
     built = (build / "template.yaml").read_text()
-    assert "CodeUri: EnqueueFunction" in built and "CodeUri: CollectFunction" in built
+    assert all(f"CodeUri: {fn}" in built for fn in FUNCTIONS)
     # The package imports as Lambda will import it: its own modules first; pyarrow/numpy/boto3
     # (the layer and the runtime) from this environment.
-    for fn in ("EnqueueFunction", "CollectFunction"):
+    for fn in FUNCTIONS:
         handler = load_template()["Resources"][fn]["Properties"]["Handler"]
         module, func = handler.rsplit(".", 1)
         # Pillow and torch are installed here but not in the package: the handlers must not need them.
@@ -240,6 +241,67 @@ def test_eventbridge_rule_sends_this_stacks_jobs_to_collect(template, translated
     assert failed["detail"]["TransformJobStatus"] == ["Failed"]
 
 
+def test_collect_rule_retries_then_keeps_what_it_could_not_deliver(template, translated, resolver):
+    """EventBridge retries delivery to collect for a day, then puts the event in a dead-letter queue
+    that only this rule may write to, watched by an alarm."""
+    ev = template["Resources"]["CollectFunction"]["Properties"]["Events"]["TransformJobStateChange"]["Properties"]
+    assert ev["RetryPolicy"]["MaximumRetryAttempts"] >= 100 and ev["RetryPolicy"]["MaximumEventAgeInSeconds"] == 86400
+    assert ev["DeadLetterConfig"] == {"Arn": {"Fn::GetAtt": ["CollectEventsDeadLetterQueue", "Arn"]}}
+    rule = translated["Resources"]["CollectFunctionTransformJobStateChange"]
+    (target,) = rule["Properties"]["Targets"]
+    assert target["Arn"] == {"Fn::GetAtt": ["CollectFunction", "Arn"]}
+    assert target["DeadLetterConfig"] == ev["DeadLetterConfig"] and target["RetryPolicy"] == ev["RetryPolicy"]
+    (stmt,) = statements(template["Resources"]["CollectEventsDeadLetterQueuePolicy"]["Properties"]["PolicyDocument"])
+    assert stmt["Principal"] == {"Service": "events.amazonaws.com"} and stmt["Action"] == "sqs:SendMessage"
+    assert stmt["Condition"] == {"ArnEquals": {"aws:SourceArn": {
+        "Fn::GetAtt": ["CollectFunctionTransformJobStateChange", "Arn"]}}}
+    queue = template["Resources"]["CollectEventsDeadLetterQueue"]["Properties"]
+    assert queue["MessageRetentionPeriod"] == 14 * 24 * 3600 and queue["SqsManagedSseEnabled"] is True
+
+
+def test_reconciler_runs_on_a_schedule_and_resubmits_as_enqueue_would(template, translated):
+    from dermscore.config import Settings
+    from dermscore.sharding import shard_count
+    from handlers.enqueue import transform_request
+
+    fn = template["Resources"]["ReconcileFunction"]["Properties"]
+    assert fn["Handler"] == "handlers.reconcile.lambda_handler"
+    assert fn["Role"] == {"Fn::GetAtt": ["ReconcileRole", "Arn"]}
+    (event,) = fn["Events"].values()
+    assert event["Type"] == "Schedule"
+    assert event["Properties"]["Schedule"] == {"Fn::Sub": "rate(${ReconcileIntervalMinutes} minutes)"}
+    assert template["Parameters"]["ReconcileIntervalMinutes"]["MinValue"] >= 2   # "rate(1 minute)" is singular
+    assert fn["EventInvokeConfig"]["MaximumRetryAttempts"] == 0
+    env = fn["Environment"]["Variables"]
+    assert env["COLLECT_FUNCTION_NAME"] == {"Ref": "CollectFunction"}
+    assert env["RECONCILE_AFTER_MINUTES"] == {"Ref": "ReconcileAfterMinutes"}
+    # a bound below one collect run would re-drive collections still running (harmless: idempotent)
+    collect_timeout = template["Resources"]["CollectFunction"]["Properties"]["Timeout"]
+    assert template["Parameters"]["ReconcileAfterMinutes"]["MinValue"] * 60 > collect_timeout
+    spec = local_spec(BUCKET, STACK)
+    assert spec.reconcile_env["COLLECT_FUNCTION_NAME"] == f"{STACK}-collect"
+    assert spec.reconcile_interval_s == 60 * template["Parameters"]["ReconcileIntervalMinutes"]["Default"]
+    # a job it submits again is the job enqueue submitted: same request, same shards
+    ours, theirs = Settings.from_env(spec.reconcile_env), Settings.from_env(spec.enqueue_env)
+    assert transform_request(ours, "j", "s3://b/m/") == transform_request(theirs, "j", "s3://b/m/")
+    assert shard_count(9999, ours.instance_count, ours.min_images_per_shard) == \
+        shard_count(9999, theirs.instance_count, theirs.min_images_per_shard)
+    # it re-drives collect by invoking that one function, and nothing else
+    invokes = [s for s in statements(template["Resources"]["ReconcileRole"]["Properties"]["Policies"][0][
+        "PolicyDocument"]) if any(a.startswith("lambda:") for a in as_list(s["Action"]))]
+    assert [(s["Action"], s["Resource"]) for s in invokes] == [
+        ("lambda:InvokeFunction", {"Fn::GetAtt": ["CollectFunction", "Arn"]})]
+    rules = [r for r in resources_of(translated, "AWS::Events::Rule").values()
+             if {"Fn::GetAtt": ["ReconcileFunction", "Arn"]} in [t["Arn"] for t in r["Properties"]["Targets"]]]
+    assert [r["Properties"]["ScheduleExpression"] for r in rules] == [
+        {"Fn::Sub": "rate(${ReconcileIntervalMinutes} minutes)"}]
+    # markers live as long as the manifests they vouch for (written after them: they outlive them)
+    lifecycle = template["Resources"]["ImagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+    (markers,) = [r for r in lifecycle if r.get("Prefix") == layout.COLLECTED]
+    (manifests,) = [r for r in lifecycle if r.get("Prefix") == layout.MANIFESTS]
+    assert markers["ExpirationInDays"] == manifests["ExpirationInDays"] == {"Ref": "ManifestRetentionDays"}
+
+
 def test_sqs_event_source_mapping_in_translated_template(translated):
     (esm,) = resources_of(translated, "AWS::Lambda::EventSourceMapping").values()
     p = esm["Properties"]
@@ -252,7 +314,7 @@ def test_sqs_event_source_mapping_in_translated_template(translated):
 
 def test_every_iam_statement_is_scoped(translated):
     roles = resources_of(translated, "AWS::IAM::Role")
-    assert {"EnqueueRole", "CollectRole", "TransformRole"} <= set(roles)
+    assert {"EnqueueRole", "CollectRole", "TransformRole", "ReconcileRole"} <= set(roles)
     for name, role in roles.items():
         props = role["Properties"]
         assert not props.get("ManagedPolicyArns"), f"{name}: managed policies grant '*' resources"
@@ -289,6 +351,31 @@ def test_resource_policies_allow_only_aws_services_with_conditions(template):
                     assert set(s["Principal"]) == {"Service"} and s.get("Condition"), name
 
 
+def test_alarm_topic_is_encrypted_with_a_key_its_publishers_may_use(template, resolver):
+    """SNS server-side encryption with a customer managed key: the AWS managed alias/aws/sns key
+    cannot be granted to the CloudWatch and EventBridge service principals that publish here."""
+    res = template["Resources"]
+    assert res["AlarmTopic"]["Properties"]["KmsMasterKeyId"] == {"Fn::GetAtt": ["AlarmTopicKey", "Arn"]}
+    key = res["AlarmTopicKey"]["Properties"]
+    assert key["EnableKeyRotation"] is True
+    by_principal = {json.dumps(s["Principal"], sort_keys=True): s for s in statements(key["KeyPolicy"])}
+    assert set(by_principal) == {json.dumps(p, sort_keys=True) for p in (
+        {"AWS": {"Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"}},
+        {"Service": "cloudwatch.amazonaws.com"}, {"Service": "events.amazonaws.com"})}
+    for service in ("cloudwatch", "events"):
+        s = by_principal[json.dumps({"Service": f"{service}.amazonaws.com"})]
+        assert sorted(as_list(s["Action"])) == ["kms:Decrypt", "kms:GenerateDataKey*"]
+    # CloudWatch: only this stack's alarms, whose names all start with the stack's
+    cw = resolver.resolve(by_principal[json.dumps({"Service": "cloudwatch.amazonaws.com"})]["Condition"])
+    assert cw == {"StringEquals": {"aws:SourceAccount": "123456789012"},
+                  "ArnLike": {"aws:SourceArn": f"arn:aws:cloudwatch:us-east-1:123456789012:alarm:{STACK}-*"}}
+    for name, alarm in resources_of(template, "AWS::CloudWatch::Alarm").items():
+        assert resolver.resolve(alarm["Properties"]["AlarmName"]).startswith(f"{STACK}-"), name
+    topic_policy = statements(res["AlarmTopicPolicy"]["Properties"]["PolicyDocument"])
+    (cw_publish,) = [s for s in topic_policy if s["Principal"] == {"Service": "cloudwatch.amazonaws.com"}]
+    assert resolver.resolve(cw_publish["Condition"]) == cw
+
+
 def _s3_prefixes(role: dict[str, Any], actions: set[str]) -> set[str]:
     out = set()
     for policy in role["Properties"]["Policies"]:
@@ -312,18 +399,35 @@ def test_s3_access_is_scoped_to_prefixes(template):
     assert _s3_prefixes(res["EnqueueRole"], {"s3:GetObject"}) == {layout.INCOMING, layout.CLAIMS, layout.MANIFESTS}
     assert _s3_prefixes(res["EnqueueRole"], {"s3:PutObject"}) == {layout.MANIFESTS, layout.CLAIMS, layout.FAILURES}
     assert _s3_prefixes(res["CollectRole"], {"s3:PutObject"}) == {layout.PREDICTIONS, layout.IMAGES, layout.FAILURES,
-                                                                  layout.REPORTS, layout.CLAIMS}
+                                                                  layout.REPORTS, layout.CLAIMS, layout.COLLECTED}
     assert layout.INCOMING not in _s3_prefixes(res["CollectRole"], {"s3:GetObject"})
+    # the reconciler: its markers, what enqueue.submit writes, failure rows; never an image
+    rec = res["ReconcileRole"]
+    assert _s3_prefixes(rec, {"s3:PutObject"}) == {layout.COLLECTED, layout.MANIFESTS, layout.CLAIMS, layout.FAILURES}
+    assert _s3_prefixes(rec, {"s3:GetObject"}) == {layout.MANIFESTS, layout.CLAIMS, layout.PREDICTIONS,
+                                                   layout.FAILURES}
 
 
 def test_sagemaker_rights_are_for_this_stacks_jobs(template, resolver):
-    for role in ("EnqueueRole", "CollectRole"):
+    creators = []
+    for role in ("EnqueueRole", "CollectRole", "ReconcileRole"):
         for s in statements(template["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]):
             if any(a.startswith("sagemaker:") for a in as_list(s["Action"])):
                 assert resolver.resolve(s["Resource"]) == \
                     f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{STACK}-*"
                 # CreateTransformJob takes no role (the Model has it): no iam:PassRole needed
                 assert not any(a.startswith("iam:") for a in as_list(s["Action"]))
+            if "sagemaker:CreateTransformJob" in as_list(s["Action"]):
+                creators.append(role)
+                # only on the template's instance type, and never without one
+                assert as_list(s["Action"]) == ["sagemaker:CreateTransformJob"]
+                assert s["Condition"] == {"ForAllValues:StringEquals": {
+                    "sagemaker:InstanceTypes": [{"Ref": "TransformInstanceType"}]},
+                    "Null": {"sagemaker:InstanceTypes": "false"}}
+    assert creators == ["EnqueueRole", "ReconcileRole"]
+    # the type enqueue asks for is that parameter
+    spec = local_spec(BUCKET, STACK)
+    assert spec.enqueue_env["TRANSFORM_INSTANCE_TYPE"] == template["Parameters"]["TransformInstanceType"]["Default"]
 
 
 def test_reliability_wiring(template, resolver):
@@ -416,7 +520,8 @@ def test_env_var_names_match_settings_from_env(monkeypatch):
     def ours(env):  # Powertools reads its own variables
         return {k for k in env if not k.startswith("POWERTOOLS_")}
 
-    assert ours(spec.enqueue_env) == rec.read
+    # every setting read is some function's variable, and every variable is read
+    assert ours(spec.enqueue_env) | ours(spec.reconcile_env) == rec.read
     assert {"BUCKET_NAME", "JOB_PREFIX"} <= ours(spec.collect_env) <= rec.read
     # and the values land where they should
     p = {k: v.get("Default") for k, v in load_template()["Parameters"].items()}
@@ -475,12 +580,50 @@ def test_named_queries_use_this_workgroup_and_known_columns(template):
 
 def test_alarms_watch_dlq_and_failed_jobs(template):
     alarms = resources_of(template, "AWS::CloudWatch::Alarm")
-    watched = {(a["Properties"]["Namespace"], json.dumps(a["Properties"]["Dimensions"])) for a in alarms.values()}
-    assert ("AWS/SQS", json.dumps([{"Name": "QueueName", "Value": {"Fn::GetAtt": ["ImagesDeadLetterQueue",
-                                                                                   "QueueName"]}}])) in watched
-    assert ("AWS/Events", json.dumps([{"Name": "RuleName", "Value": {"Ref": "TransformJobFailedRule"}}])) in watched
+    watched = {(a["Properties"]["Namespace"], a["Properties"]["MetricName"], json.dumps(a["Properties"]["Dimensions"]))
+               for a in alarms.values()}
+
+    def queue(name: str) -> str:
+        return json.dumps([{"Name": "QueueName", "Value": {"Fn::GetAtt": [name, "QueueName"]}}])
+
+    for q in ("ImagesDeadLetterQueue", "CollectFailedEventsQueue", "CollectEventsDeadLetterQueue"):
+        assert ("AWS/SQS", "ApproximateNumberOfMessagesVisible", queue(q)) in watched
+    assert ("AWS/SQS", "ApproximateAgeOfOldestMessage", queue("ImagesQueue")) in watched
+    assert ("AWS/Events", "TriggeredRules",
+            json.dumps([{"Name": "RuleName", "Value": {"Ref": "TransformJobFailedRule"}}])) in watched
+    # every function's errors; and the reconciler's own running
+    for fn in resources_of(template, "AWS::Serverless::Function"):
+        assert ("AWS/Lambda", "Errors", json.dumps([{"Name": "FunctionName", "Value": {"Ref": fn}}])) in watched
+    (silent,) = [a["Properties"] for a in alarms.values() if a["Properties"]["MetricName"] == "Invocations"]
+    assert silent["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "ReconcileFunction"}}]
+    assert silent["TreatMissingData"] == "breaching" and silent["ComparisonOperator"] == "LessThanThreshold"
+    assert silent["Period"] >= 60 * template["Parameters"]["ReconcileIntervalMinutes"]["MaxValue"]
     for a in alarms.values():
         assert a["Properties"]["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+
+
+def test_reconciler_metric_alarms_match_what_it_publishes(template, resolver, monkeypatch, capsys):
+    """The alarms on the reconciler's figures name the namespace, dimensions and metric names that
+    handlers.reconcile.publish() writes (CloudWatch embedded metric format: the function's log)."""
+    from aws_lambda_powertools import Metrics
+
+    from handlers import reconcile
+
+    env = template["Resources"]["ReconcileFunction"]["Properties"]["Environment"]["Variables"]
+    monkeypatch.delenv("POWERTOOLS_METRICS_DISABLED", raising=False)
+    monkeypatch.setattr(reconcile, "metrics", Metrics(namespace=env["POWERTOOLS_METRICS_NAMESPACE"],
+                                                      service=env["POWERTOOLS_SERVICE_NAME"]))
+    reconcile.publish(dict.fromkeys(reconcile.COUNTS, 1), STACK)
+    (emf,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "_aws" in line]
+    (directive,) = emf["_aws"]["CloudWatchMetrics"]
+    published = {m["Name"] for m in directive["Metrics"]}
+    dims = {d: emf[d] for d in directive["Dimensions"][0]}
+    custom = [a["Properties"] for a in resources_of(template, "AWS::CloudWatch::Alarm").values()
+              if a["Properties"]["Namespace"] == directive["Namespace"]]
+    assert {a["MetricName"] for a in custom} == {"JobsOverdue", "JobsRecovered", "ImagesUnreconciled"} <= published
+    for a in custom:
+        assert {d["Name"]: resolver.resolve(d["Value"]) for d in a["Dimensions"]} == dims == {
+            "service": "dermscore-reconcile", "stack": STACK}
 
 
 def test_outputs_tell_the_user_what_to_do(template, resolver):

@@ -1,0 +1,302 @@
+"""Lambda ``reconcile`` (scheduled): no transform job's images stay unaccounted for.
+
+A job's outcome reaches collect through one EventBridge event ("SageMaker Transform Job State
+Change"). EventBridge retries it and keeps what it could not deliver in a dead-letter queue, but
+an event lost anyway, or a submitter that died between its manifest and ``CreateTransformJob``
+with nobody left to redeliver its batch, would leave images with neither a result nor a failure
+row, and no alarm. Every ``ReconcileIntervalMinutes`` this function looks at every job that
+should be done by now::
+
+    list    manifests/   one folder per job; its newest LastModified is the job's age
+            collected/   markers (collect wrote the job's outcome) and this function's re-drive records
+    decide  every job older than RECONCILE_AFTER_MINUTES without a marker (:func:`due`, :func:`decide`),
+            from DescribeTransformJob:
+              Completed / Failed / Stopped -> re-drive: the job's state-change event, built from
+                  DescribeTransformJob, goes to collect (asynchronous Invoke: collect's own retries and
+                  failure destination apply; collect is idempotent, its keys are deterministic)
+              no such job -> re-submit it from its manifest (enqueue.submit), unless no image is claimed
+                  by it: then it is an orphan (its images are owned by other jobs or still on the queue)
+              InProgress / Stopping -> left alone, logged and counted (metric JobsOverdue)
+              re-driven MAX_REDRIVES times, the bound passed since the last, still no marker -> give up:
+                  a failure row 'unreconciled' for each of its images that has no row, and the marker
+                  "Unreconciled" (collect ignores the job from then on: no second row can follow)
+    metrics JobsOverdue, JobsRecovered, ImagesUnreconciled (CloudWatch EMF) -> alarms (template.yaml)
+
+Cost per run (docs/reliability.md): two listings, ceil(M / 1000) + ceil(C / 1000) LIST requests
+for M manifest objects and C markers within the retention, plus one DescribeTransformJob per job
+that is old enough and has no marker (none in steady state).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
+from botocore.exceptions import ClientError
+
+from dermscore import batching, layout, results
+from dermscore.aws import error_code, iter_objects
+from dermscore.messages import ManifestLine
+from handlers import claims, collect, enqueue, runtime
+from handlers.runtime import Runtime
+from handlers.storage import dt_of, put_json, read_manifest, read_parquet, write_failures
+
+logger = Logger(service="dermscore-reconcile")
+metrics = Metrics(service="dermscore-reconcile")   # namespace: POWERTOOLS_METRICS_NAMESPACE (template.yaml)
+
+UNRECONCILED = "unreconciled"      # reason of the failure rows written when the reconciler gives up
+STAGE = "reconcile"
+MAX_REDRIVES = 3                   # re-drives (or re-submissions) of one job before giving up
+RUNNING = ("InProgress", "Stopping")
+ORPHANED = "Orphaned"              # marker status: a manifest whose job never claimed an image
+
+# What decide() says about a due job.
+OVERDUE, REDRIVE, RESUBMIT, GIVE_UP = "overdue", "redrive", "resubmit", "give_up"
+
+_REDRIVE = re.compile(r"redrive-(\d+)\.json")
+
+
+@dataclass
+class Job:
+    """A transform job as the bucket shows it: its manifest's age and the reconciler's records."""
+
+    name: str
+    modified: datetime                                     # newest object of its manifest
+    collected: bool = False                                # collected/<job>.json exists
+    redrives: list[datetime] = field(default_factory=list)  # when each re-drive record was written
+
+
+# --- pure decisions -----------------------------------------------------------------------------
+
+def due(job: Job, now: datetime, after_s: float) -> bool:
+    """Old enough to be looked at: the manifest is older than the bound and so is the last re-drive
+    (which gets as long as a job to show its outcome)."""
+    newest = max([job.modified, *job.redrives])
+    return not job.collected and (now - newest).total_seconds() >= after_s
+
+
+def decide(status: str | None, redrives: int, max_redrives: int = MAX_REDRIVES) -> str:
+    """What to do with a due job, from its DescribeTransformJob status (None: no such job)."""
+    if status in RUNNING:
+        return OVERDUE
+    if redrives >= max_redrives:
+        return GIVE_UP
+    return RESUBMIT if status is None else REDRIVE
+
+
+def job_of(key: str, prefix: str) -> tuple[str, str] | None:
+    """(job, rest) of ``manifests/<job>/...``, ``manifests/<job>.jsonl`` or ``collected/<job>.<rest>``
+    (SageMaker job names hold no '.' and no '/')."""
+    rest = key[len(prefix):]
+    name, _, tail = rest.partition("/") if prefix == layout.MANIFESTS and "/" in rest else rest.partition(".")
+    return (name, tail) if name and tail else None
+
+
+def jobs(s3, bucket: str, job_prefix: str) -> dict[str, Job]:
+    """This stack's jobs that have a manifest, with their markers and re-drive records (two listings)."""
+    found: dict[str, Job] = {}
+    for key, modified in iter_objects(s3, bucket, layout.MANIFESTS):
+        named = job_of(key, layout.MANIFESTS)
+        if named and named[0].startswith(job_prefix):
+            job = found.setdefault(named[0], Job(named[0], modified))
+            job.modified = max(job.modified, modified)
+    for key, modified in iter_objects(s3, bucket, layout.COLLECTED):
+        named = job_of(key, layout.COLLECTED)
+        if named is None or named[0] not in found:
+            continue
+        name, tail = named
+        if tail == "json":
+            found[name].collected = True
+        elif _REDRIVE.fullmatch(tail):
+            found[name].redrives.append(modified)
+    return found
+
+
+# --- acting on one job ----------------------------------------------------------------------------
+
+def describe(rt: Runtime, name: str) -> dict[str, Any] | None:
+    """DescribeTransformJob, or None if there is no such job."""
+    try:
+        return rt.sagemaker.describe_transform_job(TransformJobName=name)
+    except ClientError:
+        if not enqueue.job_exists(rt.sagemaker, name):   # the not-found test, written once in enqueue
+            return None
+        raise
+
+
+def record(rt: Runtime, job: Job, action: str, **facts: Any) -> None:
+    """The re-drive record: counts the attempt and starts its grace period (its LastModified)."""
+    put_json(rt.s3, rt.settings.bucket, layout.redrive_key(job.name, len(job.redrives) + 1),
+             {"job": job.name, "action": action, "at": results.utcnow().isoformat(), **facts})
+
+
+def redrive(rt: Runtime, job: Job, description: dict[str, Any]) -> None:
+    """Send the job's state-change event to collect, as EventBridge would have (asynchronously)."""
+    event = collect.state_change_event(description)
+    rt.lambda_.invoke(FunctionName=rt.settings.collect_function, InvocationType="Event",
+                      Payload=json.dumps(event, default=str).encode())
+    record(rt, job, REDRIVE, status=description.get("TransformJobStatus"))
+    logger.warning("transform job finished but was never collected (its event was lost): collect re-driven",
+                   extra={"job_name": job.name, "status": description.get("TransformJobStatus"),
+                          "attempt": len(job.redrives) + 1})
+
+
+def owned(rt: Runtime, name: str, lines: list[ManifestLine], settle: bool = False) -> list[ManifestLine]:
+    """The lines whose claim names job ``name`` (``settle``: claim unclaimed ones for it, as collect does)."""
+    s3, bucket = rt.s3, rt.settings.bucket
+    owners = claims.settle(s3, bucket, lines, name) if settle else claims.owners(s3, bucket, lines)
+    return [ln for ln, o in zip(lines, owners, strict=True) if o == name]
+
+
+def resubmit(rt: Runtime, job: Job) -> tuple[str, int]:
+    """A manifest without its job: the submitter died after claiming. Submit it again (enqueue's own
+    path, which a redelivered batch would also take), or mark an orphan whose images no claim gives
+    it. Returns (what happened, failure rows written)."""
+    lines = read_manifest(rt.s3, rt.settings.bucket, job.name)
+    if not owned(rt, job.name, lines):
+        collect.mark(rt, job.name, ORPHANED, images=len(lines))
+        logger.info("manifest whose job never claimed an image: nothing to do (its images are owned by other "
+                    "jobs or still queued)", extra={"job_name": job.name, "images": len(lines)})
+        return ORPHANED, 0
+    again = enqueue.job_name(rt.settings.job_prefix, enqueue.manifest_text(lines))
+    if again != job.name:   # the settings changed the job's name: its claims can never be collected
+        return GIVE_UP, give_up(rt, job, None, lines, f"the manifest re-submits as {again}, not as {job.name}")
+    try:
+        enqueue.submit(rt, lines)
+    except ClientError as exc:
+        if not batching.is_retryable_create_error(error_code(exc)):   # throttled or over quota: no attempt
+            record(rt, job, RESUBMIT, error=f"{error_code(exc)}: {exc}"[:500])
+        raise
+    record(rt, job, RESUBMIT)
+    logger.warning("transform job missing although its manifest and claims exist (its submitter died): "
+                   "re-submitted", extra={"job_name": job.name, "images": len(lines),
+                                          "attempt": len(job.redrives) + 1})
+    return RESUBMIT, 0
+
+
+def placed(rt: Runtime, name: str, description: dict[str, Any] | None, when: datetime,
+           lines: list[ManifestLine]) -> set[tuple[str, str, str]]:
+    """Uploads of ``lines`` that already have a row because of this job: in the files a partial
+    collection wrote (``<job>.parquet``, ``<job>-transform``, ``<job>-job``), or re-queued by it and
+    claimed as their next attempt."""
+    if description is None:
+        return set()
+    s3, bucket, dt = rt.s3, rt.settings.bucket, dt_of(when)
+    done: set[tuple[str, str, str]] = set()
+    for key in (layout.prediction_partition_key(dt, name), layout.failure_partition_key(dt, f"{name}-transform"),
+                layout.failure_partition_key(dt, f"{name}-job")):
+        table = read_parquet(s3, bucket, key)
+        if table is not None:
+            done |= {(r["bucket"], r["image_key"], r["etag"]) for r in table.select(["bucket", "image_key", "etag"])
+                     .to_pylist()}
+    if description.get("TransformJobStatus") != "Completed":
+        nxt = claims.owners(s3, bucket, [ln.next_attempt() for ln in lines])
+        done |= {ln.upload for ln, o in zip(lines, nxt, strict=True) if o is not None}
+    return done
+
+
+def give_up(rt: Runtime, job: Job, description: dict[str, Any] | None, lines: list[ManifestLine],
+            why: str) -> int:
+    """The job cannot be fixed: a failure row 'unreconciled' for each of its images without a row, then
+    the marker "Unreconciled" (after which collect ignores the job). Returns the rows written."""
+    if description is not None:
+        when = collect.finished_at(EventBridgeEvent(collect.state_change_event(description)))
+        mine = owned(rt, job.name, lines, settle=True)
+    else:
+        when, mine = job.modified, owned(rt, job.name, lines)
+    done = placed(rt, job.name, description, when, mine)
+    now = results.utcnow()
+    rows = [results.failure_row(ln, STAGE, UNRECONCILED, why, job.name, now) for ln in mine if ln.upload not in done]
+    write_failures(rt.s3, rt.settings.bucket, dt_of(when), f"{job.name}-{UNRECONCILED}", rows)
+    collect.mark(rt, job.name, collect.UNRECONCILED, images=len(rows), reason=why[:500])
+    logger.error("transform job could not be reconciled: its images get failure rows", extra={
+        "job_name": job.name, "images": len(rows), "already_placed": len(mine) - len(rows), "reason": why})
+    return len(rows)
+
+
+def reconcile(rt: Runtime, job: Job) -> tuple[str, int]:
+    """Look at one due job and act; returns (what happened, failure rows written)."""
+    description = describe(rt, job.name)
+    status = description.get("TransformJobStatus") if description else None
+    action = decide(status, len(job.redrives))
+    if action == OVERDUE:
+        logger.warning("transform job still running past RECONCILE_AFTER_MINUTES: left alone", extra={
+            "job_name": job.name, "status": status, "manifest_written": job.modified.isoformat(),
+            "started": str(description.get("TransformStartTime"))})
+        return OVERDUE, 0
+    if action == REDRIVE:
+        redrive(rt, job, description)
+        return REDRIVE, 0
+    if action == RESUBMIT:
+        return resubmit(rt, job)
+    lines = (read_manifest(rt.s3, rt.settings.bucket, job.name) if description is None
+             else [ln for _, file_lines in collect.job_lines(rt.s3, description) for ln in file_lines])
+    return GIVE_UP, give_up(rt, job, description, lines,
+                            f"no outcome after {len(job.redrives)} re-drives (status {status or 'no such job'})")
+
+
+# --- the Lambda handler ---------------------------------------------------------------------------
+
+COUNTS = ("jobs", "collected", "waiting", "overdue", "redriven", "resubmitted", "orphaned", "given_up",
+          "images_unreconciled", "deferred", "errors")
+TALLY = {OVERDUE: "overdue", REDRIVE: "redriven", RESUBMIT: "resubmitted", ORPHANED: "orphaned",
+         GIVE_UP: "given_up"}
+
+
+def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
+    """One pass over the bucket; returns the counts (also logged, and published as metrics)."""
+    settings = rt.settings
+    after_s = settings.reconcile_after_minutes * 60
+    now = results.utcnow()
+    found = jobs(rt.s3, settings.bucket, settings.job_prefix)
+    report = dict.fromkeys(COUNTS, 0)
+    report["jobs"] = len(found)
+    for job in sorted(found.values(), key=lambda j: j.modified):
+        if job.collected:
+            report["collected"] += 1
+            continue
+        if not due(job, now, after_s):
+            report["waiting"] += 1
+            continue
+        try:
+            action, rows = reconcile(rt, job)
+        except Exception as exc:   # one job's trouble must not keep the others waiting
+            if isinstance(exc, ClientError) and batching.is_retryable_create_error(error_code(exc)):
+                report["deferred"] += 1
+                logger.warning("throttled or over quota; the next run tries again",
+                               extra={"job_name": job.name, "error_code": error_code(exc)})
+            else:
+                report["errors"] += 1
+                logger.exception("job not reconciled this run", extra={"job_name": job.name})
+            continue
+        report[TALLY[action]] += 1
+        report["images_unreconciled"] += rows
+    logger.info("reconciled", extra=report)
+    return report
+
+
+def publish(report: dict[str, int], stack: str) -> None:
+    """The run's figures as CloudWatch metrics (embedded metric format: one log line, no API call)."""
+    metrics.add_dimension(name="stack", value=stack)
+    for name, value in (("JobsOverdue", report["overdue"]),
+                        ("JobsRecovered", report["redriven"] + report["resubmitted"]),
+                        ("ImagesUnreconciled", report["images_unreconciled"])):
+        metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
+    metrics.flush_metrics()
+    metrics.clear_metrics()   # flush clears only when metrics are enabled (the local stack disables them)
+
+
+@logger.inject_lambda_context
+def lambda_handler(event: dict[str, Any], context: Any, rt: Runtime | None = None) -> dict[str, int]:
+    rt = rt or runtime.default()
+    report = handle(event, rt)
+    publish(report, rt.settings.job_prefix)
+    if report["errors"]:   # after the other jobs were done: the function's Errors alarm
+        raise RuntimeError(f"{report['errors']} job(s) could not be reconciled this run (see the log)")
+    return report

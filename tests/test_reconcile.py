@@ -1,0 +1,275 @@
+"""The reconciler against the moto server: what it does with each kind of job that has no outcome.
+
+Jobs are submitted with enqueue's own code; their state comes from an outcomes table, as the
+local transform runner reports it (moto calls every job Completed at once); collect runs in
+this process when the reconciler invokes it (infra.scheduler.LocalLambda).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pyarrow.parquet as pq
+import pytest
+
+from dermscore import layout, scoring
+from dermscore.labels import CLASSES
+from dermscore.messages import ManifestLine, OutputLine, Retry
+from handlers import collect, enqueue, reconcile
+from infra.runner import LocalSageMaker
+from infra.scheduler import Scheduler
+
+MODEL = {"name": "test", "version": "0", "weights_sha256": "0" * 64}
+ENDED = datetime(2026, 11, 23, 12, 30, tzinfo=UTC)
+KEYS = ("incoming/a.jpg", "incoming/b c+d é.jpg", "incoming/corrupt.jpg")
+
+
+def probs(i: int) -> list[float]:
+    raw = [1.0 + (i + j) % 7 for j in range(len(CLASSES))]
+    return [v / sum(raw) for v in raw]
+
+
+class Killed(Exception):
+    pass
+
+
+class World:
+    """A stack, the outcomes of its jobs (what SageMaker would say), and its reconciler."""
+
+    def __init__(self, stack, after_s: float = 0) -> None:
+        self.stack = stack
+        self.outcomes: dict[str, dict] = {}
+        self.scheduler = Scheduler(stack, LocalSageMaker(stack.client("sagemaker"), self.outcomes), after_s=after_s)
+        self.items = [ManifestLine(stack.bucket, k, f"e{i}", 100) for i, k in enumerate(KEYS)]
+
+    def submit(self, items: list[ManifestLine] | None = None, die_before_create: bool = False) -> str:
+        """enqueue.submit as the enqueue Lambda runs it (optionally killed just before CreateTransformJob)."""
+        rt = self.stack.runtime("enqueue")
+        if die_before_create:
+            real = rt.sagemaker
+
+            class Dying:
+                def __getattr__(self, name):
+                    if name == "create_transform_job":
+                        raise Killed("enqueue Lambda killed before CreateTransformJob")
+                    return getattr(real, name)
+            rt = replace(rt, sagemaker=Dying())
+        return enqueue.submit(rt, items or self.items)
+
+    def finish(self, job: str, status: str = "Completed", reason: str | None = None) -> None:
+        """The transform ran: its output (one error line) and its state, as the runner leaves them."""
+        s3 = self.stack.client("s3")
+        items = self.items
+        out = [scoring.score_line(items[0], probs(0), MODEL, 0.5, 600, 450),
+               scoring.score_line(items[1], probs(1), MODEL, 0.5, 640, 480),
+               OutputLine.error(items[2], "corrupt_image", "image file is truncated")]
+        if status == "Completed":
+            for key in self.stack.list_keys(layout.job_input_prefix(job, 1)):
+                s3.put_object(Bucket=self.stack.bucket,
+                              Key=f"{layout.transform_output_prefix(job)}{key.rsplit('/', 1)[1]}.out",
+                              Body="".join(o.to_json() + "\n" for o in out).encode())
+        self.outcomes[job] = {"status": status, "failure_reason": reason, "started": ENDED - timedelta(minutes=9),
+                              "ended": ENDED}
+
+    def reconcile(self) -> dict[str, int]:
+        report = self.scheduler.run_once()
+        assert report is not None, "the reconciler raised (see the log)"
+        return report
+
+    def rows(self, prefix: str) -> list[dict]:
+        s3, out = self.stack.client("s3"), []
+        for key in self.stack.list_keys(prefix):
+            body = s3.get_object(Bucket=self.stack.bucket, Key=key)["Body"].read()
+            out += pq.read_table(io.BytesIO(body)).to_pylist()
+        return out
+
+    def marker(self, job: str) -> dict | None:
+        return collect.marker(self.stack.runtime("collect"), job)
+
+    def collect_invocations(self) -> list[dict]:
+        return [e for f, e in self.scheduler.lambda_.invocations if f == "collect"]
+
+
+@pytest.fixture()
+def world(make_stack) -> World:
+    return World(make_stack())
+
+
+def acted(report: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in report.items() if v and k not in ("jobs",)}
+
+
+# --------------------------------------------------------------------------- decisions (pure)
+
+def test_decisions() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    job = reconcile.Job("j", now - timedelta(minutes=30))
+    assert reconcile.due(job, now, after_s=20 * 60) and not reconcile.due(job, now, after_s=40 * 60)
+    assert not reconcile.due(replace(job, collected=True), now, after_s=0)
+    # a re-drive gets as long as a job before the next look
+    assert not reconcile.due(replace(job, redrives=[now - timedelta(minutes=5)]), now, after_s=20 * 60)
+    assert [reconcile.decide(s, 0) for s in ("Completed", "Failed", "Stopped", None, "InProgress", "Stopping")] == [
+        "redrive", "redrive", "redrive", "resubmit", "overdue", "overdue"]
+    assert reconcile.decide("Completed", reconcile.MAX_REDRIVES) == reconcile.decide(None, 3) == "give_up"
+    assert reconcile.decide("InProgress", 99) == "overdue"    # a running job is never given up on
+    assert reconcile.job_of("manifests/j-1/2-shards/part-00000-of-00002.jsonl", layout.MANIFESTS)[0] == "j-1"
+    assert reconcile.job_of("manifests/j-1.jsonl", layout.MANIFESTS) == ("j-1", "jsonl")
+    assert reconcile.job_of(layout.redrive_key("j-1", 2), layout.COLLECTED) == ("j-1", "redrive-2.json")
+    assert reconcile.job_of(layout.collected_key("j-1"), layout.COLLECTED) == ("j-1", "json")
+
+
+# --------------------------------------------------------------------------- against the moto server
+
+def test_completed_job_whose_event_was_lost_is_collected(world) -> None:
+    job = world.submit()
+    world.finish(job)
+    assert acted(world.reconcile()) == {"redriven": 1}
+    (event,) = world.collect_invocations()
+    assert (event["detail"]["TransformJobName"], event["detail"]["TransformJobStatus"]) == (job, "Completed")
+    assert event["detail"]["TransformEndTime"] == int(ENDED.timestamp() * 1000)
+    assert sorted(r["image_key"] for r in world.rows(layout.PREDICTIONS)) == sorted(KEYS[:2])
+    assert [(r["image_key"], r["reason"]) for r in world.rows(layout.FAILURES)] == [(KEYS[2], "corrupt_image")]
+    assert world.stack.list_keys(layout.PREDICTIONS) == [layout.prediction_partition_key("2026-11-23", job)]
+    assert world.marker(job)["status"] == "Completed"
+    # collected now: the next run has nothing to do
+    assert acted(world.reconcile()) == {"collected": 1}
+    assert len(world.collect_invocations()) == 1
+
+
+def test_collected_job_is_left_alone(world) -> None:
+    job = world.submit()
+    world.finish(job)
+    description = world.scheduler.runtime.sagemaker.describe_transform_job(TransformJobName=job)
+    world.stack.invoke("collect", collect.state_change_event(description))    # EventBridge delivered it
+    before = world.stack.list_keys("")
+    calls: list[str] = []
+    rt = world.scheduler.runtime
+    for client in (rt.s3, rt.sagemaker, rt.sqs):
+        client.meta.events.register("before-call.*.*", lambda model, **_: calls.append(model.name))
+    assert acted(world.reconcile()) == {"collected": 1}
+    assert world.collect_invocations() == [] and world.stack.list_keys("") == before
+    # the cost of a run in steady state: one listing of manifests/ and one of collected/, nothing per job
+    assert calls == ["ListObjectsV2", "ListObjectsV2"]
+
+
+def test_young_job_waits_for_the_bound(make_stack) -> None:
+    world = World(make_stack(), after_s=3600)
+    job = world.submit()
+    world.finish(job)
+    assert acted(world.reconcile()) == {"waiting": 1}
+    assert world.collect_invocations() == [] and world.marker(job) is None
+
+
+def test_missing_job_whose_submitter_died_is_submitted_again(world) -> None:
+    with pytest.raises(Killed):
+        world.submit(die_before_create=True)
+    (name,) = {k.split("/")[1] for k in world.stack.list_keys(layout.MANIFESTS)}
+    sm = world.stack.client("sagemaker")
+    assert not enqueue.job_exists(sm, name)
+    assert acted(world.reconcile()) == {"resubmitted": 1}
+    job = sm.describe_transform_job(TransformJobName=name)     # the same job, as enqueue submits it
+    assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == \
+        f"s3://{world.stack.bucket}/{layout.job_input_prefix(name, 1)}"
+    assert world.stack.list_keys(layout.COLLECTED) == [layout.redrive_key(name, 1)]
+    # it runs now (InProgress): past the bound, it is reported and left alone
+    assert acted(world.reconcile()) == {"overdue": 1}
+    world.finish(name)
+    assert acted(world.reconcile()) == {"redriven": 1}     # ... and its event was lost too
+    assert len(world.rows(layout.PREDICTIONS)) == 2 and world.marker(name)["status"] == "Completed"
+
+
+def test_manifest_whose_job_never_claimed_an_image_is_an_orphan(world) -> None:
+    """The submitter died before claiming: the images' messages come back and another job takes
+    them, so this manifest has nothing to do (and must not start a second job)."""
+    name = f"{world.stack.job_prefix}-0123456789abcdef"
+    world.stack.client("s3").put_object(Bucket=world.stack.bucket, Key=layout.shard_key(name, 0, 1),
+                                        Body="".join(it.to_json() + "\n" for it in world.items).encode())
+    assert acted(world.reconcile()) == {"orphaned": 1}
+    assert world.stack.list_keys(layout.COLLECTED) == [layout.collected_key(name)]
+    assert not enqueue.job_exists(world.stack.client("sagemaker"), name)
+
+
+def test_failed_job_whose_event_was_lost_requeues_its_images(world) -> None:
+    job = world.submit()
+    world.finish(job, "Failed", "AlgorithmError: instance lost")
+    assert acted(world.reconcile()) == {"redriven": 1}
+    sqs, bodies = world.stack.client("sqs"), []
+    while msgs := sqs.receive_message(QueueUrl=world.stack.queue_url, MaxNumberOfMessages=10).get("Messages"):
+        bodies += [m["Body"] for m in msgs]
+    retries = [r for r in map(Retry.from_json, bodies) if r is not None]
+    assert {r.line for r in retries} == {it.next_attempt() for it in world.items}
+    assert {(r.failed_job, r.reason) for r in retries} == {(job, "AlgorithmError: instance lost")}
+    assert world.marker(job)["status"] == "Failed" and world.stack.list_keys("results/") == []
+
+
+def test_failed_job_on_its_last_attempt_gets_failure_rows(world) -> None:
+    last = int(world.stack.spec.collect_env["MAX_JOB_ATTEMPTS"]) - 1
+    world.items = [replace(it, attempt=last) for it in world.items]
+    job = world.submit()
+    world.finish(job, "Stopped", "stopped by an operator")
+    assert acted(world.reconcile()) == {"redriven": 1}
+    assert {(r["image_key"], r["reason"], r["detail"]) for r in world.rows(layout.FAILURES)} == {
+        (k, "job_stopped", "stopped by an operator") for k in KEYS}
+
+
+def test_gives_up_after_the_redrives_and_accounts_for_every_image_once(world, monkeypatch) -> None:
+    """collect never finishes this job (here: it wrote its predictions, then died every time):
+    after MAX_REDRIVES re-drives the images without a row get 'unreconciled' failure rows, and a
+    late event adds nothing."""
+    job = world.submit()
+    world.finish(job)
+    real = collect.collect_completed
+
+    def dies_after_predictions(rt, detail, when):
+        real(rt, detail, when)
+        world.stack.client("s3").delete_object(               # its last file never made it
+            Bucket=world.stack.bucket, Key=layout.failure_partition_key("2026-11-23", f"{job}-transform"))
+        raise RuntimeError("injected: collect killed before its marker")
+
+    monkeypatch.setattr(collect, "collect_completed", dies_after_predictions)
+    for attempt in range(1, reconcile.MAX_REDRIVES + 1):
+        assert acted(world.reconcile()) == {"redriven": 1}, attempt
+    assert len(world.collect_invocations()) == reconcile.MAX_REDRIVES
+    assert acted(world.reconcile()) == {"given_up": 1, "images_unreconciled": 1}
+    scored = {r["image_key"] for r in world.rows(layout.PREDICTIONS)}
+    failed = [(r["image_key"], r["stage"], r["reason"]) for r in world.rows(layout.FAILURES)]
+    assert scored == set(KEYS[:2]) and failed == [(KEYS[2], "reconcile", "unreconciled")]
+    assert world.marker(job)["status"] == collect.UNRECONCILED
+    monkeypatch.setattr(collect, "collect_completed", real)
+    description = world.scheduler.runtime.sagemaker.describe_transform_job(TransformJobName=job)
+    assert world.stack.invoke("collect", collect.state_change_event(description))["ignored"]
+    assert len(world.rows(layout.PREDICTIONS)) == 2 and len(world.rows(layout.FAILURES)) == 1
+    assert acted(world.reconcile()) == {"collected": 1}
+
+
+def test_a_manifest_that_cannot_be_submitted_under_its_name_gives_failure_rows(world) -> None:
+    """Claims name a job whose manifest now makes another job (its name depends on the settings):
+    that job can never collect these images, so they get 'unreconciled' failure rows at once."""
+    name = f"{world.stack.job_prefix}-00000000deadbeef"
+    s3 = world.stack.client("s3")
+    s3.put_object(Bucket=world.stack.bucket, Key=layout.shard_key(name, 0, 1),
+                  Body="".join(it.to_json() + "\n" for it in world.items).encode())
+    from handlers import claims
+    claims.claim_all(s3, world.stack.bucket, world.items, name)
+    assert acted(world.reconcile()) == {"given_up": 1, "images_unreconciled": 3}
+    rows = world.rows(layout.FAILURES)
+    assert sorted(r["image_key"] for r in rows) == sorted(KEYS)
+    assert {(r["job_name"], r["stage"], r["reason"]) for r in rows} == {(name, "reconcile", "unreconciled")}
+    assert "re-submits as" in rows[0]["detail"] and world.marker(name)["status"] == collect.UNRECONCILED
+    sm = world.stack.client("sagemaker")      # and no job of the other name was started for them
+    assert sm.list_transform_jobs(NameContains=world.stack.job_prefix)["TransformJobSummaries"] == []
+
+
+def test_lambda_handler_reports_and_raises_when_a_job_could_not_be_looked_at(world, monkeypatch) -> None:
+    job = world.submit()
+    world.finish(job)
+
+    def broken(rt, job, description):
+        raise RuntimeError("injected: Invoke refused")
+
+    monkeypatch.setattr(reconcile, "redrive", broken)
+    with pytest.raises(RuntimeError, match="1 job"):
+        world.stack.invoke("reconcile", {}, rt=world.scheduler.runtime)
+    assert world.marker(job) is None and world.scheduler.lambda_.invocations == []
