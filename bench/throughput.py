@@ -448,8 +448,11 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                 s3 = stack.client("s3")
                 bucket = stack.bucket
                 # Every client of the pipeline: the stack's own (poller, runner, uploads), the
-                # transform's, and (from boto3's default session) those the handlers create.
+                # transform's, and (from boto3's default session) any created later.
                 clients = [stack.client(service) for service in ("s3", "sqs", "sagemaker")] + [scorer.s3]
+                # ...and the handlers' own (handlers.runtime.Runtime: a session of their own per function).
+                clients += [getattr(stack.runtime(fn), svc) for fn in ("enqueue", "collect")
+                            for svc in ("s3", "sqs", "sagemaker")]
                 with rss.phase("e2e"), ApiCalls(sessions=[default_session()], clients=clients) as api:
                     pipeline.start_background()
                     bar = progress(n, "end to end (rows)", show)
