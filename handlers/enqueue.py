@@ -102,9 +102,10 @@ def s3_records(body: str) -> list[S3EventRecord]:
 
 
 def transform_request(settings: Settings, name: str, manifest_uri: str,
-                      instance_count: int | None = None) -> dict[str, Any]:
+                      instance_count: int | None = None, tags: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The CreateTransformJob request for a job's input (a shard folder: S3Prefix semantics)."""
-    return {
+    extra: dict[str, Any] = {"Tags": tags} if tags else {}
+    return {**extra,
         "TransformJobName": name,
         "ModelName": settings.model_name,
         "MaxConcurrentTransforms": settings.max_concurrent_transforms,
@@ -216,8 +217,9 @@ def submit(rt: Runtime, lines: list[ManifestLine]) -> str | None:
         logger.warning("uploads claimed by another job meanwhile; their rows come from that job",
                        extra={"job_name": name, "images": sum(o != name for o in owners)})
     try:
+        # Tagged when every line is this job's: collect then needs no claim GET per image.
         rt.sagemaker.create_transform_job(**transform_request(settings, name, f"s3://{settings.bucket}/{key}",
-                                                              instances))
+                                                              instances, claims.all_claimed_tags(owners, name)))
     except ClientError as exc:
         if error_code(exc) == "ResourceInUse" or "already exists" in error_message(exc):
             logger.info("transform job already exists", extra={"job_name": name})

@@ -134,7 +134,7 @@ def _ms(value: Any) -> int | None:
 
 
 def state_change_event(job: dict[str, Any], status: str, failure_reason: str | None,
-                       started: datetime, ended: datetime) -> dict[str, Any]:
+                       started: datetime, ended: datetime, tags: dict[str, str] | None = None) -> dict[str, Any]:
     """The EventBridge event SageMaker emits for a transform job (documented shape)."""
     detail = {
         "TransformJobName": job["TransformJobName"],
@@ -152,7 +152,7 @@ def state_change_event(job: dict[str, Any], status: str, failure_reason: str | N
         "CreationTime": _ms(job.get("CreationTime")),
         "TransformStartTime": _ms(started),
         "TransformEndTime": _ms(ended),
-        "Tags": {},
+        "Tags": dict(tags or {}),
     }
     if failure_reason:
         detail["FailureReason"] = failure_reason
@@ -278,6 +278,15 @@ class TransformRunner:
                  len(groups), sorted(pids))
         return records
 
+    def tags(self, job: dict[str, Any]) -> dict[str, str]:
+        """The job's tags, which SageMaker's state-change event carries (``detail.Tags``)."""
+        try:
+            found = self.sm.list_tags(ResourceArn=job["TransformJobArn"]).get("Tags", [])
+        except Exception:  # an event without tags is valid: collect then reads every claim
+            log.warning("no tags for transform job %s", job.get("TransformJobName"), exc_info=True)
+            return {}
+        return {t["Key"]: t["Value"] for t in found}
+
     def run_job(self, name: str) -> dict[str, Any]:
         self.seen.add(name)
         job = self.sm.describe_transform_job(TransformJobName=name)
@@ -290,7 +299,7 @@ class TransformRunner:
             log.exception("transform job %s failed", name)
             status, reason = "Failed", f"ClientError: {type(exc).__name__}: {exc}"[:1024]
         elapsed = time.perf_counter() - t0
-        event = state_change_event(job, status, reason, started, datetime.now(UTC))
+        event = state_change_event(job, status, reason, started, datetime.now(UTC), self.tags(job))
         log.info("transform job %s %s: %d records in %.2fs", name, status, records, elapsed)
         result = {"job_name": name, "status": status, "records": records, "seconds": elapsed,
                   "failure_reason": reason, "collected": None}

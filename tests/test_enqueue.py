@@ -88,6 +88,9 @@ def test_batch_writes_one_manifest_and_starts_one_job(stack) -> None:
     assert [ln["key"] for ln in lines] == sorted(keys)            # decoded keys, sorted
     assert all(ln["bucket"] == stack.bucket and ln["etag"] and ln["size"] > 0 for ln in lines)
     assert read_failures(stack) == []
+    # every line was claimed for this job: it says so, and collect reads no claim
+    tags = stack.client("sagemaker").list_tags(ResourceArn=job["TransformJobArn"])["Tags"]
+    assert {"Key": "dermscore:claims", "Value": "all"} in tags
 
 
 def test_redelivered_batch_starts_no_second_job(stack) -> None:
