@@ -73,8 +73,8 @@ INSTANCES: dict[str, InstanceProfile] = {
 # measured by `dermscore bench` (e2e.api_calls_per_image_by_operation): the figures of
 # docs/benchmark.md ("Calls per image"); `--bench FILE` reads them from a bench JSON instead.
 DEFAULT_CALLS_PER_IMAGE: dict[str, float] = {
-    "GetObject": 3.05, "PutObject": 2.05, "HeadObject": 1.02, "ReceiveMessage": 0.11,
-    "DeleteMessageBatch": 0.10, "ListObjectsV2": 0.02,
+    "PutObject": 2.15, "GetObject": 2.075, "ListObjectsV2": 0.05, "HeadObject": 0.025,
+    "ReceiveMessage": 0.275, "DeleteMessageBatch": 0.125,
 }
 DEFAULT_CALLS_SOURCE = "docs/benchmark.md, Calls per image"
 
@@ -368,8 +368,9 @@ def run(args: argparse.Namespace) -> int:
           f"{args.min_images_per_job}, MaxJobWait {args.max_job_wait:g} s; "
           f"shards >= {args.min_images_per_shard} images; dispatcher: MaxLatency {args.max_latency:g} s, "
           f"MaxConcurrentJobs {args.max_concurrent_jobs}")
-    print(f"S3: {sum(calls.values()):.2f} calls per image ({calls_source}); Lambda durations: assumptions "
-          "(analytics/plan.py LAMBDA)")
+    s3_calls = sum(n for op, n in calls.items() if op in S3_TIER)
+    print(f"calls per image: {sum(calls.values()):.2f}, {s3_calls:.2f} of them S3 ({calls_source}); "
+          "Lambda durations: assumptions (analytics/plan.py LAMBDA)")
     if args.markdown:
         print(markdown_table(plans, calls))
     else:
