@@ -18,6 +18,23 @@ TRANSFORM_USD_PER_HOUR: dict[str, float] = {
 }
 DEFAULT_INSTANCE_TYPE = "ml.g4dn.xlarge"
 
+# Request and compute prices of the services around the transform, USD, us-east-1, as published
+# on the AWS pricing pages in 2026-12 (S3 Standard requests; Lambda x86; docs/scaling.md names the
+# sources). ``dermscore plan`` prices the bench's calls per image with these.
+USD_PRICES: dict[str, float] = {
+    "s3_put_copy_post_list_per_1000": 0.005,   # PUT, COPY, POST, LIST requests
+    "s3_get_head_per_1000": 0.0004,            # GET, SELECT and all other requests (HEAD included)
+    "lambda_per_gb_second": 0.0000166667,      # x86, first pricing tier
+    "lambda_per_million_requests": 0.20,
+}
+# The S3 price tier of each S3 operation the pipeline makes (other services' calls are not S3's).
+S3_TIER: dict[str, str] = {
+    **dict.fromkeys(("PutObject", "CopyObject", "PostObject", "ListObjectsV2", "ListObjects",
+                     "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"),
+                    "s3_put_copy_post_list_per_1000"),
+    **dict.fromkeys(("GetObject", "HeadObject", "HeadBucket", "GetBucketLocation"), "s3_get_head_per_1000"),
+}
+
 
 @dataclass(frozen=True)
 class Settings:

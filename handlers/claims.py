@@ -21,7 +21,8 @@ names the one transform job whose output counts for that upload**; everything el
   (:func:`admit`'s ``resubmit``) - nothing is lost and nothing runs twice;
 * collect writes rows only for images whose claim names its job (:func:`settle` claims the
   ones nobody claimed yet), so even two jobs that raced on one image give one row, and a
-  repeated EventBridge event rewrites the same deterministic files;
+  repeated EventBridge event rewrites the same deterministic files; a job that enqueue saw
+  claimed line by line for itself is tagged (:data:`ALL_CLAIMED_TAG`) and collect reads none;
 * a failed or stopped job re-queues its images with ``attempt + 1``: a fresh claim per
   attempt, so the retry is admitted once, however often the failure event repeats.
 
@@ -108,9 +109,28 @@ def claim_all(s3, bucket: str, lines: Iterable[ManifestLine], job: str) -> list[
     return _map(lambda ln: claim(s3, bucket, ln, job), list(lines))
 
 
-def settle(s3, bucket: str, lines: Iterable[ManifestLine], job: str) -> list[str]:
-    """Owners of a finished job's images (collect): unclaimed images are claimed for ``job``."""
+# The transform job tag by which enqueue records that it saw *every* line of the job's manifest
+# claimed for that job. Claims are written once and never change (create-if-absent, expired only
+# by the lifecycle rule, long after the job), so collect can then take the owners as known.
+ALL_CLAIMED_TAG = "dermscore:claims"
+ALL_CLAIMED = "all"
+
+
+def all_claimed_tags(owners_seen: list[str], job: str) -> list[dict[str, str]]:
+    """CreateTransformJob ``Tags`` for a job whose claims ``owners_seen`` (one per manifest line)."""
+    return [{"Key": ALL_CLAIMED_TAG, "Value": ALL_CLAIMED}] if owners_seen and all(
+        o == job for o in owners_seen) else []
+
+
+def settle(s3, bucket: str, lines: Iterable[ManifestLine], job: str, all_claimed: bool = False) -> list[str]:
+    """Owners of a finished job's images (collect): unclaimed images are claimed for ``job``.
+
+    ``all_claimed``: the job carries :data:`ALL_CLAIMED_TAG` (its submitter saw every line claimed
+    for it): every owner is ``job``, no request. Without the tag (a race with another job, a job
+    from an older version, an event without tags) each claim is read, as before."""
     lines = list(lines)
+    if all_claimed:
+        return [job] * len(lines)
     found: list[Any] = owners(s3, bucket, lines)
     missing = [i for i, o in enumerate(found) if o is None]
     for i, o in zip(missing, claim_all(s3, bucket, [lines[i] for i in missing], job), strict=True):

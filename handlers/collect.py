@@ -120,6 +120,14 @@ def picture_keys(line: OutputLine) -> dict[str, str | None]:
     return keys
 
 
+def all_claimed(detail: dict[str, Any]) -> bool:
+    """Did the job's submitter see every line claimed for it (its tag, handlers.claims)?"""
+    tags = detail.get("Tags") or {}
+    if isinstance(tags, list):   # the API's [{"Key", "Value"}] form
+        tags = {t.get("Key"): t.get("Value") for t in tags}
+    return tags.get(claims.ALL_CLAIMED_TAG) == claims.ALL_CLAIMED
+
+
 def collect_completed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[str, int]:
     s3, bucket = rt.s3, rt.settings.bucket
     job = detail["TransformJobName"]
@@ -132,7 +140,7 @@ def collect_completed(rt: Runtime, detail: dict[str, Any], when: datetime) -> di
             out_lines = read_lines(s3, out_bucket, out_key)
         except s3.exceptions.NoSuchKey:
             out_lines = []
-        owners = claims.settle(s3, bucket, lines, job)
+        owners = claims.settle(s3, bucket, lines, job, all_claimed(detail))
         for (line, out), owner in zip(join(lines, out_lines), owners, strict=True):
             if owner != job:
                 logger.info("image owned by another job; no row from this one",
@@ -193,7 +201,7 @@ def collect_failed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[
     reason = JOB_STOPPED if status == "Stopped" else JOB_FAILED
     why = detail.get("FailureReason") or f"transform job {status.lower()}"
     lines = [ln for _, file_lines in job_lines(rt.s3, detail) for ln in file_lines]
-    owners = claims.settle(rt.s3, settings.bucket, lines, job)
+    owners = claims.settle(rt.s3, settings.bucket, lines, job, all_claimed(detail))
     owned = [ln for ln, o in zip(lines, owners, strict=True) if o == job]
 
     def another_attempt(line: ManifestLine) -> bool:

@@ -4,7 +4,9 @@ Parse -> decide -> act::
 
     parse   every SQS message (Powertools BatchProcessor; typed SQSRecord / S3Event) -> an Arrival:
             its ManifestLines (valid uploads, or a collect Retry) and failure rows (wrong prefix,
-            unsafe or too long key, folder marker, empty, too large, superseded, gone). Names
+            unsafe or too long key, folder marker, empty, too large: from the event alone, no
+            request per image; superseded and deleted objects are found by the container's
+            GetObject). Names
             decide nothing else: whether the bytes are an image is decided by content, in the
             container (unsupported_format / not_an_image rows). A message that raises is a batch item failure:
             SQS redelivers it alone.
@@ -28,7 +30,6 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 from aws_lambda_powertools import Logger
@@ -39,7 +40,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.exceptions import ClientError
 
 from dermscore import batching, layout, reasons, results, sharding
-from dermscore.aws import chunks, error_code, error_message, is_missing
+from dermscore.aws import chunks, error_code, error_message
 from dermscore.config import Settings
 from dermscore.messages import ManifestLine, Retry
 from handlers import claims, runtime
@@ -101,9 +102,10 @@ def s3_records(body: str) -> list[S3EventRecord]:
 
 
 def transform_request(settings: Settings, name: str, manifest_uri: str,
-                      instance_count: int | None = None) -> dict[str, Any]:
+                      instance_count: int | None = None, tags: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The CreateTransformJob request for a job's input (a shard folder: S3Prefix semantics)."""
-    return {
+    extra: dict[str, Any] = {"Tags": tags} if tags else {}
+    return {**extra,
         "TransformJobName": name,
         "ModelName": settings.model_name,
         "MaxConcurrentTransforms": settings.max_concurrent_transforms,
@@ -135,9 +137,13 @@ def _event_time(raw: str | None) -> datetime:
 
 # --- parse: one SQS message -> an Arrival ------------------------------------------------------
 
-def examine(s3, record: S3EventRecord) -> tuple[ManifestLine | None, dict[str, Any] | None]:
-    """One S3 event record -> a valid line or a failure row (never both; neither only for a
-    duplicate event of a deleted upload that a job already owns)."""
+def examine(record: S3EventRecord) -> tuple[ManifestLine | None, dict[str, Any] | None]:
+    """One S3 event record -> a valid line or a failure row (never both), from the event alone.
+
+    No request per image: the event carries the key, size and ETag. Whether the object still has
+    that content is decided where it is read: the container's GetObject refuses another ETag
+    (``superseded``) and a deleted object (``read_error``), at the transform stage; a duplicate
+    event is dropped by its claim (:func:`admit`)."""
     obj = record.s3.get_object
     upload = ManifestLine(record.s3.bucket.name, layout.decode_event_key(obj.key), obj.get("eTag") or "",
                           int(obj.get("size") or 0))
@@ -152,39 +158,25 @@ def examine(s3, record: S3EventRecord) -> tuple[ManifestLine | None, dict[str, A
     if problem:
         return fail(*problem)
     try:
-        head = s3.head_object(Bucket=upload.bucket, Key=upload.key)
-    except ClientError as exc:
-        if is_missing(exc):
-            if upload.etag and claims.owner(s3, upload.bucket, upload):
-                return None, None  # a late duplicate: its job owns the outcome
-            return fail(reasons.READ_ERROR, "object no longer exists")
-        raise  # transient: the record fails and SQS redelivers it
-    current = str(head.get("ETag", "")).strip('"')
-    if upload.etag and current and upload.etag != current:
-        # The key was uploaded again since this event: that upload has its own event (and row).
-        return fail(reasons.SUPERSEDED, f"uploaded again (etag {current}) before this upload was scored")
-    line = ManifestLine(upload.bucket, upload.key, current or upload.etag,
-                        int(head.get("ContentLength", upload.size)))
-    try:
-        reasons.check_size(line.size)
+        reasons.check_size(upload.size)   # the event's size: zero_byte / too_large without a request
     except reasons.ImageRejected as exc:
         return fail(exc.reason, exc.detail)
-    return line, None
+    return upload, None
 
 
-def arrival(s3, record: SQSRecord) -> Arrival:
+def arrival(record: SQSRecord) -> Arrival:
     """The Powertools record handler: all of a message's outcomes, or an exception (redelivered)."""
     retry = Retry.from_json(record.body)
     if retry is not None:   # a failed job's image, sent back by collect as its next attempt
         return Arrival(record, lines=(retry.line,))
-    outcomes = [examine(s3, r) for r in s3_records(record.body)]
+    outcomes = [examine(r) for r in s3_records(record.body)]
     return Arrival(record, tuple(ln for ln, _ in outcomes if ln), tuple(f for _, f in outcomes if f))
 
 
 def parse(event: dict[str, Any], context: Any, rt: Runtime) -> tuple[list[Arrival], list[dict[str, str]]]:
     """(arrivals, batch item failures of the messages that raised)."""
     processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-    with processor(records=event.get("Records", []), handler=partial(arrival, rt.s3), lambda_context=context):
+    with processor(records=event.get("Records", []), handler=arrival, lambda_context=context):
         outcomes = processor.process()
     arrivals = [result for status, result, _ in outcomes if status == "success"]
     return arrivals, list(processor.response()["batchItemFailures"])
@@ -225,8 +217,9 @@ def submit(rt: Runtime, lines: list[ManifestLine]) -> str | None:
         logger.warning("uploads claimed by another job meanwhile; their rows come from that job",
                        extra={"job_name": name, "images": sum(o != name for o in owners)})
     try:
+        # Tagged when every line is this job's: collect then needs no claim GET per image.
         rt.sagemaker.create_transform_job(**transform_request(settings, name, f"s3://{settings.bucket}/{key}",
-                                                              instances))
+                                                              instances, claims.all_claimed_tags(owners, name)))
     except ClientError as exc:
         if error_code(exc) == "ResourceInUse" or "already exists" in error_message(exc):
             logger.info("transform job already exists", extra={"job_name": name})

@@ -44,7 +44,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,41 +188,20 @@ def assign_files(keys: list[str], instances: int) -> list[list[str]]:
     return [g for g in groups if g]
 
 
-def _ms(value: Any) -> int | None:
-    if isinstance(value, datetime):
-        return int(value.timestamp() * 1000)
-    return None
-
-
 def state_change_event(job: dict[str, Any], status: str, failure_reason: str | None,
-                       started: datetime, ended: datetime) -> dict[str, Any]:
-    """The EventBridge event SageMaker emits for a transform job (documented shape)."""
-    detail = {
-        "TransformJobName": job["TransformJobName"],
-        "TransformJobArn": job.get("TransformJobArn", ""),
-        "TransformJobStatus": status,
-        "ModelName": job.get("ModelName"),
-        "MaxConcurrentTransforms": job.get("MaxConcurrentTransforms"),
-        "ModelClientConfig": job.get("ModelClientConfig"),
-        "MaxPayloadInMB": job.get("MaxPayloadInMB"),
-        "BatchStrategy": job.get("BatchStrategy"),
-        "Environment": job.get("Environment", {}),
-        "TransformInput": job["TransformInput"],
-        "TransformOutput": job["TransformOutput"],
-        "TransformResources": job.get("TransformResources"),
-        "CreationTime": _ms(job.get("CreationTime")),
-        "TransformStartTime": _ms(started),
-        "TransformEndTime": _ms(ended),
-        "Tags": {},
-    }
+                       started: datetime, ended: datetime, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """The EventBridge event SageMaker emits when ``job`` (its description or CreateTransformJob
+    request) reaches ``status``. One definition, :func:`handlers.collect.state_change_event`, which
+    the reconciler also uses for a lost event."""
+    from handlers.collect import state_change_event as event_of
+
+    arn = job.get("TransformJobArn") or \
+        f"arn:aws:sagemaker:{LOCAL_REGION}:{LOCAL_ACCOUNT_ID}:transform-job/{job['TransformJobName']}"
+    description = {**job, "TransformJobArn": arn, "TransformJobStatus": status, "TransformStartTime": started,
+                   "TransformEndTime": ended, "Tags": dict(tags or {}), "Environment": job.get("Environment", {})}
     if failure_reason:
-        detail["FailureReason"] = failure_reason
-    return {
-        "version": "0", "id": str(uuid.uuid4()), "detail-type": DETAIL_TYPE, "source": "aws.sagemaker",
-        "account": LOCAL_ACCOUNT_ID, "time": ended.strftime("%Y-%m-%dT%H:%M:%SZ"), "region": LOCAL_REGION,
-        "resources": [job.get("TransformJobArn", "")],
-        "detail": {k: v for k, v in detail.items() if v is not None},
-    }
+        description["FailureReason"] = failure_reason
+    return event_of(description)
 
 
 def matches(pattern: Any, value: Any) -> bool:
@@ -387,6 +365,15 @@ class TransformRunner:
                  len(groups), sorted(pids))
         return records
 
+    def tags(self, job: dict[str, Any]) -> dict[str, str]:
+        """The job's tags, which SageMaker's state-change event carries (``detail.Tags``)."""
+        try:
+            found = self.sm.list_tags(ResourceArn=job["TransformJobArn"]).get("Tags", [])
+        except Exception:  # an event without tags is valid: collect then reads every claim
+            log.warning("no tags for transform job %s", job.get("TransformJobName"), exc_info=True)
+            return {}
+        return {t["Key"]: t["Value"] for t in found}
+
     def run_job(self, name: str) -> dict[str, Any]:
         self.seen.add(name)
         job = self.sm.describe_transform_job(TransformJobName=name)
@@ -402,7 +389,7 @@ class TransformRunner:
         ended = datetime.now(UTC)
         # the job's state changes before its event is sent
         self.outcomes[name] = {"status": status, "failure_reason": reason, "started": started, "ended": ended}
-        event = state_change_event(job, status, reason, started, ended)
+        event = state_change_event(job, status, reason, started, ended, self.tags(job))
         log.info("transform job %s %s: %d records in %.2fs", name, status, records, elapsed)
         result = {"job_name": name, "status": status, "records": records, "seconds": elapsed,
                   "failure_reason": reason, "collected": None}

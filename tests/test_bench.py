@@ -53,12 +53,17 @@ def test_quick_bench_prints_every_figure(bench_model: Path, tmp_path: Path, caps
     assert result["e2e"]["transform_mode"] == "serving" and "TorchServe 0.12.0" in result["e2e"]["transform_stack"]
     assert result["e2e"]["parquet_rows"] == result["images"] == 40
     assert result["e2e"]["failed"] == 0
+    per_image = result["e2e"]["api_calls_per_image"]        # the pipeline's calls, uploads excluded
+    assert isinstance(per_image, (int, float)) and per_image > 0
+    by_op = result["e2e"]["api_calls_per_image_by_operation"]
+    assert by_op and all(v > 0 for v in by_op.values())
+    assert abs(sum(by_op.values()) - per_image) < 0.01
     assert set(result["memory"]["phases"]) >= {"decode", "forward", "seed", "e2e"}
     assert result["machine"]["device"].startswith("cpu")
 
     table = capsys.readouterr().out
     for label in ("1. model forward", "2. end to end", "3. seed style", "4. decode", "5. peak RSS",
-                  "ml.g4dn.xlarge"):
+                  "ml.g4dn.xlarge", "AWS API calls per image", "GetObject"):
         assert label in table
 
 

@@ -209,3 +209,45 @@ def test_state_change_event_from_describe_transform_job_is_what_sagemaker_sends(
     event["detail"]["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] = \
         f"s3://{stack.bucket}/{layout.manifest_key(name)}"
     assert stack.invoke("collect", event) == {"job_name": name, "status": "Completed", "scored": 2, "failed": 1}
+
+
+def claim_reads(stack) -> list[str]:
+    """The claims/ keys collect's client GETs from now on."""
+    reads: list[str] = []
+
+    def record(params, **_):   # the API parameters, before serialisation
+        if str(params.get("Key", "")).startswith("claims/"):
+            reads.append(params["Key"])
+
+    stack.runtime("collect").s3.meta.events.register("before-parameter-build.s3.GetObject", record)
+    return reads
+
+
+def test_job_tagged_all_claimed_reads_no_claim(job) -> None:
+    """Enqueue tags a job whose every line it saw claimed for it: collect takes the owners as known."""
+    from handlers import claims
+
+    stack, name, items, request = job
+    s3 = stack.client("s3")
+    assert claims.claim_all(s3, stack.bucket, items, name) == [name] * 3
+    reads = claim_reads(stack)
+    event = state_change_event(request, "Completed", None, ENDED, ENDED, tags={claims.ALL_CLAIMED_TAG: "all"})
+    out = stack.invoke("collect", event)
+    assert out == {"job_name": name, "status": "Completed", "scored": 2, "failed": 1}
+    assert reads == []
+
+
+def test_untagged_job_still_reads_claims_and_skips_images_another_job_owns(job) -> None:
+    """Without the tag (a race lost to another job, an older job, an event without tags) collect
+    reads every claim: an image another job owns gets no row from this one."""
+    from handlers import claims
+
+    stack, name, items, request = job
+    s3 = stack.client("s3")
+    assert claims.claim(s3, stack.bucket, items[0], f"{stack.job_prefix}-other") == f"{stack.job_prefix}-other"
+    assert claims.all_claimed_tags([name, f"{stack.job_prefix}-other", name], name) == []
+    assert claims.all_claimed_tags([name] * 3, name) == [{"Key": claims.ALL_CLAIMED_TAG, "Value": "all"}]
+    reads = claim_reads(stack)
+    out = stack.invoke("collect", state_change_event(request, "Completed", None, ENDED, ENDED))
+    assert out == {"job_name": name, "status": "Completed", "scored": 1, "failed": 1}
+    assert len(reads) == 3

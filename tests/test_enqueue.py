@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from urllib.parse import quote_plus
 
 import pyarrow.parquet as pq
 import pytest
+from botocore.exceptions import ClientError
 from conftest import recorded_event
 
 from dermscore import layout, reasons
@@ -15,8 +17,14 @@ from handlers import enqueue
 from infra.poller import sqs_event
 
 
-def s3_message(bucket: str, key: str, size: int = 1, etag: str = "", event_time: str = "2026-11-23T10:00:00.000Z"):
-    """An SQS message carrying one S3 ObjectCreated record, key URL-encoded as S3 does."""
+def s3_message(bucket: str, key: str, size: int = 1, etag: str = "", event_time: str = "2026-11-23T10:00:00.000Z",
+               s3=None):
+    """An SQS message carrying one S3 ObjectCreated record, key URL-encoded as S3 does; with
+    ``s3``, the object's own size and ETag, as S3's notification carries them."""
+    if s3 is not None:
+        with contextlib.suppress(ClientError):
+            head = s3.head_object(Bucket=bucket, Key=key)
+            size, etag = head["ContentLength"], head["ETag"].strip('"')
     record = {"eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1", "eventTime": event_time,
               "eventName": "ObjectCreated:Put",
               "s3": {"bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
@@ -51,7 +59,7 @@ def test_batch_writes_one_manifest_and_starts_one_job(stack) -> None:
     keys = ["incoming/a.jpg", "incoming/sub dir/b+c é.jpg", "incoming/z.png"]
     for k in keys:
         s3.put_object(Bucket=stack.bucket, Key=k, Body=b"\xff\xd8 not really a jpeg")
-    messages = [s3_message(stack.bucket, k) for k in keys]
+    messages = [s3_message(stack.bucket, k, s3=s3) for k in keys]
     test_event = {"MessageId": "t", "ReceiptHandle": "rh", "Body": json.dumps({"Event": "s3:TestEvent"})}
     resp = stack.invoke("enqueue", sqs_event(messages + [test_event], stack.queue_arn))
     assert resp == {"batchItemFailures": []}
@@ -80,17 +88,21 @@ def test_batch_writes_one_manifest_and_starts_one_job(stack) -> None:
     assert [ln["key"] for ln in lines] == sorted(keys)            # decoded keys, sorted
     assert all(ln["bucket"] == stack.bucket and ln["etag"] and ln["size"] > 0 for ln in lines)
     assert read_failures(stack) == []
+    # every line was claimed for this job: it says so, and collect reads no claim
+    tags = stack.client("sagemaker").list_tags(ResourceArn=job["TransformJobArn"])["Tags"]
+    assert {"Key": "dermscore:claims", "Value": "all"} in tags
 
 
 def test_redelivered_batch_starts_no_second_job(stack) -> None:
     s3 = stack.client("s3")
     for k in ("incoming/1.jpg", "incoming/2.jpg"):
         s3.put_object(Bucket=stack.bucket, Key=k, Body=b"data")
-    event = sqs_event([s3_message(stack.bucket, k) for k in ("incoming/1.jpg", "incoming/2.jpg")], stack.queue_arn)
+    event = sqs_event([s3_message(stack.bucket, k, s3=s3) for k in ("incoming/1.jpg", "incoming/2.jpg")],
+                      stack.queue_arn)
     stack.invoke("enqueue", event)
     stack.invoke("enqueue", event)
     # the same images in another order, with a duplicate event: same manifest, same job
-    stack.invoke("enqueue", sqs_event([s3_message(stack.bucket, k) for k in
+    stack.invoke("enqueue", sqs_event([s3_message(stack.bucket, k, s3=s3) for k in
                                        ("incoming/2.jpg", "incoming/1.jpg", "incoming/2.jpg")], stack.queue_arn))
     assert len(jobs_of(stack)) == 1
     assert len(stack.list_keys(layout.MANIFESTS)) == 1
@@ -101,27 +113,49 @@ def test_rejections_become_failure_rows(stack) -> None:
     s3.put_object(Bucket=stack.bucket, Key="incoming/empty.jpg", Body=b"")
     s3.put_object(Bucket=stack.bucket, Key="elsewhere/x.jpg", Body=b"data")
     s3.put_object(Bucket=stack.bucket, Key="incoming/big.jpg", Body=b"0" * (reasons.MAX_BYTES + 1))
-    messages = [s3_message(stack.bucket, k) for k in
-                ("incoming/empty.jpg", "elsewhere/x.jpg", "incoming/big.jpg", "incoming/gone.jpg")]
+    messages = [s3_message(stack.bucket, k, s3=s3) for k in
+                ("incoming/empty.jpg", "elsewhere/x.jpg", "incoming/big.jpg")]
     event = sqs_event(messages, stack.queue_arn)
     assert stack.invoke("enqueue", event) == {"batchItemFailures": []}
     stack.invoke("enqueue", event)   # redelivery overwrites the same failure file
 
     assert jobs_of(stack) == []       # nothing valid, no job
     files = stack.list_keys(layout.FAILURES)   # one file per rejected upload: duplicates overwrite it
-    assert len(files) == 4 and all(f.startswith(f"{layout.FAILURES}dt=2026-11-23/enqueue-") for f in files)
+    assert len(files) == 3 and all(f.startswith(f"{layout.FAILURES}dt=2026-11-23/enqueue-") for f in files)
     found = {r["image_key"]: (r["stage"], r["reason"]) for r in read_failures(stack)}
     assert found == {"incoming/empty.jpg": ("enqueue", reasons.ZERO_BYTE),
                        "elsewhere/x.jpg": ("enqueue", reasons.WRONG_PREFIX),
-                       "incoming/big.jpg": ("enqueue", reasons.TOO_LARGE),
-                       "incoming/gone.jpg": ("enqueue", reasons.READ_ERROR)}
+                       "incoming/big.jpg": ("enqueue", reasons.TOO_LARGE)}
     assert all(r["detail"] for r in read_failures(stack))
+
+
+def test_enqueue_makes_no_request_per_image_and_leaves_gone_objects_to_the_transform(stack) -> None:
+    """The event's size and ETag are the line: no HeadObject. A deleted or overwritten object
+    is found by the container's GetObject (read_error / superseded, stage transform)."""
+    s3 = stack.client("s3")
+    s3.put_object(Bucket=stack.bucket, Key="incoming/here.jpg", Body=b"data")
+    calls: list[str] = []
+    stack.runtime("enqueue").s3.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    messages = [s3_message(stack.bucket, "incoming/here.jpg", s3=s3),
+                s3_message(stack.bucket, "incoming/gone.jpg", size=10, etag="0123abcd")]
+    assert stack.invoke("enqueue", sqs_event(messages, stack.queue_arn)) == {"batchItemFailures": []}
+
+    assert "HeadObject" not in calls
+    (job,) = jobs_of(stack)
+    body = s3.get_object(Bucket=stack.bucket, Key=layout.shard_key(job["TransformJobName"], 0, 1))["Body"].read()
+    lines = [json.loads(ln) for ln in body.decode().splitlines()]
+    assert [(ln["key"], ln["size"], ln["etag"]) for ln in lines] == [
+        ("incoming/gone.jpg", 10, "0123abcd"),
+        ("incoming/here.jpg", 4, s3.head_object(Bucket=stack.bucket, Key="incoming/here.jpg")["ETag"].strip('"'))]
+    assert read_failures(stack) == []
+    # per image: one claim GET (duplicates) and one conditional claim PUT; per job: the manifest
+    assert calls.count("GetObject") == 2 and calls.count("PutObject") == 3
 
 
 def test_unparseable_message_is_a_partial_batch_failure(stack) -> None:
     s3 = stack.client("s3")
     s3.put_object(Bucket=stack.bucket, Key="incoming/ok.jpg", Body=b"data")
-    good = s3_message(stack.bucket, "incoming/ok.jpg")
+    good = s3_message(stack.bucket, "incoming/ok.jpg", s3=s3)
     bad = {"MessageId": "bad-1", "ReceiptHandle": "rh", "Body": "{not json"}
     resp = stack.invoke("enqueue", sqs_event([good, bad], stack.queue_arn))
     assert resp == {"batchItemFailures": [{"itemIdentifier": "bad-1"}]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import time
@@ -366,3 +367,77 @@ def test_plan_command_prints_the_three_volumes(capsys) -> None:
     assert "| 5k |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["plan", "--instance", "ml.p3.2xlarge"])
+
+
+PLAN_KEYS = ("images_per_day", "startup_share", "gpu_usd_per_million", "lambda_usd_per_million",
+             "s3_usd_per_million", "total_usd_per_million")
+
+
+def test_plan_json_has_both_policies_and_every_cost(capsys, tmp_path: Path) -> None:
+    from dermscore.cli import main
+
+    assert main(["plan", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["rows"]
+    assert {(r["policy"], r["images_per_day"]) for r in rows} == {
+        (p, n) for p in ("batch", "dispatcher") for n in (10_000, 1_000_000, 100_000_000)}
+    for r in rows:
+        for k in PLAN_KEYS:
+            assert isinstance(r[k], (int, float)) and r[k] >= 0, (r["policy"], k)
+        assert 0 < r["startup_share"] <= 1
+        assert r["total_usd_per_million"] == pytest.approx(
+            r["gpu_usd_per_million"] + r["lambda_usd_per_million"] + r["s3_usd_per_million"])
+    by = {(r["policy"], r["images_per_day"]): r for r in rows}
+    # larger jobs: the dispatcher never costs more GPU time per image than one job per SQS batch
+    for n in (10_000, 1_000_000, 100_000_000):
+        assert by["dispatcher", n]["gpu_usd_per_million"] <= by["batch", n]["gpu_usd_per_million"]
+
+    # calls per image from a bench JSON: the S3 figure follows them
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"e2e": {"api_calls_per_image_by_operation": {"GetObject": 1.0, "PutObject": 1.0,
+                                                                              "ReceiveMessage": 0.2}}}))
+    assert main(["plan", "--json", "--bench", str(bench), "--policy", "batch", "--images-per-day", "1000000"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["s3_usd_per_million"] == pytest.approx(1e6 * (0.0004 + 0.005) / 1000)   # SQS is not S3
+
+
+def test_plan_row_arithmetic_by_hand() -> None:
+    """1M images/day, one job per SQS batch of 3,000 images: every dollar worked out by hand."""
+    from analytics.plan import LAMBDA, cost_row, plan
+
+    p = plan(1_000_000, usd_per_hour=0.736, images_per_second=500, startup_minutes=6, window_s=300,
+             batch_cap=3000, instance_count=1)
+    calls = {"PutObject": 2.0, "GetObject": 3.0, "HeadObject": 1.0, "ReceiveMessage": 0.1}
+    row = cost_row(p, calls)
+    jobs = 1_000_000 / 3000
+    job_s = 6 * 60 + 3000 / 500
+    assert row["startup_share"] == pytest.approx(360 / job_s)
+    assert row["gpu_usd_per_million"] == pytest.approx(jobs * job_s / 3600 * 0.736)              # 1M images/day
+    enq, col = LAMBDA["enqueue"], LAMBDA["collect"]
+    gb_s = (1.0 * (jobs * enq.s_per_invocation + 1e6 * enq.s_per_image)
+            + 2.0 * (jobs * col.s_per_invocation + 1e6 * col.s_per_image))
+    assert (enq.memory_mb, col.memory_mb) == (1024, 2048)
+    assert row["lambda_usd_per_million"] == pytest.approx(gb_s * 0.0000166667 + 2 * jobs / 1e6 * 0.20)
+    assert row["s3_usd_per_million"] == pytest.approx(1e6 * (2.0 * 0.005 + 4.0 * 0.0004) / 1000)  # $11.60
+    assert row["total_usd_per_million"] == pytest.approx(
+        row["gpu_usd_per_million"] + row["lambda_usd_per_million"] + row["s3_usd_per_million"])
+
+    # the dispatcher at 100M/day gathers an hour of images (4.17M) and shards them over 4 instances
+    d = plan(100_000_000, usd_per_hour=0.736, images_per_second=500, startup_minutes=6, policy="dispatcher",
+             max_latency_s=3600, max_instances=4)
+    assert d.images_per_job == int(100_000_000 / 86_400 * 3600) and d.instances_per_job == 4
+    assert d.usd_per_million == pytest.approx(
+        d.jobs_per_day * 4 * (360 + math.ceil(d.images_per_job / 4) / 500) / 3600 * 0.736 / 100)
+
+
+def test_plan_lambda_memory_is_the_template_s() -> None:
+    import re
+
+    from analytics.plan import LAMBDA
+
+    text = (Path(__file__).resolve().parents[1] / "template.yaml").read_text()
+    default = int(re.search(r"Globals:.*?MemorySize: (\d+)", text, re.S).group(1))
+    collect = re.search(r"CollectFunction:.*?MemorySize: (\d+)", text, re.S)
+    enqueue = re.search(r"EnqueueFunction:(.*?)\n  \w+:\n", text, re.S).group(1)
+    assert LAMBDA["enqueue"].memory_mb == int((re.search(r"MemorySize: (\d+)", enqueue) or [0, default])[1])
+    assert LAMBDA["collect"].memory_mb == int(collect.group(1))
