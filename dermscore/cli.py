@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train a classifier on HAM10000"),
     "package-model": ("infra.package", "build a reproducible SageMaker model.tar.gz from a model directory"),
     "predict": ("training.predict", "score local image files with a model (table or JSON lines)"),
+    "calibrate": ("training.calibrate",
+                  "cross-fit the temperature, melanoma and OOD thresholds by lesion: out-of-sample figures"),
     "calibrate-ood": ("training.ood",
                       "set a model's OOD score (energy or Mahalanobis) and its threshold, no retraining"),
     "evaluate": ("training.evaluate", "evaluate a model: per-class metrics, AUC, calibration, plots"),
