@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "cross-fit the temperature, melanoma and OOD thresholds by lesion: out-of-sample figures"),
     "calibrate-ood": ("training.ood",
                       "set a model's OOD score (energy or Mahalanobis) and its threshold, no retraining"),
+    "evaluate-ood": ("training.ood_eval",
+                     "measure the OOD flag on non-dermoscopic and degraded images: AUROC, TNR at 95 % kept"),
     "evaluate": ("training.evaluate", "evaluate a model: per-class metrics, AUC, calibration, plots"),
     "demo": ("infra.demo", "run the whole pipeline locally on demo images and print the results"),
     "serve": ("infra.serve", "keep the local stack running; drop images into s3://<bucket>/incoming/"),

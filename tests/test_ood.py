@@ -73,6 +73,40 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_ood_set_generator_makes_and_scores_every_kind(tiny_model: Path) -> None:
+    """Every kind of the OOD set is produced (tiny frames), decodes like an upload and gets scores."""
+    import importlib.util
+
+    from conftest import sample_images
+    from PIL import Image
+
+    from batch.scorer import Scorer
+    from dermscore.imaging import decode
+    from training import ood_eval
+
+    lesions = []
+    for f in sample_images(3):
+        with Image.open(f) as im:
+            lesions.append((f.stem, np.asarray(im.convert("RGB").resize((64, 48)))))
+    images = ood_eval.generate(lesions, per_kind=3, frame=(48, 64), seed=1)
+    kinds = np.array([im.kind for im in images])
+    expected = set(ood_eval.KINDS) - (set() if importlib.util.find_spec("skimage") else {"texture"})
+    assert set(kinds) == expected  # texture close-ups come only from scikit-image's samples
+    assert all((kinds == k).sum() == 3 for k in expected)
+    assert images == ood_eval.generate(lesions, per_kind=3, frame=(48, 64), seed=1)  # seeded
+    scorer = Scorer.from_model_dir(tiny_model, device="cpu", batch_size=8)
+    px = np.stack([decode(im.data, scorer.input_size).pixels for im in images])
+    scored = torch.cat([scorer.forward_scored(torch.from_numpy(px[i:i + 8])) for i in range(0, len(px), 8)])
+    assert scored.shape == (len(images), 8) and torch.isfinite(scored).all()
+    inside = {"energy": np.random.default_rng(0).normal(size=40)}
+    result = ood_eval.measure(inside, {"energy": scored[:, -1].numpy().astype(float)}, kinds, 0.95,
+                              folds=np.arange(40) % 4)
+    assert set(result["energy"]["per_kind"]) == expected
+    assert all(0 <= v["auroc"] <= 1 and 0 <= v["tnr_at_95_kept"] <= 1 for v in result["energy"]["per_kind"].values())
+    assert result["energy"]["validation_flagged"] == pytest.approx(0.05, abs=0.03)
+    assert "| text_page | 3 |" in ood_eval.markdown({"scores": result})
+
+
 def test_mahalanobis_score_is_the_distance_to_the_nearest_class_mean(tmp_path: Path) -> None:
     from batch.ood import Mahalanobis, save_mahalanobis
 
