@@ -151,3 +151,22 @@ def test_calibrate_command_on_a_tiny_model(tiny_model: Path, tmp_path: Path) -> 
     assert meta["temperature"] == rep["in_sample_refitted_whole_split"]["scalars"]["temperature"]
     assert meta["ood_threshold"] is not None and meta["weights_sha256"] == json.loads(before)["weights_sha256"]
 
+
+def test_evaluate_subset_all_on_any_folder_and_resolution(tiny_model: Path, tmp_path: Path) -> None:
+    """`dermscore evaluate --subset all` on a folder of full-resolution images and a metadata CSV
+    that the model has no validation split for: the same report keys as on the shipped split."""
+    from conftest import sample_images
+
+    files = sample_images(8)
+    data = make_data_folder(tmp_path / "data", files, ["mel", "nv", "bkl", "bcc"] * 2)
+    (data / "metadata.csv").rename(data / "ISIC_style_labels.csv")  # any name: the one CSV with the columns
+    out = tmp_path / "eval"
+    main(["evaluate", "--data", str(data), "--model", str(tiny_model), "--out", str(out), "--subset", "all",
+          "--device", "cpu", "--threads", "1"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_images"] == 8 and report["subset"] == "all"
+    assert set(report) >= {"accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece", "per_class",
+                           "confusion_matrix", "melanoma_sensitivity_at_specificity_0.80", "baselines", "model",
+                           "melanoma_threshold", "melanoma_sensitivity_at_threshold",
+                           "melanoma_specificity_at_threshold", "tta"}
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "confusion_matrix.png", "roc_curves.png"}
