@@ -170,3 +170,39 @@ def test_evaluate_subset_all_on_any_folder_and_resolution(tiny_model: Path, tmp_
                            "melanoma_threshold", "melanoma_sensitivity_at_threshold",
                            "melanoma_specificity_at_threshold", "tta"}
     assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "confusion_matrix.png", "roc_curves.png"}
+
+
+def test_cuda_training_path_amp_and_channels_last_run_on_the_cpu() -> None:
+    """No GPU here: the policy is checked for both CUDA cases, and the step that CUDA runs
+    (autocast, channels_last, the GradScaler) runs on the CPU with bf16 autocast."""
+    from batch.model import build_network
+    from training.train import amp_policy, train_step
+
+    assert amp_policy(torch.device("cpu")) == (False, torch.bfloat16, False)
+    assert amp_policy(torch.device("cuda"), bf16_supported=True) == (True, torch.bfloat16, False)
+    assert amp_policy(torch.device("cuda"), bf16_supported=False) == (True, torch.float16, True)
+    torch.manual_seed(0)
+    model = build_network("efficientnet_lite0").to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = model[1]._fc.weight.detach().clone()
+    x, y = torch.randint(0, 256, (4, 3, 48, 64), dtype=torch.uint8).float(), torch.tensor([0, 1, 4, 5])
+    for amp in ((True, torch.bfloat16, False), (False, torch.bfloat16, False)):
+        loss = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=amp[2]), torch.nn.CrossEntropyLoss(),
+                          x, y, torch.device("cpu"), amp)
+        assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert not torch.equal(before, model[1]._fc.weight)
+
+
+def test_each_dataloader_worker_gets_its_own_augmentation_stream() -> None:
+    from monai.data import Dataset
+    from monai.data.utils import set_rnd
+
+    from training.train import Augmented, augmentations
+
+    ds = Dataset([{"x": np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8), "y": 1}],
+                 transform=Augmented(augmentations()))
+    views = []
+    for seed in (1, 2, 1):
+        set_rnd(ds, seed)  # what MONAI's worker_init_fn does in each worker
+        views.append(ds[0][0])
+    assert torch.equal(views[0], views[2]) and not torch.equal(views[0], views[1])
