@@ -103,8 +103,10 @@ def test_cross_fit_predicts_each_image_once_with_scalars_fitted_elsewhere() -> N
     assert 0.8 < cf["pooled"]["ood_kept"]["energy"] <= 1.0
     stored = {"temperature": 1.0, "melanoma_threshold": 0.5, "ood_threshold": {"energy": float(np.quantile(
         scores["energy"], 0.95))}}
-    rep = crossfit_report(logits, labels, lesions, dx, scores, stored, 4)
+    rep = crossfit_report(logits, labels, lesions, dx, scores, stored, 4, bootstrap=50)
     assert rep["protocol"]["ece_bins"] == 15
+    for key, (lo, hi) in rep["cross_fitted"]["pooled_95ci"].items():
+        assert lo <= hi, key
     for part in ("in_sample_stored_scalars", "in_sample_refitted_whole_split"):
         assert set(rep[part]) >= {"balanced_accuracy", "macro_auc", "melanoma_sensitivity_at_threshold",
                                   "melanoma_specificity_at_threshold", "ece", "per_class_recall", "scalars"}
@@ -139,7 +141,7 @@ def test_calibrate_command_on_a_tiny_model(tiny_model: Path, tmp_path: Path) -> 
     before = (model_dir / "metadata.json").read_text()
     out = tmp_path / "eval"
     args = ["calibrate", "--model", str(model_dir), "--data", str(data), "--cross-fit", "2", "--out", str(out),
-            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--quiet"]
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--bootstrap", "20", "--quiet"]
     main(args)
     rep = json.loads((out / "crossfit.json").read_text())
     assert rep["cross_fitted"]["pooled"]["n_images"] == 16 and len(rep["cross_fitted"]["per_fold"]) == 2

@@ -40,6 +40,7 @@ log = logging.getLogger("dermscore.calibrate")
 CROSSFIT_REPORT = "crossfit.json"
 ECE_BINS = 15
 FOLD_SEED = 20261123
+BOOTSTRAP = 1000  # lesion-level resamples for the 95 % intervals of the pooled figures
 
 
 def lesion_folds(lesion_ids: np.ndarray, dx: np.ndarray, k: int, seed: int = FOLD_SEED) -> np.ndarray:
@@ -103,8 +104,37 @@ def figures(probs: np.ndarray, labels: np.ndarray, mel_flag: np.ndarray, ood_fla
     }
 
 
+def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, mel_flag: np.ndarray, lesion_ids: np.ndarray,
+                        n: int = BOOTSTRAP, seed: int = 0, bins: int = ECE_BINS) -> dict:
+    """95 % percentile intervals of the pooled figures, resampling *lesions* with replacement
+    (images of a lesion are not independent). The fitted scalars are held fixed: this is the
+    sampling uncertainty of the evaluation set, not of the fit."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    from training.metrics import expected_calibration_error
+
+    _, group = np.unique(lesion_ids, return_inverse=True)
+    members = [np.flatnonzero(group == g) for g in range(group.max() + 1)]
+    rng = np.random.default_rng(seed)
+    keys = ("balanced_accuracy", "macro_auc", "melanoma_sensitivity_at_threshold",
+            "melanoma_specificity_at_threshold", "ece")
+    draws: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(n):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        p, y, f = probs[idx], labels[idx], mel_flag[idx]
+        is_mel = y == MELANOMA_INDEX
+        draws["balanced_accuracy"].append(balanced_accuracy_score(y, p.argmax(1)))
+        draws["macro_auc"].append(np.mean([roc_auc_score(y == c, p[:, c]) for c in range(p.shape[1])
+                                           if 0 < (y == c).sum() < len(y)]))
+        draws["melanoma_sensitivity_at_threshold"].append(f[is_mel].mean() if is_mel.any() else np.nan)
+        draws["melanoma_specificity_at_threshold"].append((~f[~is_mel]).mean() if (~is_mel).any() else np.nan)
+        draws["ece"].append(expected_calibration_error(p, y, bins))
+    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
+
+
 def cross_fit(logits: np.ndarray, labels: np.ndarray, folds: np.ndarray, ood_scores: dict[str, np.ndarray],
-              kept: float, bins: int = ECE_BINS) -> dict:
+              kept: float, bins: int = ECE_BINS, lesion_ids: np.ndarray | None = None,
+              bootstrap: int = 0) -> dict:
     """Fit on K-1 folds, apply to the held-out one; figures of the pooled held-out predictions."""
     from training.metrics import softmax
 
@@ -130,17 +160,21 @@ def cross_fit(logits: np.ndarray, labels: np.ndarray, folds: np.ndarray, ood_sco
                   "min": float(np.min([p["held_out"][k] for p in per_fold if p["held_out"][k] is not None])),
                   "max": float(np.max([p["held_out"][k] for p in per_fold if p["held_out"][k] is not None]))}
               for k in keys}
-    return {"pooled": pooled, "per_fold_spread": spread, "per_fold": per_fold}
+    out = {"pooled": pooled, "per_fold_spread": spread, "per_fold": per_fold}
+    if bootstrap and lesion_ids is not None:
+        out["pooled_95ci"] = bootstrap_intervals(probs, labels, mel_flag, lesion_ids, bootstrap, bins=bins)
+        out["pooled_95ci_method"] = f"{bootstrap} lesion-level bootstrap resamples, percentile interval"
+    return out
 
 
 def crossfit_report(logits: np.ndarray, labels: np.ndarray, lesion_ids: np.ndarray, dx: np.ndarray,
                     ood_scores: dict[str, np.ndarray], stored: dict, k: int, seed: int = FOLD_SEED,
-                    kept: float = 0.95, bins: int = ECE_BINS) -> dict:
+                    kept: float = 0.95, bins: int = ECE_BINS, bootstrap: int = BOOTSTRAP) -> dict:
     """Everything ``crossfit.json`` holds (see the module docstring)."""
     from training.metrics import softmax
 
     folds = lesion_folds(lesion_ids, dx, k, seed)
-    cf = cross_fit(logits, labels, folds, ood_scores, kept, bins)
+    cf = cross_fit(logits, labels, folds, ood_scores, kept, bins, lesion_ids, bootstrap)
     for p in cf["per_fold"]:
         held = folds == p["fold"]
         p["held_out_lesions_by_class"] = {c: int(len(set(lesion_ids[held & (dx == c)]))) for c in CLASSES}
@@ -182,8 +216,13 @@ def markdown(report: dict) -> str:
     def f(x: float | None, d: int = 3) -> str:
         return "n/a" if x is None else f"{x:.{d}f}"
 
+    ci = report["cross_fitted"].get("pooled_95ci", {})
+
     def rng(key: str) -> str:
         return f"{spread[key]['min']:.3f}–{spread[key]['max']:.3f}" if key in spread else ""
+
+    def interval(key: str) -> str:
+        return f"{ci[key][0]:.3f}–{ci[key][1]:.3f}" if key in ci else ""
 
     rows = [("balanced accuracy", "balanced_accuracy"), ("macro AUC", "macro_auc"),
             ("melanoma sensitivity at the stored threshold", "melanoma_sensitivity_at_threshold"),
@@ -191,12 +230,12 @@ def markdown(report: dict) -> str:
             ("melanoma sensitivity at specificity 0.80 (ROC)", "melanoma_sensitivity_at_specificity_0.80"),
             (f"ECE ({report['protocol']['ece_bins']} bins)", "ece"), ("NLL", "nll"), ("accuracy", "accuracy")]
     k = report["protocol"]["folds"]
-    lines = [f"| metric | in-sample (stored scalars) | cross-fitted ({k} lesion folds, pooled) | range over folds |",
-             "|---|---|---|---|"]
-    lines += [f"| {label} | {f(ins[key])} | **{f(cf[key])}** | {rng(key)} |" for label, key in rows]
+    lines = [f"| metric | in-sample (stored scalars) | cross-fitted ({k} lesion folds, pooled) | 95 % CI "
+             "(lesion bootstrap) | range over folds |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {f(ins[key])} | **{f(cf[key])}** | {interval(key)} | {rng(key)} |" for label, key in rows]
     for name in cf["ood_kept"]:
         lines.append(f"| validation images kept by the OOD flag ({name}) | {f(ins['ood_kept'].get(name))} "
-                     f"| **{f(cf['ood_kept'][name])}** | |")
+                     f"| **{f(cf['ood_kept'][name])}** | | |")
     lines += ["", "| class | recall | AUC in-sample | AUC cross-fitted | support |", "|---|---|---|---|---|"]
     for c in CLASSES:
         lines.append(f"| {c} | {f(cf['per_class_recall'][c])} | {f(ins['per_class_auc'][c])} "
@@ -232,7 +271,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     stored = {"temperature": meta.temperature, "melanoma_threshold": meta.melanoma_threshold,
               "ood_threshold": {name: (meta.ood_threshold if name == meta.ood_method else None) for name in scores}}
     report = crossfit_report(v["logits"], val.label.to_numpy(), val.lesion_id.to_numpy(), val.dx.to_numpy(), scores,
-                             stored, args.cross_fit, args.fold_seed, args.kept, args.ece_bins)
+                             stored, args.cross_fit, args.fold_seed, args.kept, args.ece_bins, args.bootstrap)
     report["model"] = {"name": meta.name, "version": meta.version, "weights_sha256": meta.weights_sha256,
                        "ood_method": meta.ood_method}
     out = Path(args.out) if args.out else model_dir / "evaluation"
@@ -260,6 +299,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold-seed", type=int, default=FOLD_SEED)
     p.add_argument("--kept", type=float, default=IN_DISTRIBUTION_KEPT, help="OOD: share of validation kept")
     p.add_argument("--ece-bins", type=int, default=ECE_BINS)
+    p.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="lesion-level resamples for 95 %% intervals")
     p.add_argument("--out", type=Path, default=None, help="folder for crossfit.json (default: MODEL/evaluation)")
     p.add_argument("--write", action="store_true",
                    help="store the scalars refitted on the whole validation split in metadata.json")
