@@ -125,7 +125,8 @@ def fit_mahalanobis_for_model(model_dir: Path, data_dir: Path, n: int = FIT_IMAG
     f = features.of_images(model, meta, fit.path.tolist(), fit.image_id.tolist(), torch.device(device),
                            cache_dir, "train-fit", progress=progress)
     means, precision = fit_mahalanobis(f["features"], fit.label.to_numpy(), len(meta.classes))
-    info = {"fit_images": int(len(fit)), "fit_seed": seed, "fit_split": "training (not in validation_split.csv)",
+    info = {"fit_images": int(len(fit)), "fit_images_requested": n, "fit_seed": seed,
+            "fit_split": "training (not in validation_split.csv)",
             "fit_class_counts": {c: int((fit.dx == c).sum()) for c in meta.classes},
             "feature_dim": int(means.shape[1]), "covariance": "shared, Ledoit-Wolf shrinkage"}
     return means, precision, info

@@ -390,7 +390,8 @@ def evaluate_ood(args: argparse.Namespace) -> dict:
         maha = Mahalanobis.from_precision(means, precision)
         maha_info = {"source": "fitted by this command (same procedure as calibrate-ood --method mahalanobis)",
                      **maha_info}
-    fit_ids = set(ood.training_subsample(md, split.image_id, args.fit_images, args.fit_seed).image_id)
+    fit_n, fit_seed = maha_info.get("fit_images_requested", args.fit_images), maha_info.get("fit_seed", args.fit_seed)
+    fit_ids = set(ood.training_subsample(md, split.image_id, fit_n, fit_seed).image_id)
     assert not fit_ids & set(val.image_id), "a validation image was used to fit the Mahalanobis parameters"
 
     rng = np.random.default_rng(args.seed)
