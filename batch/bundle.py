@@ -16,6 +16,9 @@ from dermscore.labels import CLASSES
 
 WEIGHTS_FILE = "model.pt"
 METADATA_FILE = "metadata.json"
+# Optional: the parameters of a feature-space OOD score (batch.ood), present when ood_method needs them.
+OOD_FILE = "ood.npz"
+OOD_METHODS = ("energy", "mahalanobis")
 
 
 @dataclass
@@ -31,9 +34,22 @@ class ModelMeta:
     melanoma_threshold: float = 0.5
     weights_sha256: str = ""
     extra: dict = field(default_factory=dict)
-    # Out-of-distribution flag: energy score (-logsumexp(logits)) at or above this is flagged.
-    # Set on the validation split (training.ood); None in older metadata = no flag.
+    # Out-of-distribution flag: an OOD score at or above this is flagged. Set on the validation
+    # split (training.ood); None in older metadata = no flag.
     ood_threshold: float | None = None
+    # Which OOD score ``ood_score`` is (batch.ood): "energy" = -logsumexp(logits) (older metadata
+    # has no field and means this), "mahalanobis" = the distance of the pooled penultimate features
+    # to the nearest class mean, with its parameters in OOD_FILE, whose sha256 is ood_sha256.
+    ood_method: str = "energy"
+    ood_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ood_method not in OOD_METHODS:
+            raise ValueError(f"ood_method must be one of {OOD_METHODS}, not {self.ood_method!r}")
+
+    def files(self) -> tuple[str, ...]:
+        """The files a model directory with this metadata consists of (what ships)."""
+        return (WEIGHTS_FILE, METADATA_FILE) + ((OOD_FILE,) if self.ood_method == "mahalanobis" else ())
 
     @classmethod
     def read(cls, path: Path) -> ModelMeta:

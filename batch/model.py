@@ -15,6 +15,9 @@ from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
 from dermscore.labels import CLASSES
 
 ARCHITECTURES = ("efficientnet_lite0", "densenet121")
+# The classifier head (a Linear layer) of each network inside build_network's Sequential: its input
+# is the pooled penultimate feature vector (1280-d for EfficientNet-Lite0, 1024-d for DenseNet121).
+HEAD_LAYERS = {"efficientnet_lite0": "1._fc", "densenet121": "1.class_layers.out"}
 
 
 class Normalize(nn.Module):
@@ -66,6 +69,22 @@ def build_network(arch: str, num_classes: int = len(CLASSES), pretrained: bool =
     if arch not in builders:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
     return nn.Sequential(Normalize(), builders[arch](num_classes, pretrained))
+
+
+def forward_with_features(model: nn.Module, x: torch.Tensor, arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass -> (logits, pooled penultimate features), the head's input caught by a hook.
+
+    In eval mode the head's dropout is the identity, so the features are the global average
+    pool of the last feature map. The hook lives only for this call.
+    """
+    head = model.get_submodule(HEAD_LAYERS[arch])
+    caught: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _module, args: caught.append(args[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return logits, caught[0].flatten(1)
 
 
 def save(model: nn.Module, meta: ModelMeta, model_dir: Path) -> ModelMeta:

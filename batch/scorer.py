@@ -33,8 +33,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from batch import gradcam  # noqa: E402
-from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file  # noqa: E402
-from batch.model import load, pick_device  # noqa: E402
+from batch import ood as ood_scores  # noqa: E402
+from batch.bundle import METADATA_FILE, OOD_FILE, WEIGHTS_FILE, ModelMeta, sha256_file  # noqa: E402
+from batch.model import forward_with_features, load, pick_device  # noqa: E402
 from dermscore import imaging, layout, reasons  # noqa: E402
 from dermscore.aws import error_code  # noqa: E402
 from dermscore.imaging import Decoded  # noqa: E402
@@ -109,10 +110,17 @@ class Scorer:
 
     def __init__(self, model: torch.nn.Module, meta: ModelMeta, device: torch.device | str = "cpu",
                  s3: Any = None, batch_size: int | None = None, workers: int | None = None,
-                 read_ahead_batches: int = READ_AHEAD_BATCHES, heatmaps: str = "off") -> None:
+                 read_ahead_batches: int = READ_AHEAD_BATCHES, heatmaps: str = "off",
+                 mahalanobis: ood_scores.Mahalanobis | None = None) -> None:
         self.model = model
         self.meta = meta
         self.device = torch.device(device)
+        if meta.ood_method == "mahalanobis" and mahalanobis is None:
+            raise ValueError(f"model {meta.name} v{meta.version} scores OOD by Mahalanobis distance: "
+                             f"pass its parameters ({OOD_FILE}) or use Scorer.from_model_dir")
+        # The OOD score of forward_scored: Mahalanobis distance when the model ships its parameters,
+        # else the energy score (batch.ood).
+        self.mahalanobis = mahalanobis if meta.ood_method == "mahalanobis" else None
         self.cuda = self.device.type == "cuda"
         self.batch_size = batch_size or (CUDA_BATCH_SIZE if self.cuda else CPU_BATCH_SIZE)
         # Threads beyond the cores still help: most of a GET is waiting on the network.
@@ -154,7 +162,15 @@ class Scorer:
             if actual != meta.weights_sha256:
                 raise ValueError(f"{model_dir / WEIGHTS_FILE} sha256 {actual} != {METADATA_FILE} "
                                  f"weights_sha256 {meta.weights_sha256}")
-        scorer = cls(model, meta, device, s3=s3, **kwargs)
+        mahalanobis = None
+        if meta.ood_method == "mahalanobis":
+            path = model_dir / OOD_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: {METADATA_FILE} says ood_method mahalanobis")
+            if verify and meta.ood_sha256 and sha256_file(path) != meta.ood_sha256:
+                raise ValueError(f"{path} sha256 {sha256_file(path)} != {METADATA_FILE} ood_sha256 {meta.ood_sha256}")
+            mahalanobis = ood_scores.Mahalanobis.load(path, device)
+        scorer = cls(model, meta, device, s3=s3, mahalanobis=mahalanobis, **kwargs)
         log.info("model %s v%s (%s, input %sx%s, T=%.3f, mel threshold=%.3f) on %s, batch %d, %d workers",
                  meta.name, meta.version, meta.arch, *scorer.input_size, scorer._temperature,
                  meta.melanoma_threshold, device, scorer.batch_size, scorer.workers)
@@ -219,21 +235,29 @@ class Scorer:
         return torch.softmax(self._logits(batch) / self._temperature, dim=1)
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._forward(batch)[0]
+
+    def _forward(self, batch: torch.Tensor, features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, pooled penultimate features or None), both float32."""
         x = batch.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last
         if x.device != self.device:
             x = x.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
-            logits = self.model(x)
-        return logits.float()
+            if features:
+                logits, feats = forward_with_features(self.model, x, self.meta.arch)
+                return logits.float(), feats.float()
+            return self.model(x).float(), None
 
     @torch.inference_mode()
     def forward_scored(self, batch: torch.Tensor) -> torch.Tensor:
-        """Like :meth:`forward` with one more column: the energy score ``-logsumexp(logits)``
-        (Liu et al. 2020; T = 1, uncalibrated logits), the out-of-distribution score that
-        ``ModelMeta.ood_threshold`` was set on (see :mod:`training.ood`)."""
-        logits = self._logits(batch)
-        energy = -torch.logsumexp(logits, dim=1, keepdim=True)
-        return torch.cat([torch.softmax(logits / self._temperature, dim=1), energy], dim=1)
+        """Like :meth:`forward` with one more column: the model's out-of-distribution score, the
+        one ``ModelMeta.ood_threshold`` was set on (:mod:`batch.ood`, :mod:`training.ood`): the
+        Mahalanobis distance of the pooled features when the model ships ``ood.npz``
+        (``ood_method`` mahalanobis), else the energy score ``-logsumexp(logits)`` (Liu et al.
+        2020; T = 1, uncalibrated logits)."""
+        logits, feats = self._forward(batch, features=self.mahalanobis is not None)
+        score = ood_scores.energy(logits) if feats is None else self.mahalanobis.score(feats)
+        return torch.cat([torch.softmax(logits / self._temperature, dim=1), score[:, None]], dim=1)
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities for already decoded (n, H, W, 3) uint8 images (benchmarks, evaluation)."""

@@ -46,7 +46,7 @@ PREDICTION_SCHEMA = pa.schema([
     # issue 7 (appended: older files lack them and read as NULL with union_by_name)
     ("image_sha256", pa.string()),    # sha256 of the bytes that were scored
     ("processing_ms", pa.float32()),  # fetch + decode + this image's share of its batch's forward pass
-    ("ood_score", pa.float32()),      # energy score -logsumexp(logits): higher = less like the training data
+    ("ood_score", pa.float32()),      # the model's OOD score (ood_method): higher = less like the training data
     ("ood_flag", pa.bool_()),         # ood_score >= the model's ood_threshold (NULL: model has none)
     ("heatmap_key", pa.string()),     # Grad-CAM overlay PNG beside the JSON (NULL: none made)
     ("thumbnail_key", pa.string()),   # re-encoded small JPEG of the image (with the heatmap)

@@ -6,6 +6,7 @@
 ``model.tar.gz`` layout (what the SageMaker PyTorch serving container expects)::
 
     model.pt, metadata.json          the model directory (batch.bundle format)
+    ood.npz                          only for a model whose ood_method needs it (Mahalanobis parameters)
     code/inference.py                puts code/lib on sys.path, re-exports model_fn/input_fn/...
     code/<package>/<module>.py       exactly the project modules that batch.inference imports,
                                      directly or through others (plus their package __init__)
@@ -46,7 +47,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
+from batch.bundle import METADATA_FILE, OOD_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
 from infra.container import CONTAINER, Wheel
 
 log = logging.getLogger("dermscore.package")
@@ -249,10 +250,15 @@ def build_model_tarball(model_dir: Path, out: Path, root: Path = ROOT) -> Path:
     meta = ModelMeta.read(model_dir / METADATA_FILE)
     if meta.weights_sha256 and sha256_file(model_dir / WEIGHTS_FILE) != meta.weights_sha256:
         raise ValueError(f"{model_dir / WEIGHTS_FILE} does not match weights_sha256 in {METADATA_FILE}")
+    if OOD_FILE in meta.files():
+        if not (model_dir / OOD_FILE).is_file():
+            raise FileNotFoundError(f"{model_dir / OOD_FILE} is missing; {METADATA_FILE} says ood_method "
+                                    f"{meta.ood_method}")
+        if meta.ood_sha256 and sha256_file(model_dir / OOD_FILE) != meta.ood_sha256:
+            raise ValueError(f"{model_dir / OOD_FILE} does not match ood_sha256 in {METADATA_FILE}")
 
     entries: dict[str, bytes] = {
-        WEIGHTS_FILE: (model_dir / WEIGHTS_FILE).read_bytes(),
-        METADATA_FILE: (model_dir / METADATA_FILE).read_bytes(),
+        **{name: (model_dir / name).read_bytes() for name in meta.files()},
         "code/inference.py": ENTRY_POINT.encode(),
         **vendored_files(),
     }

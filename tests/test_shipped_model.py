@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
+from batch.bundle import METADATA_FILE, OOD_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
 from training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +28,22 @@ def test_weights_match_metadata_and_model_card() -> None:
     card = (MODEL / "MODEL_CARD.md").read_text()
     assert re.search(rf"\b{digest}\b", card), "MODEL_CARD.md does not state the weights' sha256"
     assert (MODEL / WEIGHTS_FILE).stat().st_size <= 30 * 1024 * 1024
+    if meta.ood_method == "mahalanobis":  # the OOD parameters are tied to the metadata and the card too
+        ood_digest = sha256_file(MODEL / OOD_FILE)
+        assert ood_digest == meta.ood_sha256 and re.search(rf"\b{ood_digest}\b", card)
+        assert (MODEL / OOD_FILE).stat().st_size <= 8 * 1024 * 1024
+
+
+def test_the_evaluation_files_the_card_quotes_exist() -> None:
+    import json
+
+    crossfit = json.loads((MODEL / "evaluation" / "crossfit.json").read_text())
+    ood = json.loads((MODEL / "evaluation" / "ood.json").read_text())
+    meta = ModelMeta.read(MODEL / METADATA_FILE)
+    assert crossfit["model"]["weights_sha256"] == ood["model"]["weights_sha256"] == meta.weights_sha256
+    assert crossfit["cross_fitted"]["pooled"]["n_images"] == len((MODEL / "validation_split.csv").read_text()
+                                                                 .splitlines()) - 1
+    assert ood["model"]["ood_method"] == meta.ood_method and ood["model"]["ood_threshold"] == meta.ood_threshold
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +54,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def report(out: Path) -> dict:
     args = argparse.Namespace(data=DATA, model=MODEL, out=out, subset="validation",
-                              limit=210, tta=False, seed=0, device="cpu")
+                              limit=210, tta=False, seed=0, device="cpu", threads=1)
     return evaluate(args)
 
 

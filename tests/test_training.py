@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -64,3 +65,146 @@ def test_train_smoke(tmp_path: Path) -> None:
         assert model(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 7)
     split = pd.read_csv(out / "validation_split.csv")
     assert not set(split.image_id) - set(ham.read_metadata(DATA).image_id)
+
+
+def test_lesion_folds_are_grouped_stratified_and_seeded() -> None:
+    from training.calibrate import lesion_folds
+
+    split = pd.read_csv(Path(__file__).resolve().parents[1] / "models" / "default" / "validation_split.csv")
+    folds = lesion_folds(split.lesion_id.to_numpy(), split.dx.to_numpy(), 5, seed=3)
+    assert set(folds) == set(range(5))
+    assert (split.assign(fold=folds).groupby("lesion_id").fold.nunique() == 1).all()  # a lesion in one fold
+    lesions = split.assign(fold=folds).drop_duplicates("lesion_id")
+    per_class = lesions.groupby(["dx", "fold"]).size().unstack(fill_value=0)
+    assert (per_class.max(axis=1) - per_class.min(axis=1) <= 1).all()  # every class dealt evenly
+    assert (folds == lesion_folds(split.lesion_id.to_numpy(), split.dx.to_numpy(), 5, seed=3)).all()
+    assert not (folds == lesion_folds(split.lesion_id.to_numpy(), split.dx.to_numpy(), 5, seed=4)).all()
+
+
+def test_cross_fit_predicts_each_image_once_with_scalars_fitted_elsewhere() -> None:
+    from training.calibrate import cross_fit, crossfit_report, lesion_folds
+    from training.ood import energy
+
+    rng = np.random.default_rng(0)
+    n = 300
+    labels = rng.integers(0, 7, n)
+    labels[:60] = 4  # enough melanomas in every fold
+    logits = rng.normal(size=(n, 7)) + 3.0 * np.eye(7)[labels]
+    lesions = np.array([f"L{i // 2}" for i in range(n)])
+    dx = np.array(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"])[labels]
+    dx = pd.Series(dx).groupby(lesions).transform("first").to_numpy()  # one diagnosis per lesion
+    folds = lesion_folds(lesions, dx, 4)
+    scores = {"energy": energy(logits)}
+    cf = cross_fit(logits, labels, folds, scores, kept=0.95)
+    assert sum(p["held_out_images"] for p in cf["per_fold"]) == n
+    assert all(p["fit_images"] + p["held_out_images"] == n for p in cf["per_fold"])
+    temps = {round(p["scalars"]["temperature"], 9) for p in cf["per_fold"]}
+    assert len(temps) == 4  # each fold has its own fit
+    assert 0.8 < cf["pooled"]["ood_kept"]["energy"] <= 1.0
+    stored = {"temperature": 1.0, "melanoma_threshold": 0.5, "ood_threshold": {"energy": float(np.quantile(
+        scores["energy"], 0.95))}}
+    rep = crossfit_report(logits, labels, lesions, dx, scores, stored, 4, bootstrap=50)
+    assert rep["protocol"]["ece_bins"] == 15
+    for key, (lo, hi) in rep["cross_fitted"]["pooled_95ci"].items():
+        assert lo <= hi, key
+    for part in ("in_sample_stored_scalars", "in_sample_refitted_whole_split"):
+        assert set(rep[part]) >= {"balanced_accuracy", "macro_auc", "melanoma_sensitivity_at_threshold",
+                                  "melanoma_specificity_at_threshold", "ece", "per_class_recall", "scalars"}
+    # the argmax does not depend on the temperature: balanced accuracy is the same in and out of sample
+    assert rep["cross_fitted"]["pooled"]["balanced_accuracy"] == pytest.approx(
+        rep["in_sample_stored_scalars"]["balanced_accuracy"])
+
+
+def make_data_folder(root: Path, files: list[Path], dx: list[str]) -> Path:
+    """A HAM10000-style folder: images (any resolution) + metadata.csv (the original header)."""
+    (root / "images").mkdir(parents=True)
+    rows = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
+    for i, (f, d) in enumerate(zip(files, dx, strict=True)):
+        (root / "images" / f.name).write_bytes(f.read_bytes())
+        rows.append(f"HAM_9{i:06d},{f.stem},{d},histo,50.0,male,back")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_calibrate_command_on_a_tiny_model(tiny_model: Path, tmp_path: Path) -> None:
+    from conftest import sample_images
+
+    files = sample_images(16)
+    dx = ["mel", "nv", "bkl", "mel"] * 4
+    data = make_data_folder(tmp_path / "data", files, dx)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in tiny_model.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    meta_df = pd.read_csv(data / "metadata.csv")
+    meta_df[["image_id", "lesion_id", "dx"]].to_csv(model_dir / "validation_split.csv", index=False)
+    before = (model_dir / "metadata.json").read_text()
+    out = tmp_path / "eval"
+    args = ["calibrate", "--model", str(model_dir), "--data", str(data), "--cross-fit", "2", "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--bootstrap", "20", "--quiet"]
+    main(args)
+    rep = json.loads((out / "crossfit.json").read_text())
+    assert rep["cross_fitted"]["pooled"]["n_images"] == 16 and len(rep["cross_fitted"]["per_fold"]) == 2
+    assert (out / "crossfit.md").read_text().startswith("| metric |")
+    assert (model_dir / "metadata.json").read_text() == before  # no --write: the model is untouched
+    assert list((tmp_path / "cache").glob("validation-*.npz"))  # the forward pass is cached
+    main([*args, "--write"])  # from the cache; stores the whole-split scalars
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    assert meta["temperature"] == rep["in_sample_refitted_whole_split"]["scalars"]["temperature"]
+    assert meta["ood_threshold"] is not None and meta["weights_sha256"] == json.loads(before)["weights_sha256"]
+
+
+def test_evaluate_subset_all_on_any_folder_and_resolution(tiny_model: Path, tmp_path: Path) -> None:
+    """`dermscore evaluate --subset all` on a folder of full-resolution images and a metadata CSV
+    that the model has no validation split for: the same report keys as on the shipped split."""
+    from conftest import sample_images
+
+    files = sample_images(8)
+    data = make_data_folder(tmp_path / "data", files, ["mel", "nv", "bkl", "bcc"] * 2)
+    (data / "metadata.csv").rename(data / "ISIC_style_labels.csv")  # any name: the one CSV with the columns
+    out = tmp_path / "eval"
+    main(["evaluate", "--data", str(data), "--model", str(tiny_model), "--out", str(out), "--subset", "all",
+          "--device", "cpu", "--threads", "1"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_images"] == 8 and report["subset"] == "all"
+    assert set(report) >= {"accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece", "per_class",
+                           "confusion_matrix", "melanoma_sensitivity_at_specificity_0.80", "baselines", "model",
+                           "melanoma_threshold", "melanoma_sensitivity_at_threshold",
+                           "melanoma_specificity_at_threshold", "tta"}
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "confusion_matrix.png", "roc_curves.png"}
+
+
+def test_cuda_training_path_amp_and_channels_last_run_on_the_cpu() -> None:
+    """No GPU here: the policy is checked for both CUDA cases, and the step that CUDA runs
+    (autocast, channels_last, the GradScaler) runs on the CPU with bf16 autocast."""
+    from batch.model import build_network
+    from training.train import amp_policy, train_step
+
+    assert amp_policy(torch.device("cpu")) == (False, torch.bfloat16, False)
+    assert amp_policy(torch.device("cuda"), bf16_supported=True) == (True, torch.bfloat16, False)
+    assert amp_policy(torch.device("cuda"), bf16_supported=False) == (True, torch.float16, True)
+    torch.manual_seed(0)
+    model = build_network("efficientnet_lite0").to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = model[1]._fc.weight.detach().clone()
+    x, y = torch.randint(0, 256, (4, 3, 48, 64), dtype=torch.uint8).float(), torch.tensor([0, 1, 4, 5])
+    for amp in ((True, torch.bfloat16, False), (False, torch.bfloat16, False)):
+        loss = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=amp[2]), torch.nn.CrossEntropyLoss(),
+                          x, y, torch.device("cpu"), amp)
+        assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert not torch.equal(before, model[1]._fc.weight)
+
+
+def test_each_dataloader_worker_gets_its_own_augmentation_stream() -> None:
+    from monai.data import Dataset
+    from monai.data.utils import set_rnd
+
+    from training.train import Augmented, augmentations
+
+    ds = Dataset([{"x": np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8), "y": 1}],
+                 transform=Augmented(augmentations()))
+    views = []
+    for seed in (1, 2, 1):
+        set_rnd(ds, seed)  # what MONAI's worker_init_fn does in each worker
+        views.append(ds[0][0])
+    assert torch.equal(views[0], views[2]) and not torch.equal(views[0], views[1])

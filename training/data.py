@@ -7,6 +7,7 @@ image folders) and this project's ``shared/data/ham10000`` layout
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections import Counter, defaultdict
@@ -19,8 +20,29 @@ import pandas as pd
 from dermscore.imaging import decode
 from dermscore.labels import CLASSES
 
+log = logging.getLogger("dermscore.data")
+
 METADATA_NAMES = ("HAM10000_metadata.csv", "metadata.csv", "HAM10000_metadata")
+REQUIRED_COLUMNS = ("image_id", "dx")  # lesion_id too, where a split is made
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+def find_metadata(data_dir: Path) -> Path | None:
+    """The metadata CSV of ``data_dir``: a known name, else the one ``*.csv`` at its top level
+    whose header has ``image_id`` and ``dx`` (HAM10000 style under any file name)."""
+    known = next((data_dir / n for n in METADATA_NAMES if (data_dir / n).is_file()), None)
+    if known is not None:
+        return known
+    candidates = []
+    for f in sorted(data_dir.glob("*.csv")):
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            header = {c.strip() for c in fh.readline().split(",")}
+        if set(REQUIRED_COLUMNS) <= header:
+            candidates.append(f)
+    if len(candidates) > 1:
+        raise FileNotFoundError(f"several metadata CSVs in {data_dir} ({', '.join(c.name for c in candidates)}): "
+                                f"name the one to use {METADATA_NAMES[1]}")
+    return candidates[0] if candidates else None
 
 
 def read_metadata(data_dir: Path) -> pd.DataFrame:
@@ -31,9 +53,10 @@ def read_metadata(data_dir: Path) -> pd.DataFrame:
     on one consistent resolution.
     """
     data_dir = Path(data_dir)
-    csv = next((data_dir / n for n in METADATA_NAMES if (data_dir / n).is_file()), None)
+    csv = find_metadata(data_dir)
     if csv is None:
-        raise FileNotFoundError(f"no HAM10000 metadata csv ({', '.join(METADATA_NAMES)}) in {data_dir}")
+        raise FileNotFoundError(f"no HAM10000 metadata csv ({', '.join(METADATA_NAMES)}, or a .csv with columns "
+                                f"{', '.join(REQUIRED_COLUMNS)}) in {data_dir}")
     meta = pd.read_csv(csv)
     unknown = set(meta["dx"]) - set(CLASSES)
     if unknown:
@@ -52,6 +75,7 @@ def read_metadata(data_dir: Path) -> pd.DataFrame:
     meta["path"] = meta["image_id"].map(paths)
     missing = meta["path"].isna().sum()
     if missing:
+        log.info("%d of %d metadata rows have no image under %s; they are left out", missing, len(meta), data_dir)
         meta = meta[meta["path"].notna()]
     if meta.empty:
         raise FileNotFoundError(f"none of the metadata's images were found under {data_dir}")

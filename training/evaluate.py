@@ -138,6 +138,8 @@ def markdown(report: dict, meta_model: dict) -> str:
 
 def evaluate(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     model, meta = load(args.model, device)
     images = select_images(ham.read_metadata(args.data), Path(args.model), args.subset, args.limit, args.seed)
     log.info("evaluating %s on %d images (%s subset)", args.model, len(images), args.subset)
@@ -169,6 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ from monai.transforms import (
     RandAdjustContrast,
     RandAffine,
     RandFlip,
+    Randomizable,
     RandScaleIntensity,
     RandShiftIntensity,
 )
@@ -63,6 +64,57 @@ def augmentations() -> Compose:
     ])
 
 
+class Augmented(Randomizable):
+    """The dataset transform: (uint8 CHW array, label) item -> (augmented float tensor, label).
+
+    Randomizable, so that MONAI's DataLoader ``worker_init_fn`` (``set_rnd``, through the
+    ``Compose`` that ``Dataset`` wraps every transform in) reseeds ``aug`` in each worker process:
+    a plain callable is skipped there, and all workers would replay the same random stream.
+    """
+
+    def __init__(self, aug: Compose) -> None:
+        self.aug = aug
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> Augmented:
+        self.aug.set_random_state(seed=seed, state=state)
+        return self
+
+    def randomize(self, data: object = None) -> None:  # the randomness lives in aug's transforms
+        pass
+
+    def __call__(self, d: dict) -> tuple[torch.Tensor, int]:
+        return self.aug(torch.from_numpy(d["x"]).float()), d["y"]
+
+
+def amp_policy(device: torch.device, bf16_supported: bool | None = None) -> tuple[bool, torch.dtype, bool]:
+    """(autocast on, autocast dtype, GradScaler on) for training on ``device``.
+
+    CUDA: mixed precision, bf16 where the GPU supports it (no loss scaling needed), else fp16 with
+    a GradScaler. CPU: full fp32 (CPU autocast is slower than fp32 for this network).
+    """
+    if device.type != "cuda":
+        return False, torch.bfloat16, False
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return (True, torch.bfloat16, False) if bf16_supported else (True, torch.float16, True)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+               amp: tuple[bool, torch.dtype, bool]) -> torch.Tensor:
+    """One optimisation step: channels_last input, autocast per ``amp``, scaled backward. Returns
+    the loss (a tensor: reading it synchronises with the GPU, so the caller decides when)."""
+    x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    y = y.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
+        loss = loss_fn(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed)
@@ -87,6 +139,8 @@ def train(args: argparse.Namespace) -> dict:
     gen = seed_everything(args.seed)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input size: autotune the convolutions once
     size = tuple(args.input_size)
 
     meta_df = ham.read_metadata(args.data)
@@ -112,7 +166,7 @@ def train(args: argparse.Namespace) -> dict:
     aug = augmentations()
     aug.set_random_state(seed=args.seed)
     items = [{"x": train_px[i], "y": int(train_y[i])} for i in range(len(train_y))]
-    dataset = Dataset(items, transform=lambda d: (aug(torch.from_numpy(d["x"]).float()), d["y"]))
+    dataset = Dataset(items, transform=Augmented(aug))
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda", drop_last=len(items) > args.batch_size,
                         persistent_workers=args.workers > 0)
@@ -126,8 +180,10 @@ def train(args: argparse.Namespace) -> dict:
         opt, lambda s: (s + 1) / warmup if s < warmup
         else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
     )
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
+    amp = amp_policy(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp[2])
+    log.info("device %s, autocast %s, loss scaling %s, channels_last", device, amp[1] if amp[0] else "off",
+             "on" if amp[2] else "off")
     loss_fn = torch.nn.CrossEntropyLoss(weight=loss_weights)
 
     out = Path(args.out)
@@ -152,14 +208,7 @@ def train(args: argparse.Namespace) -> dict:
         for step, (x, y) in enumerate(bar):
             if step >= steps_per_epoch:
                 break
-            x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
-                loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            loss = train_step(model, opt, scaler, loss_fn, x, y, device, amp)
             sched.step()
             seen += len(y)
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
