@@ -43,6 +43,7 @@ UPLOADS = int(os.environ.get("DERMSCORE_FAULT_UPLOADS", "200"))
 # (fewer, larger transform jobs, as the template's 300 s window does on AWS).
 WINDOW_S = float(os.environ.get("DERMSCORE_FAULT_WINDOW_S", "0.5" if UPLOADS <= 500 else "5"))
 BAD_SHARE = 0.05
+WAVE = 500          # uploads per wave (deliveries: twice that); the CI size is one wave
 ODD_NAMES = ("lésion {i} + copie (1).jpg", "naïve scan {i}.JPG", "a+b {i} ü.jpeg")
 
 
@@ -192,17 +193,28 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
             s3, sqs, bucket = p.s3, p.stack.client("sqs"), p.stack.bucket
             uploads: dict[tuple[str, str, str], str | None] = {}
             sizes: dict[str, int] = {}
-            for i, (key, data, reason) in enumerate(plan):
-                etag = f"injected-{i}" if reason in (reasons.UNSAFE_KEY, reasons.KEY_TOO_LONG) else \
-                    s3.put_object(Bucket=bucket, Key=key, Body=data)["ETag"].strip('"')
-                uploads[(bucket, key, etag)] = reason
-                sizes[key] = len(data)
+
+            def progress(text: str) -> None:   # shown with pytest -s (the full size takes minutes)
+                with capsys.disabled():
+                    print(f"  fault suite: {text}", flush=True)
+
+            # moto's SQS looks at every message of a queue on each send and receive, so a queue
+            # thousands deep makes each call slow (quadratic in all): uploads go in waves whose
+            # notifications are taken off at once, and deliveries in waves drained before the next.
+            bodies: list[str] = []
+            for start in range(0, len(plan), WAVE):
+                for i, (key, data, reason) in enumerate(plan[start:start + WAVE], start):
+                    etag = f"injected-{i}" if reason in (reasons.UNSAFE_KEY, reasons.KEY_TOO_LONG) else \
+                        s3.put_object(Bucket=bucket, Key=key, Body=data)["ETag"].strip('"')
+                    uploads[(bucket, key, etag)] = reason
+                    sizes[key] = len(data)
+                bodies += [m["Body"] for m in take_all(sqs, p.stack.queue_url)]
+                progress(f"uploaded {min(start + WAVE, len(plan))}/{len(plan)}")
 
             # Fault 2: every S3 event delivered twice, in shuffled order. The notifications S3
-            # (moto) sent are taken off the queue and sent back twice each; the bucket notifies
+            # (moto) sent were taken off the queue and are sent back twice each; the bucket notifies
             # on incoming/ only, so the events of outside/ keys and of unsafe keys are sent as a
             # misrouted notification or a hostile client would deliver them.
-            bodies = [m["Body"] for m in take_all(sqs, p.stack.queue_url)]
             template = next(json.loads(b) for b in bodies if "Records" in json.loads(b))
             for (_b, key, etag), reason in uploads.items():
                 if reason in INJECTED:
@@ -213,7 +225,6 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
             assert events == len(uploads)
             deliveries = bodies * 2
             rng.shuffle(deliveries)
-            send_all(sqs, p.stack.queue_url, deliveries)
 
             # Fault 3: the first transform job fails (an instance lost, as SageMaker reports it).
             real_execute = p.runner.execute
@@ -226,8 +237,12 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
                 return real_execute(job)
 
             p.runner.execute = execute_or_fail
-            # a bound against hangs, not a timing assertion; the bar shows progress (pytest -s)
-            p.drain(timeout_s=max(900, 2 * UPLOADS), progress_total=len(plan) - sum(r in INJECTED for *_, r in plan))
+            for start in range(0, len(deliveries), 2 * WAVE):
+                send_all(sqs, p.stack.queue_url, deliveries[start:start + 2 * WAVE])
+                p.drain(timeout_s=max(900, 2 * UPLOADS))   # a bound against hangs, not a timing assertion
+                done = sum(r["records"] for r in p.runner.results)
+                progress(f"delivered {min(start + 2 * WAVE, len(deliveries))}/{len(deliveries)} events, "
+                         f"{done} manifest lines transformed in {len(p.runner.results)} jobs")
             left = in_flight(p)
             jobs = list(p.runner.results)
             p.export(tmp_path)
