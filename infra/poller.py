@@ -73,8 +73,10 @@ class Poller:
             got = resp.get("Messages", [])
             for m in got:
                 if m["MessageId"] not in messages:
-                    messages[m["MessageId"]] = m
                     payload += len(m["Body"]) + 512
+                # a message received again (its visibility ran out while the window filled):
+                # only the newest receipt handle can delete it
+                messages[m["MessageId"]] = m
             if not messages:
                 return []   # nothing arrived within one long poll
             if deadline is None:

@@ -110,8 +110,10 @@ def make_pipeline(endpoint: str, model_dir: Path | None, window_s: float = 0.5, 
     from infra.local import LocalPipeline
 
     name = unique_name()
+    # The visibility timeout outlasts the batching window (as Lambda requires of an event source
+    # mapping), else a message is received again while its batch fills and spends its receives.
     return LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=endpoint,
-                         batching_window_s=window_s, visibility_timeout=2,
+                         batching_window_s=window_s, visibility_timeout=max(2, int(3 * window_s)),
                          overrides={"ModelName": f"{name}-model", **overrides})
 
 
