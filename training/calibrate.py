@@ -30,6 +30,7 @@ import logging
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -243,13 +244,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def calibrate(args: argparse.Namespace) -> dict:
+def validation_features(args: argparse.Namespace) -> tuple[Any, Any, Path, Any, dict, Any]:
+    """(model, meta, model dir, validation rows, their cached logits + features, device) for the
+    model's own validation split: what both the cross-fit and the OOD evaluation start from."""
     import pandas as pd
     import torch
 
-    from batch.bundle import METADATA_FILE, OOD_FILE
     from batch.model import load
-    from batch.ood import Mahalanobis
     from training import data as ham
     from training import features, ood
 
@@ -265,6 +266,15 @@ def calibrate(args: argparse.Namespace) -> dict:
         log.warning("%d of %d validation images not found under %s", len(split) - len(val), len(split), args.data)
     v = features.of_images(model, meta, val.path.tolist(), val.image_id.tolist(), device, args.cache_dir,
                            "validation", progress=not args.quiet)
+    return model, meta, model_dir, val, v, device
+
+
+def calibrate(args: argparse.Namespace) -> dict:
+    from batch.bundle import METADATA_FILE, OOD_FILE
+    from batch.ood import Mahalanobis
+    from training import ood
+
+    model, meta, model_dir, val, v, device = validation_features(args)
     scores = {"energy": ood.energy(v["logits"])}
     if meta.ood_method == "mahalanobis":
         scores["mahalanobis"] = Mahalanobis.load(model_dir / OOD_FILE).score_numpy(v["features"])

@@ -356,27 +356,16 @@ def measure(in_scores: dict[str, np.ndarray], ood_scores: dict[str, np.ndarray],
 
 
 def evaluate_ood(args: argparse.Namespace) -> dict:
-    import pandas as pd
-    import torch
 
     from batch.bundle import OOD_FILE, sha256_file
-    from batch.model import load
     from batch.ood import Mahalanobis
     from dermscore.imaging import decode
     from training import data as ham
     from training import features, ood
-    from training.calibrate import lesion_folds
+    from training.calibrate import lesion_folds, validation_features
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    model_dir = Path(args.model)
-    model, meta = load(model_dir, device)
-    split = pd.read_csv(model_dir / ood.VALIDATION_SPLIT)
+    model, meta, model_dir, val, v, device = validation_features(args)
     md = ham.read_metadata(args.data)
-    val = split[["image_id", "lesion_id", "dx"]].merge(md[["image_id", "path"]], on="image_id")
-    v = features.of_images(model, meta, val.path.tolist(), val.image_id.tolist(), device, args.cache_dir,
-                           "validation", progress=not args.quiet)
 
     # Mahalanobis: the model's shipped parameters, else fitted here on training images.
     if meta.ood_method == "mahalanobis" and (model_dir / OOD_FILE).is_file():
@@ -391,7 +380,7 @@ def evaluate_ood(args: argparse.Namespace) -> dict:
         maha_info = {"source": "fitted by this command (same procedure as calibrate-ood --method mahalanobis)",
                      **maha_info}
     fit_n, fit_seed = maha_info.get("fit_images_requested", args.fit_images), maha_info.get("fit_seed", args.fit_seed)
-    fit_ids = set(ood.training_subsample(md, split.image_id, fit_n, fit_seed).image_id)
+    fit_ids = set(ood.training_subsample(md, val.image_id, fit_n, fit_seed).image_id)
     assert not fit_ids & set(val.image_id), "a validation image was used to fit the Mahalanobis parameters"
 
     rng = np.random.default_rng(args.seed)
