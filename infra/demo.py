@@ -57,7 +57,8 @@ def require_model(path: Path) -> Path | None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, default=None,
-                   help="folder of .jpg/.jpeg/.png images (default: samples/, else the shared HAM10000 sample)")
+                   help="folder whose every file is uploaded; what cannot be scored gets a failure row "
+                        "(default: the images of samples/, else the shared HAM10000 sample)")
     p.add_argument("--model", type=Path, default=Path("models/default"), help="trained model directory")
     p.add_argument("--out", type=Path, default=Path("output"), help="where results/ is exported (default: output)")
     p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
@@ -75,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
 
     images_dir = args.images or default_images()
     files = image_files(images_dir) if images_dir.is_dir() else []
+    if args.images is None:   # samples/README.md is the images' attribution, not an upload
+        files = [f for f in files if f.name != "README.md"]
     if not files:
-        sys.stderr.write(f"no .jpg/.jpeg/.png images in {images_dir}\n")
+        sys.stderr.write(f"no files in {images_dir}\n")
         return 2
     from infra.runner import resolve_mode
     from infra.serving import ServeEnv, ServingUnavailable
