@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -59,12 +58,6 @@ def client_lock() -> threading.Lock:
 
 
 # --------------------------------------------------------------------------- server + environment
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 LOOPBACK = "127.0.0.1"
 

@@ -30,17 +30,8 @@ def test_calibrate_an_existing_model_dir_from_its_validation_split(tiny_model: P
     from conftest import sample_images
 
     files = sample_images(4)
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    for f in tiny_model.iterdir():
-        (model_dir / f.name).write_bytes(f.read_bytes())
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    rows = ["image_id,lesion_id,dx"]
-    for i, f in enumerate(files):
-        (data / "images" / f.name).write_bytes(f.read_bytes())
-        rows.append(f"{f.stem},HAM_{i},nv")
-    (data / "metadata.csv").write_text("\n".join(rows) + "\n")
+    model_dir = copy_model(tiny_model, tmp_path / "model")
+    data, rows = ham_folder(tmp_path / "data", files, lambda i: "nv")
     (model_dir / ood.VALIDATION_SPLIT).write_text("\n".join(rows[:4]) + "\n")  # 3 of the 4 are validation
     weights_before = ModelMeta.read(model_dir / METADATA_FILE).weights_sha256
     meta = ood.calibrate(model_dir, data, progress=False)
@@ -64,6 +55,17 @@ def test_metadata_without_ood_threshold_still_loads(tiny_model: Path) -> None:
     raw.pop("ood_threshold", None)
     meta = ModelMeta(**{**raw, "input_size": tuple(raw["input_size"]), "classes": tuple(raw["classes"])})
     assert meta.ood_threshold is None
+
+
+def ham_folder(data: Path, files: list[Path], dx_of) -> tuple[Path, list[str]]:
+    """A HAM10000-style folder (images/ + metadata.csv, one lesion per image); returns the CSV rows."""
+    (data / "images").mkdir(parents=True)
+    rows = ["image_id,lesion_id,dx"]
+    for i, f in enumerate(files):
+        (data / "images" / f.name).write_bytes(f.read_bytes())
+        rows.append(f"{f.stem},HAM_{i},{dx_of(i)}")
+    (data / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return data, rows
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -143,13 +145,7 @@ def test_a_model_dir_with_mahalanobis_parameters_scores_and_ships_them(tiny_mode
 
     files = sample_images(8)
     model_dir = copy_model(tiny_model, tmp_path / "model")
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    rows = ["image_id,lesion_id,dx"]
-    for i, f in enumerate(files):
-        (data / "images" / f.name).write_bytes(f.read_bytes())
-        rows.append(f"{f.stem},HAM_{i},{'nv' if i % 2 else 'mel'}")
-    (data / "metadata.csv").write_text("\n".join(rows) + "\n")
+    data, rows = ham_folder(tmp_path / "data", files, lambda i: "nv" if i % 2 else "mel")
     (model_dir / ood.VALIDATION_SPLIT).write_text("\n".join(rows[:5]) + "\n")  # 4 validation, 4 training
     main(["calibrate-ood", "--model", str(model_dir), "--data", str(data), "--method", "mahalanobis",
           "--threads", "1"])
