@@ -1,56 +1,64 @@
-"""What enqueue does with a batch: submit it, let it wait for more images, or back off.
+"""When the dispatcher creates transform jobs, and what it does when SageMaker says "not now".
 
-The decisions are pure functions of the batch and the settings (no AWS calls), so the handler
-reads parse -> decide -> act, and ``dermscore plan`` and the tests use the same rules
-(docs/scaling.md).
+Arrival and dispatch are two steps (docs/scaling.md): enqueue leaves one manifest part per SQS
+batch under ``pending/``; the dispatcher, on a schedule, gathers parts into jobs. The decisions
+are pure functions of the pending parts and the settings (no AWS calls), so the handler, ``dermscore
+plan`` and the tests share one definition.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
-# CreateTransformJob error codes that mean "not now": the batch goes back to the queue.
+# CreateTransformJob error codes that mean "not now": the parts stay pending for the next run.
 THROTTLED = "ThrottlingException"
 QUOTA = "ResourceLimitExceeded"
 RETRYABLE_CREATE_ERRORS = frozenset({THROTTLED, QUOTA, "ThrottledException", "TooManyRequestsException",
                                      "RequestLimitExceeded", "ServiceUnavailable", "InternalFailure"})
 
-MAX_VISIBILITY_S = 12 * 3600   # SQS ChangeMessageVisibility upper bound
+MAX_BACKOFF_S = 12 * 3600
 
 
 @dataclass(frozen=True)
-class Submit:
-    """Create the batch's transform job now."""
+class Part:
+    """One pending manifest part, as one listing of ``pending/`` shows it."""
+
+    key: str
+    images: int
+    modified: datetime
 
 
-@dataclass(frozen=True)
-class GiveBack:
-    """Return the batch's messages to the queue; they reappear in ``delay_s``."""
+def plan_jobs(parts: list[Part], now: datetime, *, min_images: int, max_images: int, max_latency_s: float,
+              slots: int) -> list[list[Part]]:
+    """The jobs to create now: groups of pending parts, oldest first.
 
-    delay_s: int
-    why: str          # "accumulate" (below MIN_IMAGES_PER_JOB) | "throttled" | "quota"
+    * nothing while the pending volume is below ``min_images`` and the oldest part is younger
+      than ``max_latency_s`` (it waits for more: start-up is paid per job);
+    * else parts are packed, oldest first, into jobs of at most ``max_images`` (a part larger
+      than that is a job of its own); a last job below ``min_images`` whose parts are all younger
+      than ``max_latency_s`` waits for the next run. So every job holds at least ``min_images``
+      images but the one the latency bound forces: N images make at most ceil(N / min_images) jobs;
+    * at most ``slots`` jobs (``MaxConcurrentJobs`` less the running ones); the rest waits.
+    """
+    if slots <= 0 or not parts:
+        return []
+    parts = sorted(parts, key=lambda p: (p.modified, p.key))
 
+    def overdue(group: list[Part]) -> bool:
+        return (now - group[0].modified).total_seconds() >= max_latency_s
 
-Decision = Submit | GiveBack
-
-
-def decide(images: int, oldest_age_s: float, max_receive_count_seen: int, *, min_images_per_job: int,
-           max_job_wait_s: float, max_receive_count: int, step_s: float) -> Decision:
-    """Submit, or give a too-small batch back so it accumulates with later images (:func:`should_defer`)."""
-    if should_defer(images, oldest_age_s, max_receive_count_seen, min_images_per_job=min_images_per_job,
-                    max_job_wait_s=max_job_wait_s, max_receive_count=max_receive_count):
-        return GiveBack(defer_delay_s(oldest_age_s, max_job_wait_s, step_s), "accumulate")
-    return Submit()
-
-
-def after_refusal(code: str, receive_count: int, base_s: int, rng: random.Random | None = None) -> GiveBack | None:
-    """A refused CreateTransformJob: back off (throttling, quota) or None (not retryable: raise)."""
-    if not is_retryable_create_error(code):
-        return None
-    return GiveBack(backoff_s(receive_count, base_s, rng=rng), "quota" if code == QUOTA else "throttled")
+    groups: list[list[Part]] = []
+    for part in parts:
+        if groups and sum(p.images for p in groups[-1]) + part.images <= max_images:
+            groups[-1].append(part)
+        else:
+            groups.append([part])
+    if sum(p.images for p in groups[-1]) < min_images and not overdue(groups[-1]):
+        groups.pop()
+    return groups[:slots]
 
 
 def is_retryable_create_error(code: str) -> bool:
@@ -72,35 +80,10 @@ def quota_name(instance_type: str, code: str, message: str = "") -> str:
 
 def backoff_s(receive_count: int, base_s: int, cap_s: int = 900, jitter: float = 0.2,
               rng: random.Random | None = None) -> int:
-    """Visibility timeout for a batch sent back after a throttled/quota-refused create:
-    ``base * 2**(receive_count-1)``, capped, with +-``jitter`` so returned batches do not
-    all come back at the same moment."""
+    """How long the dispatcher waits before its ``receive_count``-th try of a job whose create was
+    throttled or refused for quota: ``base * 2**(n-1)``, capped, with +-``jitter`` so refused
+    jobs do not all come back at the same moment."""
     receive_count = max(1, int(receive_count))
     delay = min(cap_s, base_s * 2 ** min(receive_count - 1, 20))
     r = (rng or random).uniform(1 - jitter, 1 + jitter)
-    return int(max(0, min(MAX_VISIBILITY_S, round(delay * r))))
-
-
-def should_defer(images: int, oldest_age_s: float, max_receive_count_seen: int, *, min_images_per_job: int,
-                 max_job_wait_s: float, max_receive_count: int, reserve_receives: int = 2) -> bool:
-    """Return a too-small batch to the queue so it accumulates with later images?
-
-    Defer only while all hold:
-
-    * the batch has fewer than ``min_images_per_job`` images (1 disables the policy);
-    * its oldest message is younger than ``max_job_wait_s`` (so no image waits more than that,
-      plus one deferral, before a job is created however few images there are);
-    * every message has receives to spare: each return to the queue counts as a receive, and
-      ``reserve_receives`` are kept for real failures before the DLQ's ``maxReceiveCount``.
-    """
-    if min_images_per_job <= 1 or images <= 0 or images >= min_images_per_job:
-        return False
-    if oldest_age_s >= max_job_wait_s:
-        return False
-    return max_receive_count_seen + reserve_receives < max_receive_count
-
-
-def defer_delay_s(oldest_age_s: float, max_job_wait_s: float, step_s: float) -> int:
-    """How long a deferred batch stays invisible: one step, but not past its deadline."""
-    remaining = max(0.0, max_job_wait_s - oldest_age_s)
-    return int(max(1, min(MAX_VISIBILITY_S, math.ceil(min(step_s, remaining)))))
+    return int(max(0, min(MAX_BACKOFF_S, round(delay * r))))

@@ -48,12 +48,15 @@ class Settings:
     max_payload_mb: int = 6
     invocations_timeout_s: int = 3600
     batch_strategy: str = "MultiRecord"
-    # Scale-out and batching policy (docs/scaling.md).
+    # Scale-out and dispatch policy (docs/scaling.md, dermscore.batching).
     min_images_per_shard: int = 250           # below this a shard is not worth one more instance
-    min_images_per_job: int = 1               # smaller batches wait (up to max_job_wait_s); 1 = never
-    max_job_wait_s: int = 900                 # the oldest image of a batch waits at most this long
-    max_receive_count: int = 5                # the queue's redrive maxReceiveCount (deferral budget)
+    max_images_per_shard: int = 50_000        # manifest files stay this small (the dispatcher's memory)
+    min_images_per_job: int = 1               # pending images wait for this many (up to max_latency_s)
+    max_images_per_job: int = 2_000_000       # larger backlogs become several jobs
+    max_latency_s: int = 900                  # the oldest pending image waits at most this long
+    max_concurrent_jobs: int = 4              # running transform jobs of this stack (the account quota)
     throttle_backoff_s: int = 60              # first back-off after a throttled/quota-refused create
+    dispatch_function: str = ""               # enqueue wakes it when the pending volume reaches a job
     # Reliability (docs/reliability.md): where collect re-queues the images of a failed job, and
     # how many transform attempts an image gets before it becomes a failure row.
     queue_url: str = ""
@@ -78,9 +81,12 @@ class Settings:
             max_payload_mb=int(e.get("MAX_PAYLOAD_MB", cls.max_payload_mb)),
             invocations_timeout_s=int(e.get("INVOCATIONS_TIMEOUT_S", cls.invocations_timeout_s)),
             min_images_per_shard=int(e.get("MIN_IMAGES_PER_SHARD", cls.min_images_per_shard)),
+            max_images_per_shard=int(e.get("MAX_IMAGES_PER_SHARD", cls.max_images_per_shard)),
             min_images_per_job=int(e.get("MIN_IMAGES_PER_JOB", cls.min_images_per_job)),
-            max_job_wait_s=int(e.get("MAX_JOB_WAIT_S", cls.max_job_wait_s)),
-            max_receive_count=int(e.get("MAX_RECEIVE_COUNT", cls.max_receive_count)),
+            max_images_per_job=int(e.get("MAX_IMAGES_PER_JOB", cls.max_images_per_job)),
+            max_latency_s=int(e.get("MAX_LATENCY_S", cls.max_latency_s)),
+            max_concurrent_jobs=int(e.get("MAX_CONCURRENT_JOBS", cls.max_concurrent_jobs)),
+            dispatch_function=e.get("DISPATCH_FUNCTION_NAME", cls.dispatch_function),
             throttle_backoff_s=int(e.get("THROTTLE_BACKOFF_S", cls.throttle_backoff_s)),
             queue_url=e.get("QUEUE_URL", cls.queue_url),
             max_job_attempts=int(e.get("MAX_JOB_ATTEMPTS", cls.max_job_attempts)),

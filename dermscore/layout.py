@@ -21,7 +21,8 @@ IMAGES = "results/images/"
 FAILURES = "results/failures/"
 MODELS = "models/"                  # model.tar.gz artifacts (dermscore publish-model)
 ATHENA_RESULTS = "athena-results/"  # the Athena workgroup's query results
-CLAIMS = "claims/"                  # one object per upload attempt: the job that owns it (handlers.claims)
+PENDING = "pending/"                # arrival: one manifest part per enqueue invocation, until dispatched
+DISPATCH = "dispatch/"              # the dispatcher's intent records: a job's parts, until it exists
 REPORTS = "results/reports/"        # one HTML page + CSV + facts JSON per transform job (dermscore.report)
 
 MAX_KEY_BYTES = 1024                # S3's limit on an object key (UTF-8 bytes)
@@ -72,6 +73,27 @@ def local_path(root: Path, relative: str) -> Path:
     return target
 
 
+_PART = re.compile(r"(?P<digest>[0-9a-f]{16})-(?P<images>\d{7,})\.jsonl")
+
+
+def pending_part_key(digest: str, images: int) -> str:
+    """A manifest part waiting for the dispatcher: named by its content's digest (a redelivered
+    batch rewrites the same object) and its number of lines, so that one listing of ``pending/``
+    tells the dispatcher the pending volume without reading a part."""
+    return f"{PENDING}{digest}-{images:07d}.jsonl"
+
+
+def part_images(key: str) -> int | None:
+    """The number of lines a pending part's key announces, or None for a key that is not a part."""
+    m = _PART.fullmatch(key[len(PENDING):]) if key.startswith(PENDING) else None
+    return int(m.group("images")) if m else None
+
+
+def dispatch_key(job_name: str) -> str:
+    """The dispatcher's intent: the parts of a job it is creating (deleted once the job exists)."""
+    return f"{DISPATCH}{job_name}.json"
+
+
 def manifest_key(job_name: str) -> str:
     return f"{MANIFESTS}{job_name}.jsonl"
 
@@ -108,9 +130,16 @@ def image_artifact_key(image_key: str, suffix: str) -> str:
     return image_result_key(image_key)[: -len(".json")] + suffix
 
 
-def prediction_partition_key(dt: str, job_name: str) -> str:
-    """One Parquet file per job, Hive-partitioned by scoring date (dt=YYYY-MM-DD)."""
-    return f"{PREDICTIONS}dt={dt}/{job_name}.parquet"
+def job_file_name(job_name: str, input_key: str) -> str:
+    """``<job>-<shard file stem>``: the name of a job's result files for one of its input files."""
+    stem = input_key.rsplit("/", 1)[-1]
+    return f"{job_name}-{stem[:-len('.jsonl')] if stem.endswith('.jsonl') else stem}"
+
+
+def prediction_partition_key(dt: str, name: str) -> str:
+    """One Parquet file per input file of a job (:func:`job_file_name`), Hive-partitioned by scoring
+    date (dt=YYYY-MM-DD)."""
+    return f"{PREDICTIONS}dt={dt}/{name}.parquet"
 
 
 def failure_partition_key(dt: str, name: str) -> str:

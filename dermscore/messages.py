@@ -2,7 +2,8 @@
 
 ::
 
-    enqueue  --ManifestLine-->  manifests/<job>/...jsonl  --(Batch Transform, SplitType=Line)-->  container
+    enqueue  --ManifestLine-->  pending/<part>.jsonl  --(dispatch)-->  manifests/<job>/...jsonl
+    manifests/<job>/...jsonl  --(Batch Transform, SplitType=Line)-->  container
     container  --OutputLine-->  transform-output/<job>/...jsonl.out  -->  collect
     collect  --Retry (SQS)-->  enqueue      (the images of a failed job, as their next attempt)
 
@@ -14,8 +15,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
-
-from dermscore import layout
 
 
 def _compact(doc: dict[str, Any]) -> str:
@@ -34,7 +33,8 @@ class ManifestLine:
     """One upload to score, as one line of a transform job's input.
 
     ``(bucket, key, etag)`` is the upload; ``attempt`` counts transform jobs that failed on it
-    (collect re-queues it with ``attempt + 1``), so each attempt has a claim of its own.
+    (collect re-queues it with ``attempt + 1``); ``sequencer`` is the S3 event's, which orders the
+    uploads of one key (so the key's JSON document shows the newest, ``handlers.claims``).
     """
 
     bucket: str
@@ -42,6 +42,7 @@ class ManifestLine:
     etag: str
     size: int = 0
     attempt: int = 0
+    sequencer: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "etag", str(self.etag or "").strip('"'))
@@ -50,16 +51,6 @@ class ManifestLine:
     def upload(self) -> tuple[str, str, str]:
         return self.bucket, self.key, self.etag
 
-    @property
-    def identity(self) -> tuple[str, str, str, int]:
-        """What a claim is about: this upload, this attempt."""
-        return self.bucket, self.key, self.etag, self.attempt
-
-    @property
-    def claim_key(self) -> str:
-        """``claims/<digest>.json``: the one object that names the job owning this attempt."""
-        return f"{layout.CLAIMS}{layout.content_digest(*self.identity[:3], str(self.attempt), length=32)}.json"
-
     def next_attempt(self) -> ManifestLine:
         return replace(self, attempt=self.attempt + 1)
 
@@ -67,6 +58,8 @@ class ManifestLine:
         doc: dict[str, Any] = {"bucket": self.bucket, "key": self.key, "etag": self.etag, "size": self.size}
         if self.attempt:
             doc["attempt"] = self.attempt
+        if self.sequencer:
+            doc["sequencer"] = self.sequencer
         return json.dumps(doc, ensure_ascii=False, sort_keys=True)
 
     @classmethod
@@ -78,7 +71,7 @@ class ManifestLine:
             raise ValueError('needs string "bucket" and non-empty "key"')
         size = doc.get("size", 0)
         return cls(bucket, key, str(doc.get("etag") or ""), size if isinstance(size, int) else 0,
-                   int(doc.get("attempt", 0) or 0))
+                   int(doc.get("attempt", 0) or 0), str(doc.get("sequencer") or ""))
 
 
 @dataclass(frozen=True)

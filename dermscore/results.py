@@ -106,8 +106,10 @@ def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def image_document(row: dict[str, Any]) -> dict[str, Any]:
-    """The per-image JSON document: the Parquet row, JSON-friendly."""
-    doc = dict(row)
-    doc["scored_at"] = row["scored_at"].isoformat()
-    return doc
+SCORED, FAILED = "scored", "failed"   # the ``status`` of a per-image JSON document
+
+
+def image_document(row: dict[str, Any], status: str = SCORED) -> dict[str, Any]:
+    """The per-image JSON document: the Parquet row (a prediction, or a failure of the transform
+    stage), JSON-friendly, with its ``status``."""
+    return {**{k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}, "status": status}

@@ -188,6 +188,10 @@ class LocalSpec:
     reconcile_env: dict[str, str] = field(default_factory=dict)
     reconcile_timeout_s: int = 0
     reconcile_interval_s: int = 0
+    # The dispatcher (DispatchFunction): its environment, timeout and schedule (rate, in seconds).
+    dispatch_env: dict[str, str] = field(default_factory=dict)
+    dispatch_timeout_s: int = 0
+    dispatch_interval_s: int = 0
 
 
 def function_env(template: dict[str, Any], logical_id: str, resolver: Resolver) -> dict[str, str]:
@@ -267,6 +271,7 @@ def local_spec(bucket: str, stack_name: str = "dermscore", path: str | Path = TE
     sqs_event = r.resolve(_event(t, "EnqueueFunction", "SQS"))
     rule_event = r.resolve(_event(t, "CollectFunction", "EventBridgeRule"))
     schedule = r.resolve(_event(t, "ReconcileFunction", "Schedule"))
+    dispatch_schedule = r.resolve(_event(t, "DispatchFunction", "Schedule"))
     prefix, suffixes = notification_filter(r.resolve(res["ImagesBucket"]["Properties"]))
     return LocalSpec(
         queue_visibility_timeout=int(queue["VisibilityTimeout"]),
@@ -287,6 +292,9 @@ def local_spec(bucket: str, stack_name: str = "dermscore", path: str | Path = TE
         reconcile_env=function_env(t, "ReconcileFunction", r),
         reconcile_timeout_s=int(function_property(t, "ReconcileFunction", "Timeout", r) or 3),
         reconcile_interval_s=rate_seconds(schedule["Schedule"]),
+        dispatch_env=function_env(t, "DispatchFunction", r),
+        dispatch_timeout_s=int(function_property(t, "DispatchFunction", "Timeout", r) or 3),
+        dispatch_interval_s=rate_seconds(dispatch_schedule["Schedule"]),
     )
 
 

@@ -1,19 +1,21 @@
 """Lambda ``collect``: "SageMaker Transform Job State Change" -> results.
 
-On ``Completed``::
+On ``Completed``, one input file at a time (memory stays flat in the job's size)::
 
-    every shard under the job's S3Uri (manifests/<job>/<n>-shards/part-*.jsonl)
-      + transform-output/<job>/<shard file name>.out            (each joined line by line)
-      -> results/predictions/dt=<date>/<job>.parquet       one file per job (PREDICTION_SCHEMA)
-      -> results/images/<key without incoming/>.json       one document per image
-      -> results/failures/dt=<date>/<job>-transform.parquet error lines (stage "transform")
-      -> results/reports/<job>.html + .csv + .json          the job's report (dermscore.report),
-                                                            last; its failure is logged, not raised
+    each shard under the job's S3Uri (manifests/<job>/<n>-shards/part-*.jsonl)
+      + transform-output/<job>/<shard file name>.out              (joined line by line)
+      -> results/images/<key without incoming/>.json             one document per image, written
+                                                                 first: it is the upload's claim
+                                                                 (handlers.claims), 16 in parallel
+      -> results/predictions/dt=<date>/<job>-<shard>.parquet     the rows of the lines that own
+      -> results/failures/dt=<date>/<job>-<shard>-transform.parquet   their uploads
+    then results/reports/<job>.html + .csv + .json              the job's report (dermscore.report),
+                                                                 last; its failure is logged, not raised
 
 On ``Failed`` / ``Stopped`` the job's images go back to the queue as a new attempt
 (a :class:`dermscore.messages.Retry` per image, ``attempt + 1``, at most ``MAX_JOB_ATTEMPTS``
 attempts in all); after the last attempt every image gets a failure row carrying the job's
-FailureReason (``<job>-job.parquet``).
+FailureReason (``<job>-<shard>-job.parquet``).
 
 Last, either way: the job's marker ``collected/<job>.json`` (its status and counts), which the
 reconciler (``handlers.reconcile``) lists to find jobs whose event was lost. An event for a job
@@ -21,16 +23,15 @@ the reconciler gave up on (marker status ``Unreconciled``: its images already ha
 rows) is ignored, so a late event cannot add a second row for an image.
 
 File names derive from the job name and the date from the job's end time, so a repeated
-event overwrites the same objects instead of adding rows; rows are written only for images
-whose claim names this job (``handlers.claims``), so an image two jobs scored (a
-duplicate that raced) still gets one row.
+event overwrites the same objects instead of adding rows; rows are written only for lines that
+own their upload's document, so an upload two jobs scored (a duplicate) still gets one row.
 """
 
 from __future__ import annotations
 
 import posixpath
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +53,7 @@ JOB_STOPPED = "job_stopped"
 MISSING_OUTPUT = "missing_output"
 TERMINAL = ("Completed", "Failed", "Stopped")
 UNRECONCILED = "Unreconciled"   # marker status: the reconciler gave up on the job (handlers.reconcile)
+REPORT_MAX_ROWS = 20_000        # a job with more images gets its facts but no report page (query it instead)
 
 
 def _time(value: Any) -> datetime | None:
@@ -78,10 +80,10 @@ def input_files(s3, detail: dict[str, Any]) -> list[tuple[str, str]]:
     return [(bucket, k) for k in sorted(iter_keys(s3, bucket, prefix))]
 
 
-def job_lines(s3, detail: dict[str, Any]) -> list[tuple[str, list[ManifestLine]]]:
-    """(input key, its manifest lines) for every input file of the job."""
-    return [(key, [ManifestLine.from_json(ln) for ln in read_lines(s3, bucket, key)])
-            for bucket, key in input_files(s3, detail)]
+def job_lines(s3, detail: dict[str, Any]) -> Iterator[tuple[str, list[ManifestLine]]]:
+    """(input key, its manifest lines) for each input file of the job, one file at a time."""
+    for bucket, key in input_files(s3, detail):
+        yield key, [ManifestLine.from_json(ln) for ln in read_lines(s3, bucket, key)]
 
 
 def output_key(output_path: str, input_key: str) -> tuple[str, str]:
@@ -120,48 +122,67 @@ def picture_keys(line: OutputLine) -> dict[str, str | None]:
     return keys
 
 
-def all_claimed(detail: dict[str, Any]) -> bool:
-    """Did the job's submitter see every line claimed for it (its tag, handlers.claims)?"""
-    tags = detail.get("Tags") or {}
-    if isinstance(tags, list):   # the API's [{"Key", "Value"}] form
-        tags = {t.get("Key"): t.get("Value") for t in tags}
-    return tags.get(claims.ALL_CLAIMED_TAG) == claims.ALL_CLAIMED
+def outcome(job: str, in_key: str, index: int, line: ManifestLine, out: OutputLine | None, out_key: str,
+            when: datetime) -> tuple[claims.Outcome, dict[str, Any], bool]:
+    """(the outcome to place, its row, whether the row is a prediction) for one manifest line."""
+    if out is not None and out.ok:
+        row, scored = results.prediction_row(out, job, when, **picture_keys(out)), True
+    elif out is None:
+        row, scored = results.failure_row(line, "collect", MISSING_OUTPUT, f"no output line in {out_key}", job,
+                                          when), False
+    else:
+        row, scored = results.failure_row(line, "transform", out.reason or "unknown", out.detail or "", job,
+                                          when), False
+    doc = results.image_document(row, results.SCORED if scored else results.FAILED)
+    return claims.Outcome(line, claims.owner_of(job, in_key, index), doc), row, scored
+
+
+def collect_file(rt: Runtime, detail: dict[str, Any], in_key: str, lines: list[ManifestLine],
+                 when: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One input file with its ``.out``: documents placed, then the file's Parquet and failure rows
+    (``<job>-<file>``), for the lines that own their upload. Returns (rows, failures) written."""
+    s3, bucket, job, dt = rt.s3, rt.settings.bucket, detail["TransformJobName"], dt_of(when)
+    out_bucket, out_key = output_key(detail["TransformOutput"]["S3OutputPath"], in_key)
+    try:
+        out_lines = read_lines(s3, out_bucket, out_key)
+    except s3.exceptions.NoSuchKey:
+        out_lines = []
+    made = [outcome(job, in_key, i, line, out, out_key, when) for i, (line, out) in enumerate(join(lines, out_lines))]
+    owns = claims.place_all(s3, bucket, [o for o, _, _ in made])
+    rows = [row for (_, row, scored), own in zip(made, owns, strict=True) if own and scored]
+    failures = [row for (_, row, scored), own in zip(made, owns, strict=True) if own and not scored]
+    if len(rows) + len(failures) < len(made):
+        logger.info("duplicate lines: their uploads' outcomes come from other lines", extra={
+            "job_name": job, "input": in_key, "duplicates": len(made) - len(rows) - len(failures)})
+    name = layout.job_file_name(job, in_key)
+    if rows:
+        put_parquet(s3, bucket, layout.prediction_partition_key(dt, name),
+                    results.to_table(rows, results.PREDICTION_SCHEMA))
+    write_failures(s3, bucket, dt, f"{name}-transform", failures)
+    return rows, failures
 
 
 def collect_completed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[str, int]:
-    s3, bucket = rt.s3, rt.settings.bucket
+    """Every input file in turn (memory: one file's lines, plus the report's rows up to
+    REPORT_MAX_ROWS), then the job's report."""
     job = detail["TransformJobName"]
-    dt = dt_of(when)
-    rows: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    for in_key, lines in job_lines(s3, detail):
-        out_bucket, out_key = output_key(detail["TransformOutput"]["S3OutputPath"], in_key)
-        try:
-            out_lines = read_lines(s3, out_bucket, out_key)
-        except s3.exceptions.NoSuchKey:
-            out_lines = []
-        owners = claims.settle(s3, bucket, lines, job, all_claimed(detail))
-        for (line, out), owner in zip(join(lines, out_lines), owners, strict=True):
-            if owner != job:
-                logger.info("image owned by another job; no row from this one",
-                            extra={"job_name": job, "image_key": line.key, "owner": owner})
-            elif out is None:
-                failures.append(results.failure_row(line, "collect", MISSING_OUTPUT, f"no output line in {out_key}",
-                                                    job, when))
-            elif out.ok:
-                rows.append(results.prediction_row(out, job, when, **picture_keys(out)))
-            else:
-                failures.append(results.failure_row(line, "transform", out.reason or "unknown", out.detail or "",
-                                                    job, when))
-    if rows:
-        put_parquet(s3, bucket, layout.prediction_partition_key(dt, job),
-                    results.to_table(rows, results.PREDICTION_SCHEMA))
-        for row in rows:
-            put_json(s3, bucket, layout.image_result_key(row["image_key"]), results.image_document(row))
-    write_failures(s3, bucket, dt, f"{job}-transform", failures)
-    write_report(s3, bucket, rows, failures, job_summary(detail, when))
-    logger.info("transform job collected", extra={"job_name": job, "scored": len(rows), "failed": len(failures)})
-    return {"scored": len(rows), "failed": len(failures)}
+    scored = failed = 0
+    kept: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+    for in_key, lines in job_lines(rt.s3, detail):
+        rows, failures = collect_file(rt, detail, in_key, lines, when)
+        scored, failed = scored + len(rows), failed + len(failures)
+        if scored + failed <= REPORT_MAX_ROWS:
+            kept[0].extend(rows)
+            kept[1].extend(failures)
+    facts = job_summary(detail, when)
+    if scored + failed <= REPORT_MAX_ROWS:
+        write_report(rt.s3, rt.settings.bucket, *kept, facts)
+    else:
+        write_facts(rt.s3, rt.settings.bucket, facts)
+        logger.info("job too large for a report page: query its rows (Athena, DuckDB)",
+                    extra={"job_name": job, "images": scored + failed, "report_max_rows": REPORT_MAX_ROWS})
+    logger.info("transform job collected", extra={"job_name": job, "scored": scored, "failed": failed})
+    return {"scored": scored, "failed": failed}
 
 
 def job_summary(detail: dict[str, Any], when: datetime) -> dict[str, Any]:
@@ -170,6 +191,12 @@ def job_summary(detail: dict[str, Any], when: datetime) -> dict[str, Any]:
     return {"name": detail["TransformJobName"], "status": detail.get("TransformJobStatus"),
             "instance_type": resources.get("InstanceType"), "instance_count": resources.get("InstanceCount"),
             "started": _time(detail.get("TransformStartTime")), "ended": when}
+
+
+def write_facts(s3, bucket: str, job: dict[str, Any]) -> None:
+    """The job's facts (``dermscore.report.Job``), which ``dermscore report`` reads to price the job."""
+    s3.put_object(Bucket=bucket, Key=layout.job_facts_key(job["name"]), Body=report.Job.of(job).to_json(),
+                  ContentType="application/json")
 
 
 def write_report(s3, bucket: str, rows: list[dict[str, Any]], failures: list[dict[str, Any]],
@@ -182,12 +209,10 @@ def write_report(s3, bucket: str, rows: list[dict[str, Any]], failures: list[dic
     try:
         name = job["name"]
         page = report.render(report.job_page(rows, failures, job)).encode("utf-8")
-        objects = [(layout.job_report_csv_key(name), report.to_csv(rows), "text/csv; charset=utf-8",
-                    {"ContentDisposition": f'attachment; filename="{name}.csv"'}),
-                   (layout.job_facts_key(name), report.Job.of(job).to_json(), "application/json", {}),
-                   (layout.job_report_key(name), page, "text/html; charset=utf-8", {})]
-        for key, body, ctype, extra in objects:
-            s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=ctype, **extra)
+        s3.put_object(Bucket=bucket, Key=layout.job_report_csv_key(name), Body=report.to_csv(rows),
+                      ContentType="text/csv; charset=utf-8", ContentDisposition=f'attachment; filename="{name}.csv"')
+        write_facts(s3, bucket, job)
+        s3.put_object(Bucket=bucket, Key=layout.job_report_key(name), Body=page, ContentType="text/html; charset=utf-8")
     except Exception:
         logger.exception("job report not written; the results are", extra={"job_name": job.get("name")})
         return False
@@ -195,32 +220,34 @@ def write_report(s3, bucket: str, rows: list[dict[str, Any]], failures: list[dic
 
 
 def collect_failed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[str, int]:
+    """A failed or stopped job: its images go back to the queue as their next attempt; after the
+    last attempt each gets a failure row (placed like any outcome: a duplicate gets none)."""
     settings = rt.settings
     job = detail["TransformJobName"]
     status = detail["TransformJobStatus"]
     reason = JOB_STOPPED if status == "Stopped" else JOB_FAILED
     why = detail.get("FailureReason") or f"transform job {status.lower()}"
-    lines = [ln for _, file_lines in job_lines(rt.s3, detail) for ln in file_lines]
-    owners = claims.settle(rt.s3, settings.bucket, lines, job, all_claimed(detail))
-    owned = [ln for ln, o in zip(lines, owners, strict=True) if o == job]
-
-    def another_attempt(line: ManifestLine) -> bool:
-        return bool(settings.queue_url) and line.attempt + 1 < settings.max_job_attempts
-
-    retry = [ln for ln in owned if another_attempt(ln)]
-    last = [ln for ln in owned if not another_attempt(ln)]
-    requeue(rt, [Retry(ln.next_attempt(), job, why) for ln in retry])
-    failures = [results.failure_row(ln, "transform", reason, why, job, when) for ln in last]
-    write_failures(rt.s3, settings.bucket, dt_of(when), f"{job}-job", failures)
+    requeued = failed = 0
+    for in_key, lines in job_lines(rt.s3, detail):
+        retry = [ln for ln in lines if settings.queue_url and ln.attempt + 1 < settings.max_job_attempts]
+        requeued += requeue(rt, [Retry(ln.next_attempt(), job, why) for ln in retry])
+        last = [(i, ln) for i, ln in enumerate(lines) if ln not in retry]
+        rows = [results.failure_row(ln, "transform", reason, why, job, when) for _, ln in last]
+        owns = claims.place_all(rt.s3, settings.bucket, [
+            claims.Outcome(ln, claims.owner_of(job, in_key, i), results.image_document(row, results.FAILED))
+            for (i, ln), row in zip(last, rows, strict=True)])
+        failures = [row for row, own in zip(rows, owns, strict=True) if own]
+        write_failures(rt.s3, settings.bucket, dt_of(when), f"{layout.job_file_name(job, in_key)}-job", failures)
+        failed += len(failures)
     logger.error("transform job did not complete", extra={"job_name": job, "status": status, "reason": why,
-                                                          "requeued": len(retry), "images": len(failures)})
-    return {"scored": 0, "failed": len(failures), "requeued": len(retry)}
+                                                          "requeued": requeued, "images": failed})
+    return {"scored": 0, "failed": failed, "requeued": requeued}
 
 
 def requeue(rt: Runtime, retries: list[Retry]) -> int:
     """Send the images of a failed job back to the images queue, one :class:`Retry` message each.
 
-    A repeated event sends them again; enqueue admits each (upload, attempt) once (its claim).
+    A repeated event sends them again: a retry scored twice is collected once (``handlers.claims``).
     A send that fails raises: Lambda retries the event, and nothing was written yet for them.
     """
     for chunk in chunks(retries):

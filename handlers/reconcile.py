@@ -14,8 +14,8 @@ should be done by now::
               Completed / Failed / Stopped -> re-drive: the job's state-change event, built from
                   DescribeTransformJob, goes to collect (asynchronous Invoke: collect's own retries and
                   failure destination apply; collect is idempotent, its keys are deterministic)
-              no such job -> re-submit it from its manifest (enqueue.submit), unless no image is claimed
-                  by it: then it is an orphan (its images are owned by other jobs or still on the queue)
+              no such job -> re-submit it from its manifest (dispatch.submit): its dispatcher died before
+                  CreateTransformJob and its intent is gone (the dispatcher itself finishes intents)
               InProgress / Stopping -> left alone, logged and counted (metric JobsOverdue)
               re-driven MAX_REDRIVES times, the bound passed since the last, still no marker -> give up:
                   a failure row 'unreconciled' for each of its images that has no row, and the marker
@@ -41,11 +41,11 @@ from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
 from botocore.exceptions import ClientError
 
 from dermscore import batching, layout, results
-from dermscore.aws import error_code, iter_objects
+from dermscore.aws import error_code, iter_keys, iter_objects
 from dermscore.messages import ManifestLine
-from handlers import claims, collect, enqueue, runtime
+from handlers import claims, collect, dispatch, runtime
 from handlers.runtime import Runtime
-from handlers.storage import dt_of, put_json, read_manifest, read_parquet, write_failures
+from handlers.storage import dt_of, put_json, read_lines, read_parquet, write_failures
 
 logger = Logger(service="dermscore-reconcile")
 metrics = Metrics(service="dermscore-reconcile")   # namespace: POWERTOOLS_METRICS_NAMESPACE (template.yaml)
@@ -54,7 +54,6 @@ UNRECONCILED = "unreconciled"      # reason of the failure rows written when the
 STAGE = "reconcile"
 MAX_REDRIVES = 3                   # re-drives (or re-submissions) of one job before giving up
 RUNNING = ("InProgress", "Stopping")
-ORPHANED = "Orphaned"              # marker status: a manifest whose job never claimed an image
 
 # What decide() says about a due job.
 OVERDUE, REDRIVE, RESUBMIT, GIVE_UP = "overdue", "redrive", "resubmit", "give_up"
@@ -125,7 +124,7 @@ def describe(rt: Runtime, name: str) -> dict[str, Any] | None:
     try:
         return rt.sagemaker.describe_transform_job(TransformJobName=name)
     except ClientError:
-        if not enqueue.job_exists(rt.sagemaker, name):   # the not-found test, written once in enqueue
+        if not dispatch.job_exists(rt.sagemaker, name):   # the not-found test, written once in dispatch
             return None
         raise
 
@@ -147,76 +146,83 @@ def redrive(rt: Runtime, job: Job, description: dict[str, Any]) -> None:
                           "attempt": len(job.redrives) + 1})
 
 
-def owned(rt: Runtime, name: str, lines: list[ManifestLine], settle: bool = False) -> list[ManifestLine]:
-    """The lines whose claim names job ``name`` (``settle``: claim unclaimed ones for it, as collect does)."""
-    s3, bucket = rt.s3, rt.settings.bucket
-    owners = claims.settle(s3, bucket, lines, name) if settle else claims.owners(s3, bucket, lines)
-    return [ln for ln, o in zip(lines, owners, strict=True) if o == name]
+def manifest_folder(rt: Runtime, name: str) -> tuple[str, int] | None:
+    """(the shard folder, its shard count) of a job's manifest: the newest folder if several."""
+    folders: dict[str, tuple[datetime, int]] = {}
+    for key, modified in iter_objects(rt.s3, rt.settings.bucket, f"{layout.MANIFESTS}{name}/"):
+        folder, _, _ = key.rpartition("/")
+        seen, files = folders.get(folder, (modified, 0))
+        folders[folder] = (max(seen, modified), files + 1)
+    if not folders:
+        return None
+    folder = max(folders, key=lambda f: folders[f][0])
+    return folder + "/", folders[folder][1]
+
+
+def manifest_files(rt: Runtime, name: str) -> list[tuple[str, list[ManifestLine]]]:
+    """(shard key, its lines) of the job's newest manifest folder."""
+    found = manifest_folder(rt, name)
+    if found is None:
+        return []
+    keys = sorted(iter_keys(rt.s3, rt.settings.bucket, found[0]))
+    return [(k, [ManifestLine.from_json(ln) for ln in read_lines(rt.s3, rt.settings.bucket, k)]) for k in keys]
 
 
 def resubmit(rt: Runtime, job: Job) -> tuple[str, int]:
-    """A manifest without its job: the submitter died after claiming. Submit it again (enqueue's own
-    path, which a redelivered batch would also take), or mark an orphan whose images no claim gives
-    it. Returns (what happened, failure rows written)."""
-    lines = read_manifest(rt.s3, rt.settings.bucket, job.name)
-    if not owned(rt, job.name, lines):
-        collect.mark(rt, job.name, ORPHANED, images=len(lines))
-        logger.info("manifest whose job never claimed an image: nothing to do (its images are owned by other "
-                    "jobs or still queued)", extra={"job_name": job.name, "images": len(lines)})
-        return ORPHANED, 0
-    again = enqueue.job_name(rt.settings.job_prefix, enqueue.manifest_text(lines))
-    if again != job.name:   # the settings changed the job's name: its claims can never be collected
-        return GIVE_UP, give_up(rt, job, None, lines, f"the manifest re-submits as {again}, not as {job.name}")
+    """A manifest without its job: its dispatcher died before CreateTransformJob (and its intent
+    was lost). Submit it again from its manifest. Returns (what happened, failure rows written)."""
+    found = manifest_folder(rt, job.name)
+    if found is None:
+        return GIVE_UP, give_up(rt, job, None, [], "its manifest is gone")
     try:
-        enqueue.submit(rt, lines)
+        dispatch.submit(rt, job.name, *found)
     except ClientError as exc:
         if not batching.is_retryable_create_error(error_code(exc)):   # throttled or over quota: no attempt
             record(rt, job, RESUBMIT, error=f"{error_code(exc)}: {exc}"[:500])
         raise
     record(rt, job, RESUBMIT)
-    logger.warning("transform job missing although its manifest and claims exist (its submitter died): "
-                   "re-submitted", extra={"job_name": job.name, "images": len(lines),
-                                          "attempt": len(job.redrives) + 1})
+    logger.warning("transform job missing although its manifest exists (its dispatcher died): re-submitted",
+                   extra={"job_name": job.name, "manifest": found[0], "attempt": len(job.redrives) + 1})
     return RESUBMIT, 0
 
 
-def placed(rt: Runtime, name: str, description: dict[str, Any] | None, when: datetime,
-           lines: list[ManifestLine]) -> set[tuple[str, str, str]]:
-    """Uploads of ``lines`` that already have a row because of this job: in the files a partial
-    collection wrote (``<job>.parquet``, ``<job>-transform``, ``<job>-job``), or re-queued by it and
-    claimed as their next attempt."""
-    if description is None:
-        return set()
+def placed(rt: Runtime, name: str, when: datetime) -> set[tuple[str, str, str]]:
+    """Uploads that already have a row from this job: in the files a partial collection wrote
+    (``<job>-<shard>.parquet``, ``-transform``, ``-job``)."""
     s3, bucket, dt = rt.s3, rt.settings.bucket, dt_of(when)
     done: set[tuple[str, str, str]] = set()
-    for key in (layout.prediction_partition_key(dt, name), layout.failure_partition_key(dt, f"{name}-transform"),
-                layout.failure_partition_key(dt, f"{name}-job")):
-        table = read_parquet(s3, bucket, key)
-        if table is not None:
-            done |= {(r["bucket"], r["image_key"], r["etag"]) for r in table.select(["bucket", "image_key", "etag"])
-                     .to_pylist()}
-    if description.get("TransformJobStatus") != "Completed":
-        nxt = claims.owners(s3, bucket, [ln.next_attempt() for ln in lines])
-        done |= {ln.upload for ln, o in zip(lines, nxt, strict=True) if o is not None}
+    for prefix in (f"{layout.PREDICTIONS}dt={dt}/{name}-", f"{layout.FAILURES}dt={dt}/{name}-"):
+        for key in iter_keys(s3, bucket, prefix):
+            table = read_parquet(s3, bucket, key)
+            if table is not None:
+                done |= {(r["bucket"], r["image_key"], r["etag"]) for r in
+                         table.select(["bucket", "image_key", "etag"]).to_pylist()}
     return done
 
 
-def give_up(rt: Runtime, job: Job, description: dict[str, Any] | None, lines: list[ManifestLine],
+def give_up(rt: Runtime, job: Job, description: dict[str, Any] | None, files: list[tuple[str, list[ManifestLine]]],
             why: str) -> int:
-    """The job cannot be fixed: a failure row 'unreconciled' for each of its images without a row, then
-    the marker "Unreconciled" (after which collect ignores the job). Returns the rows written."""
-    if description is not None:
-        when = collect.finished_at(EventBridgeEvent(collect.state_change_event(description)))
-        mine = owned(rt, job.name, lines, settle=True)
-    else:
-        when, mine = job.modified, owned(rt, job.name, lines)
-    done = placed(rt, job.name, description, when, mine)
+    """The job cannot be fixed: a failure row 'unreconciled' for each of its images that has no
+    outcome yet (placed as any outcome, ``handlers.claims``) and no row from a partial collection,
+    then the marker "Unreconciled" (after which collect ignores the job). Returns the rows written."""
+    when = (collect.finished_at(EventBridgeEvent(collect.state_change_event(description))) if description
+            else job.modified)
+    done = placed(rt, job.name, when) if description else set()
     now = results.utcnow()
-    rows = [results.failure_row(ln, STAGE, UNRECONCILED, why, job.name, now) for ln in mine if ln.upload not in done]
+    outcomes, rows = [], []
+    for in_key, lines in files:
+        for i, ln in enumerate(lines):
+            row = results.failure_row(ln, STAGE, UNRECONCILED, why, job.name, now)
+            outcomes.append(claims.Outcome(ln, claims.owner_of(job.name, in_key, i),
+                                           results.image_document(row, results.FAILED)))
+            rows.append(row)
+    owns = claims.place_all(rt.s3, rt.settings.bucket, outcomes)
+    rows = [r for r, own in zip(rows, owns, strict=True)
+            if own and (r["bucket"], r["image_key"], r["etag"]) not in done]
     write_failures(rt.s3, rt.settings.bucket, dt_of(when), f"{job.name}-{UNRECONCILED}", rows)
     collect.mark(rt, job.name, collect.UNRECONCILED, images=len(rows), reason=why[:500])
     logger.error("transform job could not be reconciled: its images get failure rows", extra={
-        "job_name": job.name, "images": len(rows), "already_placed": len(mine) - len(rows), "reason": why})
+        "job_name": job.name, "images": len(rows), "already_placed": len(outcomes) - len(rows), "reason": why})
     return len(rows)
 
 
@@ -235,18 +241,16 @@ def reconcile(rt: Runtime, job: Job) -> tuple[str, int]:
         return REDRIVE, 0
     if action == RESUBMIT:
         return resubmit(rt, job)
-    lines = (read_manifest(rt.s3, rt.settings.bucket, job.name) if description is None
-             else [ln for _, file_lines in collect.job_lines(rt.s3, description) for ln in file_lines])
-    return GIVE_UP, give_up(rt, job, description, lines,
+    files = (manifest_files(rt, job.name) if description is None else list(collect.job_lines(rt.s3, description)))
+    return GIVE_UP, give_up(rt, job, description, files,
                             f"no outcome after {len(job.redrives)} re-drives (status {status or 'no such job'})")
 
 
 # --- the Lambda handler ---------------------------------------------------------------------------
 
-COUNTS = ("jobs", "collected", "waiting", "overdue", "redriven", "resubmitted", "orphaned", "given_up",
+COUNTS = ("jobs", "collected", "waiting", "overdue", "redriven", "resubmitted", "given_up",
           "images_unreconciled", "deferred", "errors")
-TALLY = {OVERDUE: "overdue", REDRIVE: "redriven", RESUBMIT: "resubmitted", ORPHANED: "orphaned",
-         GIVE_UP: "given_up"}
+TALLY = {OVERDUE: "overdue", REDRIVE: "redriven", RESUBMIT: "resubmitted", GIVE_UP: "given_up"}
 
 
 def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:

@@ -18,7 +18,7 @@ from botocore.config import Config
 
 from dermscore.config import Settings
 
-# Claims run up to 16 parallel requests on one client (handlers.claims.WORKERS).
+# Collect writes up to 16 documents in parallel on one client (handlers.claims.WORKERS).
 CLIENT_CONFIG = Config(max_pool_connections=32, retries={"max_attempts": 4, "mode": "standard"})
 
 
@@ -28,7 +28,7 @@ class Runtime:
     s3: Any
     sqs: Any
     sagemaker: Any
-    lambda_: Any = None   # only a function that invokes another (the reconciler invokes collect) gets one
+    lambda_: Any = None   # only a function that invokes another (reconcile -> collect, enqueue -> dispatch) gets one
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Runtime:
@@ -46,7 +46,7 @@ class Runtime:
 
         settings = Settings.from_env(e)
         return cls(settings, client("s3"), client("sqs"), client("sagemaker"),
-                   client("lambda") if settings.collect_function else None)
+                   client("lambda") if settings.collect_function or settings.dispatch_function else None)
 
 
 _DEFAULT: Runtime | None = None

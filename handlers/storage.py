@@ -12,25 +12,15 @@ import pyarrow.parquet as pq
 from botocore.exceptions import ClientError
 
 from dermscore import layout, results
-from dermscore.aws import is_missing, iter_keys
-from dermscore.messages import ManifestLine
+from dermscore.aws import is_missing
+
+MANIFEST_CONTENT_TYPE = "application/jsonlines"
 
 
 def read_lines(s3, bucket: str, key: str) -> list[str]:
     """The non-blank lines of a JSON Lines object."""
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
     return [ln for ln in body.splitlines() if ln.strip()]
-
-
-def manifest_files(s3, bucket: str, job: str) -> list[str]:
-    """Every ``.jsonl`` of ``job``'s manifest (one file, or shards under ``manifests/<job>/``)."""
-    prefix = f"{layout.MANIFESTS}{job}"
-    return sorted(k for k in iter_keys(s3, bucket, prefix)
-                  if k.endswith(".jsonl") and (k[len(prefix):] == ".jsonl" or k[len(prefix):].startswith("/")))
-
-
-def read_manifest(s3, bucket: str, job: str) -> list[ManifestLine]:
-    return [ManifestLine.from_json(ln) for key in manifest_files(s3, bucket, job) for ln in read_lines(s3, bucket, key)]
 
 
 def put_parquet(s3, bucket: str, key: str, table: pa.Table) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from dermscore import layout
 from infra.poller import Poller
 from infra.runner import TransformRunner
-from infra.scheduler import Scheduler
+from infra.scheduler import Dispatcher, Scheduler
 from infra.stack import DEFAULT_BUCKET, DEFAULT_STACK, LocalStack
 
 log = logging.getLogger("dermscore.local")
@@ -40,7 +40,12 @@ class LocalPipeline:
                  endpoint: str | None = None, batching_window_s: float | None = None,
                  visibility_timeout: int | None = None, overrides: dict[str, Any] | None = None,
                  port: int = 0, reconcile_after_s: float | None = None,
-                 reconcile_interval_s: float | None = None) -> None:
+                 reconcile_interval_s: float | None = None, dispatch_interval_s: float | None = 0.0,
+                 max_latency_s: float | None = 0.0) -> None:
+        """``dispatch_interval_s`` / ``max_latency_s``: the dispatcher's schedule and
+        ``MaxLatencySeconds`` (None: template.yaml's). Locally both default to 0: every step
+        dispatches what is pending, as a quick demo wants; ``MinImagesPerJob`` (``overrides``)
+        still holds back a job until that many images are pending, unless the latency has passed."""
         self.stack = LocalStack.create(bucket=bucket, stack_name=stack_name, endpoint=endpoint, overrides=overrides,
                                        visibility_timeout=visibility_timeout, port=port)
         if model_dir is not None:
@@ -50,6 +55,8 @@ class LocalPipeline:
         # the reconciler: template.yaml's bound and schedule unless shortened (tests)
         self.scheduler = Scheduler(self.stack, self.runner.sagemaker_view(), after_s=reconcile_after_s,
                                    interval_s=reconcile_interval_s)
+        self.dispatcher = Dispatcher(self.stack, self.runner.sagemaker_view(), interval_s=dispatch_interval_s,
+                                     max_latency_s=max_latency_s)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -77,14 +84,18 @@ class LocalPipeline:
 
     # ---- running -------------------------------------------------------------------------
     def step(self) -> bool:
-        """One poll (batching window included) + every pending job; True if anything happened."""
+        """One poll (batching window included), a dispatcher run if its schedule says so, then every
+        pending job; True if anything happened."""
         batch = self.poller.poll_once()
+        dispatched = self.dispatcher.tick()
         jobs = self.runner.run_pending()
-        return batch is not None or bool(jobs)
+        return batch is not None or bool(jobs) or bool(dispatched and dispatched["jobs_created"])
 
     def idle(self) -> bool:
+        """Nothing on the queue, in pending/ (or an intent) or waiting to run."""
         depth = self.stack.queue_depth()
-        return depth["visible"] == 0 and depth["in_flight"] == 0 and not self.runner.pending()
+        return (depth["visible"] == 0 and depth["in_flight"] == 0 and not self.runner.pending()
+                and not self.stack.list_keys(layout.PENDING) and not self.stack.list_keys(layout.DISPATCH))
 
     def drain(self, timeout_s: float = 600, progress_total: int = 0) -> None:
         """Run the pipeline in this thread until the queue is empty and no job is pending.
@@ -116,7 +127,7 @@ class LocalPipeline:
         report = self.scheduler.run_once()
         if report is None:
             return True   # logged; drain must not spin on a reconciler that fails
-        if report["redriven"] + report["resubmitted"] + report["given_up"] + report["orphaned"]:
+        if report["redriven"] + report["resubmitted"] + report["given_up"]:
             return False   # a collection, a job or failure rows: see them through
         return not (report["waiting"] and time.monotonic() + self.scheduler.after_s < deadline)
 
@@ -128,6 +139,8 @@ class LocalPipeline:
                          threading.Thread(target=self.runner.run, args=(self._stop,), name="transform-runner",
                                           daemon=True),
                          threading.Thread(target=self.scheduler.run, args=(self._stop,), name="reconciler",
+                                          daemon=True),
+                         threading.Thread(target=self.dispatcher.run, args=(self._stop,), name="dispatcher",
                                           daemon=True)]
         for t in self._threads:
             t.start()

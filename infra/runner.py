@@ -475,5 +475,13 @@ class LocalSageMaker:
             job["FailureReason"] = outcome["failure_reason"]
         return job
 
+    def list_transform_jobs(self, StatusEquals: str | None = None, **kwargs: Any) -> dict[str, Any]:  # noqa: N803
+        """moto's list, with each job's status as the runner knows it (filtered by ``StatusEquals``)."""
+        page = self._client.list_transform_jobs(**kwargs)
+        jobs = [{**j, "TransformJobStatus": (self._outcomes.get(j["TransformJobName"]) or {}).get("status",
+                                                                                               "InProgress")}
+                for j in page.get("TransformJobSummaries", [])]
+        return {**page, "TransformJobSummaries": [j for j in jobs if StatusEquals in (None, j["TransformJobStatus"])]}
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)

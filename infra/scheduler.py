@@ -1,7 +1,15 @@
-"""The schedule of ``ReconcileFunction`` on the local stack, and the Lambda service it calls.
+"""The schedules of ``DispatchFunction`` and ``ReconcileFunction`` on the local stack, and the
+Lambda service they call.
 
-On AWS an EventBridge schedule invokes the reconciler every ``ReconcileIntervalMinutes``; it reads
-job states with DescribeTransformJob and re-drives collect with ``lambda:Invoke``. Locally:
+On AWS an EventBridge schedule invokes the dispatcher every minute (and enqueue wakes it with
+``lambda:Invoke`` when the pending volume makes a job), and the reconciler every
+``ReconcileIntervalMinutes``; the reconciler reads job states with DescribeTransformJob and
+re-drives collect with ``lambda:Invoke``. Locally:
+
+* :class:`Dispatcher` invokes ``handlers.dispatch.lambda_handler`` on a timer (every step of
+  ``LocalPipeline.drain``, or a thread of ``LocalPipeline.start_background``) no more often than
+  its interval, and whenever enqueue wakes it; its SageMaker client is the runner's view (it
+  counts running jobs);
 
 * :class:`Scheduler` invokes ``handlers.reconcile.lambda_handler`` with the function's own
   environment from template.yaml: on a timer (a thread of ``LocalPipeline.start_background``),
@@ -18,6 +26,7 @@ import io
 import json
 import logging
 import threading
+import time
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -28,7 +37,7 @@ from infra.stack import LocalStack, client_lock
 
 log = logging.getLogger("dermscore.scheduler")
 
-FUNCTIONS = ("enqueue", "collect", "reconcile")
+FUNCTIONS = ("enqueue", "collect", "reconcile", "dispatch")
 ASYNC_ATTEMPTS = 3   # an asynchronous invocation that fails is retried twice (collect's EventInvokeConfig)
 
 
@@ -97,4 +106,39 @@ class Scheduler:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval_s):
+            self.run_once()
+
+
+class Dispatcher:
+    def __init__(self, stack: LocalStack, sagemaker: Any, interval_s: float | None = None,
+                 max_latency_s: float | None = None) -> None:
+        """``interval_s``: the schedule (template.yaml's rate unless given); ``max_latency_s``:
+        replaces ``MaxLatencySeconds`` (the demo and tests do not wait hours for a job)."""
+        self.stack = stack
+        if max_latency_s is not None:
+            stack.spec = replace(stack.spec, dispatch_env={**stack.spec.dispatch_env,
+                                                           "MAX_LATENCY_S": str(int(max_latency_s))})
+        self.interval_s = stack.spec.dispatch_interval_s if interval_s is None else interval_s
+        stack.inject("dispatch", sagemaker=sagemaker)
+        stack.inject("enqueue", lambda_=LocalLambda(stack))   # enqueue wakes the dispatcher
+        self.reports: list[dict[str, int]] = []
+        self._last = float("-inf")
+
+    def run_once(self) -> dict[str, int] | None:
+        """One scheduled invocation; its report, or None if it raised (logged)."""
+        self._last = time.monotonic()
+        try:
+            report = self.stack.invoke("dispatch", scheduled_event())
+        except Exception:
+            log.exception("dispatcher run failed")
+            return None
+        self.reports.append(report)
+        return report
+
+    def tick(self) -> dict[str, int] | None:
+        """Run if the schedule says so (its interval passed since the last run)."""
+        return self.run_once() if time.monotonic() - self._last >= self.interval_s else None
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(max(0.5, self.interval_s)):
             self.run_once()

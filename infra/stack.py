@@ -236,7 +236,7 @@ class LocalStack:
 
     @property
     def model_name(self) -> str:
-        return self.spec.enqueue_env["MODEL_NAME"]
+        return self.spec.dispatch_env["MODEL_NAME"]
 
     @property
     def job_prefix(self) -> str:
@@ -321,7 +321,7 @@ class LocalStack:
         """What Lambda would give the function: its template.yaml variables, plus (locally) the
         endpoint, region and dummy credentials of this stack."""
         own = {"enqueue": self.spec.enqueue_env, "collect": self.spec.collect_env,
-               "reconcile": self.spec.reconcile_env}[function]
+               "reconcile": self.spec.reconcile_env, "dispatch": self.spec.dispatch_env}[function]
         return {**LOCAL_CREDENTIALS, "AWS_REGION": LOCAL_REGION, "AWS_DEFAULT_REGION": LOCAL_REGION,
                 "AWS_ENDPOINT_URL": self.endpoint, **own}
 
@@ -352,6 +352,9 @@ class LocalStack:
         elif function == "reconcile":
             from handlers.reconcile import lambda_handler
             timeout = self.spec.reconcile_timeout_s
+        elif function == "dispatch":
+            from handlers.dispatch import lambda_handler
+            timeout = self.spec.dispatch_timeout_s
         else:
             raise ValueError(f"unknown function {function!r}")
         context = LambdaContext(function_name=f"{self.stack_name}-{function}", timeout_s=timeout or 120)

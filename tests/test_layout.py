@@ -10,7 +10,8 @@ import pytest
 
 from dermscore import layout, reasons
 from dermscore.messages import ManifestLine as Item
-from handlers.enqueue import job_name, manifest_items, manifest_text, s3_records
+from handlers.dispatch import job_name
+from handlers.enqueue import manifest_items, manifest_text, s3_records
 from infra.runner import MB, split_payload
 
 SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -64,13 +65,20 @@ def test_new_content_under_the_same_key_is_a_new_manifest_line() -> None:
 
 
 def test_job_name_is_deterministic_and_valid() -> None:
-    text = manifest_text(_items())
-    name = job_name("dermscore", text)
-    assert name == job_name("dermscore", text) and name.startswith("dermscore-")
-    assert name != job_name("dermscore", manifest_text(_items()[:2]))
+    parts = [layout.pending_part_key(layout.content_digest(manifest_text(_items()[:i])), i) for i in (1, 2, 3)]
+    name = job_name("dermscore", parts)
+    assert name == job_name("dermscore", parts[::-1]) and name.startswith("dermscore-")   # a set of parts
+    assert name != job_name("dermscore", parts[:2])
     for prefix in ("dermscore", "my_stack.name", "x" * 200, "-a-", ""):
-        n = job_name(prefix, text)
+        n = job_name(prefix, parts)
         assert SAGEMAKER_NAME.match(n) and len(n) <= 63, n
+
+
+def test_pending_part_keys_announce_their_size() -> None:
+    key = layout.pending_part_key("0123456789abcdef", 42)
+    assert key == "pending/0123456789abcdef-0000042.jsonl" and layout.part_images(key) == 42
+    assert layout.part_images(layout.pending_part_key("0123456789abcdef", 12_345_678)) == 12_345_678
+    assert layout.part_images("pending/notes.txt") is None and layout.part_images("manifests/x.jsonl") is None
 
 
 def test_s3_records_ignores_test_event_and_non_created() -> None:

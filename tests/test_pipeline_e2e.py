@@ -71,12 +71,15 @@ def test_every_real_image_gets_one_row(scored) -> None:
 
 
 def test_one_json_document_per_image(scored) -> None:
-    docs = sorted((scored.out / "images").rglob("*.json"))
-    assert len(docs) == 10
-    for path in docs:
-        doc = json.loads(path.read_text())
-        assert sum(doc[c] for c in results.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-4)
-        assert doc["image_key"] in scored.keys
+    docs = [json.loads(p.read_text()) for p in sorted((scored.out / "images").rglob("*.json"))]
+    assert len(docs) == 11                     # 10 scored, 1 refused by the transform (an image rejected
+    for doc in docs:                           # by enqueue, the empty file, has its failure row only)
+        if doc["status"] == results.SCORED:
+            assert sum(doc[c] for c in results.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-4)
+            assert doc["image_key"] in scored.keys
+        else:
+            assert (doc["image_key"], doc["reason"]) == ("incoming/e2e/corrupt.jpg", reasons.CORRUPT)
+    assert sum(d["status"] == results.SCORED for d in docs) == 10
     special = scored.out / layout.image_result_key(SPECIAL_KEY)[len("results/"):]
     assert json.loads(special.read_text())["image_key"] == SPECIAL_KEY
 
@@ -114,8 +117,11 @@ def test_redelivered_batch_and_repeated_event_add_no_rows(moto_endpoint, tiny_mo
             assert len(messages) == 4            # 3 images + the s3:TestEvent
             p.poller.dispatch(messages)
             p.poller.dispatch(messages)          # SQS redelivers the same batch before the job ran
+            p.dispatcher.run_once()
+            p.dispatcher.run_once()              # a second dispatcher run finds nothing new
             p.runner.run_pending()
-            p.poller.dispatch(messages)          # ... and once more after it ran
+            p.poller.dispatch(messages)          # ... and once more after it ran: the same part again,
+            p.dispatcher.run_once()              # whose job exists
             assert p.runner.run_pending() == []  # no second job
             event_job = p.runner.results[0]
             assert event_job["status"] == "Completed"
@@ -190,7 +196,8 @@ def test_demo_command_end_to_end(tiny_model, tmp_path, capsys) -> None:
     assert "transform: SageMaker PyTorch inference toolkit 2.0.25 + TorchServe 0.12.0 (Java " in printed
     assert "images/s" in printed and str(out / "predictions") in printed
     assert printed.count("incoming/demo/ISIC_") == 3          # the example query's table
-    assert len(list((out / "images" / "demo").glob("*.json"))) == 4
+    statuses = [json.loads(f.read_text())["status"] for f in (out / "images" / "demo").glob("*.json")]
+    assert sorted(statuses) == [results.FAILED] * 2 + [results.SCORED] * 4   # both failures reached the transform
 
     assert main(["query", "SELECT image_key, reason FROM failures ORDER BY image_key", "--results", str(out)]) == 0
     table = capsys.readouterr().out

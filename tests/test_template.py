@@ -213,7 +213,7 @@ def test_dead_letter_queue_and_visibility_timeout(template):
 
 
 def test_eventbridge_rule_sends_this_stacks_jobs_to_collect(template, translated, resolver):
-    from handlers.enqueue import job_name
+    from handlers.dispatch import job_name
     ev = template["Resources"]["CollectFunction"]["Properties"]["Events"]["TransformJobStateChange"]
     assert ev["Type"] == "EventBridgeRule"
     pattern = resolver.resolve(ev["Properties"]["Pattern"])
@@ -223,11 +223,11 @@ def test_eventbridge_rule_sends_this_stacks_jobs_to_collect(template, translated
     (prefix_rule,) = pattern["detail"]["TransformJobName"]
     prefix = prefix_rule["prefix"]
     assert prefix == f"{STACK}-"
-    # the jobs enqueue creates match; another stack whose name starts the same does not
+    # the jobs the dispatcher creates match; another stack whose name starts the same does not
     spec = local_spec(BUCKET, STACK)
-    assert job_name(spec.enqueue_env["JOB_PREFIX"], "manifest\n").startswith(prefix)
-    assert not job_name(f"{STACK}x", "manifest\n").startswith(prefix)
-    assert spec.collect_env["JOB_PREFIX"] == spec.enqueue_env["JOB_PREFIX"]
+    assert job_name(spec.dispatch_env["JOB_PREFIX"], ["pending/part.jsonl"]).startswith(prefix)
+    assert not job_name(f"{STACK}x", ["pending/part.jsonl"]).startswith(prefix)
+    assert spec.collect_env["JOB_PREFIX"] == spec.dispatch_env["JOB_PREFIX"] == spec.enqueue_env["JOB_PREFIX"]
     # translated: a rule whose target is the collect function, and the permission to invoke it
     rules = resources_of(translated, "AWS::Events::Rule")
     targets = [t["Arn"] for r in rules.values() for t in r["Properties"].get("Targets", [])]

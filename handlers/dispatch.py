@@ -1,0 +1,266 @@
+"""Lambda ``dispatch`` (every minute, one at a time): pending manifest parts -> transform jobs.
+
+Dispatch, the second of two steps (enqueue, the first, leaves one part per SQS batch under
+``pending/``). A job is sized by volume, not by a Lambda batch, so its start-up is paid once for
+up to ``MAX_IMAGES_PER_JOB`` images (docs/scaling.md)::
+
+    finish  every intent dispatch/<job>.json (a job a run began: crashed, or refused for quota /
+            throttled and due again): its shards, CreateTransformJob, then its parts deleted
+    list    pending/   one LIST per 1,000 parts; each key names its number of lines
+    decide  dermscore.batching.plan_jobs: a job once MIN_IMAGES_PER_JOB images are pending or the
+            oldest part is MAX_LATENCY_S old; at most MAX_CONCURRENT_JOBS running (ListTransformJobs)
+    act     per job: the intent (its parts), then its shards
+              manifests/<job>/<n>-shards/part-0000i-of-0000n.jsonl   (streamed, part by part)
+            then CreateTransformJob, then the parts and the intent are deleted
+
+The job's name is the digest of its parts' keys (which are digests of their content), and the
+intent is written before anything else: a run that dies anywhere, or a second run over the same
+parts, finds the intent (or the job) and finishes that job instead of creating another, and a
+part leaves ``pending/`` only once a job that holds it exists. A part that still ends in two jobs
+(a redelivered batch re-written after its first copy was dispatched) is scored twice and
+collected once (``handlers.claims``). The template gives the function a reserved concurrency of 1
+and a schedule; enqueue also wakes it when the pending volume makes a job.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from botocore.exceptions import ClientError
+
+from dermscore import batching, layout, results, sharding
+from dermscore.aws import chunks, error_code, error_message, iter_keys, iter_objects
+from dermscore.config import Settings
+from handlers import runtime
+from handlers.runtime import Runtime
+from handlers.storage import MANIFEST_CONTENT_TYPE, put_json, read_json, read_lines
+
+logger = Logger(service="dermscore-dispatch")
+
+MAX_JOB_NAME = 63
+DIGEST_LENGTH = 16
+RUNNING = ("InProgress", "Stopping")
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A job the dispatcher is creating: its parts, until the job exists (``dispatch/<job>.json``)."""
+
+    job: str
+    parts: tuple[str, ...]
+    images: int
+    attempts: int = 0                     # refused creates (throttled, over quota)
+    retry_after: str | None = None        # ISO time before which a refused job is not tried again
+
+    @classmethod
+    def of(cls, doc: dict[str, Any]) -> Intent:
+        return cls(doc["job"], tuple(doc["parts"]), int(doc["images"]), int(doc.get("attempts", 0)),
+                   doc.get("retry_after"))
+
+
+# --- pure functions -------------------------------------------------------------------------------
+
+def job_name(prefix: str, part_keys: list[str] | tuple[str, ...]) -> str:
+    """Deterministic, valid SageMaker name (^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}) for a set of parts."""
+    digest = layout.content_digest(*sorted(part_keys), length=DIGEST_LENGTH)
+    clean = re.sub(r"[^a-zA-Z0-9-]", "-", prefix).strip("-")[: MAX_JOB_NAME - DIGEST_LENGTH - 1].rstrip("-")
+    return f"{clean}-{digest}" if clean else digest
+
+
+def transform_request(settings: Settings, name: str, manifest_uri: str, instance_count: int) -> dict[str, Any]:
+    """The CreateTransformJob request for a job's input (a shard folder: S3Prefix semantics)."""
+    return {
+        "TransformJobName": name,
+        "ModelName": settings.model_name,
+        "MaxConcurrentTransforms": settings.max_concurrent_transforms,
+        "MaxPayloadInMB": settings.max_payload_mb,
+        "BatchStrategy": settings.batch_strategy,
+        "ModelClientConfig": {"InvocationsTimeoutInSeconds": settings.invocations_timeout_s},
+        "TransformInput": {
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": manifest_uri}},
+            "ContentType": MANIFEST_CONTENT_TYPE,
+            "SplitType": "Line",
+            "CompressionType": "None",
+        },
+        "TransformOutput": {
+            "S3OutputPath": f"s3://{settings.bucket}/{layout.transform_output_prefix(name)}",
+            "Accept": MANIFEST_CONTENT_TYPE,
+            "AssembleWith": "Line",
+        },
+        "TransformResources": {"InstanceType": settings.instance_type, "InstanceCount": instance_count},
+    }
+
+
+# --- reading the bucket and SageMaker -------------------------------------------------------------
+
+def pending_parts(s3, bucket: str) -> list[batching.Part]:
+    """Every part under ``pending/`` (its size from its name: no GET)."""
+    return [batching.Part(key, n, modified) for key, modified in iter_objects(s3, bucket, layout.PENDING)
+            if (n := layout.part_images(key)) is not None]
+
+
+def intents(s3, bucket: str) -> list[Intent]:
+    found = (read_json(s3, bucket, key) for key in iter_keys(s3, bucket, layout.DISPATCH) if key.endswith(".json"))
+    return [Intent.of(doc) for doc in found if doc]
+
+
+def job_exists(sm, name: str) -> bool:
+    try:
+        sm.describe_transform_job(TransformJobName=name)
+        return True
+    except ClientError as exc:
+        if "Could not find" in error_message(exc) or error_code(exc) == "ResourceNotFound":
+            return False
+        raise
+
+
+def running_jobs(sm, prefix: str) -> int:
+    """This stack's transform jobs that are running (they count against MAX_CONCURRENT_JOBS)."""
+    count = 0
+    for status in RUNNING:
+        token: dict[str, str] = {}
+        while True:
+            page = sm.list_transform_jobs(StatusEquals=status, NameContains=prefix, MaxResults=100, **token)
+            count += sum(1 for j in page.get("TransformJobSummaries", [])
+                         if j["TransformJobName"].startswith(f"{prefix}-"))
+            if not page.get("NextToken"):
+                break
+            token = {"NextToken": page["NextToken"]}
+    return count
+
+
+# --- acting -------------------------------------------------------------------------------------
+
+def write_shards(rt: Runtime, intent: Intent) -> tuple[str, int]:
+    """The job's manifest: its parts' lines, in order, cut into balanced shard files while they are
+    read (one part and one shard in memory, whatever the job's size). Returns (folder, shards)."""
+    settings, s3 = rt.settings, rt.s3
+    shards = sharding.shards_for(intent.images, settings.instance_count, settings.min_images_per_shard,
+                                 settings.max_images_per_shard)
+    sizes = sharding.shard_sizes(intent.images, shards)
+    index, buffer = 0, []
+
+    def flush() -> None:
+        s3.put_object(Bucket=settings.bucket, Key=layout.shard_key(intent.job, index, shards),
+                      Body="".join(ln + "\n" for ln in buffer).encode(), ContentType=MANIFEST_CONTENT_TYPE)
+
+    for part in intent.parts:
+        for line in read_lines(s3, settings.bucket, part):
+            buffer.append(line)
+            if len(buffer) >= sizes[index] and index < shards - 1:
+                flush()
+                index, buffer = index + 1, []
+    flush()   # the last shard (it takes any lines beyond the parts' announced counts)
+    return layout.job_input_prefix(intent.job, shards), shards
+
+
+def submit(rt: Runtime, name: str, prefix: str, shards: int) -> bool:
+    """CreateTransformJob over a written manifest folder; False if the job already existed."""
+    settings = rt.settings
+    instances = sharding.instances_for(shards, settings.instance_count)
+    try:
+        rt.sagemaker.create_transform_job(**transform_request(settings, name, f"s3://{settings.bucket}/{prefix}",
+                                                              instances))
+    except ClientError as exc:
+        if error_code(exc) == "ResourceInUse" or "already exists" in error_message(exc):
+            return False
+        raise
+    logger.info("transform job created", extra={"job_name": name, "manifest": prefix, "shards": shards,
+                                                 "instance_count": instances})
+    return True
+
+
+def finish(rt: Runtime, intent: Intent) -> bool:
+    """Bring an intent to its end: the job exists, its parts and the intent are gone. True if this
+    call created the job."""
+    s3, bucket = rt.s3, rt.settings.bucket
+    created = False
+    if not job_exists(rt.sagemaker, intent.job):
+        prefix, shards = write_shards(rt, intent)
+        created = submit(rt, intent.job, prefix, shards)
+    for chunk in chunks([*intent.parts, layout.dispatch_key(intent.job)], 1000):
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
+    return created
+
+
+def refused(rt: Runtime, intent: Intent, exc: ClientError, now: datetime) -> None:
+    """A throttled or quota-refused create: the intent waits out a back-off; one log line names the
+    quota to raise."""
+    settings, code, message = rt.settings, error_code(exc), error_message(exc)
+    attempts = intent.attempts + 1
+    delay = batching.backoff_s(attempts, settings.throttle_backoff_s)
+    put_json(rt.s3, settings.bucket, layout.dispatch_key(intent.job), asdict(replace(
+        intent, attempts=attempts, retry_after=(now + timedelta(seconds=delay)).isoformat())))
+    quota = batching.quota_name(settings.instance_type, code, message)
+    logger.warning(f"CreateTransformJob refused ({code}); raise the SageMaker quota '{quota}' if this persists; "
+                   f"its parts stay pending, retry in {delay}s",
+                   extra={"error_code": code, "error_message": message, "quota_to_raise": quota,
+                          "instance_type": settings.instance_type, "instance_count": settings.instance_count,
+                          "job_name": intent.job, "images": intent.images, "parts": len(intent.parts),
+                          "attempt": attempts, "retry_in_s": delay})
+
+
+def due(intent: Intent, now: datetime) -> bool:
+    return not intent.retry_after or datetime.fromisoformat(intent.retry_after) <= now
+
+
+# --- the Lambda handler -----------------------------------------------------------------------
+
+def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
+    """One dispatcher run; returns its counts (also logged)."""
+    settings, s3 = rt.settings, rt.s3
+    now = results.utcnow()
+    report = dict.fromkeys(("resumed", "jobs_created", "images_dispatched", "parts_waiting", "images_waiting",
+                            "refused"), 0)
+    started = intents(s3, settings.bucket)
+    taken = {p for i in started for p in i.parts}
+
+    def attempt(intent: Intent) -> bool:
+        """False when SageMaker said "not now" (the run stops: the next creates would be refused too)."""
+        try:
+            if finish(rt, intent):
+                report["jobs_created"] += 1
+                report["images_dispatched"] += intent.images
+        except ClientError as exc:
+            if not batching.is_retryable_create_error(error_code(exc)):
+                raise   # the function's Errors alarm; the intent is finished by the next run
+            refused(rt, intent, exc, now)
+            report["refused"] += 1
+            return False
+        return True
+
+    for intent in started:
+        if not due(intent, now):
+            continue
+        report["resumed"] += 1
+        if not attempt(intent):
+            return _done(report)
+    parts = [p for p in pending_parts(s3, settings.bucket) if p.key not in taken]
+    slots = settings.max_concurrent_jobs - (running_jobs(rt.sagemaker, settings.job_prefix) if parts else 0)
+    groups = batching.plan_jobs(parts, now, min_images=settings.min_images_per_job,
+                                max_images=settings.max_images_per_job, max_latency_s=settings.max_latency_s,
+                                slots=slots)
+    for group in groups:
+        keys = tuple(p.key for p in group)
+        intent = Intent(job_name(settings.job_prefix, keys), keys, sum(p.images for p in group))
+        put_json(s3, settings.bucket, layout.dispatch_key(intent.job), asdict(intent))   # before anything else
+        if not attempt(intent):
+            break
+    dispatched = {k for g in groups for k in (p.key for p in g)}
+    waiting = [p for p in parts if p.key not in dispatched]
+    report.update(parts_waiting=len(waiting), images_waiting=sum(p.images for p in waiting))
+    return _done(report)
+
+
+def _done(report: dict[str, int]) -> dict[str, int]:
+    logger.info("dispatched", extra=report)
+    return report
+
+
+@logger.inject_lambda_context
+def lambda_handler(event: dict[str, Any], context: Any, rt: Runtime | None = None) -> dict[str, int]:
+    return handle(event, rt or runtime.default())
