@@ -20,7 +20,8 @@ exactly one writer wins however many race. A writer that loses reads the documen
   duplicate line (in another job, or twice in one job) finds another owner and writes no row;
 * another upload of the same key (a re-upload): both uploads count. The document shows the newer
   one, by the S3 events' ``sequencer`` (the documented order of events on one key), and keeps the
-  other in ``uploads`` (the last :data:`HISTORY`), so a late duplicate of either is recognised.
+  other in ``uploads`` (the last :data:`HISTORY`), so a late duplicate of either is recognised
+  (an upload the container found ``superseded`` is never shown over another: it is the older).
   That rewrite is conditional on the ETag read (``IfMatch``): a concurrent writer makes it retry.
 
 Cost: one PUT per image (the document, which the results need anyway), a GET only where a
@@ -42,7 +43,7 @@ from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
-from dermscore import layout
+from dermscore import layout, reasons
 from dermscore.aws import error_code, is_missing
 from dermscore.messages import ManifestLine
 
@@ -75,12 +76,22 @@ class Outcome:
 
 
 def newer(a: str, b: str) -> bool:
-    """Is sequencer ``a`` later than ``b``? (S3: left-pad the shorter with zeros, compare as text;
-    an unknown sequencer counts as newer, so the latest collected upload is shown.)"""
+    """Is sequencer ``a`` no earlier than ``b``? (S3: left-pad the shorter with zeros, compare as
+    text; an unknown or equal sequencer counts as newer, so the latest collected upload is shown.)"""
     if not a or not b:
         return True
     width = max(len(a), len(b))
-    return a.upper().rjust(width, "0") > b.upper().rjust(width, "0")
+    return a.upper().rjust(width, "0") >= b.upper().rjust(width, "0")
+
+
+def shows(mine: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Should the key's document show ``mine`` rather than ``current`` (another upload of the key)?
+    The newer upload, except that an upload the container found replaced (``superseded``) is
+    older than what the key holds, whatever the sequencers say."""
+    stale_mine, stale_current = (d.get("reason") == reasons.SUPERSEDED for d in (mine, current))
+    if stale_mine != stale_current:
+        return stale_current
+    return newer(str(mine.get("sequencer") or ""), str(current.get("sequencer") or ""))
 
 
 def _known(doc: dict[str, Any]) -> dict[str, str]:
@@ -132,7 +143,7 @@ def place(s3, bucket: str, outcome: Outcome) -> bool:
             if line.etag in known:
                 return known[line.etag] == outcome.owner
             # another upload of the key: this one counts too; the document shows the newer
-            if newer(line.sequencer, str(current.get("sequencer") or "")):
+            if shows(mine, current):
                 shown, other = mine, {"etag": current.get("etag"), "owner": current.get("owner")}
             else:
                 shown, other = current, {"etag": line.etag, "owner": outcome.owner}

@@ -237,6 +237,9 @@ def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
         if not due(intent, now):
             continue
         report["resumed"] += 1
+        logger.warning("finishing the job of an earlier dispatcher run (it died, or its create was refused)",
+                       extra={"job_name": intent.job, "images": intent.images, "parts": len(intent.parts),
+                              "attempts": intent.attempts})
         if not attempt(intent):
             return _done(report)
     parts = [p for p in pending_parts(s3, settings.bucket) if p.key not in taken]

@@ -14,6 +14,7 @@ from conftest import recorded_event, stage_transform_job
 from dermscore import layout, results, scoring
 from dermscore.labels import CLASSES
 from dermscore.messages import ManifestLine, OutputLine, Retry
+from handlers import claims
 from infra.runner import state_change_event
 
 MODEL = {"name": "test", "version": "0", "weights_sha256": "0" * 64}
@@ -53,10 +54,10 @@ def test_completed_job_writes_parquet_json_and_failures(job) -> None:
     out = stack.invoke("collect", state_change_event(request, "Completed", None, ENDED, ENDED))
     assert out == {"job_name": name, "status": "Completed", "scored": 2, "failed": 1}
 
-    assert stack.list_keys(layout.PREDICTIONS) == [layout.prediction_partition_key("2026-11-23", name)]
+    parquet = layout.prediction_partition_key("2026-11-23", layout.job_file_name(name, layout.manifest_key(name)))
+    assert stack.list_keys(layout.PREDICTIONS) == [parquet]    # one file per input file of the job
     s3 = stack.client("s3")
-    table = pq.read_table(io.BytesIO(s3.get_object(
-        Bucket=stack.bucket, Key=layout.prediction_partition_key("2026-11-23", name))["Body"].read()))
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=stack.bucket, Key=parquet)["Body"].read()))
     assert table.schema.equals(results.PREDICTION_SCHEMA)
     rows = table.to_pylist()
     assert [r["image_key"] for r in rows] == ["incoming/a.jpg", "incoming/b c+d é.jpg"]
@@ -65,9 +66,12 @@ def test_completed_job_writes_parquet_json_and_failures(job) -> None:
         assert r["job_name"] == name and r["scored_at"] == ENDED and r["model_name"] == "test"
 
     doc = json.loads(s3.get_object(Bucket=stack.bucket, Key=layout.image_result_key(items[1].key))["Body"].read())
-    assert doc["image_key"] == "incoming/b c+d é.jpg" and doc["width"] == 640
+    assert doc["image_key"] == "incoming/b c+d é.jpg" and doc["width"] == 640 and doc["status"] == results.SCORED
     assert sum(doc[c] for c in results.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
-    assert len(stack.list_keys(layout.IMAGES)) == 2
+    assert doc["owner"] == claims.owner_of(name, layout.manifest_key(name), 1)   # the line whose outcome counts
+    refused = json.loads(s3.get_object(Bucket=stack.bucket, Key=layout.image_result_key(items[2].key))["Body"].read())
+    assert (refused["status"], refused["reason"]) == (results.FAILED, "corrupt_image")
+    assert len(stack.list_keys(layout.IMAGES)) == 3            # one document per image, refused ones too
 
     failures = parquet_rows(stack, layout.FAILURES)
     assert [(f["image_key"], f["stage"], f["reason"]) for f in failures] == [
@@ -89,7 +93,7 @@ def test_failed_job_requeues_its_images_as_the_next_attempt(job) -> None:
     stack, name, items, request = job
     event = state_change_event(request, "Failed", "AlgorithmError: boom", ENDED, ENDED)
     assert stack.invoke("collect", event)["requeued"] == 3
-    stack.invoke("collect", event)      # EventBridge repeats: sent again, enqueue admits each attempt once
+    stack.invoke("collect", event)      # EventBridge repeats: sent again (a retry scored twice is collected once)
     assert stack.list_keys("results/") == []
     sqs = stack.client("sqs")
     bodies = []
@@ -160,7 +164,8 @@ def test_recorded_state_change_event_is_collected(job) -> None:
     rows = parquet_rows(stack, layout.PREDICTIONS)
     assert {r["image_key"] for r in rows} == {items[0].key, items[1].key}
     assert {r["scored_at"] for r in rows} == {datetime(2026, 11, 23, 11, 30, 5, tzinfo=UTC)}
-    assert stack.list_keys(layout.PREDICTIONS) == [layout.prediction_partition_key("2026-11-23", name)]
+    assert stack.list_keys(layout.PREDICTIONS) == [layout.prediction_partition_key(
+        "2026-11-23", layout.job_file_name(name, layout.manifest_key(name)))]
 
 
 def test_a_collected_job_gets_its_marker_last(job) -> None:
@@ -211,43 +216,54 @@ def test_state_change_event_from_describe_transform_job_is_what_sagemaker_sends(
     assert stack.invoke("collect", event) == {"job_name": name, "status": "Completed", "scored": 2, "failed": 1}
 
 
-def claim_reads(stack) -> list[str]:
-    """The claims/ keys collect's client GETs from now on."""
-    reads: list[str] = []
-
-    def record(params, **_):   # the API parameters, before serialisation
-        if str(params.get("Key", "")).startswith("claims/"):
-            reads.append(params["Key"])
-
-    stack.runtime("collect").s3.meta.events.register("before-parameter-build.s3.GetObject", record)
-    return reads
+def second_job(stack, lines: list[ManifestLine], suffix: str = "fedcba9876543210") -> tuple[str, dict]:
+    """Another job of this stack over ``lines``, every line scored: (its name, its request)."""
+    name = f"{stack.job_prefix}-{suffix}"
+    out = [scoring.score_line(ln, probs(i), MODEL, 0.5, 600, 450) for i, ln in enumerate(lines)]
+    return name, stage_transform_job(stack, name, lines, out)
 
 
-def test_job_tagged_all_claimed_reads_no_claim(job) -> None:
-    """Enqueue tags a job whose every line it saw claimed for it: collect takes the owners as known."""
-    from handlers import claims
-
+def test_an_upload_another_job_collected_first_gets_no_second_row(job) -> None:
+    """A duplicate event dispatched in a second job: whichever job is collected first owns the
+    upload (its document); the other writes no row for it."""
     stack, name, items, request = job
-    s3 = stack.client("s3")
-    assert claims.claim_all(s3, stack.bucket, items, name) == [name] * 3
-    reads = claim_reads(stack)
-    event = state_change_event(request, "Completed", None, ENDED, ENDED, tags={claims.ALL_CLAIMED_TAG: "all"})
-    out = stack.invoke("collect", event)
-    assert out == {"job_name": name, "status": "Completed", "scored": 2, "failed": 1}
-    assert reads == []
-
-
-def test_untagged_job_still_reads_claims_and_skips_images_another_job_owns(job) -> None:
-    """Without the tag (a race lost to another job, an older job, an event without tags) collect
-    reads every claim: an image another job owns gets no row from this one."""
-    from handlers import claims
-
-    stack, name, items, request = job
-    s3 = stack.client("s3")
-    assert claims.claim(s3, stack.bucket, items[0], f"{stack.job_prefix}-other") == f"{stack.job_prefix}-other"
-    assert claims.all_claimed_tags([name, f"{stack.job_prefix}-other", name], name) == []
-    assert claims.all_claimed_tags([name] * 3, name) == [{"Key": claims.ALL_CLAIMED_TAG, "Value": "all"}]
-    reads = claim_reads(stack)
+    other, other_request = second_job(stack, [items[0]])
+    assert stack.invoke("collect", state_change_event(other_request, "Completed", None, ENDED, ENDED))["scored"] == 1
     out = stack.invoke("collect", state_change_event(request, "Completed", None, ENDED, ENDED))
-    assert out == {"job_name": name, "status": "Completed", "scored": 1, "failed": 1}
-    assert len(reads) == 3
+    assert (out["scored"], out["failed"]) == (1, 1)
+    rows = parquet_rows(stack, layout.PREDICTIONS)
+    assert sorted((r["image_key"], r["job_name"]) for r in rows) == [(items[0].key, other), (items[1].key, name)]
+    stack.invoke("collect", state_change_event(request, "Completed", None, ENDED, ENDED))   # repeated: the same
+    assert len(parquet_rows(stack, layout.PREDICTIONS)) == 2
+
+
+def test_the_same_upload_twice_in_one_job_gets_one_row(make_stack) -> None:
+    stack = make_stack()
+    line = ManifestLine(stack.bucket, "incoming/twice.jpg", "e1", 10)
+    name, request = second_job(stack, [line, line])
+    out = stack.invoke("collect", state_change_event(request, "Completed", None, ENDED, ENDED))
+    assert (out["scored"], out["failed"]) == (1, 0)
+    assert len(parquet_rows(stack, layout.PREDICTIONS)) == 1
+
+
+def test_a_reupload_gets_its_own_row_and_the_document_shows_the_newer_upload(make_stack) -> None:
+    """Two uploads of one key (ETags v1, v2; S3 sequencers order them) collected newest first: both
+    get a row, the key's document shows v2 and remembers v1, and a late duplicate of v1 gets none."""
+    stack = make_stack()
+    old = ManifestLine(stack.bucket, "incoming/re.jpg", "v1", 10, sequencer="0A")
+    new = ManifestLine(stack.bucket, "incoming/re.jpg", "v2", 10, sequencer="0B")
+    for i, line in enumerate([new, old, old]):          # the second `old` is a duplicate event
+        _, request = second_job(stack, [line], suffix=f"{i:016x}")
+        stack.invoke("collect", state_change_event(request, "Completed", None, ENDED, ENDED))
+    assert sorted(r["etag"] for r in parquet_rows(stack, layout.PREDICTIONS)) == ["v1", "v2"]
+    doc = json.loads(stack.client("s3").get_object(Bucket=stack.bucket,
+                                                   Key=layout.image_result_key(old.key))["Body"].read())
+    assert doc["etag"] == "v2" and [u["etag"] for u in doc["uploads"]] == ["v1"]
+
+
+def test_sequencers_compare_as_s3_documents() -> None:
+    assert claims.newer("0B", "0A") and not claims.newer("0A", "0B")
+    assert claims.newer("100", "FF")                    # the shorter is left-padded with zeros
+    assert claims.newer("", "0A") and claims.newer("0A", "") and claims.newer("0A", "0A")   # the latest collected
+    superseded = {"reason": "superseded", "sequencer": "0F"}
+    assert not claims.shows(superseded, {"sequencer": "0A"}) and claims.shows({"sequencer": "0A"}, superseded)

@@ -1,4 +1,4 @@
-"""The enqueue handler against the moto server (HTTP): validation, manifest, one job per batch."""
+"""The enqueue handler against the moto server (HTTP): validation, one pending part per batch."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from botocore.exceptions import ClientError
 from conftest import recorded_event
 
 from dermscore import layout, reasons
-from handlers import enqueue
 from infra.poller import sqs_event
 
 
@@ -45,8 +44,14 @@ def read_failures(stack) -> list[dict]:
 def jobs_of(stack) -> list[dict]:
     sm = stack.client("sagemaker")
     summaries = sm.list_transform_jobs(NameContains=stack.job_prefix)["TransformJobSummaries"]
-    names = [j["TransformJobName"] for j in summaries]
-    return [sm.describe_transform_job(TransformJobName=n) for n in names]
+    return [sm.describe_transform_job(TransformJobName=j["TransformJobName"]) for j in summaries]
+
+
+def parts_of(stack) -> dict[str, list[dict]]:
+    """Every pending part: its key -> its lines."""
+    s3 = stack.client("s3")
+    return {k: [json.loads(ln) for ln in s3.get_object(Bucket=stack.bucket, Key=k)["Body"].read().decode().splitlines()]
+            for k in stack.list_keys(layout.PENDING)}
 
 
 @pytest.fixture()
@@ -54,7 +59,9 @@ def stack(make_stack):
     return make_stack()
 
 
-def test_batch_writes_one_manifest_and_starts_one_job(stack) -> None:
+def test_batch_writes_one_pending_part_and_nothing_else(stack) -> None:
+    """Arrival only: the batch's valid uploads, decoded and sorted, as one part whose key names its
+    size; no job, no manifest, no request per image."""
     s3 = stack.client("s3")
     keys = ["incoming/a.jpg", "incoming/sub dir/b+c é.jpg", "incoming/z.png"]
     for k in keys:
@@ -64,36 +71,14 @@ def test_batch_writes_one_manifest_and_starts_one_job(stack) -> None:
     resp = stack.invoke("enqueue", sqs_event(messages + [test_event], stack.queue_arn))
     assert resp == {"batchItemFailures": []}
 
-    jobs = jobs_of(stack)
-    assert len(jobs) == 1
-    job = jobs[0]
-    name = job["TransformJobName"]
-    assert name.startswith(f"{stack.job_prefix}-") and len(name) <= 63
-    assert job["ModelName"] == stack.model_name
-    assert job["TransformInput"]["DataSource"]["S3DataSource"] == {
-        "S3DataType": "S3Prefix", "S3Uri": f"s3://{stack.bucket}/{layout.job_input_prefix(name, 1)}"}
-    assert job["TransformInput"]["ContentType"] == "application/jsonlines"
-    assert job["TransformInput"]["SplitType"] == "Line"
-    assert job["BatchStrategy"] == "MultiRecord"
-    assert job["MaxPayloadInMB"] == int(stack.spec.enqueue_env["MAX_PAYLOAD_MB"])
-    assert job["TransformOutput"]["S3OutputPath"] == f"s3://{stack.bucket}/{layout.transform_output_prefix(name)}"
-    assert job["TransformOutput"]["AssembleWith"] == "Line"
-    assert job["TransformResources"]["InstanceType"] == stack.spec.enqueue_env["TRANSFORM_INSTANCE_TYPE"]
-    timeout = int(stack.spec.enqueue_env["INVOCATIONS_TIMEOUT_S"])
-    assert job["ModelClientConfig"]["InvocationsTimeoutInSeconds"] == timeout
-
-    assert job["TransformResources"]["InstanceCount"] == 1     # 3 images: one shard, one instance
-    body = s3.get_object(Bucket=stack.bucket, Key=layout.shard_key(name, 0, 1))["Body"].read().decode()
-    lines = [json.loads(ln) for ln in body.splitlines()]
+    ((key, lines),) = parts_of(stack).items()
+    assert layout.part_images(key) == 3
     assert [ln["key"] for ln in lines] == sorted(keys)            # decoded keys, sorted
     assert all(ln["bucket"] == stack.bucket and ln["etag"] and ln["size"] > 0 for ln in lines)
-    assert read_failures(stack) == []
-    # every line was claimed for this job: it says so, and collect reads no claim
-    tags = stack.client("sagemaker").list_tags(ResourceArn=job["TransformJobArn"])["Tags"]
-    assert {"Key": "dermscore:claims", "Value": "all"} in tags
+    assert read_failures(stack) == [] and jobs_of(stack) == [] and stack.list_keys(layout.MANIFESTS) == []
 
 
-def test_redelivered_batch_starts_no_second_job(stack) -> None:
+def test_redelivered_or_regrouped_batch_rewrites_the_same_part(stack) -> None:
     s3 = stack.client("s3")
     for k in ("incoming/1.jpg", "incoming/2.jpg"):
         s3.put_object(Bucket=stack.bucket, Key=k, Body=b"data")
@@ -101,11 +86,10 @@ def test_redelivered_batch_starts_no_second_job(stack) -> None:
                       stack.queue_arn)
     stack.invoke("enqueue", event)
     stack.invoke("enqueue", event)
-    # the same images in another order, with a duplicate event: same manifest, same job
+    # the same images in another order, with a duplicate event: the same part
     stack.invoke("enqueue", sqs_event([s3_message(stack.bucket, k, s3=s3) for k in
                                        ("incoming/2.jpg", "incoming/1.jpg", "incoming/2.jpg")], stack.queue_arn))
-    assert len(jobs_of(stack)) == 1
-    assert len(stack.list_keys(layout.MANIFESTS)) == 1
+    assert [layout.part_images(k) for k in parts_of(stack)] == [2]
 
 
 def test_rejections_become_failure_rows(stack) -> None:
@@ -119,7 +103,7 @@ def test_rejections_become_failure_rows(stack) -> None:
     assert stack.invoke("enqueue", event) == {"batchItemFailures": []}
     stack.invoke("enqueue", event)   # redelivery overwrites the same failure file
 
-    assert jobs_of(stack) == []       # nothing valid, no job
+    assert parts_of(stack) == {}      # nothing valid, nothing pending
     files = stack.list_keys(layout.FAILURES)   # one file per rejected upload: duplicates overwrite it
     assert len(files) == 3 and all(f.startswith(f"{layout.FAILURES}dt=2026-11-23/enqueue-") for f in files)
     found = {r["image_key"]: (r["stage"], r["reason"]) for r in read_failures(stack)}
@@ -130,8 +114,8 @@ def test_rejections_become_failure_rows(stack) -> None:
 
 
 def test_enqueue_makes_no_request_per_image_and_leaves_gone_objects_to_the_transform(stack) -> None:
-    """The event's size and ETag are the line: no HeadObject. A deleted or overwritten object
-    is found by the container's GetObject (read_error / superseded, stage transform)."""
+    """The event's size, ETag and sequencer are the line: no HeadObject. A deleted or overwritten
+    object is found by the container's GetObject (read_error / superseded, stage transform)."""
     s3 = stack.client("s3")
     s3.put_object(Bucket=stack.bucket, Key="incoming/here.jpg", Body=b"data")
     calls: list[str] = []
@@ -140,16 +124,13 @@ def test_enqueue_makes_no_request_per_image_and_leaves_gone_objects_to_the_trans
                 s3_message(stack.bucket, "incoming/gone.jpg", size=10, etag="0123abcd")]
     assert stack.invoke("enqueue", sqs_event(messages, stack.queue_arn)) == {"batchItemFailures": []}
 
-    assert "HeadObject" not in calls
-    (job,) = jobs_of(stack)
-    body = s3.get_object(Bucket=stack.bucket, Key=layout.shard_key(job["TransformJobName"], 0, 1))["Body"].read()
-    lines = [json.loads(ln) for ln in body.decode().splitlines()]
+    (lines,) = parts_of(stack).values()
     assert [(ln["key"], ln["size"], ln["etag"]) for ln in lines] == [
         ("incoming/gone.jpg", 10, "0123abcd"),
         ("incoming/here.jpg", 4, s3.head_object(Bucket=stack.bucket, Key="incoming/here.jpg")["ETag"].strip('"'))]
     assert read_failures(stack) == []
-    # per image: one claim GET (duplicates) and one conditional claim PUT; per job: the manifest
-    assert calls.count("GetObject") == 2 and calls.count("PutObject") == 3
+    # per batch: the part, and one listing of pending/ (is there a job's worth?); nothing per image
+    assert sorted(calls) == ["ListObjectsV2", "PutObject"]
 
 
 def test_unparseable_message_is_a_partial_batch_failure(stack) -> None:
@@ -159,32 +140,37 @@ def test_unparseable_message_is_a_partial_batch_failure(stack) -> None:
     bad = {"MessageId": "bad-1", "ReceiptHandle": "rh", "Body": "{not json"}
     resp = stack.invoke("enqueue", sqs_event([good, bad], stack.queue_arn))
     assert resp == {"batchItemFailures": [{"itemIdentifier": "bad-1"}]}
-    assert len(jobs_of(stack)) == 1    # the good record still went through
+    assert [[ln["key"] for ln in lines] for lines in parts_of(stack).values()] == [["incoming/ok.jpg"]]
 
 
-def test_transform_request_uses_settings() -> None:
-    from dermscore.config import Settings
+def test_a_job_s_worth_of_pending_images_wakes_the_dispatcher(make_stack) -> None:
+    """GIVEN MinImagesPerJob 3 WHEN parts of 2 and then 1 image arrive THEN the second enqueue
+    invokes the dispatcher (asynchronously), the first does not."""
+    stack = make_stack(overrides={"MinImagesPerJob": 3})
+    woken: list[dict] = []
 
-    s = Settings(bucket="bk", model_name="m", instance_type="ml.c5.xlarge", instance_count=2, max_payload_mb=3,
-                 max_concurrent_transforms=4, invocations_timeout_s=600)
-    req = enqueue.transform_request(s, "dermscore-abc", "s3://bk/manifests/dermscore-abc.jsonl")
-    assert req["TransformResources"] == {"InstanceType": "ml.c5.xlarge", "InstanceCount": 2}
-    assert req["MaxPayloadInMB"] == 3 and req["MaxConcurrentTransforms"] == 4
-    assert req["ModelClientConfig"] == {"InvocationsTimeoutInSeconds": 600}
-    assert req["TransformOutput"]["S3OutputPath"] == "s3://bk/transform-output/dermscore-abc/"
+    class Lambda:
+        def invoke(self, **kwargs):
+            woken.append(kwargs)
+            return {"StatusCode": 202}
+
+    stack.inject("enqueue", lambda_=Lambda())
+    stack.invoke("enqueue", sqs_event([s3_message(stack.bucket, f"incoming/{i}.jpg", etag=f"e{i}") for i in (1, 2)],
+                                      stack.queue_arn))
+    assert woken == []
+    stack.invoke("enqueue", sqs_event([s3_message(stack.bucket, "incoming/3.jpg", etag="e3")], stack.queue_arn))
+    assert woken == [{"FunctionName": f"{stack.stack_name}-dispatch", "InvocationType": "Event", "Payload": b"{}"}]
 
 
 def test_recorded_s3_notification_delivered_by_sqs(stack) -> None:
     """GIVEN the S3 -> SQS event as AWS documents it (URL-encoded key, an s3:TestEvent beside it)
-    WHEN enqueue handles it THEN one job scores the decoded key and nothing fails."""
+    WHEN enqueue handles it THEN its part holds the decoded key with the event's sequencer."""
     key = "incoming/clinic A/ISIC_0024306 + retake.jpg"
     etag = stack.client("s3").put_object(Bucket=stack.bucket, Key=key, Body=b"\xff\xd8 bytes")["ETag"].strip('"')
     event = recorded_event("sqs_s3_object_created.json", bucket=stack.bucket, queue_arn=stack.queue_arn, etag=etag)
     assert stack.invoke("enqueue", event) == {"batchItemFailures": []}
-    (job,) = jobs_of(stack)
-    shard = layout.shard_key(job["TransformJobName"], 0, 1)
-    body = stack.client("s3").get_object(Bucket=stack.bucket, Key=shard)["Body"].read().decode()
-    assert [json.loads(ln)["key"] for ln in body.splitlines()] == [key]
+    (lines,) = parts_of(stack).values()
+    assert [(ln["key"], ln["sequencer"]) for ln in lines] == [(key, "0001")]
     assert read_failures(stack) == []
 
 
@@ -197,5 +183,5 @@ def test_keys_that_could_escape_the_result_layout_become_failure_rows(stack) -> 
             "incoming/" + "x" * 1000 + ".jpg": reasons.KEY_TOO_LONG}
     event = sqs_event([s3_message(stack.bucket, k) for k in keys], stack.queue_arn)
     assert stack.invoke("enqueue", event) == {"batchItemFailures": []}
-    assert jobs_of(stack) == []
+    assert parts_of(stack) == {}
     assert {r["image_key"]: r["reason"] for r in read_failures(stack)} == keys

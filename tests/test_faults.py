@@ -2,8 +2,9 @@
 
 On the local stack (moto server over HTTP, the real handlers, runner and inference code):
 N uploads - real sample images reused under distinct keys (some with spaces, '+' and
-unicode) plus 5 % bad files of every kind - with every S3 event delivered twice, the enqueue
-Lambda crashed once in the middle of a batch and one transform job forced to fail. Then:
+unicode) plus 5 % bad files of every kind - with every S3 event delivered twice, the dispatcher
+killed once between gathering parts and creating their job, its first runs made twice at once
+over the same parts, and one transform job forced to fail. Then:
 result rows + failure rows == unique uploads, no duplicates, a reason for every failure,
 nothing in flight. The figures are printed (``pytest -s`` shows them).
 
@@ -25,6 +26,7 @@ import random
 import struct
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote_plus
@@ -36,7 +38,7 @@ from PIL import Image
 
 from analytics.query import run_query
 from dermscore import layout, reasons, results
-from handlers import claims
+from handlers import dispatch
 
 UPLOADS = int(os.environ.get("DERMSCORE_FAULT_UPLOADS", "200"))
 # The SQS batching window of the suite's stack: short in CI; the full size gathers larger batches
@@ -175,19 +177,18 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
         plan.append((f"incoming/faults/good/{name}", samples[i % len(samples)].read_bytes(), None))
     rng.shuffle(plan)
 
-    # Fault 1: the enqueue Lambda dies once in the middle of a batch (after its manifest and
-    # some of its claims were written, before CreateTransformJob).
-    real_claim = claims.claim
-    crash = {"calls": 0, "crashed": 0}
+    # Fault 1: the dispatcher dies once between gathering parts (its intent and the job's manifest
+    # are written) and CreateTransformJob.
+    real_submit = dispatch.submit
+    crash = {"crashed": 0, "twice": 0, "twin_runs": False}
 
-    def claim_then_crash(s3, bucket, item, job):
-        crash["calls"] += 1
-        if crash["calls"] == 7 and not crash["crashed"]:
+    def submit_or_crash(rt, name, prefix, shards):
+        if not crash["crashed"] and not crash["twin_runs"]:   # else the twin run would finish the job at once
             crash["crashed"] += 1
-            raise RuntimeError("injected fault: enqueue Lambda killed mid-batch")
-        return real_claim(s3, bucket, item, job)
+            raise RuntimeError("injected fault: dispatcher killed before CreateTransformJob")
+        return real_submit(rt, name, prefix, shards)
 
-    monkeypatch.setattr(claims, "claim", claim_then_crash)
+    monkeypatch.setattr(dispatch, "submit", submit_or_crash)
 
     with preserved_environ():
         use_endpoint(moto_endpoint)
@@ -239,6 +240,22 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
                 return real_execute(job)
 
             p.runner.execute = execute_or_fail
+
+            # Fault 4: the dispatcher's first runs are made twice at once, over the same parts.
+            real_run = p.dispatcher.run_once
+
+            def run_twice():
+                if crash["twice"] >= 3 or not p.stack.list_keys(layout.PENDING):
+                    return real_run()
+                crash["twice"], crash["twin_runs"] = crash["twice"] + 1, True
+                try:
+                    with ThreadPoolExecutor(2) as pool:
+                        reports = list(pool.map(lambda _: real_run(), range(2)))
+                finally:
+                    crash["twin_runs"] = False
+                return next((r for r in reports if r), None)
+
+            p.dispatcher.run_once = run_twice
             for start in range(0, len(deliveries), 2 * WAVE):
                 send_all(sqs, p.stack.queue_url, deliveries[start:start + 2 * WAVE])
                 p.drain(timeout_s=max(900, 2 * UPLOADS))   # a bound against hangs, not a timing assertion
@@ -258,21 +275,21 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
     unknown = [u for u in places if u not in uploads]
     by_reason = Counter(r[4] for r in got.failed)
     logged = Counter(m for r in caplog.records for m in (
-        "re-submitted a job whose submitter died", "images of a failed transform job re-queued",
-        "duplicate deliveries dropped") if r.getMessage().startswith(m))
+        "finishing the job of an earlier dispatcher run", "images of a failed transform job re-queued",
+        "duplicate lines: their uploads' outcomes come from other lines") if r.getMessage().startswith(m))
     with capsys.disabled():
         print(f"\nfault suite: {len(uploads)} uploads ({n_bad} bad), {len(deliveries)} S3 event deliveries, "
               f"{len(jobs)} transform jobs ({sum(j['status'] == 'Failed' for j in jobs)} failed), "
-              f"enqueue crashes {crash['crashed']}\n"
+              f"dispatcher crashes {crash['crashed']}, double runs {crash['twice']}\n"
               f"  results: {len(got.scored)}  failures: {len(got.failed)} "
               f"({', '.join(f'{r}: {n}' for r, n in sorted(by_reason.items()))})\n"
               f"  duplicates: {duplicates}  lost: {len(lost)}  in flight: {left}\n"
               f"  recovery: {dict(logged)}")
 
-    assert crash["crashed"] == 1 and len(forced) == 1                   # both faults really happened
+    assert crash["crashed"] == 1 and crash["twice"] >= 1 and len(forced) == 1   # the faults really happened
     assert [j["status"] for j in jobs].count("Failed") == 1
-    assert len(logged) == 3   # the crashed batch's job was re-submitted, the failed job's images
-    #                           re-queued, duplicate deliveries dropped
+    assert len(logged) == 3   # the crashed dispatcher's job was finished, the failed job's images
+    #                           re-queued, duplicate lines collected once
     assert len(got.scored) + len(got.failed) == len(uploads)
     assert duplicates == 0 and lost == [] and unknown == []
     assert all(r[4] and r[5] for r in got.failed)                       # every failure has a reason
@@ -283,10 +300,12 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
     assert left == {"queue": 0, "dlq": 0, "jobs_pending": 0}
     # the per-image JSON documents: one per result, nothing but the result's own fields (and keys
     # of pictures derived from it): no EXIF or other metadata of the upload
-    docs = list((tmp_path / "images").rglob("*.json"))
-    assert len(docs) == len(got.scored)
-    for path in docs[:50]:
-        extra = set(json.loads(path.read_text())) - set(results.PREDICTION_SCHEMA.names)
+    docs = [json.loads(path.read_text()) for path in (tmp_path / "images").rglob("*.json")]
+    assert Counter(d["status"] for d in docs) == {results.SCORED: len(got.scored),   # one per image that reached
+                                                  results.FAILED: sum(r[3] != "enqueue" for r in got.failed)}
+    claim = {"status", "owner", "sequencer", "uploads"}                            # the transform
+    for doc in (d for d in docs[:50] if d["status"] == results.SCORED):
+        extra = set(doc) - set(results.PREDICTION_SCHEMA.names) - claim
         assert all(k.endswith("_key") for k in extra), extra
 
 
@@ -343,7 +362,7 @@ IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG")
 
 def test_nothing_but_results_leaves_the_pipeline(moto_endpoint, tiny_model) -> None:
     """Image bytes stay where the user put them: every object the pipeline writes is in the
-    user's bucket; manifests, claims and transform output hold no image data; a picture derived
+    user's bucket; pending parts, manifests and transform output hold no image data; a picture derived
     from an image (a result's thumbnail or heatmap, if any) lies beside its JSON, is small and
     carries no EXIF or other metadata of the upload."""
     from infra.stack import use_endpoint
@@ -359,7 +378,7 @@ def test_nothing_but_results_leaves_the_pipeline(moto_endpoint, tiny_model) -> N
             assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == before
             written = [k for k in p.stack.list_keys("") if not k.startswith((layout.INCOMING, layout.MODELS))]
             assert written and {k.split("/")[0] + "/" for k in written} <= {
-                layout.MANIFESTS, layout.TRANSFORM_OUTPUT, layout.CLAIMS, layout.COLLECTED, "results/"}
+                layout.MANIFESTS, layout.TRANSFORM_OUTPUT, layout.COLLECTED, "results/"}   # pending/: gone
             for k in written:
                 body = s3.get_object(Bucket=bucket, Key=k)["Body"].read()
                 if body.startswith(IMAGE_MAGIC):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dermscore import layout, scoring
+from dermscore import scoring
 from dermscore.messages import ManifestLine, OutputLine, Retry
 
 MODEL = {"name": "m", "version": "1", "weights_sha256": "abc"}
@@ -14,13 +14,14 @@ MODEL = {"name": "m", "version": "1", "weights_sha256": "abc"}
 
 def test_manifest_line_round_trip_and_identity() -> None:
     line = ManifestLine("b", "incoming/é x.jpg", '"e1"', 123)
-    assert line.etag == "e1"                               # S3's quotes never reach a claim or a row
+    assert line.etag == "e1"                               # S3's quotes never reach a document or a row
     assert ManifestLine.from_json(line.to_json()) == line
-    assert "attempt" not in json.loads(line.to_json())     # attempt 0 stays off the wire (older manifests)
+    assert set(json.loads(line.to_json())) == {"bucket", "key", "etag", "size"}   # attempt 0, no sequencer: off
     again = line.next_attempt()
     assert again.attempt == 1 and again.upload == line.upload
-    assert again.claim_key != line.claim_key and again.claim_key.startswith(layout.CLAIMS)
     assert ManifestLine.from_json(again.to_json()) == again
+    ordered = ManifestLine("b", "incoming/x.jpg", "e", 1, sequencer="0055B3A8C6D8E3F1C0")
+    assert ManifestLine.from_json(ordered.to_json()) == ordered
 
 
 @pytest.mark.parametrize("text", ['"just a string"', "[1, 2]", '{"bucket": "b"}', '{"bucket": 1, "key": "k"}',

@@ -1,6 +1,6 @@
 """The reconciler against the moto server: what it does with each kind of job that has no outcome.
 
-Jobs are submitted with enqueue's own code; their state comes from an outcomes table, as the
+Jobs are created with the dispatcher's own code from a pending part; their state comes from an outcomes table, as the
 local transform runner reports it (moto calls every job Completed at once); collect runs in
 this process when the reconciler invokes it (infra.scheduler.LocalLambda).
 """
@@ -17,7 +17,7 @@ import pytest
 from dermscore import layout, scoring
 from dermscore.labels import CLASSES
 from dermscore.messages import ManifestLine, OutputLine, Retry
-from handlers import collect, enqueue, reconcile
+from handlers import collect, dispatch, enqueue, reconcile
 from infra.runner import LocalSageMaker
 from infra.scheduler import Scheduler
 
@@ -41,22 +41,25 @@ class World:
     def __init__(self, stack, after_s: float = 0) -> None:
         self.stack = stack
         self.outcomes: dict[str, dict] = {}
-        self.scheduler = Scheduler(stack, LocalSageMaker(stack.client("sagemaker"), self.outcomes), after_s=after_s)
+        self.view = LocalSageMaker(stack.client("sagemaker"), self.outcomes)
+        self.scheduler = Scheduler(stack, self.view, after_s=after_s)
         self.items = [ManifestLine(stack.bucket, k, f"e{i}", 100) for i, k in enumerate(KEYS)]
 
-    def submit(self, items: list[ManifestLine] | None = None, die_before_create: bool = False) -> str:
-        """enqueue.submit as the enqueue Lambda runs it (optionally killed just before CreateTransformJob)."""
-        rt = self.stack.runtime("enqueue")
-        if die_before_create:
-            real = rt.sagemaker
+    def submit(self, die_before_create: bool = False) -> str:
+        """The items as one pending part (enqueue's code), made a job by the dispatcher's code
+        (optionally killed just before CreateTransformJob); returns the job's name."""
+        part = enqueue.write_part(self.stack.runtime("enqueue"), self.items)
+        real = self.view
 
-            class Dying:
-                def __getattr__(self, name):
-                    if name == "create_transform_job":
-                        raise Killed("enqueue Lambda killed before CreateTransformJob")
-                    return getattr(real, name)
-            rt = replace(rt, sagemaker=Dying())
-        return enqueue.submit(rt, items or self.items)
+        class Dying:
+            def __getattr__(self, name):
+                if name == "create_transform_job":
+                    raise Killed("dispatcher killed before CreateTransformJob")
+                return getattr(real, name)
+
+        rt = replace(self.stack.runtime("dispatch"), sagemaker=Dying() if die_before_create else real)
+        dispatch.handle({}, rt)
+        return dispatch.job_name(self.stack.job_prefix, [part])
 
     def finish(self, job: str, status: str = "Completed", reason: str | None = None) -> None:
         """The transform ran: its output (one error line) and its state, as the runner leaves them."""
@@ -94,7 +97,7 @@ class World:
 
 @pytest.fixture()
 def world(make_stack) -> World:
-    return World(make_stack())
+    return World(make_stack(overrides={"MinImagesPerJob": 1}))
 
 
 def acted(report: dict[str, int]) -> dict[str, int]:
@@ -131,7 +134,8 @@ def test_completed_job_whose_event_was_lost_is_collected(world) -> None:
     assert event["detail"]["TransformEndTime"] == int(ENDED.timestamp() * 1000)
     assert sorted(r["image_key"] for r in world.rows(layout.PREDICTIONS)) == sorted(KEYS[:2])
     assert [(r["image_key"], r["reason"]) for r in world.rows(layout.FAILURES)] == [(KEYS[2], "corrupt_image")]
-    assert world.stack.list_keys(layout.PREDICTIONS) == [layout.prediction_partition_key("2026-11-23", job)]
+    assert world.stack.list_keys(layout.PREDICTIONS) == [layout.prediction_partition_key(
+        "2026-11-23", layout.job_file_name(job, layout.shard_key(job, 0, 1)))]
     assert world.marker(job)["status"] == "Completed"
     # collected now: the next run has nothing to do
     assert acted(world.reconcile()) == {"collected": 1}
@@ -155,40 +159,35 @@ def test_collected_job_is_left_alone(world) -> None:
 
 
 def test_young_job_waits_for_the_bound(make_stack) -> None:
-    world = World(make_stack(), after_s=3600)
+    world = World(make_stack(overrides={"MinImagesPerJob": 1}), after_s=3600)
     job = world.submit()
     world.finish(job)
     assert acted(world.reconcile()) == {"waiting": 1}
     assert world.collect_invocations() == [] and world.marker(job) is None
 
 
-def test_missing_job_whose_submitter_died_is_submitted_again(world) -> None:
+def test_missing_job_whose_dispatcher_died_is_submitted_again(world) -> None:
+    """The dispatcher died after the manifest, before CreateTransformJob: the reconciler submits the
+    job from its manifest (the dispatcher's next run would too, from its intent: whichever comes
+    first, there is one job)."""
     with pytest.raises(Killed):
         world.submit(die_before_create=True)
     (name,) = {k.split("/")[1] for k in world.stack.list_keys(layout.MANIFESTS)}
     sm = world.stack.client("sagemaker")
-    assert not enqueue.job_exists(sm, name)
+    assert not dispatch.job_exists(sm, name)
     assert acted(world.reconcile()) == {"resubmitted": 1}
-    job = sm.describe_transform_job(TransformJobName=name)     # the same job, as enqueue submits it
+    job = sm.describe_transform_job(TransformJobName=name)     # the same job, as the dispatcher submits it
     assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == \
         f"s3://{world.stack.bucket}/{layout.job_input_prefix(name, 1)}"
     assert world.stack.list_keys(layout.COLLECTED) == [layout.redrive_key(name, 1)]
+    report = dispatch.handle({}, replace(world.stack.runtime("dispatch"), sagemaker=world.view))
+    assert (report["resumed"], report["jobs_created"]) == (1, 0)    # its intent: the job exists, parts gone
+    assert world.stack.list_keys(layout.PENDING) == world.stack.list_keys(layout.DISPATCH) == []
     # it runs now (InProgress): past the bound, it is reported and left alone
     assert acted(world.reconcile()) == {"overdue": 1}
     world.finish(name)
     assert acted(world.reconcile()) == {"redriven": 1}     # ... and its event was lost too
     assert len(world.rows(layout.PREDICTIONS)) == 2 and world.marker(name)["status"] == "Completed"
-
-
-def test_manifest_whose_job_never_claimed_an_image_is_an_orphan(world) -> None:
-    """The submitter died before claiming: the images' messages come back and another job takes
-    them, so this manifest has nothing to do (and must not start a second job)."""
-    name = f"{world.stack.job_prefix}-0123456789abcdef"
-    world.stack.client("s3").put_object(Bucket=world.stack.bucket, Key=layout.shard_key(name, 0, 1),
-                                        Body="".join(it.to_json() + "\n" for it in world.items).encode())
-    assert acted(world.reconcile()) == {"orphaned": 1}
-    assert world.stack.list_keys(layout.COLLECTED) == [layout.collected_key(name)]
-    assert not enqueue.job_exists(world.stack.client("sagemaker"), name)
 
 
 def test_failed_job_whose_event_was_lost_requeues_its_images(world) -> None:
@@ -224,8 +223,9 @@ def test_gives_up_after_the_redrives_and_accounts_for_every_image_once(world, mo
 
     def dies_after_predictions(rt, detail, when):
         real(rt, detail, when)
+        name = layout.job_file_name(job, layout.shard_key(job, 0, 1))
         world.stack.client("s3").delete_object(               # its last file never made it
-            Bucket=world.stack.bucket, Key=layout.failure_partition_key("2026-11-23", f"{job}-transform"))
+            Bucket=world.stack.bucket, Key=layout.failure_partition_key("2026-11-23", f"{name}-transform"))
         raise RuntimeError("injected: collect killed before its marker")
 
     monkeypatch.setattr(collect, "collect_completed", dies_after_predictions)
@@ -242,24 +242,6 @@ def test_gives_up_after_the_redrives_and_accounts_for_every_image_once(world, mo
     assert world.stack.invoke("collect", collect.state_change_event(description))["ignored"]
     assert len(world.rows(layout.PREDICTIONS)) == 2 and len(world.rows(layout.FAILURES)) == 1
     assert acted(world.reconcile()) == {"collected": 1}
-
-
-def test_a_manifest_that_cannot_be_submitted_under_its_name_gives_failure_rows(world) -> None:
-    """Claims name a job whose manifest now makes another job (its name depends on the settings):
-    that job can never collect these images, so they get 'unreconciled' failure rows at once."""
-    name = f"{world.stack.job_prefix}-00000000deadbeef"
-    s3 = world.stack.client("s3")
-    s3.put_object(Bucket=world.stack.bucket, Key=layout.shard_key(name, 0, 1),
-                  Body="".join(it.to_json() + "\n" for it in world.items).encode())
-    from handlers import claims
-    claims.claim_all(s3, world.stack.bucket, world.items, name)
-    assert acted(world.reconcile()) == {"given_up": 1, "images_unreconciled": 3}
-    rows = world.rows(layout.FAILURES)
-    assert sorted(r["image_key"] for r in rows) == sorted(KEYS)
-    assert {(r["job_name"], r["stage"], r["reason"]) for r in rows} == {(name, "reconcile", "unreconciled")}
-    assert "re-submits as" in rows[0]["detail"] and world.marker(name)["status"] == collect.UNRECONCILED
-    sm = world.stack.client("sagemaker")      # and no job of the other name was started for them
-    assert sm.list_transform_jobs(NameContains=world.stack.job_prefix)["TransformJobSummaries"] == []
 
 
 def test_lambda_handler_reports_and_raises_when_a_job_could_not_be_looked_at(world, monkeypatch) -> None:

@@ -1,5 +1,5 @@
-"""Scale-out (issue 8): manifest shards, InstanceCount, parallel local "instances", throttled
-CreateTransformJob, the batching policy and the capacity model.
+"""Scale-out (issues 8, 13): manifest shards, InstanceCount, parallel local "instances", throttled
+CreateTransformJob, the dispatch policy and the capacity model.
 
 The sharded end-to-end test scores ``DERMSCORE_SCALE_IMAGES`` images (default 200 in CI;
 ``DERMSCORE_SCALE_IMAGES=1000`` for the issue's full size) with a tiny random model once with
@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +88,23 @@ def test_files_are_assigned_whole_to_instances() -> None:
     assert assign_files(keys[:2], 4) == [["k0"], ["k1"]]
 
 
-def test_enqueue_request_uses_one_instance_per_shard() -> None:
-    from handlers.enqueue import transform_request
+def test_shards_stay_bounded_in_size_whatever_the_job() -> None:
+    assert sharding.shards_for(1_000_000, 4, 250, 50_000) == 20            # 20 files of 50,000 lines
+    assert sharding.shards_for(1_000, 4, 250, 50_000) == 4
+    assert sharding.shards_for(100, 4, 250, 0) == 1
+    assert max(sharding.shard_sizes(1_000_001, sharding.shards_for(1_000_001, 4, 250, 50_000))) <= 50_000
 
-    s = Settings(bucket="bk", instance_count=8)
+
+def test_transform_request_uses_settings_and_one_instance_per_shard() -> None:
+    from handlers.dispatch import transform_request
+
+    s = Settings(bucket="bk", model_name="m", instance_type="ml.c5.xlarge", max_payload_mb=3,
+                 max_concurrent_transforms=4, invocations_timeout_s=600, instance_count=8)
     req = transform_request(s, "dermscore-abc", "s3://bk/manifests/dermscore-abc/3-shards/", 3)
-    assert req["TransformResources"]["InstanceCount"] == 3
+    assert req["TransformResources"] == {"InstanceType": "ml.c5.xlarge", "InstanceCount": 3}
+    assert req["MaxPayloadInMB"] == 3 and req["MaxConcurrentTransforms"] == 4 and req["ModelName"] == "m"
+    assert req["ModelClientConfig"] == {"InvocationsTimeoutInSeconds": 600}
+    assert req["TransformOutput"]["S3OutputPath"] == "s3://bk/transform-output/dermscore-abc/"
     assert req["TransformInput"]["DataSource"]["S3DataSource"] == {
         "S3DataType": "S3Prefix", "S3Uri": "s3://bk/manifests/dermscore-abc/3-shards/"}
 
@@ -122,24 +134,58 @@ def test_quota_named_in_service_quotas_words() -> None:
     assert not batching.is_retryable_create_error("ValidationException")
 
 
-@pytest.mark.parametrize(("images", "age", "receives", "defer"), [
-    (50, 10, 1, True),        # small and young: wait for more
-    (500, 10, 1, False),      # big enough
-    (50, 900, 1, False),      # waited long enough: run it small
-    (50, 10, 3, False),       # receives 3 + 2 reserved = maxReceiveCount 5: keep them for real failures
-    (50, 10, 2, True),
-    (0, 10, 1, False),
-])
-def test_batching_policy(images: int, age: float, receives: int, defer: bool) -> None:
-    assert batching.should_defer(images, age, receives, min_images_per_job=500, max_job_wait_s=900,
-                                 max_receive_count=5) is defer
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 
 
-def test_batching_policy_off_by_default() -> None:
-    s = Settings(bucket="b")
-    assert not batching.should_defer(1, 0, 1, min_images_per_job=s.min_images_per_job,
-                                     max_job_wait_s=s.max_job_wait_s, max_receive_count=s.max_receive_count)
-    assert batching.defer_delay_s(850, 900, 60) == 50 and batching.defer_delay_s(0, 900, 60) == 60
+def parts(*sizes_and_ages: tuple[int, float]) -> list[batching.Part]:
+    return [batching.Part(f"pending/{i:016x}-{n:07d}.jsonl", n, NOW - timedelta(seconds=age))
+            for i, (n, age) in enumerate(sizes_and_ages)]
+
+
+def plan_jobs(found: list[batching.Part], **kw: Any) -> list[list[int]]:
+    """The images of each part of each job the policy makes now."""
+    policy = {"min_images": 100, "max_images": 1000, "max_latency_s": 3600, "slots": 4, **kw}
+    return [[p.images for p in job] for job in batching.plan_jobs(found, NOW, **policy)]
+
+
+def test_dispatch_policy_waits_for_a_job_s_worth_or_the_latency_bound() -> None:
+    assert plan_jobs(parts((30, 10), (40, 5))) == []                        # 70 < 100, young: wait
+    assert plan_jobs(parts((30, 10), (40, 5), (30, 1))) == [[30, 40, 30]]   # 100: one job
+    assert plan_jobs(parts((30, 3600), (40, 5))) == [[30, 40]]              # the oldest waited 1 h: go
+    assert plan_jobs([]) == [] and plan_jobs(parts((500, 0)), slots=0) == []
+
+
+def test_dispatch_policy_packs_backlogs_into_jobs_oldest_first() -> None:
+    backlog = parts((900, 50), (900, 40), (100, 30), (60, 20))
+    assert plan_jobs(backlog) == [[900], [900, 100]]                        # <= 1000 each; 60 young: waits
+    assert plan_jobs(backlog, slots=1) == [[900]]                           # MaxConcurrentJobs
+    assert plan_jobs(parts((5000, 0), (10, 0)), max_images=1000) == [[5000]]   # a big part is a job alone
+    assert plan_jobs(parts((600, 4000), (50, 20))) == [[600, 50]]
+
+
+def test_n_pending_images_never_make_more_than_ceil_n_over_min_jobs() -> None:
+    """Parts arriving over time, the dispatcher running every minute: every job but a final,
+    latency-forced one holds at least MinImagesPerJob images."""
+    rng = random.Random(13)
+    for _ in range(200):
+        minimum, pending, made, total = rng.randint(5, 500), [], 0, 0
+        t = NOW
+        for minute in range(120):
+            for _ in range(rng.randint(0, 3)):
+                n = rng.randint(1, 200)
+                total += n
+                pending.append(batching.Part(f"pending/{minute:08x}{len(pending):08x}-{n:07d}.jsonl", n, t))
+            jobs = batching.plan_jobs(pending, t, min_images=minimum, max_images=10 * minimum,
+                                      max_latency_s=1800, slots=4)
+            made += len(jobs)
+            taken = {p.key for job in jobs for p in job}
+            pending = [p for p in pending if p.key not in taken]
+            t += timedelta(minutes=1)
+        flushed = batching.plan_jobs(pending, t + timedelta(hours=1), min_images=minimum,
+                                     max_images=10 * minimum, max_latency_s=1800, slots=10**6)
+        made += len(flushed)
+        assert sum(p.images for job in flushed for p in job) == sum(p.images for p in pending)
+        assert made <= math.ceil(total / minimum) or total == 0
 
 
 # --------------------------------------------------------------------------- on the local stack
@@ -149,12 +195,13 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_model(tmp_path_factory.mktemp("scale-model"), size=32)
 
 
-def make_pipeline(endpoint: str, model_dir: Path, visibility_timeout: int = 30, **overrides: Any):
+def make_pipeline(endpoint: str, model_dir: Path, visibility_timeout: int = 30, max_latency_s: float = 0,
+                  **overrides: Any):
     from infra.local import LocalPipeline
 
     name = unique_name()
     return LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=endpoint,
-                         batching_window_s=0.5, visibility_timeout=visibility_timeout,
+                         batching_window_s=0.5, visibility_timeout=visibility_timeout, max_latency_s=max_latency_s,
                          overrides={"ModelName": f"{name}-model", **overrides})
 
 
@@ -196,6 +243,7 @@ def score_in_one_batch(endpoint: str, model_dir: Path, files: list[Path], instan
     keys = upload_copies(p, files, SCALE_IMAGES, "incoming/scale/")
     result = p.poller.dispatch(receive_all(p, SCALE_IMAGES + 1))     # + the s3:TestEvent
     assert result.failed == [] and result.error is None
+    assert p.dispatcher.run_once()["jobs_created"] == 1
     ran = p.runner.run_pending()
     assert [r["status"] for r in ran] == ["Completed"], ran
     return p, keys, ran[0]["job_name"]
@@ -277,47 +325,51 @@ class RefusingSageMaker:
         return self._client.create_transform_job(**kwargs)
 
 
-def test_refused_create_returns_the_batch_and_succeeds_later(moto_endpoint: str, small_model: Path,
-                                                              caplog) -> None:
+def test_refused_create_keeps_the_parts_pending_and_succeeds_later(moto_endpoint: str, small_model: Path,
+                                                                   caplog) -> None:
+    """ResourceLimitExceeded, then ThrottlingException: the job's intent waits out a back-off (the
+    images are safe in pending/, the queue is done with them), one warning names the quota, the
+    third try creates the job and every image is scored."""
     from infra.stack import use_endpoint
 
     with preserved_environ():
         use_endpoint(moto_endpoint)
         with make_pipeline(moto_endpoint, small_model, ThrottleBackoffSeconds=1) as p:
-            refusing = RefusingSageMaker(p.stack.client("sagemaker"), ["ResourceLimitExceeded", "ThrottlingException"])
-            p.stack.inject("enqueue", sagemaker=refusing)
+            refusing = RefusingSageMaker(p.stack.runtime("dispatch").sagemaker,
+                                         ["ResourceLimitExceeded", "ThrottlingException"])
+            p.stack.inject("dispatch", sagemaker=refusing)
             keys = p.upload(sample_images(6), "incoming/throttle/")
 
             first = p.poller.dispatch(receive_all(p, 7))
-            assert len(first.failed) == 6                       # the 6 images back to the queue, not the test event
-            assert p.runner.pending() == []                     # no job yet
+            assert first.failed == []                            # arrival succeeded: the part is pending
+            assert p.dispatcher.run_once()["refused"] == 1 and p.runner.pending() == []
             # the structured fields (Powertools' JSON keys) of the one warning that names the quota
             refusal = next(r for r in caplog.records if getattr(r, "error_code", None) == "ResourceLimitExceeded")
             assert refusal.quota_to_raise == "ml.g4dn.xlarge for transform job usage"
             assert "ml.g4dn.xlarge for transform job usage" in refusal.getMessage()
             assert refusal.levelname == "WARNING" and refusal.images == 6 and refusal.retry_in_s >= 1
-            assert p.stack.queue_depth()["in_flight"] == 6     # invisible for the back-off, not deleted
+            (intent,) = p.stack.list_keys(layout.DISPATCH)
+            assert len(p.stack.list_keys(layout.PENDING)) == 1   # the part stays until its job exists
 
             p.drain(timeout_s=90)                               # throttled once more, then created
             assert refusing.calls == 3
             assert [r["status"] for r in p.runner.results] == ["Completed"]
             assert sorted(r["image_key"] for r in prediction_rows(p)) == sorted(keys)
-            assert p.stack.queue_depth() == {"visible": 0, "in_flight": 0}
+            assert p.stack.list_keys(layout.PENDING) == [] and p.stack.list_keys(layout.DISPATCH) == []
             assert p.stack.queue_depth(dlq=True)["visible"] == 0
 
 
-def test_small_batch_waits_then_runs(moto_endpoint: str, small_model: Path) -> None:
-    """MinImagesPerJob: a young, small batch goes back to the queue; once it is older than
-    MaxJobWaitSeconds it runs anyway; nothing reaches the DLQ."""
+def test_small_volume_waits_for_the_latency_bound_then_runs(moto_endpoint: str, small_model: Path) -> None:
+    """MinImagesPerJob 100, MaxLatencySeconds 3: three images wait in pending/, then go as one job."""
     from infra.stack import use_endpoint
 
     with preserved_environ():
         use_endpoint(moto_endpoint)
-        with make_pipeline(moto_endpoint, small_model, MinImagesPerJob=100, MaxJobWaitSeconds=3,
-                           ThrottleBackoffSeconds=1) as p:
+        with make_pipeline(moto_endpoint, small_model, max_latency_s=3, MinImagesPerJob=100) as p:
             keys = p.upload(sample_images(3), "incoming/small/")
-            first = p.poller.dispatch(receive_all(p, 4))
-            assert len(first.failed) == 3 and p.runner.pending() == []
+            assert p.poller.dispatch(receive_all(p, 4)).failed == []
+            report = p.dispatcher.run_once()
+            assert (report["jobs_created"], report["images_waiting"]) == (0, 3) and p.runner.pending() == []
             p.drain(timeout_s=60)
             assert [r["status"] for r in p.runner.results] == ["Completed"]
             assert sorted(r["image_key"] for r in prediction_rows(p)) == sorted(keys)

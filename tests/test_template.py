@@ -24,12 +24,17 @@ from dermscore.template import REPO_ROOT, TEMPLATE_PATH, Resolver, load_template
 from infra.serving import RESPONSE_FACTOR
 
 SAM = REPO_ROOT / ".venv-tools" / "bin" / "sam"
-FUNCTIONS = ("EnqueueFunction", "CollectFunction", "ReconcileFunction")
+FUNCTIONS = ("EnqueueFunction", "DispatchFunction", "CollectFunction", "ReconcileFunction")
 STACK = "dermscore"
 BUCKET = "dermscore-123456789012-us-east-1"
+# Offline boto3 clients (nothing calls AWS): what Runtime.from_env needs besides a function's variables.
+DUMMY_AWS_ENV = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing"}  # pragma: allowlist secret
 
-# Actions that have no resource-level permissions: the only ones allowed on "*", and only with a Condition.
-NO_RESOURCE_LEVEL_ACTIONS = {"cloudwatch:PutMetricData"}
+# Actions that have no resource-level permissions: the only ones allowed on "*", each with the
+# condition key that scopes it, or None for an action that has no condition key (a read-only listing).
+NO_RESOURCE_LEVEL_ACTIONS = {"cloudwatch:PutMetricData": "cloudwatch:namespace",
+                             "sagemaker:ListTransformJobs": None}
 # A wildcard in a resource ARN is fine below these: this bucket's prefixes, this stack's
 # job names, SageMaker's fixed log group for transform jobs.
 SCOPED_ANCHORS = ("${ImagesBucket.Arn}/", "${AWS::StackName}-", "log-group:/aws/sagemaker/TransformJobs")
@@ -122,8 +127,9 @@ def test_sam_build_bundles_handlers_and_light_requirements_only(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     for fn in FUNCTIONS:
         art = build / fn
-        for must in ("handlers/enqueue.py", "handlers/collect.py", "handlers/reconcile.py", "dermscore/results.py",
-                     "dermscore/config.py", "aws_lambda_powertools"):
+        for must in ("handlers/enqueue.py", "handlers/dispatch.py", "handlers/collect.py", "handlers/reconcile.py",
+                     "handlers/claims.py", "dermscore/batching.py", "dermscore/results.py", "dermscore/config.py",
+                     "aws_lambda_powertools"):
             assert (art / must).exists(), f"{fn}: {must} missing"
         for never in ("batch", "training", "bench", "infra", "analytics", "PIL", "models", "tests", "torch",
                       "pyarrow", "pandas", "numpy", "boto3", ".venv"):
@@ -259,10 +265,10 @@ def test_collect_rule_retries_then_keeps_what_it_could_not_deliver(template, tra
     assert queue["MessageRetentionPeriod"] == 14 * 24 * 3600 and queue["SqsManagedSseEnabled"] is True
 
 
-def test_reconciler_runs_on_a_schedule_and_resubmits_as_enqueue_would(template, translated):
+def test_reconciler_runs_on_a_schedule_and_resubmits_as_the_dispatcher_would(template, translated):
     from dermscore.config import Settings
-    from dermscore.sharding import shard_count
-    from handlers.enqueue import transform_request
+    from dermscore.sharding import instances_for
+    from handlers.dispatch import transform_request
 
     fn = template["Resources"]["ReconcileFunction"]["Properties"]
     assert fn["Handler"] == "handlers.reconcile.lambda_handler"
@@ -281,11 +287,13 @@ def test_reconciler_runs_on_a_schedule_and_resubmits_as_enqueue_would(template, 
     spec = local_spec(BUCKET, STACK)
     assert spec.reconcile_env["COLLECT_FUNCTION_NAME"] == f"{STACK}-collect"
     assert spec.reconcile_interval_s == 60 * template["Parameters"]["ReconcileIntervalMinutes"]["Default"]
-    # a job it submits again is the job enqueue submitted: same request, same shards
-    ours, theirs = Settings.from_env(spec.reconcile_env), Settings.from_env(spec.enqueue_env)
-    assert transform_request(ours, "j", "s3://b/m/") == transform_request(theirs, "j", "s3://b/m/")
-    assert shard_count(9999, ours.instance_count, ours.min_images_per_shard) == \
-        shard_count(9999, theirs.instance_count, theirs.min_images_per_shard)
+    # a job it submits again (dispatch.submit over the job's existing shard folder) is the job the
+    # dispatcher submitted: same request, same instances for the same shards
+    ours, theirs = Settings.from_env(spec.reconcile_env), Settings.from_env(spec.dispatch_env)
+    for shards in (1, 3, 40):
+        assert instances_for(shards, ours.instance_count) == instances_for(shards, theirs.instance_count)
+        n = instances_for(shards, ours.instance_count)
+        assert transform_request(ours, "j", "s3://b/m/", n) == transform_request(theirs, "j", "s3://b/m/", n)
     # it re-drives collect by invoking that one function, and nothing else
     invokes = [s for s in statements(template["Resources"]["ReconcileRole"]["Properties"]["Policies"][0][
         "PolicyDocument"]) if any(a.startswith("lambda:") for a in as_list(s["Action"]))]
@@ -302,6 +310,88 @@ def test_reconciler_runs_on_a_schedule_and_resubmits_as_enqueue_would(template, 
     assert markers["ExpirationInDays"] == manifests["ExpirationInDays"] == {"Ref": "ManifestRetentionDays"}
 
 
+def test_dispatcher_runs_every_minute_one_at_a_time(template, translated):
+    """Dispatch is its own step: scheduled, one run at a time (its intents are never raced), and a
+    failed run is retried by the next tick."""
+    fn = template["Resources"]["DispatchFunction"]["Properties"]
+    assert fn["Handler"] == "handlers.dispatch.lambda_handler"
+    assert fn["Role"] == {"Fn::GetAtt": ["DispatchRole", "Arn"]}
+    assert fn["ReservedConcurrentExecutions"] == 1
+    assert fn["Timeout"] == 900
+    assert fn["EventInvokeConfig"]["MaximumRetryAttempts"] == 0
+    (event,) = fn["Events"].values()
+    assert event["Type"] == "Schedule" and event["Properties"]["Schedule"] == "rate(1 minute)"
+    spec = local_spec(BUCKET, STACK)
+    assert spec.dispatch_interval_s == 60 and spec.dispatch_timeout_s == 900
+    # the latency bound is at least one tick; a job of the default size fits the default largest job
+    params = template["Parameters"]
+    assert params["MaxLatencySeconds"]["MinValue"] >= spec.dispatch_interval_s
+    assert params["MinImagesPerJob"]["Default"] <= params["MaxImagesPerJob"]["Default"]
+    assert "MaxJobWaitSeconds" not in params
+    # translated: the schedule rule targets the function and may invoke it; the reservation is kept
+    rules = [r for r in resources_of(translated, "AWS::Events::Rule").values()
+             if {"Fn::GetAtt": ["DispatchFunction", "Arn"]} in [t["Arn"] for t in r["Properties"].get("Targets", [])]]
+    assert [r["Properties"]["ScheduleExpression"] for r in rules] == ["rate(1 minute)"]
+    perms = resources_of(translated, "AWS::Lambda::Permission").values()
+    assert any(p["Properties"]["Principal"] == "events.amazonaws.com"
+               and p["Properties"]["FunctionName"] == {"Ref": "DispatchFunction"} for p in perms)
+    assert translated["Resources"]["DispatchFunction"]["Properties"]["ReservedConcurrentExecutions"] == 1
+    # it invokes no function: its role has no lambda right, and its runtime no Lambda client
+    from handlers.runtime import Runtime
+    dispatch_role = template["Resources"]["DispatchRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+    assert not [s for s in statements(dispatch_role) if any(a.startswith("lambda:") for a in as_list(s["Action"]))]
+    assert Runtime.from_env({**spec.dispatch_env, **DUMMY_AWS_ENV}).lambda_ is None
+
+
+def test_enqueue_writes_pending_parts_and_wakes_the_dispatcher(template, resolver):
+    """Arrival is the first step: enqueue writes a pending part and failure rows, and invokes the
+    dispatcher (that one function) once the pending volume makes a job; no SageMaker, no manifests."""
+    from handlers.runtime import Runtime
+
+    res = template["Resources"]
+    env = res["EnqueueFunction"]["Properties"]["Environment"]["Variables"]
+    assert set(env) == {"BUCKET_NAME", "JOB_PREFIX", "MIN_IMAGES_PER_JOB", "DISPATCH_FUNCTION_NAME",
+                        "POWERTOOLS_SERVICE_NAME"}
+    assert env["DISPATCH_FUNCTION_NAME"] == {"Ref": "DispatchFunction"}
+    # it wakes the dispatcher at the volume the dispatcher itself makes a job of
+    assert env["MIN_IMAGES_PER_JOB"] == \
+        res["DispatchFunction"]["Properties"]["Environment"]["Variables"]["MIN_IMAGES_PER_JOB"] == \
+        {"Ref": "MinImagesPerJob"}
+    spec = local_spec(BUCKET, STACK)
+    assert spec.enqueue_env["DISPATCH_FUNCTION_NAME"] == resolver.resolve(
+        res["DispatchFunction"]["Properties"]["FunctionName"]) == f"{STACK}-dispatch"
+    assert Runtime.from_env({**spec.enqueue_env, **DUMMY_AWS_ENV}).lambda_ is not None
+    # its role: invoke that one function, and no SageMaker right at all
+    doc = res["EnqueueRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+    invokes = [s for s in statements(doc) if any(a.startswith("lambda:") for a in as_list(s["Action"]))]
+    assert [(s["Action"], s["Resource"]) for s in invokes] == [
+        ("lambda:InvokeFunction", {"Fn::GetAtt": ["DispatchFunction", "Arn"]})]
+    assert not [s for s in statements(doc) if any(a.startswith("sagemaker:") for a in as_list(s["Action"]))]
+    # and only enqueue may wake it (the schedule aside)
+    for role in ("DispatchRole", "CollectRole", "ReconcileRole"):
+        for s in statements(res[role]["Properties"]["Policies"][0]["PolicyDocument"]):
+            assert s.get("Resource") != {"Fn::GetAtt": ["DispatchFunction", "Arn"]}, role
+
+
+def test_every_function_has_its_own_role_and_log_group(template, resolver):
+    res = template["Resources"]
+    functions = resources_of(template, "AWS::Serverless::Function")
+    assert set(functions) == set(FUNCTIONS)
+    roles = [fn["Properties"]["Role"]["Fn::GetAtt"][0] for fn in functions.values()]
+    assert len(set(roles)) == len(roles)   # least privilege per function: no shared role
+    groups = resources_of(template, "AWS::Logs::LogGroup")
+    for (name, fn), role in zip(functions.items(), roles, strict=True):
+        fname = resolver.resolve(fn["Properties"]["FunctionName"])
+        (group,) = [g for g, r in groups.items()
+                    if resolver.resolve(r["Properties"]["LogGroupName"]) == f"/aws/lambda/{fname}"]
+        assert group in as_list(fn.get("DependsOn", [])), name
+        assert groups[group]["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+        logs = [s for s in statements(res[role]["Properties"]["Policies"][0]["PolicyDocument"])
+                if any(a.startswith("logs:") for a in as_list(s["Action"]))]
+        assert [(sorted(as_list(s["Action"])), s["Resource"]) for s in logs] == [
+            (["logs:CreateLogStream", "logs:PutLogEvents"], {"Fn::GetAtt": [group, "Arn"]})], name
+
+
 def test_sqs_event_source_mapping_in_translated_template(translated):
     (esm,) = resources_of(translated, "AWS::Lambda::EventSourceMapping").values()
     p = esm["Properties"]
@@ -314,7 +404,7 @@ def test_sqs_event_source_mapping_in_translated_template(translated):
 
 def test_every_iam_statement_is_scoped(translated):
     roles = resources_of(translated, "AWS::IAM::Role")
-    assert {"EnqueueRole", "CollectRole", "TransformRole", "ReconcileRole"} <= set(roles)
+    assert {"EnqueueRole", "DispatchRole", "CollectRole", "TransformRole", "ReconcileRole"} <= set(roles)
     for name, role in roles.items():
         props = role["Properties"]
         assert not props.get("ManagedPolicyArns"), f"{name}: managed policies grant '*' resources"
@@ -326,8 +416,11 @@ def test_every_iam_statement_is_scoped(translated):
                     assert "*" not in a, f"{name}/{s.get('Sid')}: wildcard action {a}"
                 for r in as_list(s["Resource"]):
                     if r == "*":
-                        assert set(actions) <= NO_RESOURCE_LEVEL_ACTIONS and s.get("Condition"), \
-                            f"{name}/{s.get('Sid')}: '*' resource"
+                        assert set(actions) <= set(NO_RESOURCE_LEVEL_ACTIONS), f"{name}/{s.get('Sid')}: '*' resource"
+                        for a in actions:   # scoped by its condition key wherever the action has one
+                            key = NO_RESOURCE_LEVEL_ACTIONS[a]
+                            assert key is None or any(key in c for c in s.get("Condition", {}).values()), \
+                                f"{name}/{s.get('Sid')}: {a} on '*' without {key}"
                     elif "*" in json.dumps(r):  # a wildcard only below this stack's own names
                         assert any(anchor in json.dumps(r) for anchor in SCOPED_ANCHORS), f"{name}: {r}"
 
@@ -389,63 +482,119 @@ def _s3_prefixes(role: dict[str, Any], actions: set[str]) -> set[str]:
     return out
 
 
+def _listed_prefixes(role: dict[str, Any]) -> set[str]:
+    """The s3:prefix values a role may list the bucket with (every ListBucket names some)."""
+    out = set()
+    for policy in role["Properties"]["Policies"]:
+        for s in statements(policy["PolicyDocument"]):
+            if "s3:ListBucket" in as_list(s["Action"]):
+                assert s["Resource"] == {"Fn::GetAtt": ["ImagesBucket", "Arn"]}
+                prefixes = s["Condition"]["StringLike"]["s3:prefix"]
+                assert prefixes and all(p.endswith("/*") for p in prefixes), s
+                out |= {p[:-1] for p in prefixes}
+    return out
+
+
 def test_s3_access_is_scoped_to_prefixes(template):
     res = template["Resources"]
     sm = res["TransformRole"]
+    # the job reads the images and its shard files (manifests/<job>/<n>-shards/), never pending/ parts
     assert _s3_prefixes(sm, {"s3:GetObject"}) == {layout.INCOMING, layout.MANIFESTS, "models/"}
-    # the container stores Grad-CAM pictures itself: exactly the heatmap/thumbnail keys of results/images/
+    assert layout.shard_key("j", 0, 2).startswith(layout.MANIFESTS)
+    # the container stores Grad-CAM pictures itself: exactly the heatmap/thumbnail keys of results/images/,
+    # never an image's JSON document (the claim of its outcome, handlers.claims)
     assert _s3_prefixes(sm, {"s3:PutObject"}) == {layout.TRANSFORM_OUTPUT, f"{layout.IMAGES}*{layout.HEATMAP_SUFFIX}",
                                                   f"{layout.IMAGES}*{layout.THUMBNAIL_SUFFIX}"}
-    assert _s3_prefixes(res["EnqueueRole"], {"s3:GetObject"}) == {layout.INCOMING, layout.CLAIMS, layout.MANIFESTS}
-    assert _s3_prefixes(res["EnqueueRole"], {"s3:PutObject"}) == {layout.MANIFESTS, layout.CLAIMS, layout.FAILURES}
-    assert _s3_prefixes(res["CollectRole"], {"s3:PutObject"}) == {layout.PREDICTIONS, layout.IMAGES, layout.FAILURES,
-                                                                  layout.REPORTS, layout.CLAIMS, layout.COLLECTED}
-    assert layout.INCOMING not in _s3_prefixes(res["CollectRole"], {"s3:GetObject"})
-    # the reconciler: its markers, what enqueue.submit writes, failure rows; never an image
+    # enqueue: one pending part per batch and failure rows; it reads nothing but the pending listing
+    enq = res["EnqueueRole"]
+    assert _s3_prefixes(enq, {"s3:GetObject"}) == set()
+    assert _s3_prefixes(enq, {"s3:PutObject"}) == {layout.PENDING, layout.FAILURES}
+    assert _listed_prefixes(enq) == {layout.PENDING}
+    assert layout.pending_part_key("0" * 16, 5).startswith(layout.PENDING)
+    # the dispatcher: parts and intents in, intents and shard files out; it deletes a part only
+    # with its intent, once the job exists. It never sees an image or a result.
+    dis = res["DispatchRole"]
+    assert _s3_prefixes(dis, {"s3:GetObject"}) == {layout.PENDING, layout.DISPATCH}
+    assert _s3_prefixes(dis, {"s3:PutObject"}) == {layout.DISPATCH, layout.MANIFESTS}
+    assert _s3_prefixes(dis, {"s3:DeleteObject"}) == {layout.PENDING, layout.DISPATCH}
+    assert _listed_prefixes(dis) == {layout.PENDING, layout.DISPATCH}
+    assert layout.dispatch_key("j").startswith(layout.DISPATCH)
+    # collect: results (the image's document is written conditionally: its claim) and the job's marker
+    col = res["CollectRole"]
+    assert _s3_prefixes(col, {"s3:PutObject"}) == {layout.PREDICTIONS, layout.IMAGES, layout.FAILURES,
+                                                   layout.REPORTS, layout.COLLECTED}
+    assert layout.INCOMING not in _s3_prefixes(col, {"s3:GetObject"})
+    assert layout.IMAGES.startswith(tuple(_s3_prefixes(col, {"s3:GetObject"})))   # a losing writer reads it
+    # the reconciler: its markers, documents and failure rows when it gives up; it re-submits from an
+    # existing manifest folder, so it writes no manifest; never an image
     rec = res["ReconcileRole"]
-    assert _s3_prefixes(rec, {"s3:PutObject"}) == {layout.COLLECTED, layout.MANIFESTS, layout.CLAIMS, layout.FAILURES}
-    assert _s3_prefixes(rec, {"s3:GetObject"}) == {layout.MANIFESTS, layout.CLAIMS, layout.PREDICTIONS,
+    assert _s3_prefixes(rec, {"s3:PutObject"}) == {layout.COLLECTED, f"{layout.IMAGES}*.json", layout.FAILURES}
+    assert _s3_prefixes(rec, {"s3:GetObject"}) == {layout.MANIFESTS, f"{layout.IMAGES}*.json", layout.PREDICTIONS,
                                                    layout.FAILURES}
+    assert _listed_prefixes(rec) == {layout.MANIFESTS, layout.COLLECTED, layout.PREDICTIONS, layout.FAILURES}
+    assert layout.image_result_key("incoming/a/b.jpg") == f"{layout.IMAGES}a/b.jpg.json"
+    # only the dispatcher deletes anything; the claims/ prefix is gone from every role
+    for name in ("EnqueueRole", "CollectRole", "ReconcileRole", "TransformRole"):
+        assert _s3_prefixes(res[name], {"s3:DeleteObject"}) == set(), name
+    for name, role in resources_of(template, "AWS::IAM::Role").items():
+        assert "claims/" not in json.dumps(role), name
 
 
 def test_sagemaker_rights_are_for_this_stacks_jobs(template, resolver):
-    creators = []
-    for role in ("EnqueueRole", "CollectRole", "ReconcileRole"):
+    creators, listers = [], []
+    for role in ("EnqueueRole", "DispatchRole", "CollectRole", "ReconcileRole"):
         for s in statements(template["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]):
-            if any(a.startswith("sagemaker:") for a in as_list(s["Action"])):
-                assert resolver.resolve(s["Resource"]) == \
-                    f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{STACK}-*"
-                # CreateTransformJob takes no role (the Model has it): no iam:PassRole needed
-                assert not any(a.startswith("iam:") for a in as_list(s["Action"]))
-            if "sagemaker:CreateTransformJob" in as_list(s["Action"]):
+            actions = as_list(s["Action"])
+            if not any(a.startswith("sagemaker:") for a in actions):
+                continue
+            # CreateTransformJob takes no role (the Model has it): no iam:PassRole needed
+            assert not any(a.startswith("iam:") for a in actions)
+            if s["Resource"] == "*":
+                # counting this stack's running jobs: ListTransformJobs has no resource-level permissions
+                assert actions == ["sagemaker:ListTransformJobs"]
+                listers.append(role)
+                continue
+            assert resolver.resolve(s["Resource"]) == \
+                f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{STACK}-*"
+            if "sagemaker:CreateTransformJob" in actions:
                 creators.append(role)
                 # only on the template's instance type, and never without one
-                assert as_list(s["Action"]) == ["sagemaker:CreateTransformJob"]
+                assert actions == ["sagemaker:CreateTransformJob"]
                 assert s["Condition"] == {"ForAllValues:StringEquals": {
                     "sagemaker:InstanceTypes": [{"Ref": "TransformInstanceType"}]},
                     "Null": {"sagemaker:InstanceTypes": "false"}}
-    assert creators == ["EnqueueRole", "ReconcileRole"]
-    # the type enqueue asks for is that parameter
+    # the dispatcher creates jobs, the reconciler re-submits lost ones; enqueue touches no SageMaker API
+    assert creators == ["DispatchRole", "ReconcileRole"]
+    assert listers == ["DispatchRole"]
+    # the type they ask for is that parameter
     spec = local_spec(BUCKET, STACK)
-    assert spec.enqueue_env["TRANSFORM_INSTANCE_TYPE"] == template["Parameters"]["TransformInstanceType"]["Default"]
+    default = template["Parameters"]["TransformInstanceType"]["Default"]
+    assert spec.dispatch_env["TRANSFORM_INSTANCE_TYPE"] == spec.reconcile_env["TRANSFORM_INSTANCE_TYPE"] == default
+    assert "TRANSFORM_INSTANCE_TYPE" not in spec.enqueue_env
 
 
 def test_reliability_wiring(template, resolver):
-    """Failed jobs re-queue into the images queue only; claims outlive every duplicate."""
+    """Failed jobs re-queue into the images queue only; an image's document (its claim) outlives
+    every duplicate: it never expires."""
     res = template["Resources"]
-    for fn in ("EnqueueFunction", "CollectFunction"):
-        env = res[fn]["Properties"]["Environment"]["Variables"]
-        assert env["QUEUE_URL"] == {"Ref": "ImagesQueue"} and env["MAX_JOB_ATTEMPTS"] == {"Ref": "MaxJobAttempts"}
+    env = res["CollectFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["QUEUE_URL"] == {"Ref": "ImagesQueue"} and env["MAX_JOB_ATTEMPTS"] == {"Ref": "MaxJobAttempts"}
+    # enqueue only consumes the queue; collect is the one that sends to it
+    enqueue_env = res["EnqueueFunction"]["Properties"]["Environment"]["Variables"]
+    assert not {"QUEUE_URL", "MAX_JOB_ATTEMPTS"} & set(enqueue_env)
     sends = [s for s in statements(res["CollectRole"]["Properties"]["Policies"][0]["PolicyDocument"])
              if "sqs:SendMessage" in as_list(s["Action"])]
     assert sorted(json.dumps(s["Resource"]) for s in sends) == sorted(
         json.dumps({"Fn::GetAtt": [q, "Arn"]}) for q in ("ImagesQueue", "CollectFailedEventsQueue"))
+    for role in ("EnqueueRole", "DispatchRole", "ReconcileRole"):
+        assert not any("sqs:SendMessage" in as_list(s["Action"]) for s in statements(
+            res[role]["Properties"]["Policies"][0]["PolicyDocument"])), role
+    # no claims/ prefix any more: no rule, no parameter for its retention
     rules = res["ImagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
-    (claims,) = [r for r in rules if r.get("Prefix") == layout.CLAIMS]
-    assert claims["ExpirationInDays"] == {"Ref": "ClaimRetentionDays"}
-    retention = res["ImagesQueue"]["Properties"]["MessageRetentionPeriod"] + \
-        res["ImagesDeadLetterQueue"]["Properties"]["MessageRetentionPeriod"]
-    assert template["Parameters"]["ClaimRetentionDays"]["MinValue"] * 86400 > retention
+    assert not [r for r in rules if "claims" in json.dumps(r)]
+    assert "ClaimRetentionDays" not in template["Parameters"] and "MaxJobWaitSeconds" not in template["Parameters"]
+    covering = [r for r in rules if "ExpirationInDays" in r and layout.IMAGES.startswith(r.get("Prefix", ""))]
+    assert covering == []
     assert template["Parameters"]["MaxJobAttempts"]["MinValue"] >= 1
 
 
@@ -471,8 +620,10 @@ def test_lifecycle_expires_intermediate_prefixes_only(template):
     rules = template["Resources"]["ImagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
     expiring = {r["Prefix"] for r in rules if "ExpirationInDays" in r}
     assert {layout.MANIFESTS, layout.TRANSFORM_OUTPUT} <= expiring
-    kept = {layout.INCOMING, layout.PREDICTIONS, layout.IMAGES, layout.FAILURES, layout.REPORTS, "models/"}
-    assert not expiring & kept
+    # pending parts and the dispatcher's intents wait for their job however long it takes: never expired
+    kept = {layout.INCOMING, layout.PREDICTIONS, layout.IMAGES, layout.FAILURES, layout.REPORTS, "models/",
+            layout.PENDING, layout.DISPATCH}
+    assert not {k for k in kept for e in expiring if k.startswith(e)}
 
 
 # --------------------------------------------------------------------------- model and transform settings
@@ -520,17 +671,32 @@ def test_env_var_names_match_settings_from_env(monkeypatch):
     def ours(env):  # Powertools reads its own variables
         return {k for k in env if not k.startswith("POWERTOOLS_")}
 
-    # every setting read is some function's variable, and every variable is read
-    assert ours(spec.enqueue_env) | ours(spec.reconcile_env) == rec.read
-    assert {"BUCKET_NAME", "JOB_PREFIX"} <= ours(spec.collect_env) <= rec.read
-    # and the values land where they should
+    envs = {"enqueue": spec.enqueue_env, "dispatch": spec.dispatch_env, "collect": spec.collect_env,
+            "reconcile": spec.reconcile_env}
+    # every setting read is some function's variable, and every variable is read; the one exception
+    # is a bound of the code, not of the deployment (the dispatcher's shard files stay this small)
+    code_only = {"MAX_IMAGES_PER_SHARD"}
+    assert set().union(*map(ours, envs.values())) == rec.read - code_only
+    for name, env in envs.items():
+        assert {"BUCKET_NAME", "JOB_PREFIX"} <= ours(env) <= rec.read, name
+    assert code_only <= rec.read and settings.max_images_per_shard == config.Settings.max_images_per_shard
+    # and the values land where they should: the dispatcher's settings are the parameters
     p = {k: v.get("Default") for k, v in load_template()["Parameters"].items()}
-    assert settings.bucket == BUCKET and settings.job_prefix == STACK and settings.model_name == p["ModelName"]
-    assert settings.instance_type == p["TransformInstanceType"]
-    assert settings.instance_count == p["TransformInstanceCount"]
-    assert settings.max_concurrent_transforms == p["MaxConcurrentTransforms"]
-    assert settings.max_payload_mb == p["MaxPayloadInMB"]
-    assert settings.invocations_timeout_s == p["InvocationsTimeoutInSeconds"]
+    assert settings.bucket == BUCKET and settings.job_prefix == STACK
+    dispatch = config.Settings.from_env(spec.dispatch_env)
+    assert dispatch.bucket == BUCKET and dispatch.job_prefix == STACK and dispatch.model_name == p["ModelName"]
+    assert dispatch.instance_type == p["TransformInstanceType"]
+    assert dispatch.instance_count == p["TransformInstanceCount"]
+    assert dispatch.max_concurrent_transforms == p["MaxConcurrentTransforms"]
+    assert dispatch.max_payload_mb == p["MaxPayloadInMB"]
+    assert dispatch.invocations_timeout_s == p["InvocationsTimeoutInSeconds"]
+    assert dispatch.min_images_per_shard == p["MinImagesPerShard"]
+    assert dispatch.min_images_per_job == p["MinImagesPerJob"] == settings.min_images_per_job  # enqueue's wake-up
+    assert dispatch.max_images_per_job == p["MaxImagesPerJob"]
+    assert dispatch.max_latency_s == p["MaxLatencySeconds"]
+    assert dispatch.max_concurrent_jobs == p["MaxConcurrentJobs"]
+    assert dispatch.throttle_backoff_s == p["ThrottleBackoffSeconds"]
+    assert settings.dispatch_function == f"{STACK}-dispatch"
 
 
 # --------------------------------------------------------------------------- SQL
@@ -637,10 +803,13 @@ def test_outputs_tell_the_user_what_to_do(template, resolver):
 
 def test_local_spec_contract():
     spec = local_spec("my-bucket", "teststack")
-    assert spec.enqueue_env["BUCKET_NAME"] == spec.collect_env["BUCKET_NAME"] == "my-bucket"
-    assert spec.enqueue_env["JOB_PREFIX"] == "teststack"
+    envs = (spec.enqueue_env, spec.dispatch_env, spec.collect_env, spec.reconcile_env)
+    assert {e["BUCKET_NAME"] for e in envs} == {"my-bucket"}
+    assert {e["JOB_PREFIX"] for e in envs} == {"teststack"}
+    assert spec.enqueue_env["DISPATCH_FUNCTION_NAME"] == "teststack-dispatch"
     assert spec.collect_event_pattern["detail"]["TransformJobName"] == [{"prefix": "teststack-"}]
-    assert all(isinstance(v, str) for v in {**spec.enqueue_env, **spec.collect_env}.values())
+    assert (spec.dispatch_timeout_s, spec.dispatch_interval_s) == (900, 60)
+    assert all(isinstance(v, str) for e in envs for v in e.values())
     over = local_spec("b", overrides={"MaxReceiveCount": 2, "EnqueueBatchSize": 7})
     assert (over.max_receive_count, over.batch_size) == (2, 7)
 
