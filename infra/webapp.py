@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from dermscore import layout, reasons
+from dermscore import layout, reasons, results
 
 log = logging.getLogger("dermscore.web")
 
@@ -86,11 +86,13 @@ class WebApp:
 
     def result(self, key: str) -> dict[str, Any]:
         try:
-            body = self.s3.get_object(Bucket=self.bucket, Key=layout.image_result_key(key))["Body"].read()
-            return {"status": "ok", "result": json.loads(body)}
+            doc = json.loads(self.s3.get_object(Bucket=self.bucket, Key=layout.image_result_key(key))["Body"].read())
+            if doc.get("status") != results.FAILED:
+                return {"status": "ok", "result": doc}
+            return {"status": "failed", **{k: doc.get(k) for k in ("reason", "detail", "stage")}}
         except self.s3.exceptions.NoSuchKey:
             pass
-        failure = self.failure(key)
+        failure = self.failure(key)   # refused before the transform: a failure row only
         if failure:
             return {"status": "failed", **failure}
         return {"status": "pending"}
