@@ -43,7 +43,6 @@ logger = Logger(service="dermscore-dispatch")
 
 MAX_JOB_NAME = 63
 DIGEST_LENGTH = 16
-RUNNING = ("InProgress", "Stopping")
 
 
 @dataclass(frozen=True)
@@ -119,18 +118,15 @@ def job_exists(sm, name: str) -> bool:
 
 
 def running_jobs(sm, prefix: str) -> int:
-    """This stack's transform jobs that are running (they count against MAX_CONCURRENT_JOBS)."""
-    count = 0
-    for status in RUNNING:
-        token: dict[str, str] = {}
-        while True:
-            page = sm.list_transform_jobs(StatusEquals=status, NameContains=prefix, MaxResults=100, **token)
-            count += sum(1 for j in page.get("TransformJobSummaries", [])
-                         if j["TransformJobName"].startswith(f"{prefix}-"))
-            if not page.get("NextToken"):
-                break
-            token = {"NextToken": page["NextToken"]}
-    return count
+    """This stack's transform jobs in progress (they count against MAX_CONCURRENT_JOBS; a job that is
+    stopping, for the minutes that takes, does not)."""
+    count, token = 0, {}
+    while True:
+        page = sm.list_transform_jobs(StatusEquals="InProgress", NameContains=prefix, MaxResults=100, **token)
+        count += sum(1 for j in page.get("TransformJobSummaries", []) if j["TransformJobName"].startswith(f"{prefix}-"))
+        if not page.get("NextToken"):
+            return count
+        token = {"NextToken": page["NextToken"]}
 
 
 # --- acting -------------------------------------------------------------------------------------
@@ -243,10 +239,15 @@ def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
         if not attempt(intent):
             return _done(report)
     parts = [p for p in pending_parts(s3, settings.bucket) if p.key not in taken]
-    slots = settings.max_concurrent_jobs - (running_jobs(rt.sagemaker, settings.job_prefix) if parts else 0)
-    groups = batching.plan_jobs(parts, now, min_images=settings.min_images_per_job,
-                                max_images=settings.max_images_per_job, max_latency_s=settings.max_latency_s,
-                                slots=slots)
+
+    def plan(slots: int) -> list[list[batching.Part]]:
+        return batching.plan_jobs(parts, now, min_images=settings.min_images_per_job,
+                                  max_images=settings.max_images_per_job, max_latency_s=settings.max_latency_s,
+                                  slots=slots)
+
+    groups = plan(settings.max_concurrent_jobs)
+    if groups:   # only then ask SageMaker how many run (a run that waits makes no SageMaker call)
+        groups = plan(settings.max_concurrent_jobs - running_jobs(rt.sagemaker, settings.job_prefix))
     for group in groups:
         keys = tuple(p.key for p in group)
         intent = Intent(job_name(settings.job_prefix, keys), keys, sum(p.images for p in group))

@@ -31,6 +31,7 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType
 from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.s3_event import S3EventRecord
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from botocore.exceptions import ClientError
 
 from dermscore import layout, reasons, results
 from dermscore.aws import iter_keys
@@ -155,7 +156,11 @@ def wake_dispatcher(rt: Runtime) -> bool:
     pending = pending_images(rt.s3, settings.bucket)
     if pending < settings.min_images_per_job:
         return False
-    rt.lambda_.invoke(FunctionName=settings.dispatch_function, InvocationType="Event", Payload=b"{}")
+    try:
+        rt.lambda_.invoke(FunctionName=settings.dispatch_function, InvocationType="Event", Payload=b"{}")
+    except ClientError as exc:   # the part is safe in pending/: the schedule runs the dispatcher anyway
+        logger.warning("could not wake the dispatcher; its schedule will run it", extra={"error": str(exc)})
+        return False
     logger.info("dispatcher woken", extra={"pending_images": pending,
                                            "min_images_per_job": settings.min_images_per_job})
     return True
