@@ -1,27 +1,49 @@
 """``dermscore plan``: a capacity and cost model for SageMaker Batch Transform (docs/scaling.md).
 
-For a daily volume it works out how the pipeline as built batches the images (SQS batching
-window, the Lambda batch cap, the MinImagesPerJob / MaxJobWaitSeconds policy), how many
-shards and instances each job gets (the enqueue step's own sharding functions), and from
-the per-instance throughput, the instance price and the job start-up time::
+For a daily volume at a steady arrival rate (``rate = images/day / 86,400 s``) it works out how
+the pipeline makes transform jobs, how many shards and instances each job gets (the pipeline's
+own sharding functions, ``dermscore.sharding``), and from the per-instance throughput, the
+instance price and the job start-up time what the GPU, Lambda and S3 cost per million images.
+
+Two policies (``--policy``; both by default):
+
+``dispatcher``, **as built** (issue 13): arrival and dispatch are two steps. Enqueue writes one
+pending manifest part per SQS batch; the dispatcher (``handlers/dispatch.py``, every 60 s, one
+run at a time) creates a job once ``MinImagesPerJob`` images are pending **or** the oldest part
+is ``MaxLatencySeconds`` old, whichever comes first (``dermscore.batching.plan_jobs``), at most
+``MaxImagesPerJob`` images per job and ``MaxConcurrentJobs`` jobs running::
+
+    images/job   = min(MaxImagesPerJob, images/day,
+                       max(1, min(MinImagesPerJob, rate x (MaxLatencySeconds + 60 s))))
+
+(the latency bound is seen by the next scheduled run: up to one 60 s interval later). If more
+than ``MaxConcurrentJobs`` jobs would run at once, the pending images wait for a free slot and
+the next jobs are larger (up to ``MaxImagesPerJob``). The defaults of these rows are
+template.yaml's parameter defaults, read the way the deployed dispatcher reads them
+(:func:`template_defaults`), so the model and the stack cannot drift; flags override them.
+
+``batch``, **the old policy** (before issue 13, kept for comparison): one job per SQS batch
+(an enqueue invocation), so a job never holds more than ~3,000 images (Lambda's 6 MB batch)::
 
     images/job   = min(batch cap, max(rate x window, min(MinImagesPerJob, rate x MaxJobWait)))
+
+Then, for either::
+
+    shards       = shards_for(images/job, instances, MinImagesPerShard, 50,000)   (files of the job)
+    instances    = the fewest whose processing is no shorter than the start-up, at most
+                   TransformInstanceCount (--max-instances), never more than the shards;
+                   --instance-count K: min(K, shards), as the dispatcher does
+    job time     = start-up + (the busiest instance's images: ceil(shards / instances) shards,
+                   i.e. the largest shard where shards = instances) / per-instance rate
     jobs/day     = images/day / images/job
-    job hours    = instances x (start-up + images/job / (instances x throughput)) / 3600
-    $/day        = jobs/day x job hours x $/h;    $/1M = $/day / images/day x 1e6
-    latency      = time to fill the batch + start-up + processing + collect
-
-Two policies (``--policy``; both by default): ``batch``, as built (one job per SQS batch, the
-formula above), and ``dispatcher``, proposed in issue 13 and not built (arrival and dispatch as
-two steps: a job takes what arrived over ``MaxLatencySeconds``, at least ``MinImagesPerJob``
-images, sharded over up to ``--max-instances`` instances)::
-
-    images/job   = min(images/day, max(MinImagesPerJob, rate x MaxLatencySeconds))
+    GPU $/day    = jobs/day x instances x job time / 3600 x $/h;    $/1M = $/day / images/day x 1e6
+    latency      = time to fill the job (images/job / rate; for the dispatcher at most
+                   MaxLatencySeconds + 60 s unless jobs wait for a slot) + job time + collect
 
 Around the GPU, per million images: Lambda (GB-seconds of each function at its template.yaml
-memory over a stated duration per invocation and per image, plus requests) and S3 requests
-(the calls per image by operation measured by ``dermscore bench``, ``--bench FILE``, priced
-with ``dermscore.config.USD_PRICES``).
+memory over a stated duration per invocation and per image, plus requests: ``LAMBDA``) and S3
+requests (the calls per image by operation measured by ``dermscore bench``,
+``DEFAULT_CALLS_PER_IMAGE`` or ``--bench FILE``, priced with ``dermscore.config.USD_PRICES``).
 
 Every input is a flag; the defaults for ml.g4dn.xlarge are labelled assumptions (no GPU was
 available where this was written): see ``INSTANCES`` and docs/scaling.md.
@@ -30,20 +52,23 @@ available where this was written): see ``INSTANCES`` and docs/scaling.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from dermscore import sharding
-from dermscore.config import S3_TIER, TRANSFORM_USD_PER_HOUR, USD_PRICES
+from dermscore.config import S3_TIER, TRANSFORM_USD_PER_HOUR, USD_PRICES, Settings
+from handlers import claims
 
 DAY_S = 86_400
 DEFAULT_VOLUMES = (10_000, 1_000_000, 100_000_000)
 
 # Lambda hands enqueue at most 10,000 messages *and* 6 MB per invocation; one S3 event
-# notification is ~2 KB as an SQS message, so ~3,000 images is the practical cap per job.
+# notification is ~2 KB as an SQS message, so ~3,000 images is the practical cap per SQS batch
+# (per pending part; under the old batch policy, per job).
 LAMBDA_BATCH_CAP = 3_000
 
 
@@ -69,14 +94,14 @@ INSTANCES: dict[str, InstanceProfile] = {
 }
 
 
-# AWS calls per image by operation made by the pipeline (the user's upload excluded), as
-# measured by `dermscore bench` (e2e.api_calls_per_image_by_operation): the figures of
-# docs/benchmark.md ("Calls per image"); `--bench FILE` reads them from a bench JSON instead.
+# AWS calls per image by operation made by the pipeline (the user's upload excluded), as measured by
+# `dermscore bench` (e2e.api_calls_per_image_by_operation); `--bench FILE` reads them from a bench
+# JSON instead. SQS calls are counted but not priced (only S3's operations are, dermscore.config.S3_TIER).
 DEFAULT_CALLS_PER_IMAGE: dict[str, float] = {
-    "PutObject": 2.15, "GetObject": 2.075, "ListObjectsV2": 0.05, "HeadObject": 0.025,
-    "ReceiveMessage": 0.275, "DeleteMessageBatch": 0.125,
+    "PutObject": 1.05, "GetObject": 1.1, "ListObjectsV2": 0.2, "HeadObject": 0.025,   # S3
+    "ReceiveMessage": 0.45, "DeleteMessageBatch": 0.125,                               # SQS
 }
-DEFAULT_CALLS_SOURCE = "docs/benchmark.md, Calls per image"
+DEFAULT_CALLS_SOURCE = "dermscore bench --quick, in-process, heatmaps off, issue 13 dispatcher"
 
 
 @dataclass(frozen=True)
@@ -90,20 +115,63 @@ class LambdaCost:
     s_per_image: float
 
 
-LAMBDA: dict[str, LambdaCost] = {
-    # enqueue (Globals MemorySize 1024): parse + HeadObject, claims GET/PUT on 16 threads at
-    # ~15-30 ms per S3 request: ~2 ms of wall time per image, 0.3 s per invocation.
-    "enqueue": LambdaCost(1024, 0.3, 0.002),
-    # collect (MemorySize 2048): one *sequential* JSON PUT per image (~20 ms), 1 s per job for
-    # reading the manifest/output and writing the Parquet and the report.
-    "collect": LambdaCost(2048, 1.0, 0.020),
-    # the dispatcher (proposed; assumed 1024 MB, 0.5 s per scheduled run): lists pending images.
-    "dispatch": LambdaCost(1024, 0.5, 0.0),
-}
-DISPATCH_EVERY_S = 60           # the dispatcher's schedule (EventBridge Scheduler rate), proposed
-COLLECT_TIMEOUT_S = 900         # template.yaml CollectFunction Timeout
-POLICIES = ("batch", "dispatcher")
+PUT_S = 0.020   # one S3 PUT from Lambda, ASSUMPTION (~15-30 ms)
 
+LAMBDA: dict[str, LambdaCost] = {
+    # enqueue (Globals MemorySize 1024), one invocation per SQS batch: parses the events (~0.05 ms
+    # per image, no request per image), then 1 PUT (the pending part) + 1 LIST (the pending
+    # volume) at ~20-50 ms each, plus the handler's own overhead: 0.2 s per invocation.
+    "enqueue": LambdaCost(1024, 0.2, 0.000_05),
+    # collect (MemorySize 2048), one invocation per job: 1 s for the job (its marker, the Parquet
+    # files, the report), plus one conditional PUT of each image's JSON document (~20 ms), WORKERS
+    # in parallel (handlers/claims.py): 20 ms / WORKERS per image, assuming the PUTs stay I/O-bound.
+    "collect": LambdaCost(2048, 1.0, PUT_S / claims.WORKERS),
+    # the dispatcher (Globals MemorySize 1024), every 60 s and when enqueue wakes it: 0.5 s per run
+    # (LIST pending/, ListTransformJobs, the intent) + ~2 us per image (streaming parts into shards).
+    "dispatch": LambdaCost(1024, 0.5, 0.000_002),
+}
+POLICIES = ("dispatcher", "batch")
+
+
+# --------------------------------------------------------------------------- the template's defaults
+
+@dataclass(frozen=True)
+class TemplateDefaults:
+    """What the deployed stack runs with when no parameter is overridden: template.yaml's defaults,
+    read as the DispatchFunction reads them (its environment -> ``Settings``), plus the enqueue
+    event source, the dispatcher's schedule and collect's timeout."""
+
+    instance_type: str          # TransformInstanceType
+    instance_count: int         # TransformInstanceCount: most instances per job
+    min_images_per_shard: int   # MinImagesPerShard
+    max_images_per_shard: int   # Settings.max_images_per_shard (lines per manifest file)
+    min_images_per_job: int     # MinImagesPerJob
+    max_latency_s: int          # MaxLatencySeconds
+    max_images_per_job: int     # MaxImagesPerJob
+    max_concurrent_jobs: int    # MaxConcurrentJobs
+    batch_size: int             # EnqueueBatchSize: SQS messages per enqueue invocation
+    batching_window_s: int      # EnqueueBatchingWindowSeconds
+    dispatch_every_s: int       # DispatchFunction's schedule, rate(1 minute)
+    collect_timeout_s: int      # CollectFunction Timeout
+
+
+@functools.lru_cache(maxsize=4)
+def template_defaults(path: str | Path | None = None) -> TemplateDefaults:
+    """:class:`TemplateDefaults` of ``template.yaml`` (``dermscore.template.local_spec``)."""
+    from dermscore.template import TEMPLATE_PATH, local_spec
+
+    spec = local_spec("plan", path=path or TEMPLATE_PATH)
+    s = Settings.from_env(spec.dispatch_env)
+    return TemplateDefaults(
+        instance_type=s.instance_type, instance_count=s.instance_count,
+        min_images_per_shard=s.min_images_per_shard, max_images_per_shard=s.max_images_per_shard,
+        min_images_per_job=s.min_images_per_job, max_latency_s=s.max_latency_s,
+        max_images_per_job=s.max_images_per_job, max_concurrent_jobs=s.max_concurrent_jobs,
+        batch_size=spec.batch_size, batching_window_s=spec.batching_window_s,
+        dispatch_every_s=spec.dispatch_interval_s, collect_timeout_s=spec.collect_timeout_s)
+
+
+# --------------------------------------------------------------------------- the model
 
 @dataclass(frozen=True)
 class Plan:
@@ -116,89 +184,135 @@ class Plan:
     startup_share: float
     instance_hours_per_day: float
     busy_instances: float
-    batch_fill_s: float
-    latency_s: float
+    batch_fill_s: float              # time to fill one job (the wait before it is created)
+    latency_s: float                 # worst case: fill + job + collect
     usd_per_day: float
-    usd_per_million: float
-    usd_per_million_ideal: float
-    policy: str = "batch"
+    usd_per_million: float           # GPU only
+    usd_per_million_ideal: float     # GPU without any start-up
+    policy: str = "dispatcher"
     enqueue_invocations_per_day: float = 0.0
     dispatch_invocations_per_day: float = 0.0
     collect_s_per_job: float = 0.0
-    concurrent_jobs: float = 0.0
+    concurrent_jobs: float = 0.0     # jobs running at once on average
+    max_concurrent_jobs: int = 0     # the dispatcher's bound (0: none, the batch policy)
+    over_capacity: bool = False      # even MaxImagesPerJob jobs need more than MaxConcurrentJobs slots
+    collect_timeout_s: int = 900
 
 
 def images_per_job(images_per_day: float, window_s: float, cap: int, min_images_per_job: int = 1,
                    max_job_wait_s: float = 0) -> int:
-    """How many images one job gets on average at a steady arrival rate."""
+    """The old batch policy: how many images one job (one SQS batch) gets on average."""
     rate = images_per_day / DAY_S
     by_window = rate * window_s
     by_policy = min(float(min_images_per_job), rate * max(max_job_wait_s, window_s))
     return int(max(1, min(cap, max(by_window, by_policy), images_per_day)))
 
 
+def dispatcher_images_per_job(images_per_day: float, min_images_per_job: int, max_latency_s: float,
+                              max_images_per_job: int, dispatch_every_s: float = 60) -> int:
+    """The dispatcher as built (``dermscore.batching.plan_jobs``): a job goes when
+    ``min_images_per_job`` images are pending or the oldest has waited ``max_latency_s`` (seen by
+    the next run, up to ``dispatch_every_s`` later), whichever comes first, at most
+    ``max_images_per_job`` images::
+
+        min(MaxImagesPerJob, images/day, max(1, min(MinImagesPerJob, rate x (MaxLatency + 60 s))))
+    """
+    rate = images_per_day / DAY_S
+    by_time = rate * (max_latency_s + dispatch_every_s)
+    return int(min(max_images_per_job, images_per_day, max(1.0, min(float(min_images_per_job), by_time))))
+
+
 def best_instance_count(images: int, images_per_second: float, startup_s: float, max_instances: int,
-                        min_images_per_shard: int) -> int:
+                        min_images_per_shard: int, max_images_per_shard: int = 0) -> int:
     """Fewest instances whose processing time is no longer than the start-up: beyond that,
     more instances cut latency little and add a start-up each; never more than the shards."""
-    shards = sharding.shard_count(images, max_instances, min_images_per_shard)
+    shards = sharding.shards_for(images, max_instances, min_images_per_shard, max_images_per_shard)
     wanted = math.ceil(images / (images_per_second * max(startup_s, 1.0)))
     return sharding.instances_for(shards, max(1, min(wanted, max_instances)))
 
 
-def dispatcher_images_per_job(images_per_day: float, min_images_per_job: int, max_latency_s: float) -> int:
-    """The proposed dispatcher: a job takes what arrived over MaxLatencySeconds, at least
-    MinImagesPerJob images (a floor on cost: below ``rate x MaxLatencySeconds`` it makes the
-    images wait longer than MaxLatencySeconds; 1 makes the latency the bound)."""
-    rate = images_per_day / DAY_S
-    return int(max(1, min(images_per_day, max(float(min_images_per_job), rate * max_latency_s))))
+def busiest_instance_images(images: int, shards: int, instances: int) -> int:
+    """Images of the instance with the most work: Batch Transform hands whole files to instances,
+    so with more shards than instances one gets ``ceil(shards / instances)`` of them (the largest
+    first); with one shard per instance, the largest shard."""
+    sizes = sharding.shard_sizes(images, shards)
+    return sum(sizes[:math.ceil(shards / max(1, instances))])
 
 
 def plan(images_per_day: int, *, usd_per_hour: float, images_per_second: float, startup_minutes: float,
-         window_s: float = 300, batch_cap: int = LAMBDA_BATCH_CAP, instance_count: int | None = None,
-         max_instances: int = 4, min_images_per_shard: int = 250, min_images_per_job: int = 1,
-         max_job_wait_s: float = 900, collect_s: float | None = None, policy: str = "batch",
-         max_latency_s: float = 3600, max_concurrent_jobs: int = 4) -> Plan:
-    """``collect_s``: seconds from the job's end to its rows (default: the ``LAMBDA["collect"]``
-    duration of a job of this size)."""
+         policy: str = "dispatcher", defaults: TemplateDefaults | None = None,
+         instance_count: int | None = None, max_instances: int | None = None,
+         min_images_per_shard: int | None = None, max_images_per_shard: int | None = None,
+         min_images_per_job: int | None = None, max_latency_s: float | None = None,
+         max_images_per_job: int | None = None, max_concurrent_jobs: int | None = None,
+         window_s: float | None = None, batch_cap: int = LAMBDA_BATCH_CAP,
+         batch_min_images_per_job: int = 1, max_job_wait_s: float = 900,
+         collect_s: float | None = None) -> Plan:
+    """One row of the model. Every ``None`` takes template.yaml's default (``defaults``, else
+    :func:`template_defaults`): ``max_instances`` is ``TransformInstanceCount``; ``instance_count``
+    fixes the instances per job (``min(K, shards)``, as the dispatcher does) instead of choosing
+    the fewest that keep processing >= start-up. ``min_images_per_job``, ``max_latency_s``,
+    ``max_images_per_job`` and ``max_concurrent_jobs`` are the dispatcher's; ``batch_cap``,
+    ``batch_min_images_per_job`` and ``max_job_wait_s`` the old batch policy's (its defaults as
+    before issue 13). ``collect_s``: seconds from the job's end to its rows (default: the
+    ``LAMBDA["collect"]`` duration of a job of this size)."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
+    d = defaults or template_defaults()
+    cfg = dict(
+        max_instances=d.instance_count if max_instances is None else max_instances,
+        min_images_per_shard=d.min_images_per_shard if min_images_per_shard is None else min_images_per_shard,
+        max_images_per_shard=d.max_images_per_shard if max_images_per_shard is None else max_images_per_shard)
+    window = d.batching_window_s if window_s is None else window_s
     startup_s = startup_minutes * 60
+    rate = images_per_day / DAY_S
+
+    def one(per_job: int, fill_s: float) -> Plan:
+        return _plan(images_per_day, per_job, fill_s, usd_per_hour, images_per_second, startup_s, instance_count,
+                     collect_s=collect_s, policy=policy, window_s=window, batch_size=d.batch_size,
+                     batch_cap=batch_cap, dispatch_every_s=d.dispatch_every_s,
+                     collect_timeout_s=d.collect_timeout_s, **cfg)
+
     if policy == "batch":
-        per_job = images_per_job(images_per_day, window_s, batch_cap, min_images_per_job, max_job_wait_s)
-    else:
-        per_job = dispatcher_images_per_job(images_per_day, min_images_per_job, max_latency_s)
-    p = _plan(images_per_day, per_job, usd_per_hour, images_per_second, startup_s, instance_count, max_instances,
-              min_images_per_shard, collect_s, policy, window_s, batch_cap)
-    # MaxConcurrentJobs: a dispatcher that would run more jobs at once makes them larger instead.
-    while policy == "dispatcher" and p.concurrent_jobs > max_concurrent_jobs and per_job < images_per_day:
-        per_job = min(images_per_day, math.ceil(per_job * p.concurrent_jobs / max_concurrent_jobs) + 1)
-        p = _plan(images_per_day, per_job, usd_per_hour, images_per_second, startup_s, instance_count, max_instances,
-                  min_images_per_shard, collect_s, policy, window_s, batch_cap)
-    return p
+        per_job = images_per_job(images_per_day, window, batch_cap, batch_min_images_per_job, max_job_wait_s)
+        return one(per_job, per_job / rate)
+    min_job = d.min_images_per_job if min_images_per_job is None else min_images_per_job
+    latency = d.max_latency_s if max_latency_s is None else max_latency_s
+    max_job = d.max_images_per_job if max_images_per_job is None else max_images_per_job
+    slots = d.max_concurrent_jobs if max_concurrent_jobs is None else max_concurrent_jobs
+    per_job = dispatcher_images_per_job(images_per_day, min_job, latency, max_job, d.dispatch_every_s)
+    bound = latency + d.dispatch_every_s
+    p = one(per_job, min(per_job / rate, bound))
+    # MaxConcurrentJobs: more jobs at once than allowed -> images wait for a slot, the next jobs are larger.
+    while p.concurrent_jobs > slots and per_job < min(images_per_day, max_job):
+        per_job = min(images_per_day, max_job, math.ceil(per_job * p.concurrent_jobs / slots) + 1)
+        p = one(per_job, per_job / rate)
+    return replace(p, max_concurrent_jobs=slots, over_capacity=p.concurrent_jobs > slots)
 
 
-def _plan(images_per_day: int, per_job: int, usd_per_hour: float, images_per_second: float, startup_s: float,
-          instance_count: int | None, max_instances: int, min_images_per_shard: int, collect_s: float | None,
-          policy: str, window_s: float, batch_cap: int) -> Plan:
+def _plan(images_per_day: int, per_job: int, fill_s: float, usd_per_hour: float, images_per_second: float,
+          startup_s: float, instance_count: int | None, *, max_instances: int, min_images_per_shard: int,
+          max_images_per_shard: int, collect_s: float | None, policy: str, window_s: float, batch_size: int,
+          batch_cap: int, dispatch_every_s: float, collect_timeout_s: int) -> Plan:
     if instance_count is None:
-        k = best_instance_count(per_job, images_per_second, startup_s, max_instances, min_images_per_shard)
+        k = best_instance_count(per_job, images_per_second, startup_s, max_instances, min_images_per_shard,
+                                max_images_per_shard)
     else:
-        k = sharding.instances_for(sharding.shard_count(per_job, instance_count, min_images_per_shard), instance_count)
-    shards = sharding.shard_count(per_job, k, min_images_per_shard)
-    processing_s = max(sharding.shard_sizes(per_job, shards)) / images_per_second   # the largest shard
+        k = sharding.instances_for(sharding.shards_for(per_job, instance_count, min_images_per_shard,
+                                                       max_images_per_shard), instance_count)
+    shards = sharding.shards_for(per_job, k, min_images_per_shard, max_images_per_shard)
+    processing_s = busiest_instance_images(per_job, shards, k) / images_per_second
     job_s = startup_s + processing_s
     jobs = images_per_day / per_job
     inst_hours = jobs * k * job_s / 3600
     usd = inst_hours * usd_per_hour
-    fill_s = per_job / (images_per_day / DAY_S)
     c = LAMBDA["collect"]
     collect = c.s_per_invocation + per_job * c.s_per_image if collect_s is None else collect_s
-    if policy == "batch":   # one enqueue invocation per job (deferrals not counted)
+    if policy == "batch":   # one enqueue invocation per job (deferrals not counted), no dispatcher
         enqueue_calls, dispatch_calls = jobs, 0.0
-    else:                   # arrival: one invocation per SQS batch; dispatch: on a schedule
-        per_batch = max(1.0, min(batch_cap, images_per_day / DAY_S * window_s, images_per_day))
-        enqueue_calls, dispatch_calls = images_per_day / per_batch, DAY_S / DISPATCH_EVERY_S
+    else:                   # arrival: one invocation per SQS batch; dispatch: the schedule + a wake-up per job
+        per_batch = max(1.0, min(batch_size, batch_cap, images_per_day / DAY_S * window_s, images_per_day))
+        enqueue_calls, dispatch_calls = images_per_day / per_batch, DAY_S / dispatch_every_s + jobs
     return Plan(
         images_per_day=images_per_day, images_per_job=per_job, jobs_per_day=jobs, shards_per_job=shards,
         instances_per_job=k, job_minutes=job_s / 60, startup_share=startup_s / job_s,
@@ -207,7 +321,7 @@ def _plan(images_per_day: int, per_job: int, usd_per_hour: float, images_per_sec
         usd_per_day=usd, usd_per_million=usd / images_per_day * 1e6,
         usd_per_million_ideal=usd_per_hour / 3600 / images_per_second * 1e6,
         policy=policy, enqueue_invocations_per_day=enqueue_calls, dispatch_invocations_per_day=dispatch_calls,
-        collect_s_per_job=collect, concurrent_jobs=jobs * job_s / DAY_S)
+        collect_s_per_job=collect, concurrent_jobs=jobs * job_s / DAY_S, collect_timeout_s=collect_timeout_s)
 
 
 # --------------------------------------------------------------------------- around the GPU
@@ -279,11 +393,12 @@ def rows(plans: list[Plan], calls_per_image: dict[str, float] | None = None) -> 
     out = []
     for p in plans:
         c = cost_row(p, calls)
-        out.append((p.policy, _count(p.images_per_day), f"{p.images_per_job:,}", f"{p.jobs_per_day:,.0f}",
-                    str(p.instances_per_job), _duration(p.job_minutes * 60), f"{p.startup_share:.0%}",
-                    f"{p.busy_instances:,.1f}", _duration(p.latency_s), f"${p.usd_per_day:,.2f}",
-                    _usd(p.usd_per_million), _usd(c["lambda_usd_per_million"]), _usd(c["s3_usd_per_million"]),
-                    _usd(c["total_usd_per_million"])))
+        jobs = f"{p.jobs_per_day:,.1f}" if p.jobs_per_day < 100 else f"{p.jobs_per_day:,.0f}"
+        busy = f"{p.busy_instances:,.1f}" if p.busy_instances >= 0.095 else f"{p.busy_instances:.2f}"
+        out.append((p.policy, _count(p.images_per_day), f"{p.images_per_job:,}", jobs, str(p.instances_per_job),
+                    _duration(p.job_minutes * 60), f"{p.startup_share:.0%}", busy, _duration(p.latency_s),
+                    f"${p.usd_per_day:,.2f}", _usd(p.usd_per_million), _usd(c["lambda_usd_per_million"]),
+                    _usd(c["s3_usd_per_million"]), _usd(c["total_usd_per_million"])))
     return out
 
 
@@ -293,30 +408,60 @@ def markdown_table(plans: list[Plan], calls_per_image: dict[str, float] | None =
     return "\n".join(lines)
 
 
+def notes(plans: list[Plan], max_images_per_shard: int = 50_000) -> list[str]:
+    """Where the pipeline as built would not keep up: collect past its timeout, too few job slots."""
+    out = []
+    c = LAMBDA["collect"]
+    for p in plans:
+        where = f"{p.policy} at {_count(p.images_per_day)}/day"
+        if p.collect_s_per_job > p.collect_timeout_s:
+            fits = int((p.collect_timeout_s - c.s_per_invocation) / c.s_per_image)
+            per_file = c.s_per_invocation + min(max_images_per_shard, p.images_per_job) * c.s_per_image
+            out.append(f"note: {where}: collect of a {p.images_per_job:,}-image job ({p.shards_per_job} files, "
+                       f"read one at a time, ~{_duration(per_file)} each) needs ~{_duration(p.collect_s_per_job)} "
+                       f"in one invocation (one PUT per image, {claims.WORKERS} in parallel), above its "
+                       f"{p.collect_timeout_s} s Lambda timeout: only jobs of up to ~{fits:,} images fit "
+                       "(MaxImagesPerJob), else collect must be invoked per file")
+        if p.over_capacity:
+            out.append(f"note: {where}: {p.concurrent_jobs:.1f} jobs would run at once, above MaxConcurrentJobs "
+                       f"{p.max_concurrent_jobs}, even at {p.images_per_job:,} images/job: the backlog grows "
+                       "(raise MaxConcurrentJobs, TransformInstanceCount or MaxImagesPerJob)")
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-per-day", type=int, action="append", metavar="N",
                    help="daily volume (repeatable; default: 10k, 1M and 100M)")
-    p.add_argument("--instance", default="ml.g4dn.xlarge",
-                   help=f"transform instance type (built-in profiles: {', '.join(INSTANCES)}; others need "
-                        "--usd-per-hour, --images-per-second and --startup-minutes)")
+    p.add_argument("--instance",
+                   help=f"transform instance type (default: template.yaml's TransformInstanceType; built-in "
+                        f"profiles: {', '.join(INSTANCES)}; others need --usd-per-hour, --images-per-second "
+                        "and --startup-minutes)")
     p.add_argument("--images-per-second", type=float, help="sustained end-to-end rate of ONE instance")
     p.add_argument("--usd-per-hour", type=float, help="instance price for transform jobs")
     p.add_argument("--startup-minutes", type=float, help="billed start-up per job and instance")
-    p.add_argument("--window", type=float, default=300, help="SQS batching window, s (EnqueueBatchingWindowSeconds)")
-    p.add_argument("--batch-cap", type=int, default=LAMBDA_BATCH_CAP,
-                   help="most images per enqueue invocation, i.e. per job (Lambda: 10,000 messages / 6 MB)")
-    p.add_argument("--instance-count", type=int, help="TransformInstanceCount (default: the cheapest that keeps "
-                                                       "processing >= start-up, up to --max-instances)")
-    p.add_argument("--max-instances", type=int, default=4, help="instances per job allowed (quota), default 4")
-    p.add_argument("--min-images-per-shard", type=int, default=250)
-    p.add_argument("--min-images-per-job", type=int, default=1, help="batching policy (MinImagesPerJob)")
-    p.add_argument("--max-job-wait", type=float, default=900, help="batching policy (MaxJobWaitSeconds)")
     p.add_argument("--policy", choices=POLICIES, action="append",
-                   help="batch (as built: one job per SQS batch) or dispatcher (proposed, issue 13); default both")
-    p.add_argument("--max-latency", type=float, default=3600,
-                   help="dispatcher: MaxLatencySeconds, how long it gathers images for one job (default 3600)")
-    p.add_argument("--max-concurrent-jobs", type=int, default=4,
-                   help="dispatcher: MaxConcurrentJobs; more would be needed -> larger jobs (default 4)")
+                   help="dispatcher (as built, issue 13) or batch (before issue 13: one job per SQS batch); "
+                        "default both")
+    p.add_argument("--instance-count", type=int,
+                   help="fixed instances per job, min(K, shards), as the dispatcher does with TransformInstanceCount "
+                        "(default: the fewest that keep processing >= start-up, up to --max-instances)")
+    p.add_argument("--max-instances", type=int,
+                   help="most instances per job (default: template.yaml's TransformInstanceCount)")
+    p.add_argument("--min-images-per-shard", type=int, help="MinImagesPerShard (default: template.yaml's)")
+    g = p.add_argument_group("dispatcher (defaults: template.yaml's parameter defaults)")
+    g.add_argument("--min-images-per-job", type=int, help="MinImagesPerJob: a job once this many images are pending")
+    g.add_argument("--max-latency", type=float, help="MaxLatencySeconds: ... or once the oldest waited this long")
+    g.add_argument("--max-images-per-job", type=int, help="MaxImagesPerJob")
+    g.add_argument("--max-concurrent-jobs", type=int,
+                   help="MaxConcurrentJobs; more would be needed -> images wait, jobs get larger")
+    g.add_argument("--window", type=float,
+                   help="EnqueueBatchingWindowSeconds (SQS batching window, s): images per pending part")
+    b = p.add_argument_group("batch (the policy before issue 13)")
+    b.add_argument("--batch-cap", type=int, default=LAMBDA_BATCH_CAP,
+                   help="most images per SQS batch, i.e. per job (Lambda: 10,000 messages / 6 MB)")
+    b.add_argument("--batch-min-images-per-job", type=int, default=1,
+                   help="the old deferral minimum within one SQS batch (default 1: none)")
+    b.add_argument("--max-job-wait", type=float, default=900, help="the old MaxJobWaitSeconds (default 900)")
     p.add_argument("--bench", type=Path, metavar="FILE",
                    help="a `dermscore bench --json` file: its calls per image by operation price the S3 requests "
                         f"(default: {DEFAULT_CALLS_SOURCE})")
@@ -325,51 +470,74 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print JSON instead of the table: {'inputs': ..., 'rows': [one per policy and volume]}")
 
 
-def resolve(args: argparse.Namespace) -> dict[str, Any]:
-    prof = INSTANCES.get(args.instance)
+def resolve(args: argparse.Namespace, defaults: TemplateDefaults) -> dict[str, Any]:
+    instance = args.instance or defaults.instance_type
+    prof = INSTANCES.get(instance)
     values = {"usd_per_hour": args.usd_per_hour, "images_per_second": args.images_per_second,
               "startup_minutes": args.startup_minutes}
     missing = [k for k, v in values.items() if v is None and prof is None]
     if missing:
         options = ", ".join(f"--{m.replace('_', '-')}" for m in missing)
-        raise SystemExit(f"no built-in profile for {args.instance}: give {options}")
+        raise SystemExit(f"no built-in profile for {instance}: give {options}")
     for k in values:
         if values[k] is None:
             values[k] = getattr(prof, k)
     return values
 
 
+def settings_in_use(args: argparse.Namespace, d: TemplateDefaults) -> dict[str, Any]:
+    """The dispatcher's settings of this run: the flags, else template.yaml's defaults."""
+    def pick(flag: Any, default: Any) -> Any:
+        return default if flag is None else flag
+
+    return {"max_instances": pick(args.max_instances, d.instance_count), "instance_count": args.instance_count,
+            "min_images_per_shard": pick(args.min_images_per_shard, d.min_images_per_shard),
+            "max_images_per_shard": d.max_images_per_shard,
+            "min_images_per_job": pick(args.min_images_per_job, d.min_images_per_job),
+            "max_latency_s": pick(args.max_latency, d.max_latency_s),
+            "max_images_per_job": pick(args.max_images_per_job, d.max_images_per_job),
+            "max_concurrent_jobs": pick(args.max_concurrent_jobs, d.max_concurrent_jobs),
+            "window_s": pick(args.window, d.batching_window_s)}
+
+
 def run(args: argparse.Namespace) -> int:
-    values = resolve(args)
+    d = template_defaults()
+    values = resolve(args, d)
+    instance = args.instance or d.instance_type
+    cfg = settings_in_use(args, d)
     volumes = args.images_per_day or list(DEFAULT_VOLUMES)
     policies = args.policy or list(POLICIES)
-    plans = [plan(n, **values, window_s=args.window, batch_cap=args.batch_cap, instance_count=args.instance_count,
-                  max_instances=args.max_instances, min_images_per_shard=args.min_images_per_shard,
-                  min_images_per_job=args.min_images_per_job, max_job_wait_s=args.max_job_wait, policy=policy,
-                  max_latency_s=args.max_latency, max_concurrent_jobs=args.max_concurrent_jobs)
+    plans = [plan(n, **values, policy=policy, defaults=d, **cfg, batch_cap=args.batch_cap,
+                  batch_min_images_per_job=args.batch_min_images_per_job, max_job_wait_s=args.max_job_wait)
              for policy in policies for n in volumes]
     calls = calls_from_bench(args.bench) if args.bench else dict(DEFAULT_CALLS_PER_IMAGE)
     calls_source = str(args.bench) if args.bench else DEFAULT_CALLS_SOURCE
     if args.json:
-        inputs = {"instance": args.instance, **values, "window_s": args.window, "batch_cap": args.batch_cap,
-                  "min_images_per_job": args.min_images_per_job, "max_job_wait_s": args.max_job_wait,
-                  "max_latency_s": args.max_latency, "max_concurrent_jobs": args.max_concurrent_jobs,
-                  "max_instances": args.max_instances, "calls_per_image": calls, "calls_source": calls_source,
+        inputs = {"instance": instance, **values, **cfg, "batch_cap": args.batch_cap,
+                  "batch_min_images_per_job": args.batch_min_images_per_job, "max_job_wait_s": args.max_job_wait,
+                  "template_defaults": asdict(d), "calls_per_image": calls, "calls_source": calls_source,
                   "prices": USD_PRICES, "lambda": {k: asdict(v) for k, v in LAMBDA.items()},
-                  "dispatch_every_s": DISPATCH_EVERY_S}
+                  "dispatch_every_s": d.dispatch_every_s}
         print(json.dumps({"inputs": inputs, "rows": [cost_row(p, calls) for p in plans]}, indent=2))
         return 0
-    prof = INSTANCES.get(args.instance)
-    print(f"{args.instance}: ${values['usd_per_hour']}/h, {values['images_per_second']:g} images/s per instance, "
+    prof = INSTANCES.get(instance)
+    print(f"{instance}: ${values['usd_per_hour']}/h, {values['images_per_second']:g} images/s per instance, "
           f"{values['startup_minutes']:g} min start-up per job"
           + (f"  [{prof.source}]" if prof and None in (args.usd_per_hour, args.images_per_second,
                                                        args.startup_minutes) else ""))
-    print(f"batching: window {args.window:g} s, <= {args.batch_cap:,} images/job, MinImagesPerJob "
-          f"{args.min_images_per_job}, MaxJobWait {args.max_job_wait:g} s; "
-          f"shards >= {args.min_images_per_shard} images; dispatcher: MaxLatency {args.max_latency:g} s, "
-          f"MaxConcurrentJobs {args.max_concurrent_jobs}")
+    inst = (f"{cfg['instance_count']} instances/job" if cfg["instance_count"] is not None
+            else f"instances/job <= {cfg['max_instances']}")
+    if "dispatcher" in policies:
+        print(f"dispatcher (as built; defaults: template.yaml): MinImagesPerJob {cfg['min_images_per_job']:,}, "
+              f"MaxLatencySeconds {cfg['max_latency_s']:g} (+ {d.dispatch_every_s} s schedule), MaxImagesPerJob "
+              f"{cfg['max_images_per_job']:,}, MaxConcurrentJobs {cfg['max_concurrent_jobs']}; {inst}, shards of "
+              f">= {cfg['min_images_per_shard']} and <= {cfg['max_images_per_shard']:,} images; "
+              f"SQS window {cfg['window_s']:g} s")
+    if "batch" in policies:
+        print(f"batch (before issue 13, one job per SQS batch): window {cfg['window_s']:g} s, <= {args.batch_cap:,} "
+              f"images/job, MinImagesPerJob {args.batch_min_images_per_job}, MaxJobWait {args.max_job_wait:g} s")
     s3_calls = sum(n for op, n in calls.items() if op in S3_TIER)
-    print(f"calls per image: {sum(calls.values()):.2f}, {s3_calls:.2f} of them S3 ({calls_source}); "
+    print(f"calls per image: {sum(calls.values()):.3g}, {s3_calls:.3g} of them S3 ({calls_source}); "
           "Lambda durations: assumptions (analytics/plan.py LAMBDA)")
     if args.markdown:
         print(markdown_table(plans, calls))
@@ -379,11 +547,8 @@ def run(args: argparse.Namespace) -> int:
         for r in table:
             print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)))
     print(f"floor without start-up: ${plans[0].usd_per_million_ideal:,.2f} per 1M images")
-    for p in plans:
-        if p.collect_s_per_job > COLLECT_TIMEOUT_S:
-            print(f"note: {p.policy} at {_count(p.images_per_day)}/day: collect needs "
-                  f"~{_duration(p.collect_s_per_job)} per job (sequential per-image PUTs), above its "
-                  f"{COLLECT_TIMEOUT_S} s Lambda timeout: large jobs need collect fanned out per shard")
+    for line in notes(plans, cfg["max_images_per_shard"]):
+        print(line)
     return 0
 
 

@@ -50,7 +50,7 @@ from dermscore.messages import ManifestLine
 T = TypeVar("T")
 R = TypeVar("R")
 
-WORKERS = 16                        # parallel document writes (boto3 clients are thread-safe)
+WORKERS = 64                        # parallel document writes (I/O-bound; boto3 clients are thread-safe)
 RETRIES = 6                         # a conflicting writer (409, or an IfMatch lost) makes a write retry
 HISTORY = 16                        # earlier uploads of a key that its document remembers
 PRECONDITION_FAILED = ("PreconditionFailed", "412")

@@ -6,7 +6,7 @@ On ``Completed``, one input file at a time (memory stays flat in the job's size)
       + transform-output/<job>/<shard file name>.out              (joined line by line)
       -> results/images/<key without incoming/>.json             one document per image, written
                                                                  first: it is the upload's claim
-                                                                 (handlers.claims), 16 in parallel
+                                                                 (handlers.claims), 64 in parallel
       -> results/predictions/dt=<date>/<job>-<shard>.parquet     the rows of the lines that own
       -> results/failures/dt=<date>/<job>-<shard>-transform.parquet   their uploads
     then results/reports/<job>.html + .csv + .json              the job's report (dermscore.report),

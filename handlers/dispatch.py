@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
 from dermscore import batching, layout, results, sharding
@@ -40,6 +41,7 @@ from handlers.runtime import Runtime
 from handlers.storage import MANIFEST_CONTENT_TYPE, put_json, read_json, read_lines
 
 logger = Logger(service="dermscore-dispatch")
+metrics = Metrics(service="dermscore-dispatch")   # namespace: POWERTOOLS_METRICS_NAMESPACE (template.yaml)
 
 MAX_JOB_NAME = 63
 DIGEST_LENGTH = 16
@@ -211,7 +213,7 @@ def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
     settings, s3 = rt.settings, rt.s3
     now = results.utcnow()
     report = dict.fromkeys(("resumed", "jobs_created", "images_dispatched", "parts_waiting", "images_waiting",
-                            "refused"), 0)
+                            "oldest_waiting_s", "refused"), 0)
     started = intents(s3, settings.bucket)
     taken = {p for i in started for p in i.parts}
 
@@ -256,7 +258,9 @@ def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
             break
     dispatched = {k for g in groups for k in (p.key for p in g)}
     waiting = [p for p in parts if p.key not in dispatched]
-    report.update(parts_waiting=len(waiting), images_waiting=sum(p.images for p in waiting))
+    oldest = min((p.modified for p in waiting), default=now)
+    report.update(parts_waiting=len(waiting), images_waiting=sum(p.images for p in waiting),
+                  oldest_waiting_s=int((now - oldest).total_seconds()))
     return _done(report)
 
 
@@ -265,6 +269,22 @@ def _done(report: dict[str, int]) -> dict[str, int]:
     return report
 
 
+def publish(report: dict[str, int], stack: str) -> None:
+    """The run's figures as CloudWatch metrics (embedded metric format: one log line, no API call):
+    what waits in pending/ and for how long (the PendingImagesTooOld alarm), refused creates."""
+    metrics.add_dimension(name="stack", value=stack)
+    for name, value, unit in (("ImagesWaiting", report["images_waiting"], MetricUnit.Count),
+                              ("OldestWaitingSeconds", report["oldest_waiting_s"], MetricUnit.Seconds),
+                              ("JobsRefused", report["refused"], MetricUnit.Count),
+                              ("JobsCreated", report["jobs_created"], MetricUnit.Count)):
+        metrics.add_metric(name=name, unit=unit, value=value)
+    metrics.flush_metrics()
+    metrics.clear_metrics()   # flush clears only when metrics are enabled (the local stack disables them)
+
+
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: Any, rt: Runtime | None = None) -> dict[str, int]:
-    return handle(event, rt or runtime.default())
+    rt = rt or runtime.default()
+    report = handle(event, rt)
+    publish(report, rt.settings.job_prefix)
+    return report

@@ -18,8 +18,8 @@ from botocore.config import Config
 
 from dermscore.config import Settings
 
-# Collect writes up to 16 documents in parallel on one client (handlers.claims.WORKERS).
-CLIENT_CONFIG = Config(max_pool_connections=32, retries={"max_attempts": 4, "mode": "standard"})
+# Collect writes up to 64 documents in parallel on one client (handlers.claims.WORKERS).
+CLIENT_CONFIG = Config(max_pool_connections=64, retries={"max_attempts": 4, "mode": "standard"})
 
 
 @dataclass(frozen=True)

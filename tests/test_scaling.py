@@ -378,12 +378,14 @@ def test_small_volume_waits_for_the_latency_bound_then_runs(moto_endpoint: str, 
 
 # --------------------------------------------------------------------------- capacity model
 
+PLAN_PROFILE = dict(usd_per_hour=0.736, images_per_second=500, startup_minutes=6)
+
+
 def test_plan_cost_arithmetic_by_hand() -> None:
     from analytics.plan import plan
 
-    # 1M images/day at 11.57 images/s: a 300 s window would gather 3,472, the cap is 3,000.
-    p = plan(1_000_000, usd_per_hour=0.736, images_per_second=500, startup_minutes=6, window_s=300,
-             batch_cap=3000, instance_count=1)
+    # the old batch policy: 1M images/day at 11.57 images/s: a 300 s window would gather 3,472, the cap is 3,000.
+    p = plan(1_000_000, **PLAN_PROFILE, policy="batch", window_s=300, batch_cap=3000, instance_count=1)
     assert p.images_per_job == 3000 and p.jobs_per_day == pytest.approx(333.33, rel=1e-3)
     job_h = (6 * 60 + 3000 / 500) / 3600
     assert p.instance_hours_per_day == pytest.approx(1_000_000 / 3000 * job_h)
@@ -392,18 +394,102 @@ def test_plan_cost_arithmetic_by_hand() -> None:
     assert p.startup_share > 0.95                    # small jobs: the start-up is the bill
 
 
+def test_plan_defaults_are_the_template_s(tmp_path: Path) -> None:
+    from analytics.plan import plan, template_defaults
+    from dermscore.template import TEMPLATE_PATH, load_template
+
+    params = load_template()["Parameters"]
+    d = template_defaults()
+    assert (d.min_images_per_job, d.max_latency_s, d.max_images_per_job, d.max_concurrent_jobs) == tuple(
+        int(params[k]["Default"]) for k in ("MinImagesPerJob", "MaxLatencySeconds", "MaxImagesPerJob",
+                                            "MaxConcurrentJobs"))
+    assert (d.instance_count, d.min_images_per_shard, d.batching_window_s) == tuple(
+        int(params[k]["Default"]) for k in ("TransformInstanceCount", "MinImagesPerShard",
+                                            "EnqueueBatchingWindowSeconds"))
+    assert (d.max_images_per_shard, d.dispatch_every_s, d.collect_timeout_s) == (
+        Settings.max_images_per_shard, 60, 900)
+    # another template, other defaults: the model follows the file, not a copy of its numbers
+    text = TEMPLATE_PATH.read_text()
+    assert text.count(f"Default: {d.min_images_per_job}\n") == 1
+    other = tmp_path / "template.yaml"
+    other.write_text(text.replace(f"Default: {d.min_images_per_job}\n", "Default: 100000\n"))
+    assert template_defaults(other).min_images_per_job == 100_000
+    p = plan(1_000_000, **PLAN_PROFILE, defaults=template_defaults(other))
+    assert p.images_per_job == 100_000 and p.policy == "dispatcher"
+    # flags override the template
+    assert plan(1_000_000, **PLAN_PROFILE, min_images_per_job=200_000).images_per_job == 200_000
+
+
+def test_plan_dispatcher_row_at_1m_per_day_by_hand() -> None:
+    """1M images/day with template.yaml's defaults (MinImagesPerJob 1.62M, MaxLatencySeconds 6 h,
+    one instance per job): the latency bound makes the job; every figure worked out by hand."""
+    from analytics.plan import DEFAULT_CALLS_PER_IMAGE, LAMBDA, cost_row, plan, template_defaults
+    from handlers import claims
+
+    d = template_defaults()
+    assert (d.min_images_per_job, d.max_latency_s, d.max_images_per_job, d.instance_count) == (
+        1_620_000, 21_600, 2_000_000, 1)
+    p = plan(1_000_000, **PLAN_PROFILE)
+    row = cost_row(p, DEFAULT_CALLS_PER_IMAGE)
+    rate = 1_000_000 / 86_400                                  # 11.57 images/s
+    per_job = int(rate * (21_600 + 60))                        # 250,694 < 1.62M: 6 h (+ one run) of arrivals
+    assert p.images_per_job == per_job == 250_694
+    assert p.shards_per_job == 6 and p.instances_per_job == 1  # <= 50,000 lines per file, all on one instance
+    job_s = 360 + per_job / 500                                # 861 s: the one instance reads all 6 files
+    jobs = 1_000_000 / per_job                                 # 3.99 jobs/day
+    assert p.jobs_per_day == pytest.approx(jobs)
+    assert row["startup_share"] == pytest.approx(360 / job_s)  # 42 %
+    assert row["gpu_usd_per_million"] == pytest.approx(jobs * job_s / 3600 * 0.736)   # $0.70
+    collect_s = 1 + per_job * 0.020 / claims.WORKERS          # one PUT per image, WORKERS in parallel
+    assert LAMBDA["collect"].s_per_image == pytest.approx(0.020 / claims.WORKERS)
+    assert p.collect_s_per_job == pytest.approx(collect_s) and collect_s < 900
+    assert p.latency_s == pytest.approx(per_job / rate + job_s + collect_s)           # ~6.3 h
+    assert per_job / rate <= 21_600 + 60
+    enq, dis, col = LAMBDA["enqueue"], LAMBDA["dispatch"], LAMBDA["collect"]
+    enqueues = 1_000_000 / 3000                # one per SQS batch: 3,472 in a 300 s window, Lambda's cap 3,000
+    runs = 86_400 / 60 + jobs                  # the schedule, and a wake-up per job
+    gb_s = (1.0 * (enqueues * enq.s_per_invocation + 1e6 * enq.s_per_image)
+            + 1.0 * (runs * dis.s_per_invocation + 1e6 * dis.s_per_image)
+            + 2.0 * (jobs * col.s_per_invocation + 1e6 * col.s_per_image))
+    assert row["lambda_usd_per_million"] == pytest.approx(
+        gb_s * 0.0000166667 + (enqueues + runs + jobs) / 1e6 * 0.20)
+    c = DEFAULT_CALLS_PER_IMAGE
+    assert row["s3_usd_per_million"] == pytest.approx(
+        1e6 * ((c["PutObject"] + c["ListObjectsV2"]) * 0.005 + (c["GetObject"] + c["HeadObject"]) * 0.0004) / 1000)
+    assert row["total_usd_per_million"] == pytest.approx(
+        row["gpu_usd_per_million"] + row["lambda_usd_per_million"] + row["s3_usd_per_million"])
+
+
+def test_plan_dispatcher_at_100m_per_day_makes_minimum_sized_jobs() -> None:
+    from analytics.plan import LAMBDA, plan
+
+    p = plan(100_000_000, **PLAN_PROFILE)
+    assert p.images_per_job == 1_620_000 and p.shards_per_job == 33 and p.instances_per_job == 1
+    assert p.job_minutes == pytest.approx((360 + 1_620_000 / 500) / 60)       # 60 min: start-up 10 %
+    assert p.startup_share == pytest.approx(0.10)
+    assert p.batch_fill_s == pytest.approx(1_620_000 / (100_000_000 / 86_400))   # 23 min: the minimum is reached
+    assert p.concurrent_jobs == pytest.approx(100_000_000 / 1_620_000 * 3600 / 86_400) and not p.over_capacity
+    assert p.collect_s_per_job == pytest.approx(1 + 1_620_000 * LAMBDA["collect"].s_per_image)
+    # one job slot: images wait for it, jobs grow to MaxImagesPerJob, and still do not keep up
+    tight = plan(100_000_000, **PLAN_PROFILE, max_concurrent_jobs=1)
+    assert tight.images_per_job == 2_000_000 and tight.over_capacity
+    assert tight.batch_fill_s == pytest.approx(2_000_000 / (100_000_000 / 86_400))
+
+
 def test_plan_shards_big_jobs_and_keeps_small_ones_on_one_instance() -> None:
     from analytics.plan import plan
 
-    kw = dict(usd_per_hour=0.736, images_per_second=500, startup_minutes=6, max_instances=8)
-    small = plan(1_000_000, **kw)
-    big = plan(100_000_000, **kw, batch_cap=1_000_000, min_images_per_job=1_000_000, max_job_wait_s=21_600)
+    small = plan(1_000_000, **PLAN_PROFILE, policy="batch", max_instances=8)
+    big = plan(100_000_000, **PLAN_PROFILE, max_instances=8)
     assert small.instances_per_job == 1
-    assert 1 < big.instances_per_job <= 8 and big.shards_per_job == big.instances_per_job
+    assert big.instances_per_job == 8 and big.shards_per_job == 33       # files of <= 50,000 images
+    # Batch Transform hands whole files to instances: the busiest gets ceil(33 / 8) = 5 of them
+    assert big.job_minutes == pytest.approx((360 + 5 * math.ceil(1_620_000 / 33) / 500) / 60)
     assert big.usd_per_million < small.usd_per_million
-    # the batching policy trades latency for cost at low volume
-    quick = plan(10_000, **kw)
-    patient = plan(10_000, **kw, min_images_per_job=3000, max_job_wait_s=3600)
+    assert plan(100_000_000, **PLAN_PROFILE, instance_count=4).instances_per_job == 4
+    # the old batch policy's deferral traded latency for cost at low volume
+    quick = plan(10_000, **PLAN_PROFILE, policy="batch")
+    patient = plan(10_000, **PLAN_PROFILE, policy="batch", batch_min_images_per_job=3000, max_job_wait_s=3600)
     assert patient.usd_per_day < quick.usd_per_day and patient.latency_s > quick.latency_s
 
 
@@ -412,8 +498,16 @@ def test_plan_command_prints_the_three_volumes(capsys) -> None:
 
     assert main(["plan", "--instance", "ml.g4dn.xlarge"]) == 0
     out = capsys.readouterr().out
-    assert "assumption" in out and "$/1M images" in out
+    assert "assumption" in out and "$/1M images" in out and "MinImagesPerJob 1,620,000" in out
     assert all(v in out for v in ("10k", "1M", "100M"))
+    # a job that collect cannot write within its 900 s timeout gets a note
+    from analytics.plan import LAMBDA
+
+    n = str(int(2 * 900 / LAMBDA["collect"].s_per_image))
+    assert main(["plan", "--policy", "dispatcher", "--images-per-day", "100000000", "--min-images-per-job", n,
+                 "--max-images-per-job", n]) == 0
+    out = capsys.readouterr().out
+    assert "note: dispatcher at 100M/day: collect" in out and "900 s Lambda timeout" in out
     assert main(["plan", "--images-per-day", "5000", "--instance", "ml.c5.xlarge", "--usd-per-hour", "0.2",
                  "--images-per-second", "40", "--startup-minutes", "4", "--markdown"]) == 0
     assert "| 5k |" in capsys.readouterr().out
@@ -439,10 +533,22 @@ def test_plan_json_has_both_policies_and_every_cost(capsys, tmp_path: Path) -> N
         assert 0 < r["startup_share"] <= 1
         assert r["total_usd_per_million"] == pytest.approx(
             r["gpu_usd_per_million"] + r["lambda_usd_per_million"] + r["s3_usd_per_million"])
+    assert data["inputs"]["min_images_per_job"] == data["inputs"]["template_defaults"]["min_images_per_job"]
     by = {(r["policy"], r["images_per_day"]): r for r in rows}
     # larger jobs: the dispatcher never costs more GPU time per image than one job per SQS batch
     for n in (10_000, 1_000_000, 100_000_000):
         assert by["dispatcher", n]["gpu_usd_per_million"] <= by["batch", n]["gpu_usd_per_million"]
+
+    # flags override the template's defaults
+    assert main(["plan", "--json", "--policy", "dispatcher", "--images-per-day", "100000000",
+                 "--min-images-per-job", "500000", "--max-instances", "4"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    # 500,000 images take 1,000 s on one instance: 3 keep processing >= the 360 s start-up
+    assert (row["images_per_job"], row["shards_per_job"], row["instances_per_job"]) == (500_000, 10, 3)
+    assert main(["plan", "--json", "--policy", "dispatcher", "--images-per-day", "100000000",
+                 "--instance-count", "4"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert (row["images_per_job"], row["instances_per_job"]) == (1_620_000, 4)
 
     # calls per image from a bench JSON: the S3 figure follows them
     bench = tmp_path / "bench.json"
@@ -454,11 +560,10 @@ def test_plan_json_has_both_policies_and_every_cost(capsys, tmp_path: Path) -> N
 
 
 def test_plan_row_arithmetic_by_hand() -> None:
-    """1M images/day, one job per SQS batch of 3,000 images: every dollar worked out by hand."""
+    """1M images/day, the old policy (one job per SQS batch of 3,000 images): every dollar by hand."""
     from analytics.plan import LAMBDA, cost_row, plan
 
-    p = plan(1_000_000, usd_per_hour=0.736, images_per_second=500, startup_minutes=6, window_s=300,
-             batch_cap=3000, instance_count=1)
+    p = plan(1_000_000, **PLAN_PROFILE, policy="batch", window_s=300, batch_cap=3000, instance_count=1)
     calls = {"PutObject": 2.0, "GetObject": 3.0, "HeadObject": 1.0, "ReceiveMessage": 0.1}
     row = cost_row(p, calls)
     jobs = 1_000_000 / 3000
@@ -474,13 +579,6 @@ def test_plan_row_arithmetic_by_hand() -> None:
     assert row["total_usd_per_million"] == pytest.approx(
         row["gpu_usd_per_million"] + row["lambda_usd_per_million"] + row["s3_usd_per_million"])
 
-    # the dispatcher at 100M/day gathers an hour of images (4.17M) and shards them over 4 instances
-    d = plan(100_000_000, usd_per_hour=0.736, images_per_second=500, startup_minutes=6, policy="dispatcher",
-             max_latency_s=3600, max_instances=4)
-    assert d.images_per_job == int(100_000_000 / 86_400 * 3600) and d.instances_per_job == 4
-    assert d.usd_per_million == pytest.approx(
-        d.jobs_per_day * 4 * (360 + math.ceil(d.images_per_job / 4) / 500) / 3600 * 0.736 / 100)
-
 
 def test_plan_lambda_memory_is_the_template_s() -> None:
     import re
@@ -490,6 +588,7 @@ def test_plan_lambda_memory_is_the_template_s() -> None:
     text = (Path(__file__).resolve().parents[1] / "template.yaml").read_text()
     default = int(re.search(r"Globals:.*?MemorySize: (\d+)", text, re.S).group(1))
     collect = re.search(r"CollectFunction:.*?MemorySize: (\d+)", text, re.S)
-    enqueue = re.search(r"EnqueueFunction:(.*?)\n  \w+:\n", text, re.S).group(1)
-    assert LAMBDA["enqueue"].memory_mb == int((re.search(r"MemorySize: (\d+)", enqueue) or [0, default])[1])
+    for name, logical_id in (("enqueue", "EnqueueFunction"), ("dispatch", "DispatchFunction")):
+        body = re.search(rf"\n  {logical_id}:(.*?)\n  \w+:\n", text, re.S).group(1)
+        assert LAMBDA[name].memory_mb == int((re.search(r"MemorySize: (\d+)", body) or [0, default])[1])
     assert LAMBDA["collect"].memory_mb == int(collect.group(1))

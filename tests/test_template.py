@@ -760,36 +760,48 @@ def test_alarms_watch_dlq_and_failed_jobs(template):
     # every function's errors; and the reconciler's own running
     for fn in resources_of(template, "AWS::Serverless::Function"):
         assert ("AWS/Lambda", "Errors", json.dumps([{"Name": "FunctionName", "Value": {"Ref": fn}}])) in watched
-    (silent,) = [a["Properties"] for a in alarms.values() if a["Properties"]["MetricName"] == "Invocations"]
-    assert silent["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "ReconcileFunction"}}]
-    assert silent["TreatMissingData"] == "breaching" and silent["ComparisonOperator"] == "LessThanThreshold"
-    assert silent["Period"] >= 60 * template["Parameters"]["ReconcileIntervalMinutes"]["MaxValue"]
+    # the scheduled functions' own running: no invocation in a period is an alarm
+    silent = {a["Properties"]["Dimensions"][0]["Value"]["Ref"]: a["Properties"] for a in alarms.values()
+              if a["Properties"]["MetricName"] == "Invocations"}
+    assert set(silent) == {"ReconcileFunction", "DispatchFunction"}
+    for a in silent.values():
+        assert a["TreatMissingData"] == "breaching" and a["ComparisonOperator"] == "LessThanThreshold"
+    assert silent["ReconcileFunction"]["Period"] >= 60 * template["Parameters"]["ReconcileIntervalMinutes"]["MaxValue"]
+    assert silent["DispatchFunction"]["Period"] >= 10 * 60      # ten ticks of its rate(1 minute)
     for a in alarms.values():
         assert a["Properties"]["AlarmActions"] == [{"Ref": "AlarmTopic"}]
 
 
-def test_reconciler_metric_alarms_match_what_it_publishes(template, resolver, monkeypatch, capsys):
-    """The alarms on the reconciler's figures name the namespace, dimensions and metric names that
-    handlers.reconcile.publish() writes (CloudWatch embedded metric format: the function's log)."""
+@pytest.mark.parametrize(("function", "module", "counts", "alarmed"), [
+    ("ReconcileFunction", "reconcile", "COUNTS", {"JobsOverdue", "JobsRecovered", "ImagesUnreconciled"}),
+    ("DispatchFunction", "dispatch", None, {"OldestWaitingSeconds"}),
+])
+def test_metric_alarms_match_what_the_functions_publish(template, resolver, monkeypatch, capsys, function, module,
+                                                        counts, alarmed):
+    """The alarms on the reconciler's and the dispatcher's figures name the namespace, dimensions and
+    metric names that their publish() writes (CloudWatch embedded metric format: the function's log)."""
+    import importlib
+
     from aws_lambda_powertools import Metrics
 
-    from handlers import reconcile
-
-    env = template["Resources"]["ReconcileFunction"]["Properties"]["Environment"]["Variables"]
+    handler = importlib.import_module(f"handlers.{module}")
+    env = template["Resources"][function]["Properties"]["Environment"]["Variables"]
     monkeypatch.delenv("POWERTOOLS_METRICS_DISABLED", raising=False)
-    monkeypatch.setattr(reconcile, "metrics", Metrics(namespace=env["POWERTOOLS_METRICS_NAMESPACE"],
-                                                      service=env["POWERTOOLS_SERVICE_NAME"]))
-    reconcile.publish(dict.fromkeys(reconcile.COUNTS, 1), STACK)
+    monkeypatch.setattr(handler, "metrics", Metrics(namespace=env["POWERTOOLS_METRICS_NAMESPACE"],
+                                                    service=env["POWERTOOLS_SERVICE_NAME"]))
+    keys = getattr(handler, counts) if counts else ("images_waiting", "oldest_waiting_s", "refused", "jobs_created")
+    handler.publish(dict.fromkeys(keys, 1), STACK)
     (emf,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "_aws" in line]
     (directive,) = emf["_aws"]["CloudWatchMetrics"]
     published = {m["Name"] for m in directive["Metrics"]}
     dims = {d: emf[d] for d in directive["Dimensions"][0]}
     custom = [a["Properties"] for a in resources_of(template, "AWS::CloudWatch::Alarm").values()
-              if a["Properties"]["Namespace"] == directive["Namespace"]]
-    assert {a["MetricName"] for a in custom} == {"JobsOverdue", "JobsRecovered", "ImagesUnreconciled"} <= published
+              if a["Properties"]["Namespace"] == directive["Namespace"]
+              and {"Name": "service", "Value": env["POWERTOOLS_SERVICE_NAME"]} in a["Properties"]["Dimensions"]]
+    assert {a["MetricName"] for a in custom} == alarmed <= published
     for a in custom:
         assert {d["Name"]: resolver.resolve(d["Value"]) for d in a["Dimensions"]} == dims == {
-            "service": "dermscore-reconcile", "stack": STACK}
+            "service": env["POWERTOOLS_SERVICE_NAME"], "stack": STACK}
 
 
 def test_outputs_tell_the_user_what_to_do(template, resolver):
