@@ -98,10 +98,11 @@ INSTANCES: dict[str, InstanceProfile] = {
 # `dermscore bench` (e2e.api_calls_per_image_by_operation); `--bench FILE` reads them from a bench
 # JSON instead. SQS calls are counted but not priced (only S3's operations are, dermscore.config.S3_TIER).
 DEFAULT_CALLS_PER_IMAGE: dict[str, float] = {
-    "PutObject": 1.05, "GetObject": 1.1, "ListObjectsV2": 0.2, "HeadObject": 0.025,   # S3
-    "ReceiveMessage": 0.45, "DeleteMessageBatch": 0.125,                               # SQS
+    "PutObject": 1.12, "GetObject": 1.07, "ListObjectsV2": 0.08, "HeadObject": 0.013,   # S3
+    "ReceiveMessage": 0.17, "DeleteMessageBatch": 0.11,                                 # SQS
 }
-DEFAULT_CALLS_SOURCE = "dermscore bench --quick, in-process, heatmaps off, issue 13 dispatcher"
+DEFAULT_CALLS_SOURCE = ("dermscore bench --phases e2e --images 400 --heatmaps off, in-process, issue 13 dispatcher "
+                        "(docs/benchmark.md)")
 
 
 @dataclass(frozen=True)
