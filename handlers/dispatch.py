@@ -34,7 +34,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
 from dermscore import batching, layout, results, sharding
-from dermscore.aws import chunks, error_code, error_message, iter_keys, iter_objects
+from dermscore.aws import chunks, error_code, error_message, is_missing, iter_keys, iter_objects
 from dermscore.config import Settings
 from handlers import runtime
 from handlers.runtime import Runtime
@@ -133,33 +133,49 @@ def running_jobs(sm, prefix: str) -> int:
 
 # --- acting -------------------------------------------------------------------------------------
 
+def part_lines(s3, bucket: str, key: str) -> list[str]:
+    """A part's lines; [] for a part that is gone. A part is deleted only once a job holding it
+    exists, so a missing one was dispatched by another run (two runs that met, which reserved
+    concurrency prevents on AWS): its images are in that job, and skipping it loses nothing."""
+    try:
+        return read_lines(s3, bucket, key)
+    except ClientError as exc:
+        if not is_missing(exc):
+            raise
+    logger.warning("pending part gone: a job holding it exists", extra={"part": key})
+    return []
+
+
 def write_shards(rt: Runtime, intent: Intent) -> tuple[str, int]:
     """The job's manifest: its parts' lines, in order, cut into balanced shard files while they are
-    read (one part and one shard in memory, whatever the job's size). Returns (folder, shards)."""
+    read (one part and one shard in memory, whatever the job's size). Returns (folder, files written)."""
     settings, s3 = rt.settings, rt.s3
     shards = sharding.shards_for(intent.images, settings.instance_count, settings.min_images_per_shard,
                                  settings.max_images_per_shard)
     sizes = sharding.shard_sizes(intent.images, shards)
-    index, buffer = 0, []
+    files, buffer = 0, []
 
     def flush() -> None:
-        s3.put_object(Bucket=settings.bucket, Key=layout.shard_key(intent.job, index, shards),
+        nonlocal files, buffer
+        s3.put_object(Bucket=settings.bucket, Key=layout.shard_key(intent.job, files, shards),
                       Body="".join(ln + "\n" for ln in buffer).encode(), ContentType=MANIFEST_CONTENT_TYPE)
+        files, buffer = files + 1, []
 
     for part in intent.parts:
-        for line in read_lines(s3, settings.bucket, part):
+        for line in part_lines(s3, settings.bucket, part):
             buffer.append(line)
-            if len(buffer) >= sizes[index] and index < shards - 1:
+            if len(buffer) >= sizes[files] and files < shards - 1:
                 flush()
-                index, buffer = index + 1, []
-    flush()   # the last shard (it takes any lines beyond the parts' announced counts)
-    return layout.job_input_prefix(intent.job, shards), shards
+    if buffer:
+        flush()   # the last shard (it takes any lines beyond the parts' announced counts)
+    return layout.job_input_prefix(intent.job, shards), files
 
 
-def submit(rt: Runtime, name: str, prefix: str, shards: int) -> bool:
-    """CreateTransformJob over a written manifest folder; False if the job already existed."""
+def submit(rt: Runtime, name: str, prefix: str, files: int) -> bool:
+    """CreateTransformJob over a written manifest folder of ``files`` shards; False if the job
+    already existed."""
     settings = rt.settings
-    instances = sharding.instances_for(shards, settings.instance_count)
+    instances = sharding.instances_for(files, settings.instance_count)
     try:
         rt.sagemaker.create_transform_job(**transform_request(settings, name, f"s3://{settings.bucket}/{prefix}",
                                                               instances))
@@ -167,7 +183,7 @@ def submit(rt: Runtime, name: str, prefix: str, shards: int) -> bool:
         if error_code(exc) == "ResourceInUse" or "already exists" in error_message(exc):
             return False
         raise
-    logger.info("transform job created", extra={"job_name": name, "manifest": prefix, "shards": shards,
+    logger.info("transform job created", extra={"job_name": name, "manifest": prefix, "shards": files,
                                                  "instance_count": instances})
     return True
 
@@ -178,8 +194,8 @@ def finish(rt: Runtime, intent: Intent) -> bool:
     s3, bucket = rt.s3, rt.settings.bucket
     created = False
     if not job_exists(rt.sagemaker, intent.job):
-        prefix, shards = write_shards(rt, intent)
-        created = submit(rt, intent.job, prefix, shards)
+        prefix, files = write_shards(rt, intent)
+        created = files > 0 and submit(rt, intent.job, prefix, files)   # no lines: every part went elsewhere
     for chunk in chunks([*intent.parts, layout.dispatch_key(intent.job)], 1000):
         s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
     return created

@@ -151,3 +151,19 @@ def test_shards_cut_a_job_into_bounded_files_without_reading_it_whole(make_stack
     sizes = [len(s3.get_object(Bucket=stack.bucket, Key=k)["Body"].read().splitlines()) for k in files]
     assert len(files) == 5 and max(sizes) <= 300 and sum(sizes) == 1250
     assert len(set(manifest_keys(stack, job["TransformJobName"]))) == 1250
+
+
+def test_a_part_another_run_dispatched_is_skipped_not_fatal(make_stack) -> None:
+    """Run A dispatched part 1 alone and deleted it; run B had planned parts 1 and 2: B's job holds
+    part 2 only (part 1's images are in A's job), and an intent whose parts are all gone ends
+    without a job. Nothing stuck, nothing twice."""
+    stack = make_stack(overrides={"MinImagesPerJob": 1})
+    one, two = pending(stack, [1, 2], [3])
+    rt, prefix = dispatcher(stack), stack.job_prefix
+    assert dispatch.finish(rt, dispatch.Intent(dispatch.job_name(prefix, [one]), (one,), 2))
+    assert dispatch.finish(rt, dispatch.Intent(dispatch.job_name(prefix, [one, two]), (one, two), 3))
+    assert not dispatch.finish(rt, dispatch.Intent(dispatch.job_name(prefix, [one, "pending/gone"]),
+                                                   (one, "pending/gone"), 9))
+    made = sorted(sorted(manifest_keys(stack, j["TransformJobName"])) for j in jobs(stack))
+    assert made == [[f"incoming/bulk/{i:07d}.jpg" for i in (1, 2)], ["incoming/bulk/0000003.jpg"]]
+    assert stack.list_keys(layout.PENDING) == [] and stack.list_keys(layout.DISPATCH) == []

@@ -33,13 +33,15 @@ def test_row_matches_schema_and_json_round_trips() -> None:
     table = results.to_table([row], results.PREDICTION_SCHEMA)
     assert table.schema.equals(results.PREDICTION_SCHEMA) and table.num_rows == 1
     doc = json.loads(json.dumps(results.image_document(row)))
-    assert set(doc) == set(results.PREDICTION_SCHEMA.names)
+    assert set(doc) == {*results.PREDICTION_SCHEMA.names, "status"} and doc["status"] == results.SCORED
     assert abs(sum(doc[f"prob_{c}"] for c in CLASSES) - 1) < 1e-6
 
 
 def test_failure_row_matches_schema() -> None:
     row = results.failure_row(ManifestLine("b", "incoming/x.jpg", "e"), "enqueue", "zero_byte", "object is empty")
     assert results.to_table([row], results.FAILURE_SCHEMA).column("reason").to_pylist() == ["zero_byte"]
+    doc = json.loads(json.dumps(results.image_document(row, results.FAILED)))   # a refused image's document
+    assert set(doc) == {*results.FAILURE_SCHEMA.names, "status"} and doc["status"] == results.FAILED
     assert results.FAILURE_SCHEMA.field("failed_at").type == pa.timestamp("ms", tz="UTC")
 
 
