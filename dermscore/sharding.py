@@ -4,20 +4,16 @@ Pure functions (no AWS calls), so the handler, the local runner, ``dermscore pla
 tests share one definition.
 
 Batch Transform hands whole input *files* to instances: a job whose input is one manifest
-runs on one instance however large ``InstanceCount`` is. So a batch's manifest is split into
+runs on one instance however large ``InstanceCount`` is. So a job's manifest is split into
 ``shards_for`` files under one job input prefix (``S3DataType=S3Prefix``), and the job asks
 for ``min(instance_count, shards)`` instances: never an instance without a file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypeVar
-
-T = TypeVar("T")
 
 def shard_count(images: int, instance_count: int, min_images_per_shard: int = 1) -> int:
-    """Manifest files for a batch of ``images``: one per instance, but none smaller than
+    """Manifest files for a job of ``images``: one per instance, but none smaller than
     ``min_images_per_shard`` (a shard is worth an instance's start-up only above that size).
 
     >>> shard_count(1000, 4, 100), shard_count(250, 4, 100), shard_count(50, 4, 100), shard_count(0, 4)
@@ -55,13 +51,3 @@ def shard_sizes(images: int, shards: int) -> list[int]:
         return []
     base, extra = divmod(images, shards)
     return [base + (1 if i < extra else 0) for i in range(shards)]
-
-
-def split(items: Sequence[T], shards: int) -> list[list[T]]:
-    """Contiguous, balanced slices of ``items`` (kept in order: the same sorted manifest gives
-    the same shards, hence deterministic shard files)."""
-    out, start = [], 0
-    for size in shard_sizes(len(items), shards):
-        out.append(list(items[start:start + size]))
-        start += size
-    return out

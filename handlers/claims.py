@@ -62,10 +62,6 @@ def owner_of(job: str, input_key: str, index: int) -> str:
     return f"{job}/{posixpath.basename(input_key)}#{index}"
 
 
-def job_of_owner(owner: str) -> str:
-    return owner.split("/", 1)[0]
-
-
 @dataclass(frozen=True)
 class Outcome:
     """What one manifest line produced, to be written as its upload's document if it owns it."""
@@ -123,12 +119,6 @@ def _put(s3, bucket: str, key: str, doc: dict[str, Any], **condition: str) -> bo
         raise
 
 
-def owner(s3, bucket: str, line: ManifestLine) -> str | None:
-    """The owner of the upload's outcome, or None if it has none yet."""
-    found = _read(s3, bucket, layout.image_result_key(line.key))
-    return _known(found[0]).get(line.etag) if found else None
-
-
 def place(s3, bucket: str, outcome: Outcome) -> bool:
     """Does ``outcome.owner`` own its upload? Writes the document when it newly does."""
     line, key = outcome.line, layout.image_result_key(outcome.line.key)
@@ -164,7 +154,3 @@ def _map(fn: Callable[[T], R], items: list[T]) -> list[R]:
 def place_all(s3, bucket: str, outcomes: Iterable[Outcome]) -> list[bool]:
     """:func:`place` for each outcome, in parallel; one bool per outcome, in order."""
     return _map(lambda o: place(s3, bucket, o), list(outcomes))
-
-
-def owners(s3, bucket: str, lines: Iterable[ManifestLine]) -> list[str | None]:
-    return _map(lambda ln: owner(s3, bucket, ln), list(lines))

@@ -286,16 +286,12 @@ def _done(report: dict[str, int]) -> dict[str, int]:
 
 
 def publish(report: dict[str, int], stack: str) -> None:
-    """The run's figures as CloudWatch metrics (embedded metric format: one log line, no API call):
-    what waits in pending/ and for how long (the PendingImagesTooOld alarm), refused creates."""
-    metrics.add_dimension(name="stack", value=stack)
-    for name, value, unit in (("ImagesWaiting", report["images_waiting"], MetricUnit.Count),
-                              ("OldestWaitingSeconds", report["oldest_waiting_s"], MetricUnit.Seconds),
-                              ("JobsRefused", report["refused"], MetricUnit.Count),
-                              ("JobsCreated", report["jobs_created"], MetricUnit.Count)):
-        metrics.add_metric(name=name, unit=unit, value=value)
-    metrics.flush_metrics()
-    metrics.clear_metrics()   # flush clears only when metrics are enabled (the local stack disables them)
+    """The run's figures as CloudWatch metrics: what waits in pending/ and for how long (the
+    PendingImagesTooOld alarm), refused and created jobs."""
+    runtime.publish_metrics(metrics, stack, [("ImagesWaiting", report["images_waiting"], MetricUnit.Count),
+                                             ("OldestWaitingSeconds", report["oldest_waiting_s"], MetricUnit.Seconds),
+                                             ("JobsRefused", report["refused"], MetricUnit.Count),
+                                             ("JobsCreated", report["jobs_created"], MetricUnit.Count)])
 
 
 @logger.inject_lambda_context

@@ -286,14 +286,11 @@ def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
 
 
 def publish(report: dict[str, int], stack: str) -> None:
-    """The run's figures as CloudWatch metrics (embedded metric format: one log line, no API call)."""
-    metrics.add_dimension(name="stack", value=stack)
-    for name, value in (("JobsOverdue", report["overdue"]),
-                        ("JobsRecovered", report["redriven"] + report["resubmitted"]),
-                        ("ImagesUnreconciled", report["images_unreconciled"])):
-        metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
-    metrics.flush_metrics()
-    metrics.clear_metrics()   # flush clears only when metrics are enabled (the local stack disables them)
+    """The run's figures as CloudWatch metrics (the JobsOverdue, JobsRecovered, ImagesUnreconciled alarms)."""
+    runtime.publish_metrics(metrics, stack, [
+        ("JobsOverdue", report["overdue"], MetricUnit.Count),
+        ("JobsRecovered", report["redriven"] + report["resubmitted"], MetricUnit.Count),
+        ("ImagesUnreconciled", report["images_unreconciled"], MetricUnit.Count)])
 
 
 @logger.inject_lambda_context
