@@ -197,7 +197,10 @@ def finish(rt: Runtime, intent: Intent) -> bool:
         prefix, files = write_shards(rt, intent)
         created = files > 0 and submit(rt, intent.job, prefix, files)   # no lines: every part went elsewhere
     for chunk in chunks([*intent.parts, layout.dispatch_key(intent.job)], 1000):
-        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
+        errors = s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk],
+                                                          "Quiet": True}).get("Errors")
+        if errors:   # a part left behind would be dispatched again (scored twice, collected once): say so
+            raise RuntimeError(f"could not delete {len(errors)} dispatched part(s) of {intent.job}: {errors[:1]}")
     return created
 
 
