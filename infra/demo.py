@@ -1,7 +1,7 @@
 """``dermscore demo``: the whole pipeline on this machine, on a few real images.
 
 Starts the local stack (moto server on 127.0.0.1), uploads the images to
-``s3://<bucket>/incoming/demo/`` and lets S3 -> SQS -> enqueue -> transform -> collect
+``s3://<bucket>/incoming/demo/`` and lets S3 -> SQS -> enqueue -> dispatch -> transform -> collect
 run exactly as on AWS, then exports ``results/`` to ``--out`` and prints what happened
 and an example SQL query over the Parquet dataset.
 

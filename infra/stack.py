@@ -11,6 +11,8 @@ Resources (template logical name -> local resource)::
     ImagesQueue             <stack>-images            (VisibilityTimeout, RedrivePolicy)
     ImagesDeadLetterQueue   <stack>-images-dlq
     EnqueueFunction         handlers.enqueue.lambda_handler  (invoked by infra.poller)
+    DispatchFunction        handlers.dispatch.lambda_handler  (invoked by infra.scheduler.Dispatcher,
+                                                               and by enqueue through LocalLambda)
     CollectFunction         handlers.collect.lambda_handler  (invoked by infra.runner)
     ReconcileFunction       handlers.reconcile.lambda_handler  (invoked by infra.scheduler)
     ModelName parameter     a SageMaker Model whose ModelDataUrl is s3://<bucket>/models/model.tar.gz
