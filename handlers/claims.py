@@ -36,19 +36,16 @@ from __future__ import annotations
 import json
 import posixpath
 import time
-from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from botocore.exceptions import ClientError
 
-from dermscore import layout, reasons
+from dermscore import layout, reasons, results
 from dermscore.aws import error_code, is_missing
 from dermscore.messages import ManifestLine
-
-T = TypeVar("T")
-R = TypeVar("R")
+from handlers.storage import put_json
 
 WORKERS = 64                        # parallel document writes (I/O-bound; boto3 clients are thread-safe)
 RETRIES = 6                         # a conflicting writer (409, or an IfMatch lost) makes a write retry
@@ -110,8 +107,7 @@ def _read(s3, bucket: str, key: str) -> tuple[dict[str, Any], str] | None:
 def _put(s3, bucket: str, key: str, doc: dict[str, Any], **condition: str) -> bool:
     """A conditional PUT; False if the condition failed or a concurrent writer conflicted."""
     try:
-        s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(doc, default=str, ensure_ascii=False).encode(),
-                      ContentType="application/json", **condition)
+        put_json(s3, bucket, key, doc, **condition)
         return True
     except ClientError as exc:
         if error_code(exc) in PRECONDITION_FAILED + CONFLICT:
@@ -144,13 +140,17 @@ def place(s3, bucket: str, outcome: Outcome) -> bool:
     raise RuntimeError(f"{key}: no stable document after {RETRIES} conditional writes")
 
 
-def _map(fn: Callable[[T], R], items: list[T]) -> list[R]:
-    if len(items) <= 1:
-        return [fn(i) for i in items]
-    with ThreadPoolExecutor(min(WORKERS, len(items)), thread_name_prefix="claims") as pool:
-        return list(pool.map(fn, items))
+Entry = tuple[int, ManifestLine, dict[str, Any], str]   # (line number in its file, line, row, document status)
 
 
-def place_all(s3, bucket: str, outcomes: Iterable[Outcome]) -> list[bool]:
-    """:func:`place` for each outcome, in parallel; one bool per outcome, in order."""
-    return _map(lambda o: place(s3, bucket, o), list(outcomes))
+def owning(s3, bucket: str, job: str, in_key: str, entries: list[Entry]) -> list[Entry]:
+    """Place each entry's row as its upload's document (``status``: ``results.SCORED`` or
+    ``FAILED``), :data:`WORKERS` at a time; the entries whose line owns its upload, in order."""
+    outcomes = [Outcome(line, owner_of(job, in_key, i), results.image_document(row, status))
+                for i, line, row, status in entries]
+    if len(outcomes) <= 1:
+        owns = [place(s3, bucket, o) for o in outcomes]
+    else:
+        with ThreadPoolExecutor(min(WORKERS, len(outcomes)), thread_name_prefix="claims") as pool:
+            owns = list(pool.map(lambda o: place(s3, bucket, o), outcomes))
+    return [e for e, own in zip(entries, owns, strict=True) if own]

@@ -122,19 +122,15 @@ def picture_keys(line: OutputLine) -> dict[str, str | None]:
     return keys
 
 
-def outcome(job: str, in_key: str, index: int, line: ManifestLine, out: OutputLine | None, out_key: str,
-            when: datetime) -> tuple[claims.Outcome, dict[str, Any], bool]:
-    """(the outcome to place, its row, whether the row is a prediction) for one manifest line."""
+def outcome_row(job: str, line: ManifestLine, out: OutputLine | None, out_key: str,
+                when: datetime) -> tuple[dict[str, Any], str]:
+    """(its row, its document's status) for one manifest line and its output line."""
     if out is not None and out.ok:
-        row, scored = results.prediction_row(out, job, when, **picture_keys(out)), True
-    elif out is None:
-        row, scored = results.failure_row(line, "collect", MISSING_OUTPUT, f"no output line in {out_key}", job,
-                                          when), False
-    else:
-        row, scored = results.failure_row(line, "transform", out.reason or "unknown", out.detail or "", job,
-                                          when), False
-    doc = results.image_document(row, results.SCORED if scored else results.FAILED)
-    return claims.Outcome(line, claims.owner_of(job, in_key, index), doc), row, scored
+        return results.prediction_row(out, job, when, **picture_keys(out)), results.SCORED
+    if out is None:
+        return results.failure_row(line, "collect", MISSING_OUTPUT, f"no output line in {out_key}", job,
+                                   when), results.FAILED
+    return results.failure_row(line, "transform", out.reason or "unknown", out.detail or "", job, when), results.FAILED
 
 
 def collect_file(rt: Runtime, detail: dict[str, Any], in_key: str, lines: list[ManifestLine],
@@ -147,13 +143,14 @@ def collect_file(rt: Runtime, detail: dict[str, Any], in_key: str, lines: list[M
         out_lines = read_lines(s3, out_bucket, out_key)
     except s3.exceptions.NoSuchKey:
         out_lines = []
-    made = [outcome(job, in_key, i, line, out, out_key, when) for i, (line, out) in enumerate(join(lines, out_lines))]
-    owns = claims.place_all(s3, bucket, [o for o, _, _ in made])
-    rows = [row for (_, row, scored), own in zip(made, owns, strict=True) if own and scored]
-    failures = [row for (_, row, scored), own in zip(made, owns, strict=True) if own and not scored]
-    if len(rows) + len(failures) < len(made):
+    made = [(i, line, *outcome_row(job, line, out, out_key, when))
+            for i, (line, out) in enumerate(join(lines, out_lines))]
+    owned = claims.owning(s3, bucket, job, in_key, made)
+    rows = [row for _, _, row, status in owned if status == results.SCORED]
+    failures = [row for _, _, row, status in owned if status == results.FAILED]
+    if len(owned) < len(made):
         logger.info("duplicate lines: their uploads' outcomes come from other lines", extra={
-            "job_name": job, "input": in_key, "duplicates": len(made) - len(rows) - len(failures)})
+            "job_name": job, "input": in_key, "duplicates": len(made) - len(owned)})
     name = layout.job_file_name(job, in_key)
     if rows:
         put_parquet(s3, bucket, layout.prediction_partition_key(dt, name),
@@ -227,16 +224,15 @@ def collect_failed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[
     status = detail["TransformJobStatus"]
     reason = JOB_STOPPED if status == "Stopped" else JOB_FAILED
     why = detail.get("FailureReason") or f"transform job {status.lower()}"
+    def another_attempt(line: ManifestLine) -> bool:
+        return bool(settings.queue_url) and line.attempt + 1 < settings.max_job_attempts
+
     requeued = failed = 0
     for in_key, lines in job_lines(rt.s3, detail):
-        retry = [ln for ln in lines if settings.queue_url and ln.attempt + 1 < settings.max_job_attempts]
-        requeued += requeue(rt, [Retry(ln.next_attempt(), job, why) for ln in retry])
-        last = [(i, ln) for i, ln in enumerate(lines) if ln not in retry]
-        rows = [results.failure_row(ln, "transform", reason, why, job, when) for _, ln in last]
-        owns = claims.place_all(rt.s3, settings.bucket, [
-            claims.Outcome(ln, claims.owner_of(job, in_key, i), results.image_document(row, results.FAILED))
-            for (i, ln), row in zip(last, rows, strict=True)])
-        failures = [row for row, own in zip(rows, owns, strict=True) if own]
+        requeued += requeue(rt, [Retry(ln.next_attempt(), job, why) for ln in lines if another_attempt(ln)])
+        last = [(i, ln, results.failure_row(ln, "transform", reason, why, job, when), results.FAILED)
+                for i, ln in enumerate(lines) if not another_attempt(ln)]
+        failures = [row for _, _, row, _ in claims.owning(rt.s3, settings.bucket, job, in_key, last)]
         write_failures(rt.s3, settings.bucket, dt_of(when), f"{layout.job_file_name(job, in_key)}-job", failures)
         failed += len(failures)
     logger.error("transform job did not complete", extra={"job_name": job, "status": status, "reason": why,

@@ -209,20 +209,17 @@ def give_up(rt: Runtime, job: Job, description: dict[str, Any] | None, files: li
             else job.modified)
     done = placed(rt, job.name, when) if description else set()
     now = results.utcnow()
-    outcomes, rows = [], []
+    images, rows = 0, []
     for in_key, lines in files:
-        for i, ln in enumerate(lines):
-            row = results.failure_row(ln, STAGE, UNRECONCILED, why, job.name, now)
-            outcomes.append(claims.Outcome(ln, claims.owner_of(job.name, in_key, i),
-                                           results.image_document(row, results.FAILED)))
-            rows.append(row)
-    owns = claims.place_all(rt.s3, rt.settings.bucket, outcomes)
-    rows = [r for r, own in zip(rows, owns, strict=True)
-            if own and (r["bucket"], r["image_key"], r["etag"]) not in done]
+        entries = [(i, ln, results.failure_row(ln, STAGE, UNRECONCILED, why, job.name, now), results.FAILED)
+                   for i, ln in enumerate(lines)]
+        images += len(entries)
+        rows += [row for _, line, row, _ in claims.owning(rt.s3, rt.settings.bucket, job.name, in_key, entries)
+                 if line.upload not in done]
     write_failures(rt.s3, rt.settings.bucket, dt_of(when), f"{job.name}-{UNRECONCILED}", rows)
     collect.mark(rt, job.name, collect.UNRECONCILED, images=len(rows), reason=why[:500])
     logger.error("transform job could not be reconciled: its images get failure rows", extra={
-        "job_name": job.name, "images": len(rows), "already_placed": len(outcomes) - len(rows), "reason": why})
+        "job_name": job.name, "images": len(rows), "already_placed": images - len(rows), "reason": why})
     return len(rows)
 
 

@@ -51,9 +51,10 @@ def read_json(s3, bucket: str, key: str) -> dict[str, Any] | None:
         raise
 
 
-def put_json(s3, bucket: str, key: str, doc: dict[str, Any]) -> None:
+def put_json(s3, bucket: str, key: str, doc: dict[str, Any], **condition: str) -> None:
+    """One JSON object; ``condition``: ``IfNoneMatch`` / ``IfMatch`` of a conditional write."""
     s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(doc, default=str).encode(),
-                  ContentType="application/json")
+                  ContentType="application/json", **condition)
 
 
 def write_failures(s3, bucket: str, dt: str, name: str, rows: list[dict[str, Any]]) -> str | None:
