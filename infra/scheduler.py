@@ -28,12 +28,11 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION
-from infra.stack import LocalStack, client_lock
+from infra.stack import LocalStack
 
 log = logging.getLogger("dermscore.scheduler")
 
@@ -76,61 +75,33 @@ def scheduled_event() -> dict[str, Any]:
             "region": LOCAL_REGION, "resources": [], "detail": {}}
 
 
-class Scheduler:
-    def __init__(self, stack: LocalStack, sagemaker: Any, after_s: float | None = None,
-                 interval_s: float | None = None) -> None:
-        """``sagemaker``: the client the reconciler describes jobs with (``TransformRunner.sagemaker_view``)."""
-        from handlers.runtime import Runtime
+class Scheduled:
+    """A function on a local timer, as an EventBridge schedule invokes it: ``run_once`` is one
+    scheduled invocation, ``tick`` one if the interval has passed since the last, ``run`` the timer
+    thread. The function's settings (``env`` over template.yaml's) and clients go into the stack's
+    runtime for it, so an invocation from elsewhere (``LocalLambda``) gets the same."""
 
-        self.stack = stack
-        env = stack.function_env("reconcile")
-        if after_s is not None:
-            env["RECONCILE_AFTER_MINUTES"] = str(after_s / 60)
-        self.after_s = float(env["RECONCILE_AFTER_MINUTES"]) * 60
-        self.interval_s = stack.spec.reconcile_interval_s if interval_s is None else interval_s
-        self.lambda_ = LocalLambda(stack)
-        with client_lock():
-            rt = Runtime.from_env(env)
-        self.runtime = replace(rt, sagemaker=sagemaker, lambda_=self.lambda_)
-        self.reports: list[dict[str, int]] = []
+    function: str
+    MIN_TICK_S = 0.5   # the timer thread's shortest wait (an interval of 0 means "at every tick")
 
-    def run_once(self) -> dict[str, int] | None:
-        """One scheduled invocation; its report, or None if it raised (logged)."""
-        try:
-            report = self.stack.invoke("reconcile", scheduled_event(), rt=self.runtime)
-        except Exception:
-            log.exception("reconciler run failed")
-            return None
-        self.reports.append(report)
-        return report
-
-    def run(self, stop: threading.Event) -> None:
-        while not stop.wait(self.interval_s):
-            self.run_once()
-
-
-class Dispatcher:
-    def __init__(self, stack: LocalStack, sagemaker: Any, interval_s: float | None = None,
-                 max_latency_s: float | None = None) -> None:
-        """``interval_s``: the schedule (template.yaml's rate unless given); ``max_latency_s``:
-        replaces ``MaxLatencySeconds`` (the demo and tests do not wait hours for a job)."""
-        self.stack = stack
-        if max_latency_s is not None:
-            stack.spec = replace(stack.spec, dispatch_env={**stack.spec.dispatch_env,
-                                                           "MAX_LATENCY_S": str(int(max_latency_s))})
-        self.interval_s = stack.spec.dispatch_interval_s if interval_s is None else interval_s
-        stack.inject("dispatch", sagemaker=sagemaker)
-        stack.inject("enqueue", lambda_=LocalLambda(stack))   # enqueue wakes the dispatcher
+    def __init__(self, stack: LocalStack, interval_s: float, env: dict[str, str] | None = None,
+                 **clients: Any) -> None:
+        self.stack, self.interval_s = stack, interval_s
+        stack.inject(self.function, env=env, **clients)
         self.reports: list[dict[str, int]] = []
         self._last = float("-inf")
+
+    @property
+    def runtime(self) -> Any:
+        return self.stack.runtime(self.function)
 
     def run_once(self) -> dict[str, int] | None:
         """One scheduled invocation; its report, or None if it raised (logged)."""
         self._last = time.monotonic()
         try:
-            report = self.stack.invoke("dispatch", scheduled_event())
+            report = self.stack.invoke(self.function, scheduled_event())
         except Exception:
-            log.exception("dispatcher run failed")
+            log.exception("%s run failed", self.function)
             return None
         self.reports.append(report)
         return report
@@ -140,5 +111,36 @@ class Dispatcher:
         return self.run_once() if time.monotonic() - self._last >= self.interval_s else None
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.wait(max(0.5, self.interval_s)):
+        while not stop.wait(max(self.MIN_TICK_S, self.interval_s)):
             self.run_once()
+
+
+class Scheduler(Scheduled):
+    """The reconciler: its SageMaker client is the transform runner's view
+    (``TransformRunner.sagemaker_view``), its Lambda client :class:`LocalLambda`; ``after_s``
+    shortens its bound (``RECONCILE_AFTER_MINUTES``) for tests."""
+
+    function = "reconcile"
+
+    def __init__(self, stack: LocalStack, sagemaker: Any, after_s: float | None = None,
+                 interval_s: float | None = None) -> None:
+        self.lambda_ = LocalLambda(stack)
+        super().__init__(stack, stack.spec.reconcile_interval_s if interval_s is None else interval_s,
+                         {"RECONCILE_AFTER_MINUTES": str(after_s / 60)} if after_s is not None else None,
+                         sagemaker=sagemaker, lambda_=self.lambda_)
+        self.after_s = self.runtime.settings.reconcile_after_minutes * 60
+
+
+class Dispatcher(Scheduled):
+    """The dispatcher: its SageMaker client is the runner's view (it counts running jobs);
+    ``interval_s`` replaces its schedule, ``max_latency_s`` its ``MaxLatencySeconds`` (the demo
+    and tests do not wait hours for a job). Enqueue wakes it through :class:`LocalLambda`."""
+
+    function = "dispatch"
+
+    def __init__(self, stack: LocalStack, sagemaker: Any, interval_s: float | None = None,
+                 max_latency_s: float | None = None) -> None:
+        super().__init__(stack, stack.spec.dispatch_interval_s if interval_s is None else interval_s,
+                         {"MAX_LATENCY_S": str(int(max_latency_s))} if max_latency_s is not None else None,
+                         sagemaker=sagemaker)
+        stack.inject("enqueue", lambda_=LocalLambda(stack))

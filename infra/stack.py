@@ -336,9 +336,15 @@ class LocalStack:
                 self._runtimes[function] = Runtime.from_env(self.function_env(function))
             return self._runtimes[function]
 
-    def inject(self, function: str, **clients: Any) -> None:
-        """Give a function other clients (tests: a SageMaker client that refuses, ...)."""
-        current = self.runtime(function)
+    def inject(self, function: str, env: dict[str, str] | None = None, **clients: Any) -> None:
+        """Give a function other clients (tests: a SageMaker client that refuses, ...) and, with
+        ``env``, other settings (variables over its template.yaml ones, e.g. a shorter bound)."""
+        from handlers.runtime import Runtime
+
+        with _CLIENT_LOCK:
+            current = (Runtime.from_env({**self.function_env(function), **env}) if env
+                       else self._runtimes.get(function))
+        current = current or self.runtime(function)
         with _CLIENT_LOCK:
             self._runtimes[function] = replace(current, **clients)
 
