@@ -32,12 +32,12 @@ PART_LINES = 3000
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _stack(endpoint: str, overrides: dict[str, Any]):
+def _stack(endpoint: str):
     from infra.runner import LocalSageMaker
     from infra.stack import LocalStack
 
     stack = LocalStack.create(bucket="memory-images", stack_name="memory", endpoint=endpoint,
-                              overrides={"MinImagesPerJob": 1, "MaxImagesPerJob": 10**8, **overrides})
+                              overrides={"MinImagesPerJob": 1, "MaxImagesPerJob": 10**8})
     stack.inject("dispatch", sagemaker=LocalSageMaker(stack.client("sagemaker"), {}))
     return stack
 
@@ -96,7 +96,7 @@ def measure(what: str, images: int, shard_lines: int) -> dict[str, Any]:
     collect.REPORT_MAX_ROWS = shard_lines
     moto = start_moto("process")
     try:
-        stack = _stack(moto.endpoint, {})
+        stack = _stack(moto.endpoint)
         _pend(stack, images)
         job = None
         if what == "collect":
