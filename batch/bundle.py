@@ -42,6 +42,9 @@ class ModelMeta:
     # to the nearest class mean, with its parameters in OOD_FILE, whose sha256 is ood_sha256.
     ood_method: str = "energy"
     ood_sha256: str = ""
+    # Shades of Gray colour constancy inside the network (batch.model.Normalize): its Minkowski p;
+    # 0 (and older metadata, which has no field) = off.
+    color_constancy: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ood_method not in OOD_METHODS:

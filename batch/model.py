@@ -21,15 +21,40 @@ HEAD_LAYERS = {"efficientnet_lite0": "1._fc", "densenet121": "1.class_layers.out
 
 
 class Normalize(nn.Module):
-    """Maps uint8-range RGB to [-1, 1] inside the network.
+    """Maps uint8-range RGB to [-1, 1] inside the network, after optional colour constancy.
 
     Keeping normalisation in the model means every caller feeds the same raw
     pixels (see ``dermscore.imaging.decode``) and GPUs receive uint8 batches.
     EfficientNet-Lite's TF checkpoints were trained on (x - 127.5) / 127.5.
+
+    ``minkowski_p`` > 0 first applies Shades of Gray colour constancy (:func:`shades_of_gray`):
+    inside the network, so training, evaluation and every serving path apply it identically, and
+    the module holds no weights (a model's state dict is the same with or without it).
     """
 
+    def __init__(self, minkowski_p: float = 0.0) -> None:
+        super().__init__()
+        self.minkowski_p = float(minkowski_p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.div(127.5).sub(1.0)
+        x = x.float()
+        if self.minkowski_p > 0:
+            x = shades_of_gray(x, self.minkowski_p)
+        return x.div(127.5).sub(1.0)
+
+
+def shades_of_gray(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Shades of Gray colour constancy (Finlayson & Trezzi, 2004) on (N, 3, H, W) 0..255 pixels.
+
+    The illuminant of each image is the Minkowski p-norm mean of each channel; each channel is
+    scaled so that this illuminant becomes neutral grey of the same length. p = 1 is Gray World,
+    p = inf is max-RGB; p = 6 is what several ISIC 2018 entries used to remove the dermatoscope's
+    and camera's colour cast, which differ between HAM10000 and other collections.
+    """
+    illuminant = x.clamp(0, 255).div(255.0).pow(p).mean(dim=(2, 3)).pow(1.0 / p)  # (N, 3)
+    illuminant = illuminant / illuminant.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    gain = 1.0 / (illuminant * 3 ** 0.5).clamp_min(1e-3)
+    return (x * gain[:, :, None, None]).clamp(0, 255)
 
 
 def _efficientnet_lite0(num_classes: int, pretrained: bool) -> nn.Module:
@@ -64,11 +89,13 @@ def pick_device(name: str | torch.device | None = None) -> torch.device:
     return torch.device(name)
 
 
-def build_network(arch: str, num_classes: int = len(CLASSES), pretrained: bool = False) -> nn.Module:
+def build_network(arch: str, num_classes: int = len(CLASSES), pretrained: bool = False,
+                  color_constancy: float = 0.0) -> nn.Module:
+    """The network ``arch`` behind :class:`Normalize` (``color_constancy``: its Minkowski p, 0 = off)."""
     builders = {"efficientnet_lite0": _efficientnet_lite0, "densenet121": _densenet121}
     if arch not in builders:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
-    return nn.Sequential(Normalize(), builders[arch](num_classes, pretrained))
+    return nn.Sequential(Normalize(color_constancy), builders[arch](num_classes, pretrained))
 
 
 def forward_with_features(model: nn.Module, x: torch.Tensor, arch: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +129,7 @@ def load(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module
     """Load a model directory for inference (eval mode, fp32 weights, channels_last)."""
     model_dir = Path(model_dir)
     meta = ModelMeta.read(model_dir / METADATA_FILE)
-    model = build_network(meta.arch, len(meta.classes), pretrained=False)
+    model = build_network(meta.arch, len(meta.classes), pretrained=False, color_constancy=meta.color_constancy)
     state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model.eval().to(device, memory_format=torch.channels_last)

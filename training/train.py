@@ -30,14 +30,17 @@ from monai.transforms import (
     RandAdjustContrast,
     RandAffine,
     RandFlip,
+    RandGaussianSmooth,
     Randomizable,
+    RandomizableTransform,
     RandScaleIntensity,
     RandShiftIntensity,
 )
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
-from batch.model import ARCHITECTURES, ModelMeta, build_network, pick_device, save
+from batch.model import ARCHITECTURES, HEAD_LAYERS, ModelMeta, build_network, pick_device, save
 from dermscore import __version__
 from dermscore.labels import MELANOMA_INDEX
 from training import data as ham
@@ -45,21 +48,48 @@ from training import ood
 from training.metrics import classification_report, fit_temperature, melanoma_threshold, softmax
 
 log = logging.getLogger("dermscore.train")
-DEFAULT_INPUT_SIZE = (144, 192)  # (H, W): 4:3 like HAM10000, divisible by 16
+DEFAULT_INPUT_SIZE = (150, 200)  # (H, W): the 200x150 training copies' own size (no resample)
+
+
+class RandSaturation(RandomizableTransform):
+    """Scales colour saturation by a random factor: x' = grey + s (x - grey) on CHW 0..255 pixels.
+
+    Dermatoscopes and cameras differ in colour rendering as much as in white balance; white balance
+    is removed by colour constancy in the network, saturation is not.
+    """
+
+    def __init__(self, prob: float, factors: tuple[float, float]) -> None:
+        super().__init__(prob)
+        self.factors = factors
+        self.factor = 1.0
+
+    def randomize(self, data: object = None) -> None:
+        super().randomize(None)
+        self.factor = float(self.R.uniform(*self.factors))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.randomize()
+        if not self._do_transform:
+            return x
+        grey = x.mean(dim=0, keepdim=True)
+        return grey + self.factor * (x - grey)
 
 
 def augmentations() -> Compose:
-    """Dermoscopy is orientation-free, so flips and any rotation are safe;
-    RandAffine's zoom + shift acts as a random resized crop; brightness,
-    contrast and per-channel scaling mimic different dermatoscopes."""
+    """Dermoscopy is orientation-free: flips are exact (no resampling; a quarter turn would change
+    the 4:3 frame), and RandAffine adds any rotation with zoom + shift (a random resized crop) on half the samples,
+    since bilinear resampling softens every image it touches. Brightness, contrast, per-channel
+    scaling, saturation and a slight blur mimic different dermatoscopes and cameras."""
     return Compose([
         RandFlip(prob=0.5, spatial_axis=0),
         RandFlip(prob=0.5, spatial_axis=1),
-        RandAffine(prob=0.8, rotate_range=math.pi, scale_range=(0.2, 0.2),
+        RandAffine(prob=0.5, rotate_range=math.pi, scale_range=(0.2, 0.2),
                    translate_range=(12, 16), padding_mode="reflection"),
         RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25)),
         RandScaleIntensity(prob=0.5, factors=0.12, channel_wise=True),
         RandShiftIntensity(prob=0.3, offsets=12.0),
+        RandSaturation(prob=0.5, factors=(0.7, 1.3)),
+        RandGaussianSmooth(prob=0.15, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0)),
         Lambda(lambda x: x.clamp_(0, 255)),
     ])
 
@@ -134,6 +164,25 @@ def predict_logits(model: torch.nn.Module, pixels: np.ndarray, device: torch.dev
     return torch.cat(out).numpy()
 
 
+# The arguments that define a training run beyond its data and size (recorded in metadata.json).
+RECIPE = ("lr", "backbone_lr_scale", "weight_decay", "label_smoothing", "ema_decay", "color_constancy",
+          "batch_size")
+
+
+def param_groups(model: torch.nn.Module, arch: str, lr: float, backbone_scale: float) -> list[dict]:
+    """Two AdamW groups: the new head at ``lr``, the pretrained backbone at ``lr * backbone_scale``
+    (a pretrained backbone needs smaller steps than a randomly initialised head)."""
+    head = model.get_submodule(HEAD_LAYERS[arch])
+    head_ids = {id(p) for p in head.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    return [{"params": list(head.parameters()), "lr": lr}, {"params": backbone, "lr": lr * backbone_scale}]
+
+
+def evaluated(model: torch.nn.Module, ema: AveragedModel | None) -> torch.nn.Module:
+    """The network to evaluate and save: the weight average when there is one."""
+    return model if ema is None else ema.module
+
+
 def train(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     gen = seed_everything(args.seed)
@@ -171,8 +220,14 @@ def train(args: argparse.Namespace) -> dict:
                         pin_memory=device.type == "cuda", drop_last=len(items) > args.batch_size,
                         persistent_workers=args.workers > 0)
 
-    model = build_network(args.arch, pretrained=args.pretrained).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model = build_network(args.arch, pretrained=args.pretrained, color_constancy=args.color_constancy)
+    model = model.to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(param_groups(model, args.arch, args.lr, args.backbone_lr_scale),
+                            weight_decay=args.weight_decay)
+    # The exponential moving average of the weights is what is evaluated and saved (when on):
+    # an average over the last ~1/(1-decay) steps generalises better than the last step's weights.
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+           if args.ema_decay else None)
     steps_per_epoch = min(len(loader), args.max_batches or len(loader))
     total = args.epochs * steps_per_epoch
     warmup = min(steps_per_epoch, total // 10 + 1)
@@ -184,7 +239,7 @@ def train(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp[2])
     log.info("device %s, autocast %s, loss scaling %s, channels_last", device, amp[1] if amp[0] else "off",
              "on" if amp[2] else "off")
-    loss_fn = torch.nn.CrossEntropyLoss(weight=loss_weights)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=args.label_smoothing)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +250,8 @@ def train(args: argparse.Namespace) -> dict:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         gen.set_state(ckpt["sampler_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -210,10 +267,12 @@ def train(args: argparse.Namespace) -> dict:
                 break
             loss = train_step(model, opt, scaler, loss_fn, x, y, device, amp)
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             seen += len(y)
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
             bar.set_postfix(loss=f"{running:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
-        probs = softmax(predict_logits(model, val_px, device))
+        probs = softmax(predict_logits(evaluated(model, ema), val_px, device))
         rep = classification_report(probs, val_y)
         history.append({
             "epoch": epoch + 1, "train_loss": running, "train_images_per_s": seen / (time.time() - t_epoch),
@@ -222,10 +281,12 @@ def train(args: argparse.Namespace) -> dict:
         })
         log.info("epoch %d %s", epoch + 1, json.dumps(history[-1]))
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "history": history, "sampler_rng": gen.get_state(),
+                    "ema": ema.state_dict() if ema is not None else None, "epoch": epoch + 1,
+                    "history": history, "sampler_rng": gen.get_state(),
                     "torch_rng": torch.get_rng_state()}, ckpt_path)
 
     # Calibrate on the validation split (never trained on), then report on it.
+    model = evaluated(model, ema)
     logits = predict_logits(model, val_px, device)
     temperature = fit_temperature(logits, val_y)
     probs = softmax(logits, temperature)
@@ -234,8 +295,9 @@ def train(args: argparse.Namespace) -> dict:
     ood_threshold = ood.threshold(val_energy)
     meta = ModelMeta(
         name=args.name, version=args.version or time.strftime("%Y%m%d"), arch=args.arch, input_size=size,
-        temperature=temperature, melanoma_threshold=threshold,
+        temperature=temperature, melanoma_threshold=threshold, color_constancy=args.color_constancy,
         extra={"seed": args.seed, "epochs": args.epochs, "val_fraction": args.val_fraction,
+               "recipe": {k: getattr(args, k) for k in RECIPE},
                "train_images": len(train_y), "val_images": len(val_y), "code_version": __version__,
                "ood": ood.summary(val_energy, ood_threshold, ood.IN_DISTRIBUTION_KEPT)},
         ood_threshold=ood_threshold,
@@ -253,7 +315,9 @@ def train(args: argparse.Namespace) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=Path(os.environ.get("SM_CHANNEL_TRAINING", "../shared/data/ham10000")))
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("SM_MODEL_DIR", "models/default")))
+    sm_model_dir = os.environ.get("SM_MODEL_DIR")   # a SageMaker training job's output folder
+    p.add_argument("--out", type=Path, default=Path(sm_model_dir) if sm_model_dir else None, required=not sm_model_dir,
+                   help="the new model folder (required: the shipped models/default is never the default)")
     p.add_argument("--arch", choices=ARCHITECTURES, default="efficientnet_lite0")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="start from ImageNet weights (default: yes where the architecture has them)")
@@ -262,7 +326,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.02, help="AdamW's decoupled weight decay")
+    p.add_argument("--backbone-lr-scale", type=float, default=0.5,
+                   help="the pretrained backbone's learning rate as a fraction of --lr (the head's)")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="exponential moving average of the weights per step (0: off)")
+    p.add_argument("--color-constancy", type=float, default=6.0, metavar="P",
+                   help="Shades of Gray colour constancy in the network, Minkowski p (0: off)")
     p.add_argument("--input-size", type=int, nargs=2, default=DEFAULT_INPUT_SIZE, metavar=("H", "W"))
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=20261123)
