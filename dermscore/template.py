@@ -153,6 +153,9 @@ class Resolver:
                 return all(self.resolve(x) for x in arg)
             if key == "Fn::Or":
                 return any(self.resolve(x) for x in arg)
+            if key == "Fn::Contains":   # (template Rules)
+                items, value = self.resolve(arg)
+                return str(value) in [str(v) for v in items]
             if key == "Fn::FindInMap":
                 name, top, second = (str(v) for v in self.resolve(arg))
                 return self.resolve(self.template["Mappings"][name][top][second])

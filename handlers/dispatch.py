@@ -1,4 +1,4 @@
-"""Lambda ``dispatch`` (every minute, one at a time): pending manifest parts -> transform jobs.
+"""Lambda ``dispatch`` (every minute): pending manifest parts -> transform jobs.
 
 Dispatch, the second of two steps (enqueue, the first, leaves one part per SQS batch under
 ``pending/``). A job is sized by volume, not by a Lambda batch, so its start-up is paid once for
@@ -18,8 +18,9 @@ intent is written before anything else: a run that dies anywhere, or a second ru
 parts, finds the intent (or the job) and finishes that job instead of creating another, and a
 part leaves ``pending/`` only once a job that holds it exists. A part that still ends in two jobs
 (a redelivered batch re-written after its first copy was dispatched) is scored twice and
-collected once (``handlers.claims``). The template gives the function a reserved concurrency of 1
-and a schedule; enqueue also wakes it when the pending volume makes a job.
+collected once (``handlers.claims``). So two runs at once are safe, and the template reserves no
+concurrency by default (``DispatchReservedConcurrency``: new accounts refuse reservations). It
+runs on a schedule; enqueue also wakes it when the pending volume makes a job.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ from dermscore import layout, results
 from dermscore.aws import is_missing
 
 MANIFEST_CONTENT_TYPE = "application/jsonlines"
+# The Parquet codecs the AWS SDK for pandas layer's pyarrow is built with (snappy and zlib; its
+# build script turns zstd, lz4, brotli and bz2 off): the handlers write only these. Snappy is
+# also what Athena and DuckDB read fastest.
+LAYER_PARQUET_CODECS = ("snappy", "gzip", "none")
+PARQUET_CODEC = "snappy"
 
 
 def read_lines(s3, bucket: str, key: str) -> list[str]:
@@ -26,7 +31,7 @@ def read_lines(s3, bucket: str, key: str) -> list[str]:
 def put_parquet(s3, bucket: str, key: str, table: pa.Table) -> None:
     """Write ``table`` as one Parquet object (in-memory buffer + PUT: atomic, overwrites)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression=PARQUET_CODEC)
     s3.put_object(Bucket=bucket, Key=key, Body=buf.getvalue(), ContentType="application/vnd.apache.parquet")
 
 

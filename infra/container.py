@@ -9,7 +9,8 @@ puts that folder on ``sys.path``; the toolkit itself only adds ``code/``), resol
 image's Python and torch:
 
 ==========================  ==========================================================
-image                       ``pytorch-inference:2.6.0-gpu-py312-cu124-ubuntu22.04-sagemaker``
+image                       ``pytorch-inference:2.6.0-gpu-py312-cu124-ubuntu22.04-sagemaker-v1.84-2026-06-15-19-03-30``
+                            (a dated tag: it never moves, unlike ``...-sagemaker`` or ``-v1``)
 Python                      3.12.8
 torch / torchvision         2.6.0 / 0.21.0 (CUDA 12.4 builds)
 model server                TorchServe 0.12.0, sagemaker-pytorch-inference 2.0.25
@@ -86,7 +87,7 @@ class Container:
 
 
 CONTAINER = Container(
-    image_tag="2.6.0-gpu-py312-cu124-ubuntu22.04-sagemaker",
+    image_tag="2.6.0-gpu-py312-cu124-ubuntu22.04-sagemaker-v1.84-2026-06-15-19-03-30",
     python="3.12.8",
     torch="2.6.0",
     torchvision="0.21.0",

@@ -125,8 +125,9 @@ def test_a_run_killed_before_the_create_is_finished_by_the_next(make_stack, monk
 
 
 def test_two_runs_over_the_same_parts_make_one_job(make_stack) -> None:
-    """Reserved concurrency keeps runs apart on AWS; if two still meet the same parts (or a run is
-    repeated), the deterministic name makes the second CreateTransformJob a no-op."""
+    """Nothing keeps runs apart on AWS by default (DispatchReservedConcurrency is off: new accounts
+    refuse reservations); when two meet the same parts (or a run is repeated), the deterministic
+    name makes the second CreateTransformJob a no-op."""
     stack = make_stack(overrides={"MinImagesPerJob": 1})
     parts = pending(stack, [1, 2], [3])
     rt = dispatcher(stack)

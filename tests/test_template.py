@@ -34,7 +34,7 @@ DUMMY_AWS_ENV = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testin
 # Actions that have no resource-level permissions: the only ones allowed on "*", each with the
 # condition key that scopes it, or None for an action that has no condition key (a read-only listing).
 NO_RESOURCE_LEVEL_ACTIONS = {"cloudwatch:PutMetricData": "cloudwatch:namespace",
-                             "sagemaker:ListTransformJobs": None}
+                             "sagemaker:ListTransformJobs": None, "ecr:GetAuthorizationToken": None}
 # A wildcard in a resource ARN is fine below these: this bucket's prefixes, this stack's
 # job names, SageMaker's fixed log group for transform jobs.
 SCOPED_ANCHORS = ("${ImagesBucket.Arn}/", "${AWS::StackName}-", "log-group:/aws/sagemaker/TransformJobs")
@@ -310,13 +310,12 @@ def test_reconciler_runs_on_a_schedule_and_resubmits_as_the_dispatcher_would(tem
     assert markers["ExpirationInDays"] == manifests["ExpirationInDays"] == {"Ref": "ManifestRetentionDays"}
 
 
-def test_dispatcher_runs_every_minute_one_at_a_time(template, translated):
-    """Dispatch is its own step: scheduled, one run at a time (its intents are never raced), and a
-    failed run is retried by the next tick."""
+def test_dispatcher_runs_every_minute(template, translated):
+    """Dispatch is its own step: scheduled, and a failed run is retried by the next tick (one run at
+    a time only when DispatchReservedConcurrency asks: tests/test_first_deploy.py)."""
     fn = template["Resources"]["DispatchFunction"]["Properties"]
     assert fn["Handler"] == "handlers.dispatch.lambda_handler"
     assert fn["Role"] == {"Fn::GetAtt": ["DispatchRole", "Arn"]}
-    assert fn["ReservedConcurrentExecutions"] == 1
     assert fn["Timeout"] == 900
     assert fn["EventInvokeConfig"]["MaximumRetryAttempts"] == 0
     (event,) = fn["Events"].values()
@@ -328,14 +327,13 @@ def test_dispatcher_runs_every_minute_one_at_a_time(template, translated):
     assert params["MaxLatencySeconds"]["MinValue"] >= spec.dispatch_interval_s
     assert params["MinImagesPerJob"]["Default"] <= params["MaxImagesPerJob"]["Default"]
     assert "MaxJobWaitSeconds" not in params
-    # translated: the schedule rule targets the function and may invoke it; the reservation is kept
+    # translated: the schedule rule targets the function and may invoke it
     rules = [r for r in resources_of(translated, "AWS::Events::Rule").values()
              if {"Fn::GetAtt": ["DispatchFunction", "Arn"]} in [t["Arn"] for t in r["Properties"].get("Targets", [])]]
     assert [r["Properties"]["ScheduleExpression"] for r in rules] == ["rate(1 minute)"]
     perms = resources_of(translated, "AWS::Lambda::Permission").values()
     assert any(p["Properties"]["Principal"] == "events.amazonaws.com"
                and p["Properties"]["FunctionName"] == {"Ref": "DispatchFunction"} for p in perms)
-    assert translated["Resources"]["DispatchFunction"]["Properties"]["ReservedConcurrentExecutions"] == 1
     # it invokes no function: its role has no lambda right, and its runtime no Lambda client
     from handlers.runtime import Runtime
     dispatch_role = template["Resources"]["DispatchRole"]["Properties"]["Policies"][0]["PolicyDocument"]
@@ -483,12 +481,16 @@ def _s3_prefixes(role: dict[str, Any], actions: set[str]) -> set[str]:
 
 
 def _listed_prefixes(role: dict[str, Any]) -> set[str]:
-    """The s3:prefix values a role may list the bucket with (every ListBucket names some)."""
+    """The s3:prefix values a role may list the bucket with; {"*"} for the whole bucket (what a
+    role needs to see a missing key as 404: tests/test_first_deploy.py)."""
     out = set()
     for policy in role["Properties"]["Policies"]:
         for s in statements(policy["PolicyDocument"]):
             if "s3:ListBucket" in as_list(s["Action"]):
                 assert s["Resource"] == {"Fn::GetAtt": ["ImagesBucket", "Arn"]}
+                if "Condition" not in s:
+                    out.add("*")
+                    continue
                 prefixes = s["Condition"]["StringLike"]["s3:prefix"]
                 assert prefixes and all(p.endswith("/*") for p in prefixes), s
                 out |= {p[:-1] for p in prefixes}
@@ -517,7 +519,7 @@ def test_s3_access_is_scoped_to_prefixes(template):
     assert _s3_prefixes(dis, {"s3:GetObject"}) == {layout.PENDING, layout.DISPATCH}
     assert _s3_prefixes(dis, {"s3:PutObject"}) == {layout.DISPATCH, layout.MANIFESTS}
     assert _s3_prefixes(dis, {"s3:DeleteObject"}) == {layout.PENDING, layout.DISPATCH}
-    assert _listed_prefixes(dis) == {layout.PENDING, layout.DISPATCH}
+    assert _listed_prefixes(dis) == {"*"}
     assert layout.dispatch_key("j").startswith(layout.DISPATCH)
     # collect: results (the image's document is written conditionally: its claim) and the job's marker
     col = res["CollectRole"]
@@ -531,7 +533,7 @@ def test_s3_access_is_scoped_to_prefixes(template):
     assert _s3_prefixes(rec, {"s3:PutObject"}) == {layout.COLLECTED, f"{layout.IMAGES}*.json", layout.FAILURES}
     assert _s3_prefixes(rec, {"s3:GetObject"}) == {layout.MANIFESTS, f"{layout.IMAGES}*.json", layout.PREDICTIONS,
                                                    layout.FAILURES}
-    assert _listed_prefixes(rec) == {layout.MANIFESTS, layout.COLLECTED, layout.PREDICTIONS, layout.FAILURES}
+    assert _listed_prefixes(rec) == {"*"}
     assert layout.image_result_key("incoming/a/b.jpg") == f"{layout.IMAGES}a/b.jpg.json"
     # only the dispatcher deletes anything; the claims/ prefix is gone from every role
     for name in ("EnqueueRole", "CollectRole", "ReconcileRole", "TransformRole"):
