@@ -7,7 +7,7 @@ instance price and the job start-up time what the GPU, Lambda and S3 cost per mi
 
 Two policies (``--policy``; both by default):
 
-``dispatcher``, **as built** (issue 13): arrival and dispatch are two steps. Enqueue writes one
+``dispatcher``, **as built**, for a steady stream: arrival and dispatch are two steps. Enqueue writes one
 pending manifest part per SQS batch; the dispatcher (``handlers/dispatch.py``, every 60 s, one
 run at a time) creates a job once ``MinImagesPerJob`` images are pending **or** the oldest part
 is ``MaxLatencySeconds`` old, whichever comes first (``dermscore.batching.plan_jobs``), at most
@@ -22,7 +22,14 @@ the next jobs are larger (up to ``MaxImagesPerJob``). The defaults of these rows
 template.yaml's parameter defaults, read the way the deployed dispatcher reads them
 (:func:`template_defaults`), so the model and the stack cannot drift; flags override them.
 
-``batch``, **the old policy** (before issue 13, kept for comparison): one job per SQS batch
+``drop``, the same dispatcher for a **drop** of N images (one a day: ``--drop N``), as a research
+group uploads a folder: the quiet rule sends the drop as one job once no image has arrived for
+``QuietSeconds``::
+
+    images/job   = min(MaxImagesPerJob, N)
+    wait         = EnqueueBatchingWindowSeconds + QuietSeconds + 60 s   (last image -> job created)
+
+``batch``, **the old policy** (one job per SQS batch, kept for comparison): one job per SQS batch
 (an enqueue invocation), so a job never holds more than ~3,000 images (Lambda's 6 MB batch)::
 
     images/job   = min(batch cap, max(rate x window, min(MinImagesPerJob, rate x MaxJobWait)))
@@ -101,7 +108,7 @@ DEFAULT_CALLS_PER_IMAGE: dict[str, float] = {
     "PutObject": 1.12, "GetObject": 1.07, "ListObjectsV2": 0.08, "HeadObject": 0.013,   # S3
     "ReceiveMessage": 0.17, "DeleteMessageBatch": 0.11,                                 # SQS
 }
-DEFAULT_CALLS_SOURCE = ("dermscore bench --phases e2e --images 400 --heatmaps off, in-process, issue 13 dispatcher "
+DEFAULT_CALLS_SOURCE = ("dermscore bench --phases e2e --images 400 --heatmaps off, in-process, with the dispatcher "
                         "(docs/benchmark.md)")
 
 
@@ -131,7 +138,8 @@ LAMBDA: dict[str, LambdaCost] = {
     # (LIST pending/, ListTransformJobs, the intent) + ~2 us per image (streaming parts into shards).
     "dispatch": LambdaCost(1024, 0.5, 0.000_002),
 }
-POLICIES = ("dispatcher", "batch")
+POLICIES = ("dispatcher", "drop", "batch")
+DEFAULT_DROPS = (2_000,)
 
 
 # --------------------------------------------------------------------------- the template's defaults
@@ -148,6 +156,7 @@ class TemplateDefaults:
     max_images_per_shard: int   # Settings.max_images_per_shard (lines per manifest file)
     min_images_per_job: int     # MinImagesPerJob
     max_latency_s: int          # MaxLatencySeconds
+    quiet_s: int                # QuietSeconds
     max_images_per_job: int     # MaxImagesPerJob
     max_concurrent_jobs: int    # MaxConcurrentJobs
     batch_size: int             # EnqueueBatchSize: SQS messages per enqueue invocation
@@ -166,7 +175,7 @@ def template_defaults(path: str | Path | None = None) -> TemplateDefaults:
     return TemplateDefaults(
         instance_type=s.instance_type, instance_count=s.instance_count,
         min_images_per_shard=s.min_images_per_shard, max_images_per_shard=s.max_images_per_shard,
-        min_images_per_job=s.min_images_per_job, max_latency_s=s.max_latency_s,
+        min_images_per_job=s.min_images_per_job, max_latency_s=s.max_latency_s, quiet_s=s.quiet_s,
         max_images_per_job=s.max_images_per_job, max_concurrent_jobs=s.max_concurrent_jobs,
         batch_size=spec.batch_size, batching_window_s=spec.batching_window_s,
         dispatch_every_s=spec.dispatch_interval_s, collect_timeout_s=spec.collect_timeout_s)
@@ -247,16 +256,18 @@ def plan(images_per_day: int, *, usd_per_hour: float, images_per_second: float, 
          min_images_per_job: int | None = None, max_latency_s: float | None = None,
          max_images_per_job: int | None = None, max_concurrent_jobs: int | None = None,
          window_s: float | None = None, batch_cap: int = LAMBDA_BATCH_CAP,
-         batch_min_images_per_job: int = 1, max_job_wait_s: float = 900,
-         collect_s: float | None = None) -> Plan:
+         batch_min_images_per_job: int = 1, max_job_wait_s: float = 900, batch_window_s: float = 300,
+         collect_s: float | None = None, quiet_s: float | None = None) -> Plan:
     """One row of the model. Every ``None`` takes template.yaml's default (``defaults``, else
     :func:`template_defaults`): ``max_instances`` is ``TransformInstanceCount``; ``instance_count``
     fixes the instances per job (``min(K, shards)``, as the dispatcher does) instead of choosing
     the fewest that keep processing >= start-up. ``min_images_per_job``, ``max_latency_s``,
     ``max_images_per_job`` and ``max_concurrent_jobs`` are the dispatcher's; ``batch_cap``,
     ``batch_min_images_per_job`` and ``max_job_wait_s`` the old batch policy's (its defaults as
-    before issue 13). ``collect_s``: seconds from the job's end to its rows (default: the
-    ``LAMBDA["collect"]`` duration of a job of this size)."""
+    before the dispatcher). ``collect_s``: seconds from the job's end to its rows (default: the
+    ``LAMBDA["collect"]`` duration of a job of this size). For ``policy="drop"``,
+    ``images_per_day`` is the size of one drop a day and ``quiet_s`` the quiet rule's
+    ``QuietSeconds``."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
     d = defaults or template_defaults()
@@ -274,12 +285,16 @@ def plan(images_per_day: int, *, usd_per_hour: float, images_per_second: float, 
                      batch_cap=batch_cap, dispatch_every_s=d.dispatch_every_s,
                      collect_timeout_s=d.collect_timeout_s, **cfg)
 
-    if policy == "batch":
+    if policy == "batch":   # with its own SQS window (its jobs were its batches)
+        window = batch_window_s
         per_job = images_per_job(images_per_day, window, batch_cap, batch_min_images_per_job, max_job_wait_s)
         return one(per_job, per_job / rate)
     min_job = d.min_images_per_job if min_images_per_job is None else min_images_per_job
     latency = d.max_latency_s if max_latency_s is None else max_latency_s
     max_job = d.max_images_per_job if max_images_per_job is None else max_images_per_job
+    if policy == "drop":   # the quiet rule: the last image's part, QuietSeconds, the next scheduled run
+        quiet = d.quiet_s if quiet_s is None else quiet_s
+        return one(min(images_per_day, max_job), window + quiet + d.dispatch_every_s)
     slots = d.max_concurrent_jobs if max_concurrent_jobs is None else max_concurrent_jobs
     per_job = dispatcher_images_per_job(images_per_day, min_job, latency, max_job, d.dispatch_every_s)
     bound = latency + d.dispatch_every_s
@@ -441,8 +456,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--usd-per-hour", type=float, help="instance price for transform jobs")
     p.add_argument("--startup-minutes", type=float, help="billed start-up per job and instance")
     p.add_argument("--policy", choices=POLICIES, action="append",
-                   help="dispatcher (as built, issue 13) or batch (before issue 13: one job per SQS batch); "
-                        "default both")
+                   help="dispatcher (a steady stream of --images-per-day), drop (one drop of --drop images a day: "
+                        "the quiet rule) or batch (the old policy: one job per SQS batch); default all three")
+    p.add_argument("--drop", type=int, action="append", metavar="N",
+                   help=f"images in one drop, for the drop rows (repeatable; default {DEFAULT_DROPS[0]:,})")
     p.add_argument("--instance-count", type=int,
                    help="fixed instances per job, min(K, shards), as the dispatcher does with TransformInstanceCount "
                         "(default: the fewest that keep processing >= start-up, up to --max-instances)")
@@ -452,17 +469,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dispatcher (defaults: template.yaml's parameter defaults)")
     g.add_argument("--min-images-per-job", type=int, help="MinImagesPerJob: a job once this many images are pending")
     g.add_argument("--max-latency", type=float, help="MaxLatencySeconds: ... or once the oldest waited this long")
+    g.add_argument("--quiet", type=float, help="QuietSeconds: ... or once no image arrived for this long (drops)")
     g.add_argument("--max-images-per-job", type=int, help="MaxImagesPerJob")
     g.add_argument("--max-concurrent-jobs", type=int,
                    help="MaxConcurrentJobs; more would be needed -> images wait, jobs get larger")
     g.add_argument("--window", type=float,
                    help="EnqueueBatchingWindowSeconds (SQS batching window, s): images per pending part")
-    b = p.add_argument_group("batch (the policy before issue 13)")
+    b = p.add_argument_group("batch (the old policy: one job per SQS batch)")
     b.add_argument("--batch-cap", type=int, default=LAMBDA_BATCH_CAP,
                    help="most images per SQS batch, i.e. per job (Lambda: 10,000 messages / 6 MB)")
     b.add_argument("--batch-min-images-per-job", type=int, default=1,
                    help="the old deferral minimum within one SQS batch (default 1: none)")
     b.add_argument("--max-job-wait", type=float, default=900, help="the old MaxJobWaitSeconds (default 900)")
+    b.add_argument("--batch-window", type=float, default=300,
+                   help="the old policy's SQS batching window, s (default 300: its jobs were its batches)")
     p.add_argument("--bench", type=Path, metavar="FILE",
                    help="a `dermscore bench --json` file: its calls per image by operation price the S3 requests "
                         f"(default: {DEFAULT_CALLS_SOURCE})")
@@ -496,6 +516,7 @@ def settings_in_use(args: argparse.Namespace, d: TemplateDefaults) -> dict[str, 
             "max_images_per_shard": d.max_images_per_shard,
             "min_images_per_job": pick(args.min_images_per_job, d.min_images_per_job),
             "max_latency_s": pick(args.max_latency, d.max_latency_s),
+            "quiet_s": pick(args.quiet, d.quiet_s),
             "max_images_per_job": pick(args.max_images_per_job, d.max_images_per_job),
             "max_concurrent_jobs": pick(args.max_concurrent_jobs, d.max_concurrent_jobs),
             "window_s": pick(args.window, d.batching_window_s)}
@@ -508,9 +529,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = settings_in_use(args, d)
     volumes = args.images_per_day or list(DEFAULT_VOLUMES)
     policies = args.policy or list(POLICIES)
+    drops = args.drop or list(DEFAULT_DROPS)
     plans = [plan(n, **values, policy=policy, defaults=d, **cfg, batch_cap=args.batch_cap,
-                  batch_min_images_per_job=args.batch_min_images_per_job, max_job_wait_s=args.max_job_wait)
-             for policy in policies for n in volumes]
+                  batch_min_images_per_job=args.batch_min_images_per_job, max_job_wait_s=args.max_job_wait,
+                  batch_window_s=args.batch_window)
+             for policy in policies for n in (drops if policy == "drop" else volumes)]
     calls = calls_from_bench(args.bench) if args.bench else dict(DEFAULT_CALLS_PER_IMAGE)
     calls_source = str(args.bench) if args.bench else DEFAULT_CALLS_SOURCE
     if args.json:
@@ -534,8 +557,11 @@ def run(args: argparse.Namespace) -> int:
               f"{cfg['max_images_per_job']:,}, MaxConcurrentJobs {cfg['max_concurrent_jobs']}; {inst}, shards of "
               f">= {cfg['min_images_per_shard']} and <= {cfg['max_images_per_shard']:,} images; "
               f"SQS window {cfg['window_s']:g} s")
+    if "drop" in policies:
+        print(f"drop (one drop of N images a day, images/day = N): a job once no image arrived for QuietSeconds "
+              f"{cfg['quiet_s']:g} (+ SQS window {cfg['window_s']:g} s + {d.dispatch_every_s} s schedule)")
     if "batch" in policies:
-        print(f"batch (before issue 13, one job per SQS batch): window {cfg['window_s']:g} s, <= {args.batch_cap:,} "
+        print(f"batch (the old policy, one job per SQS batch): window {args.batch_window:g} s, <= {args.batch_cap:,} "
               f"images/job, MinImagesPerJob {args.batch_min_images_per_job}, MaxJobWait {args.max_job_wait:g} s")
     s3_calls = sum(n for op, n in calls.items() if op in S3_TIER)
     print(f"calls per image: {sum(calls.values()):.3g}, {s3_calls:.3g} of them S3 ({calls_source}); "

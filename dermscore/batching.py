@@ -31,16 +31,31 @@ class Part:
     modified: datetime
 
 
+def quiet(parts: list[Part], now: datetime, *, quiet_s: float, last_quiet: datetime | None,
+          spacing_s: float) -> bool:
+    """Whether a drop has ended: no part newer than ``quiet_s`` (0: the rule is off), and no job
+    released this way within ``spacing_s`` (``last_quiet``), so that a slow trickle, with a quiet
+    gap after every few images, still batches into one job per ``spacing_s``."""
+    if quiet_s <= 0 or not parts:
+        return False
+    newest = max(p.modified for p in parts)
+    if (now - newest).total_seconds() < quiet_s:
+        return False
+    return last_quiet is None or (now - last_quiet).total_seconds() >= spacing_s
+
+
 def plan_jobs(parts: list[Part], now: datetime, *, min_images: int, max_images: int, max_latency_s: float,
-              slots: int) -> list[list[Part]]:
+              slots: int, release: bool = False) -> list[list[Part]]:
     """The jobs to create now: groups of pending parts, oldest first.
 
-    * nothing while the pending volume is below ``min_images`` and the oldest part is younger
-      than ``max_latency_s`` (it waits for more: start-up is paid per job);
+    * nothing while the pending volume is below ``min_images``, the oldest part is younger than
+      ``max_latency_s`` (it waits for more: start-up is paid per job) and ``release`` is off;
     * else parts are packed, oldest first, into jobs of at most ``max_images`` (a part larger
       than that is a job of its own); a last job below ``min_images`` whose parts are all younger
-      than ``max_latency_s`` waits for the next run. So every job holds at least ``min_images``
-      images but the one the latency bound forces: N images make at most ceil(N / min_images) jobs;
+      than ``max_latency_s`` waits for the next run, unless ``release`` (a drop has ended:
+      :func:`quiet`) sends it now. So every job holds at least ``min_images`` images but the one
+      the latency bound or the end of a drop forces: N images make at most ceil(N / min_images)
+      jobs, plus one per quiet release;
     * at most ``slots`` jobs (``MaxConcurrentJobs`` less the running ones); the rest waits.
     """
     if slots <= 0 or not parts:
@@ -56,7 +71,7 @@ def plan_jobs(parts: list[Part], now: datetime, *, min_images: int, max_images: 
             groups[-1].append(part)
         else:
             groups.append([part])
-    if sum(p.images for p in groups[-1]) < min_images and not overdue(groups[-1]):
+    if sum(p.images for p in groups[-1]) < min_images and not overdue(groups[-1]) and not release:
         groups.pop()
     return groups[:slots]
 

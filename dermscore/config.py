@@ -54,6 +54,8 @@ class Settings:
     min_images_per_job: int = 1               # pending images wait for this many (up to max_latency_s)
     max_images_per_job: int = 2_000_000       # larger backlogs become several jobs
     max_latency_s: int = 900                  # the oldest pending image waits at most this long
+    quiet_s: int = 0                          # a drop has ended when no part is newer (0: rule off)
+    quiet_spacing_s: int = 600                # fewest seconds between two jobs the quiet rule sends
     max_concurrent_jobs: int = 4              # running transform jobs of this stack (the account quota)
     throttle_backoff_s: int = 60              # first back-off after a throttled/quota-refused create
     dispatch_function: str = ""               # enqueue wakes it when the pending volume reaches a job
@@ -85,6 +87,8 @@ class Settings:
             min_images_per_job=int(e.get("MIN_IMAGES_PER_JOB", cls.min_images_per_job)),
             max_images_per_job=int(e.get("MAX_IMAGES_PER_JOB", cls.max_images_per_job)),
             max_latency_s=int(e.get("MAX_LATENCY_S", cls.max_latency_s)),
+            quiet_s=int(e.get("QUIET_S", cls.quiet_s)),
+            quiet_spacing_s=int(e.get("QUIET_SPACING_S", cls.quiet_spacing_s)),
             max_concurrent_jobs=int(e.get("MAX_CONCURRENT_JOBS", cls.max_concurrent_jobs)),
             dispatch_function=e.get("DISPATCH_FUNCTION_NAME", cls.dispatch_function),
             throttle_backoff_s=int(e.get("THROTTLE_BACKOFF_S", cls.throttle_backoff_s)),

@@ -94,6 +94,11 @@ def dispatch_key(job_name: str) -> str:
     return f"{DISPATCH}{job_name}.json"
 
 
+# The dispatcher's record of its last quiet release (dermscore.batching.quiet): only its
+# LastModified matters, read from the listing of dispatch/ the dispatcher makes anyway.
+QUIET_RELEASE_KEY = f"{DISPATCH}last-quiet-release"
+
+
 def manifest_key(job_name: str) -> str:
     return f"{MANIFESTS}{job_name}.jsonl"
 

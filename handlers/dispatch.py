@@ -7,8 +7,9 @@ up to ``MAX_IMAGES_PER_JOB`` images (docs/scaling.md)::
     finish  every intent dispatch/<job>.json (a job a run began: crashed, or refused for quota /
             throttled and due again): its shards, CreateTransformJob, then its parts deleted
     list    pending/   one LIST per 1,000 parts; each key names its number of lines
-    decide  dermscore.batching.plan_jobs: a job once MIN_IMAGES_PER_JOB images are pending or the
-            oldest part is MAX_LATENCY_S old; at most MAX_CONCURRENT_JOBS running (ListTransformJobs)
+    decide  dermscore.batching.plan_jobs: a job once MIN_IMAGES_PER_JOB images are pending, the
+            oldest part is MAX_LATENCY_S old, or no part has arrived for QUIET_S (a drop ended; at
+            most one such release per QUIET_SPACING_S); at most MAX_CONCURRENT_JOBS running
     act     per job: the intent (its parts), then its shards
               manifests/<job>/<n>-shards/part-0000i-of-0000n.jsonl   (streamed, part by part)
             then CreateTransformJob, then the parts and the intent are deleted
@@ -35,7 +36,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
 from dermscore import batching, layout, results, sharding
-from dermscore.aws import chunks, error_code, error_message, is_missing, iter_keys, iter_objects
+from dermscore.aws import chunks, error_code, error_message, is_missing, iter_objects
 from dermscore.config import Settings
 from handlers import runtime
 from handlers.runtime import Runtime
@@ -105,9 +106,11 @@ def pending_parts(s3, bucket: str) -> list[batching.Part]:
             if (n := layout.part_images(key)) is not None]
 
 
-def intents(s3, bucket: str) -> list[Intent]:
-    found = (read_json(s3, bucket, key) for key in iter_keys(s3, bucket, layout.DISPATCH) if key.endswith(".json"))
-    return [Intent.of(doc) for doc in found if doc]
+def dispatch_state(s3, bucket: str) -> tuple[list[Intent], datetime | None]:
+    """The intents under ``dispatch/``, and when the quiet rule last released a job: one listing."""
+    listed = dict(iter_objects(s3, bucket, layout.DISPATCH))
+    found = (read_json(s3, bucket, key) for key in listed if key.endswith(".json"))
+    return [Intent.of(doc) for doc in found if doc], listed.get(layout.QUIET_RELEASE_KEY)
 
 
 def job_exists(sm, name: str) -> bool:
@@ -233,8 +236,8 @@ def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
     settings, s3 = rt.settings, rt.s3
     now = results.utcnow()
     report = dict.fromkeys(("resumed", "jobs_created", "images_dispatched", "parts_waiting", "images_waiting",
-                            "oldest_waiting_s", "refused"), 0)
-    started = intents(s3, settings.bucket)
+                            "oldest_waiting_s", "refused", "quiet_release"), 0)
+    started, last_quiet = dispatch_state(s3, settings.bucket)
     taken = {p for i in started for p in i.parts}
 
     def attempt(intent: Intent) -> bool:
@@ -261,15 +264,21 @@ def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
         if not attempt(intent):
             return _done(report)
     parts = [p for p in pending_parts(s3, settings.bucket) if p.key not in taken]
+    # A drop has ended (no new part for QUIET_S): what is pending goes out now, not at the latency bound.
+    release = batching.quiet(parts, now, quiet_s=settings.quiet_s, last_quiet=last_quiet,
+                             spacing_s=settings.quiet_spacing_s)
 
     def plan(slots: int) -> list[list[batching.Part]]:
         return batching.plan_jobs(parts, now, min_images=settings.min_images_per_job,
                                   max_images=settings.max_images_per_job, max_latency_s=settings.max_latency_s,
-                                  slots=slots)
+                                  slots=slots, release=release)
 
     groups = plan(settings.max_concurrent_jobs)
     if groups:   # only then ask SageMaker how many run (a run that waits makes no SageMaker call)
         groups = plan(settings.max_concurrent_jobs - running_jobs(rt.sagemaker, settings.job_prefix))
+    if groups and release:   # its time is the spacing's reference (QUIET_SPACING_S)
+        s3.put_object(Bucket=settings.bucket, Key=layout.QUIET_RELEASE_KEY, Body=now.isoformat().encode())
+        report["quiet_release"] = 1
     for group in groups:
         keys = tuple(p.key for p in group)
         intent = Intent(job_name(settings.job_prefix, keys), keys, sum(p.images for p in group))

@@ -12,10 +12,12 @@ import json
 import math
 import os
 from dataclasses import replace
+from datetime import datetime, timedelta
 
 import pytest
 
 from dermscore import layout
+from dermscore.aws import iter_objects
 from handlers import dispatch, enqueue
 from infra.poller import sqs_event
 from infra.runner import LocalSageMaker
@@ -81,6 +83,51 @@ def test_a_bulk_upload_makes_at_most_ceil_n_over_min_jobs(make_stack) -> None:
     assert all(n >= BULK_MIN_IMAGES for n in sizes[1:])          # only one job (the flushed rest) is smaller
     print(f"\n{BULK_UPLOADS} uploads in {math.ceil(BULK_UPLOADS / SQS_BATCH)} SQS batches: {len(made)} jobs "
           f"(MinImagesPerJob {BULK_MIN_IMAGES}; {woken} created by enqueue's wake-ups), sizes {sizes}")
+
+
+def at(monkeypatch, when: datetime) -> None:
+    """The dispatcher's clock (its ``now``): the local stack does not wait minutes of wall time."""
+    monkeypatch.setattr(dispatch.results, "utcnow", lambda: when)
+
+
+def test_a_drop_becomes_one_job_once_quiet_with_the_template_defaults(make_stack, monkeypatch) -> None:
+    """GIVEN the template's defaults (a job's worth is 1,620,000 images, the latency bound 6 h) WHEN
+    2,000 uploads arrive in SQS batches and then nothing more THEN the dispatcher leaves them
+    pending while the drop may go on, and sends them as one job once no part has arrived for
+    QuietSeconds: within QuietSeconds plus one dispatcher interval of the last part."""
+    stack = make_stack()
+    rt = dispatcher(stack)
+    params = stack.spec.dispatch_env
+    assert (params["MIN_IMAGES_PER_JOB"], params["MAX_LATENCY_S"], params["QUIET_S"]) == ("1620000", "21600", "120")
+    pending(stack, *[list(range(i, i + 500)) for i in range(0, 2000, 500)])
+    last = max(m for _, m in iter_objects(stack.client("s3"), stack.bucket, layout.PENDING))
+    at(monkeypatch, last + timedelta(seconds=rt.settings.quiet_s - 1))
+    assert dispatch.handle({}, rt)["jobs_created"] == 0                      # the drop may not be over
+    at(monkeypatch, last + timedelta(seconds=rt.settings.quiet_s + stack.spec.dispatch_interval_s))
+    report = dispatch.handle({}, rt)
+    assert (report["jobs_created"], report["images_dispatched"], report["quiet_release"]) == (1, 2000, 1)
+    (job,) = jobs(stack)
+    assert len(manifest_keys(stack, job["TransformJobName"])) == 2000
+    assert stack.list_keys(layout.PENDING) == []
+
+
+def test_quiet_releases_are_spaced_so_a_trickle_still_batches(make_stack, monkeypatch) -> None:
+    """A few images, a quiet gap, a few more: the second quiet release waits for
+    QuietJobSpacingSeconds after the first, so the trickle becomes one job per spacing."""
+    stack = make_stack()
+    rt = dispatcher(stack)
+    quiet, spacing = rt.settings.quiet_s, rt.settings.quiet_spacing_s
+    pending(stack, [1, 2, 3])
+    first = max(m for _, m in iter_objects(stack.client("s3"), stack.bucket, layout.PENDING))
+    at(monkeypatch, first + timedelta(seconds=quiet))
+    assert dispatch.handle({}, rt)["jobs_created"] == 1
+    released = max(m for _, m in iter_objects(stack.client("s3"), stack.bucket, layout.DISPATCH))
+    pending(stack, [4, 5])                                               # the trickle goes on
+    at(monkeypatch, released + timedelta(seconds=quiet + 60))           # quiet again, but too soon
+    assert dispatch.handle({}, rt)["jobs_created"] == 0
+    at(monkeypatch, released + timedelta(seconds=spacing))
+    assert dispatch.handle({}, rt)["jobs_created"] == 1
+    assert sorted(len(manifest_keys(stack, j["TransformJobName"])) for j in jobs(stack)) == [2, 3]
 
 
 def pending(stack, *batches: list[int]) -> list[str]:

@@ -185,6 +185,51 @@ def test_n_pending_images_never_make_more_than_ceil_n_over_min_jobs() -> None:
         assert made <= math.ceil(total / minimum) or total == 0
 
 
+def test_a_drop_goes_out_once_no_image_has_arrived_for_quiet_seconds() -> None:
+    drop = parts((900, 130), (900, 125), (200, 121))            # far below a job's worth, all young
+    assert plan_jobs(drop, min_images=10_000, max_images=20_000) == []
+    release = batching.quiet(drop, NOW, quiet_s=120, last_quiet=None, spacing_s=600)
+    assert release and plan_jobs(drop, min_images=10_000, max_images=20_000, release=True) == [[900, 900, 200]]
+    assert plan_jobs(drop, min_images=10_000, max_images=1000, release=True) == [[900], [900], [200]]
+    assert not batching.quiet(drop + parts((5, 30)), NOW, quiet_s=120, last_quiet=None, spacing_s=600)
+    assert not batching.quiet(drop, NOW, quiet_s=0, last_quiet=None, spacing_s=600)          # rule off
+    # spacing: a release 5 minutes ago holds the next one back until 10 minutes have passed
+    assert not batching.quiet(drop, NOW, quiet_s=120, last_quiet=NOW - timedelta(minutes=5), spacing_s=600)
+    assert batching.quiet(drop, NOW, quiet_s=120, last_quiet=NOW - timedelta(minutes=10), spacing_s=600)
+    assert not batching.quiet([], NOW, quiet_s=120, last_quiet=None, spacing_s=600)
+
+
+def test_a_trickle_makes_at_most_one_quiet_job_per_spacing() -> None:
+    """Parts arriving with quiet gaps longer than QuietSeconds (the worst case for the rule): jobs
+    the quiet rule releases are at least the spacing apart, and nothing is left behind."""
+    rng = random.Random(20)
+    for _ in range(100):
+        quiet_s, spacing_s = rng.choice((60, 120)), rng.choice((300, 600))
+        pending, releases, total, dispatched, last = [], [], 0, 0, None
+        t = NOW
+        for minute in range(240):
+            if rng.random() < 0.3:
+                n = rng.randint(1, 20)
+                total += n
+                pending.append(batching.Part(f"pending/{minute:08x}-{n:07d}.jsonl", n, t))
+            release = batching.quiet(pending, t, quiet_s=quiet_s, last_quiet=last, spacing_s=spacing_s)
+            jobs = batching.plan_jobs(pending, t, min_images=10**6, max_images=10**7, max_latency_s=10**6,
+                                      slots=4, release=release)
+            if jobs:
+                assert release
+                releases.append(t)
+                last = t
+            taken = {p.key for job in jobs for p in job}
+            dispatched += sum(p.images for p in pending if p.key in taken)
+            pending = [p for p in pending if p.key not in taken]
+            t += timedelta(minutes=1)
+        assert all((b - a).total_seconds() >= spacing_s for a, b in zip(releases, releases[1:], strict=False))
+        later = t + timedelta(seconds=spacing_s + quiet_s)
+        if pending:   # what is left goes with the next release
+            assert batching.quiet(pending, later, quiet_s=quiet_s, last_quiet=last, spacing_s=spacing_s)
+        assert dispatched + sum(p.images for p in pending) == total
+
+
 # --------------------------------------------------------------------------- on the local stack
 
 @pytest.fixture(scope="module")
@@ -417,6 +462,21 @@ def test_plan_defaults_are_the_template_s(tmp_path: Path) -> None:
     assert plan(1_000_000, **PLAN_PROFILE, min_images_per_job=200_000).images_per_job == 200_000
 
 
+def test_plan_drop_row_by_hand() -> None:
+    """A drop of 2,000 images with template.yaml's defaults: one job, created QuietSeconds after the
+    last image's part (written within the SQS window), seen by the next scheduled run."""
+    from analytics.plan import plan, template_defaults
+
+    d = template_defaults()
+    assert (d.quiet_s, d.batching_window_s, d.dispatch_every_s) == (120, 20, 60)
+    assert d.batching_window_s < d.quiet_s   # a drop in progress writes a part more often than the rule waits
+    p = plan(2_000, **PLAN_PROFILE, policy="drop")
+    assert (p.images_per_job, p.jobs_per_day, p.instances_per_job) == (2_000, 1, 1)
+    assert p.batch_fill_s == 20 + 120 + 60
+    assert p.latency_s == pytest.approx(200 + 360 + 2_000 / 500 + p.collect_s_per_job)   # ~9.5 min
+    assert p.usd_per_million == pytest.approx((360 + 4) / 3600 * 0.736 / 2_000 * 1e6)
+
+
 def test_plan_dispatcher_row_at_1m_per_day_by_hand() -> None:
     """1M images/day with template.yaml's defaults (MinImagesPerJob 1.62M, MaxLatencySeconds 6 h,
     one instance per job): the latency bound makes the job; every figure worked out by hand."""
@@ -443,7 +503,7 @@ def test_plan_dispatcher_row_at_1m_per_day_by_hand() -> None:
     assert p.latency_s == pytest.approx(per_job / rate + job_s + collect_s)           # ~6.3 h
     assert per_job / rate <= 21_600 + 60
     enq, dis, col = LAMBDA["enqueue"], LAMBDA["dispatch"], LAMBDA["collect"]
-    enqueues = 1_000_000 / 3000                # one per SQS batch: 3,472 in a 300 s window, Lambda's cap 3,000
+    enqueues = 1_000_000 / (rate * 20)         # one per SQS batch: 231 images in the 20 s window
     runs = 86_400 / 60 + jobs                  # the schedule, and a wake-up per job
     gb_s = (1.0 * (enqueues * enq.s_per_invocation + 1e6 * enq.s_per_image)
             + 1.0 * (runs * dis.s_per_invocation + 1e6 * dis.s_per_image)
@@ -516,14 +576,14 @@ PLAN_KEYS = ("images_per_day", "startup_share", "gpu_usd_per_million", "lambda_u
              "s3_usd_per_million", "total_usd_per_million")
 
 
-def test_plan_json_has_both_policies_and_every_cost(capsys, tmp_path: Path) -> None:
+def test_plan_json_has_every_policy_and_every_cost(capsys, tmp_path: Path) -> None:
     from dermscore.cli import main
 
     assert main(["plan", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     rows = data["rows"]
     assert {(r["policy"], r["images_per_day"]) for r in rows} == {
-        (p, n) for p in ("batch", "dispatcher") for n in (10_000, 1_000_000, 100_000_000)}
+        (p, n) for p in ("batch", "dispatcher") for n in (10_000, 1_000_000, 100_000_000)} | {("drop", 2_000)}
     for r in rows:
         for k in PLAN_KEYS:
             assert isinstance(r[k], (int, float)) and r[k] >= 0, (r["policy"], k)
