@@ -68,6 +68,7 @@ from typing import Any
 
 from dermscore import sharding
 from dermscore.config import S3_TIER, TRANSFORM_USD_PER_HOUR, USD_PRICES, Settings
+from dermscore.options import UserError
 from handlers import claims
 
 DAY_S = 86_400
@@ -365,7 +366,8 @@ def calls_from_bench(path: Path) -> dict[str, float]:
     data = json.loads(Path(path).read_text())
     by_op = (data.get("e2e") or {}).get("api_calls_per_image_by_operation")
     if not by_op:
-        raise SystemExit(f"{path}: no e2e.api_calls_per_image_by_operation (run dermscore bench with the e2e phase)")
+        raise UserError(f"{path} has no e2e.api_calls_per_image_by_operation: pass --bench a file of "
+                        "`dermscore bench --out FILE` with the e2e phase")
     return {op: float(n) for op, n in by_op.items()}
 
 
@@ -469,7 +471,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dispatcher (defaults: template.yaml's parameter defaults)")
     g.add_argument("--min-images-per-job", type=int, help="MinImagesPerJob: a job once this many images are pending")
     g.add_argument("--max-latency", type=float, help="MaxLatencySeconds: ... or once the oldest waited this long")
-    g.add_argument("--quiet", type=float, help="QuietSeconds: ... or once no image arrived for this long (drops)")
+    g.add_argument("--quiet-seconds", type=float,
+                   help="QuietSeconds: ... or once no image arrived for this long (drops)")
     g.add_argument("--max-images-per-job", type=int, help="MaxImagesPerJob")
     g.add_argument("--max-concurrent-jobs", type=int,
                    help="MaxConcurrentJobs; more would be needed -> images wait, jobs get larger")
@@ -499,7 +502,7 @@ def resolve(args: argparse.Namespace, defaults: TemplateDefaults) -> dict[str, A
     missing = [k for k, v in values.items() if v is None and prof is None]
     if missing:
         options = ", ".join(f"--{m.replace('_', '-')}" for m in missing)
-        raise SystemExit(f"no built-in profile for {instance}: give {options}")
+        raise UserError(f"no built-in profile for {instance}: give {options}")
     for k in values:
         if values[k] is None:
             values[k] = getattr(prof, k)
@@ -516,7 +519,7 @@ def settings_in_use(args: argparse.Namespace, d: TemplateDefaults) -> dict[str, 
             "max_images_per_shard": d.max_images_per_shard,
             "min_images_per_job": pick(args.min_images_per_job, d.min_images_per_job),
             "max_latency_s": pick(args.max_latency, d.max_latency_s),
-            "quiet_s": pick(args.quiet, d.quiet_s),
+            "quiet_s": pick(args.quiet_seconds, d.quiet_s),
             "max_images_per_job": pick(args.max_images_per_job, d.max_images_per_job),
             "max_concurrent_jobs": pick(args.max_concurrent_jobs, d.max_concurrent_jobs),
             "window_s": pick(args.window, d.batching_window_s)}

@@ -31,8 +31,11 @@ import pyarrow as pa
 from dermscore import results
 
 DEFAULT_RESULTS = Path("output")
-TOP_MELANOMA_SQL = ("SELECT image_key, round(prob_mel, 4) AS prob_mel, top_class, round(confidence, 3) AS confidence, "
-                    "risk_level FROM predictions ORDER BY prob_mel DESC LIMIT 10")
+# The demo's example: the columns that explain a row's risk level (p(mel) against the melanoma
+# threshold, the malignant probability) and whether the image looked unlike the training data.
+TOP_MELANOMA_SQL = ("SELECT image_key, round(prob_mel, 3) AS prob_mel, melanoma_flag, "
+                    "round(malignant_prob, 3) AS malignant_prob, risk_level, top_class, ood_flag "
+                    "FROM predictions ORDER BY prob_mel DESC LIMIT 10")
 VIEWS = {"predictions": results.PREDICTION_SCHEMA, "failures": results.FAILURE_SCHEMA}
 # Athena (Trino) functions the named queries use that DuckDB spells differently.
 ATHENA_SHIM = (
@@ -109,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--named", metavar="NAME", help="run an Athena named query of template.yaml (see --list)")
     p.add_argument("--list", action="store_true", help="list the named queries")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
-                   help="exported results folder (written by demo/serve; default: output)")
+                   help="exported results folder (written by demo/serve)")
 
 
 def run(args: argparse.Namespace) -> int:

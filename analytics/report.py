@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dermscore import layout, report
+from dermscore import layout, options, report
 
 DEFAULT_RESULTS = Path("output")
 THUMB_SUFFIX = layout.THUMBNAIL_SUFFIX   # written next to the per-image JSON for flagged images (batch.gradcam)
@@ -160,11 +160,11 @@ def write_report(results_dir: Path, out_dir: Path, images_dir: Path | None = Non
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="exported results folder (default: output)")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="exported results folder")
     p.add_argument("--out", type=Path, default=None,
                    help="where report.html and results.csv go (default: RESULTS/report)")
-    p.add_argument("--images", type=Path, default=None,
-                   help="folder of the original images, for thumbnails the pipeline did not store (matched by name)")
+    options.add_images(p, "folder of the original images, for thumbnails the pipeline did not store "
+                          "(matched by name)")
     p.add_argument("--top", type=int, default=report.TOP, help="how many top-risk images to show")
     p.add_argument("--usd-per-hour", type=float, default=None,
                    help="price per instance-hour for the cost, instead of dermscore.config.TRANSFORM_USD_PER_HOUR "

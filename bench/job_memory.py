@@ -9,7 +9,7 @@ generated job::
     collect   a completed job of N images (generated output lines) -> one collect invocation
 
 ``python -m bench.job_memory [--dispatch 100000 1000000] [--collect 2000 8000]
-[--shard-lines 1000] [--json FILE]``; collect's sizes are small because every image is one
+[--shard-lines 1000] [--out FILE]``; collect's sizes are small because every image is one
 conditional PUT to the moto server (minutes per 100,000): what grows with the job there is the
 number of files, so ``--shard-lines`` (and the report's row cap with it) is lowered to make
 several. Prints one line per figure and the ratio of the largest to the smallest job; the JSON
@@ -130,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     from dermscore.config import Settings
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dispatch", type=int, nargs="*", default=[100_000, 1_000_000])
-    p.add_argument("--collect", type=int, nargs="*", default=[2_000, 8_000])
+    p.add_argument("--dispatch", type=int, nargs="*", default=[100_000, 1_000_000], help="job sizes to dispatch")
+    p.add_argument("--collect", type=int, nargs="*", default=[2_000, 8_000], help="job sizes to collect")
     p.add_argument("--shard-lines", type=int, default=1_000, help="MAX_IMAGES_PER_SHARD for the collect runs")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--out", type=Path, metavar="FILE", help="also write the figures as JSON to this file")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             small, big = result[what][0], result[what][-1]
             print(f"{what:8s} x{big['images'] / small['images']:.0f} images: memory x"
                   f"{big['peak_growth_mb'] / max(small['peak_growth_mb'], 0.1):.2f}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
     return 0
 
 

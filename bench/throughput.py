@@ -12,7 +12,7 @@ distinct keys to ``--images``) and one model, measures:
 4. **decode**: JPEG decode + resize to the model input, one thread, with and without
    Pillow ``draft()`` (images/s per core);
 5. **memory**: resident set size sampled every 20 ms: the process peak and, per phase,
-   the growth over the phase's starting RSS (run ``--images 1000`` and ``--images 10000``
+   the growth over the phase's starting RSS (run ``--count 1000`` and ``--count 10000``
    to see that it does not grow with the number of images).
 
 By default the moto server runs in its own process (``--moto subprocess``): S3 and SQS are
@@ -24,7 +24,7 @@ with the pipeline for this machine's cores.
 million images on ml.g4dn.xlarge ($0.736/h) is printed from the measured rates, labelled
 with the device they were measured on. ``--quick`` (40 images) only checks that it works.
 
-    dermscore bench --model models/default --images 1000 --json bench.json
+    dermscore bench --model models/default --count 1000 --out bench.json
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ from typing import Any
 
 import numpy as np
 
+from dermscore import options
 from dermscore.config import DEFAULT_INSTANCE_TYPE, TRANSFORM_USD_PER_HOUR
+from dermscore.options import UserError
 
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a machine whose
 # cores are shared (decode threads, the moto server, the handlers: always the case end to end)
@@ -174,7 +176,7 @@ def load_blobs(images_dir: Path, limit: int | None = None) -> list[tuple[str, by
     if limit:
         files = files[:limit]
     if not files:
-        raise FileNotFoundError(f"no .jpg/.jpeg/.png images in {images_dir}")
+        raise UserError(f"no .jpg/.jpeg/.png images in {images_dir}: pass --images with a folder of images")
     return [(p.name, p.read_bytes()) for p in files]
 
 
@@ -662,15 +664,13 @@ def render(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/default"),
-                   help="model directory (model.pt + metadata.json)")
-    p.add_argument("--images", type=int, default=1000, help="images per measurement (default 1000)")
-    p.add_argument("--images-dir", type=Path, default=None,
-                   help=f"distinct images, repeated under distinct keys (default {DEFAULT_IMAGES_DIR})")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    p.add_argument("--batch-size", type=int, default=0, help="forward batch (default: 32 CPU, 128 CUDA)")
-    p.add_argument("--workers", type=int, default=0, help="fetch/decode threads per scorer (default 4 x cores)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for every phase (default: torch's)")
+    options.add_model(p)
+    p.add_argument("--count", type=int, default=1000, help="images per measurement")
+    options.add_images(p, f"distinct images, repeated under distinct keys (default {DEFAULT_IMAGES_DIR})")
+    options.add_device(p)
+    p.add_argument("--batch-size", type=int, default=0, help="forward batch (0: 32 CPU, 128 CUDA)")
+    p.add_argument("--workers", type=int, default=0, help="fetch/decode threads per scorer (0: 4 x cores)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for every phase (0: torch's)")
     p.add_argument("--seed-images", type=int, default=30, help="images for the seed-style path (slow)")
     p.add_argument("--decode-images", type=int, default=200, help="images per decode measurement")
     p.add_argument("--phases", default=",".join(PHASES),
@@ -686,19 +686,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DERMSCORE_GRADCAM for the transform of the end-to-end phase (default: the model's default)")
     p.add_argument("--timeout", type=float, default=3600, help="give up the end-to-end phase after this long")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images, small subsets: checks that it works")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON to this path")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help="also write the figures as JSON to this file (keys: docs/benchmark.md)")
+    options.add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from batch.model import pick_device
     from batch.scorer import Scorer
     from dermscore import imaging
-    from infra.demo import require_model
 
-    model_dir = require_model(args.model)
-    if model_dir is None:
-        return 2
+    model_dir = args.model
     device = pick_device(args.device)
     if device.type == "cuda":
         import torch
@@ -715,11 +713,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         sys.stderr.write(f"unknown phase(s) {sorted(unknown)}; choose from {PHASES}\n")
         return 2
-    n = QUICK_IMAGES if args.quick else args.images
+    n = QUICK_IMAGES if args.quick else args.count
     seed_n = min(args.seed_images, 5) if args.quick else args.seed_images
     decode_n = min(args.decode_images, 20) if args.quick else args.decode_images
-    show = not args.no_progress
-    blobs = load_blobs(args.images_dir or DEFAULT_IMAGES_DIR, limit=n if n < 200 else None)
+    show = not args.quiet
+    blobs = load_blobs(args.images or DEFAULT_IMAGES_DIR, limit=n if n < 200 else None)
 
     result: dict[str, Any] = {"loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "images": n,
                               "distinct_images": min(n, len(blobs)), "command": " ".join(sys.argv)}
@@ -778,7 +776,7 @@ def run(args: argparse.Namespace) -> int:
         figures["usd_per_million_forward"] = usd_per_million(figures["forward_rate"])
     result["figures"] = figures
     sys.stdout.write(render(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 0

@@ -2,15 +2,18 @@
 
 Each subcommand lives in the module that does the work and exposes
 ``add_arguments(parser)`` and ``run(args)``; only the chosen module is
-imported, so ``dermscore query`` does not pay for importing torch.
+imported, so ``dermscore query`` does not pay for importing torch. Options
+that several commands share come from :mod:`dermscore.options`.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import sys
+
+from dermscore import __version__
+from dermscore.options import PARTIAL_FAILURE, USAGE_ERROR, Parser, UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train a classifier on HAM10000"),
@@ -36,20 +39,36 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(prog="dermscore", description="Bulk scoring of dermatoscopic images.")
+EPILOG = (f"Exit status: 0 done, {PARTIAL_FAILURE} part of the work failed (e.g. files that could not be "
+          f"scored), {USAGE_ERROR} a mistake in the command (nothing was done). "
+          "`dermscore COMMAND --help` lists a command's options.")
+
+
+def parser(chosen: str | None = None) -> Parser:
+    """The command line; only ``chosen``'s module is imported to add its options."""
+    top = Parser(prog="dermscore", description="Bulk scoring of dermatoscopic images.", epilog=EPILOG)
+    top.add_argument("--version", action="version", version=f"dermscore {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # argparse %-formats help strings (not descriptions): a literal "%" must be doubled there
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text, epilog=EPILOG)
         if name == chosen:
             mod = importlib.import_module(module)
             mod.add_arguments(p)
             p.set_defaults(_run=mod.run)
-    args = top.parse_args(argv)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = parser(chosen).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"dermscore {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
 from analytics.query import TOP_MELANOMA_SQL, format_table, run_query
+from dermscore import options
 from infra.stack import DEFAULT_BUCKET
 
 log = logging.getLogger("dermscore.demo")
@@ -25,6 +25,7 @@ log = logging.getLogger("dermscore.demo")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_PREFIX = "incoming/demo/"
 LOCAL_BATCHING_WINDOW_S = 2.0
+LOG_FILE = "dermscore.log"   # under --out: the handlers' structured logs and the stack's own
 # The template's 2100 s (6x the enqueue timeout, AWS's advice) would keep a failed batch away for
 # 35 minutes; locally enqueue takes well under a second, so retries come back after 30 s.
 LOCAL_VISIBILITY_TIMEOUT_S = 30
@@ -37,50 +38,8 @@ def default_images() -> Path:
     return REPO_ROOT.parent / "shared" / "data" / "ham10000" / "fullres_sample"
 
 
-def resolve_model(path: Path) -> Path | None:
-    """The model directory (relative paths also tried from the repository root), or None."""
-    for candidate in (path, REPO_ROOT / path):
-        if (candidate / "model.pt").is_file() and (candidate / "metadata.json").is_file():
-            return candidate
-    return None
-
-
-def require_model(path: Path) -> Path | None:
-    """The model directory, or None after telling the user why there is none and what to do."""
-    model_dir = resolve_model(path)
-    if model_dir is None:
-        sys.stderr.write(f"No trained model in {path} (model.pt + metadata.json). dermscore scores only "
-                         f"with a trained model, never with random weights. Train one with "
-                         f"`dermscore train --out {path}` or pass --model DIR.\n")
-    return model_dir
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=Path, default=None,
-                   help="folder whose every file is uploaded; what cannot be scored gets a failure row "
-                        "(default: the images of samples/, else the shared HAM10000 sample)")
-    p.add_argument("--model", type=Path, default=Path("models/default"), help="trained model directory")
-    p.add_argument("--out", type=Path, default=Path("output"), help="where results/ is exported (default: output)")
-    p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
-    p.add_argument("--batching-window", type=float, default=LOCAL_BATCHING_WINDOW_S,
-                   help="SQS batching window in seconds "
-                        "(template.yaml: EnqueueBatchingWindowSeconds, 300; shorter locally)")
-
-
-def run(args: argparse.Namespace) -> int:
-    model_dir = require_model(args.model)
-    if model_dir is None:
-        return 2
-    from batch.bundle import ModelMeta
-    from infra.local import LocalPipeline, image_files
-
-    images_dir = args.images or default_images()
-    files = image_files(images_dir) if images_dir.is_dir() else []
-    if args.images is None:   # samples/README.md is the images' attribution, not an upload
-        files = [f for f in files if f.name != "README.md"]
-    if not files:
-        sys.stderr.write(f"no files in {images_dir}\n")
-        return 2
+def serving_stack_or_error(command: str) -> None:
+    """Raise UserError (one line) when the local transform needs the serving stack and it is missing."""
     from infra.runner import resolve_mode
     from infra.serving import ServeEnv, ServingUnavailable
 
@@ -88,9 +47,37 @@ def run(args: argparse.Namespace) -> int:
         try:
             ServeEnv.locate()
         except ServingUnavailable as exc:
-            sys.stderr.write(f"dermscore demo transforms through the SageMaker serving stack: {exc}\n"
-                             f"(DERMSCORE_TRANSFORM=inprocess runs the container code in this process instead)\n")
-            return 2
+            raise options.UserError(f"dermscore {command} transforms through the SageMaker serving stack: {exc} "
+                                    "(or set DERMSCORE_TRANSFORM=inprocess to run the container code in this "
+                                    "process)") from exc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    options.add_images(p, "folder whose every file is uploaded; what cannot be scored gets a failure row "
+                          "(default: the images of samples/, else the shared HAM10000 sample)")
+    options.add_model(p)
+    p.add_argument("--out", type=Path, default=Path("output"), help="where results/ is exported")
+    p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
+    p.add_argument("--batching-window", type=float, default=LOCAL_BATCHING_WINDOW_S,
+                   help="SQS batching window in seconds (template.yaml's EnqueueBatchingWindowSeconds; "
+                        "shorter locally)")
+    options.add_verbose(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir = args.model
+    from batch.bundle import ModelMeta
+    from infra.local import LocalPipeline, image_files
+    from infra.logs import route_to_file
+
+    images_dir = args.images or default_images()
+    files = image_files(images_dir) if images_dir.is_dir() else []
+    if args.images is None:   # samples/README.md is the images' attribution, not an upload
+        files = [f for f in files if f.name != "README.md"]
+    if not files:
+        raise options.UserError(f"no files in {images_dir}: pass --images with a folder of images")
+    serving_stack_or_error("demo")
+    log_file = route_to_file(args.out / LOG_FILE, args.verbose)
     meta = ModelMeta.read(model_dir / "metadata.json")
     log.info("demo: %d images from %s, model %s v%s from %s", len(files), images_dir, meta.name, meta.version,
              model_dir)
@@ -123,13 +110,15 @@ def run(args: argparse.Namespace) -> int:
     if transform_s:
         speed += f"; transform {sum(j['records'] for j in jobs) / transform_s:.2f} images/s in {len(jobs)} job(s)"
     print(speed)
-    print(f"  Parquet:  {out / 'predictions'}/dt=YYYY-MM-DD/<job>.parquet ({counts['predictions']} file(s)), "
-          f"failures in {out / 'failures'}/")
+    print(f"  Parquet:  {out / 'predictions'}/dt=YYYY-MM-DD/<job>-<shard>.parquet ({counts['predictions']} "
+          f"file(s)), failures in {out / 'failures'}/")
     n_docs = sum(1 for _ in (out / "images").rglob("*.json"))
     print(f"  JSON:     {out / 'images'}/demo/<image>.json ({n_docs} documents; Grad-CAM heatmaps of high-risk "
           f"images beside them)")
     print(f"  Report:   dermscore report --results {out} --images {images_dir}")
-    print(f'\nThe ten images with the highest melanoma probability (dermscore query "{TOP_MELANOMA_SQL}"):\n')
-    print(format_table(*run_query(TOP_MELANOMA_SQL, args.out)))
+    print(f"  Logs:     {log_file}")
+    columns, rows = run_query(TOP_MELANOMA_SQL, args.out)
+    print(f'\nThe {len(rows)} images with the highest melanoma probability (dermscore query "{TOP_MELANOMA_SQL}"):\n')
+    print(format_table(columns, rows))
     print("\nResearch software: these scores are not a diagnosis.")
     return 0

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.bundle import sha256_file
-from dermscore import layout
+from dermscore import layout, options
 from dermscore.aws import error_code, is_missing
 
 log = logging.getLogger("dermscore.deploy")
@@ -135,7 +135,7 @@ def format_overrides(values: dict[str, str]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket", required=True, help="the stack's bucket (output BucketName of the first sam deploy)")
-    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
+    options.add_model(p)
     p.add_argument("--stack-name", default="dermscore", help="stack name: prefix of the SageMaker model name")
     p.add_argument("--samconfig", type=Path, default=Path("samconfig.toml"),
                    help="merge into this file's parameter_overrides (if it exists)")

@@ -48,6 +48,7 @@ import zipfile
 from pathlib import Path
 
 from batch.bundle import METADATA_FILE, OOD_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
+from dermscore import options
 from infra.container import CONTAINER, Wheel
 
 log = logging.getLogger("dermscore.package")
@@ -290,7 +291,7 @@ def _parents(d: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
+    options.add_model(p)
     p.add_argument("--out", type=Path, default=Path("build/model.tar.gz"), help="model.tar.gz to write")
 
 

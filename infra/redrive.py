@@ -102,7 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: StartMessageMoveTask where the endpoint has it, else receive/send/delete")
     p.add_argument("--max-messages", type=int, default=None, help="move at most this many (implies --method copy)")
     p.add_argument("--endpoint-url", default=None, help="e.g. the local stack's http://127.0.0.1:PORT")
-    p.add_argument("--region", default=None)
+    p.add_argument("--region", default=None, help="AWS region of the queues (default: from the environment)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -189,7 +189,7 @@ def assign_files(keys: list[str], instances: int) -> list[list[str]]:
 
 
 def state_change_event(job: dict[str, Any], status: str, failure_reason: str | None,
-                       started: datetime, ended: datetime, tags: dict[str, str] | None = None) -> dict[str, Any]:
+                       started: datetime, ended: datetime) -> dict[str, Any]:
     """The EventBridge event SageMaker emits when ``job`` (its description or CreateTransformJob
     request) reaches ``status``. One definition, :func:`handlers.collect.state_change_event`, which
     the reconciler also uses for a lost event."""
@@ -198,7 +198,7 @@ def state_change_event(job: dict[str, Any], status: str, failure_reason: str | N
     arn = job.get("TransformJobArn") or \
         f"arn:aws:sagemaker:{LOCAL_REGION}:{LOCAL_ACCOUNT_ID}:transform-job/{job['TransformJobName']}"
     description = {**job, "TransformJobArn": arn, "TransformJobStatus": status, "TransformStartTime": started,
-                   "TransformEndTime": ended, "Tags": dict(tags or {}), "Environment": job.get("Environment", {})}
+                   "TransformEndTime": ended, "Environment": job.get("Environment", {})}
     if failure_reason:
         description["FailureReason"] = failure_reason
     return event_of(description)
@@ -365,15 +365,6 @@ class TransformRunner:
                  len(groups), sorted(pids))
         return records
 
-    def tags(self, job: dict[str, Any]) -> dict[str, str]:
-        """The job's tags, which SageMaker's state-change event carries (``detail.Tags``)."""
-        try:
-            found = self.sm.list_tags(ResourceArn=job["TransformJobArn"]).get("Tags", [])
-        except Exception:  # an event without tags is valid: collect then reads every claim
-            log.warning("no tags for transform job %s", job.get("TransformJobName"), exc_info=True)
-            return {}
-        return {t["Key"]: t["Value"] for t in found}
-
     def run_job(self, name: str) -> dict[str, Any]:
         self.seen.add(name)
         job = self.sm.describe_transform_job(TransformJobName=name)
@@ -389,7 +380,7 @@ class TransformRunner:
         ended = datetime.now(UTC)
         # the job's state changes before its event is sent
         self.outcomes[name] = {"status": status, "failure_reason": reason, "started": started, "ended": ended}
-        event = state_change_event(job, status, reason, started, ended, self.tags(job))
+        event = state_change_event(job, status, reason, started, ended)
         log.info("transform job %s %s: %d records in %.2fs", name, status, records, elapsed)
         result = {"job_name": name, "status": status, "records": records, "seconds": elapsed,
                   "failure_reason": reason, "collected": None}

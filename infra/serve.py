@@ -9,44 +9,39 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import time
 from pathlib import Path
 
+from dermscore import options
 from dermscore.template import LOCAL_REGION
-from infra.demo import LOCAL_VISIBILITY_TIMEOUT_S, require_model
+from infra.demo import LOCAL_VISIBILITY_TIMEOUT_S, LOG_FILE, serving_stack_or_error
 from infra.stack import DEFAULT_BUCKET, LOCAL_CREDENTIALS
 
 log = logging.getLogger("dermscore.serve")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/default"), help="trained model directory")
-    p.add_argument("--out", type=Path, default=Path("output"), help="where results/ is exported (default: output)")
+    options.add_model(p)
+    p.add_argument("--out", type=Path, default=Path("output"), help="where results/ is exported")
     p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
-    p.add_argument("--port", type=int, default=0, help="port of the local endpoint (default: any free port)")
+    p.add_argument("--port", type=int, default=0, help="port of the local endpoint (0: any free port)")
     p.add_argument("--batching-window", type=float, default=5.0,
-                   help="SQS batching window in seconds "
-                        "(template.yaml: EnqueueBatchingWindowSeconds, 300; shorter locally)")
+                   help="SQS batching window in seconds (template.yaml's EnqueueBatchingWindowSeconds; "
+                        "shorter locally)")
     p.add_argument("--export-interval", type=float, default=2.0, help="seconds between result exports")
     p.add_argument("--web-port", type=int, default=8765,
                    help="port of the upload page on 127.0.0.1 (0: any free port, -1: no page)")
+    options.add_verbose(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    model_dir = require_model(args.model)
-    if model_dir is None:
-        return 2
+    model_dir = args.model
     from infra.local import LocalPipeline
-    from infra.runner import resolve_mode
-    from infra.serving import ServeEnv, ServingUnavailable
+    from infra.logs import route_to_file
 
-    if resolve_mode() == "serving":
-        try:
-            ServeEnv.locate()
-        except ServingUnavailable as exc:
-            sys.stderr.write(f"dermscore serve transforms through the SageMaker serving stack: {exc}\n")
-            return 2
+    serving_stack_or_error("serve")
+    log_file = route_to_file(args.out / LOG_FILE, args.verbose)
+    print(f"Logs: {log_file}", flush=True)
 
     def stop_on_sigterm(signum, frame):  # `kill` / container stop: shut down like Ctrl-C
         raise KeyboardInterrupt

@@ -40,8 +40,8 @@ DERMSCORE_DEVICE=cuda DERMSCORE_TRANSFORM=serving .venv/bin/dermscore demo --out
   2>"$OUT/demo.stderr" | tee "$OUT/demo.txt"
 
 log "2. dermscore bench --device cuda --quick"
-.venv/bin/dermscore bench --device cuda --quick --model models/default --json "$OUT/bench-cuda-quick.json" \
-  --no-progress 2>"$OUT/bench.stderr" | tee "$OUT/bench-cuda-quick.txt"
+.venv/bin/dermscore bench --device cuda --quick --model models/default --out "$OUT/bench-cuda-quick.json" \
+  --quiet 2>"$OUT/bench.stderr" | tee "$OUT/bench-cuda-quick.txt"
 .venv/bin/python - "$OUT/bench-cuda-quick.json" <<'PY' | tee "$OUT/figures.txt"
 import json, sys
 for k, v in sorted(json.load(open(sys.argv[1]))["figures"].items()):

@@ -40,7 +40,7 @@ def test_quick_bench_prints_every_figure(bench_model: Path, tmp_path: Path, caps
 
     env_before = aws_env()
     out_json = tmp_path / "bench.json"
-    rc = main(["bench", "--quick", "--model", str(bench_model), "--json", str(out_json), "--no-progress"])
+    rc = main(["bench", "--quick", "--model", str(bench_model), "--out", str(out_json), "--quiet"])
     assert rc == 0
     assert aws_env() == env_before  # the bench's AWS_* endpoint settings do not leak
 

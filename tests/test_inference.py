@@ -264,7 +264,7 @@ def test_predict_command_prints_a_row_per_image(model_dir: Path, capsys: pytest.
     images = sorted(SAMPLES.glob("*.jpg"))[:3]
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
-    assert main(["predict", "--model", str(model_dir), *map(str, images), str(text)]) == 0
+    assert main(["predict", "--model", str(model_dir), *map(str, images), str(text)]) == 1   # one not scored
     out = capsys.readouterr().out.splitlines()
     rows = [ln for ln in out if ln.startswith(str(SAMPLES)) or ln.startswith(str(text))]
     assert len(rows) == 4

@@ -170,8 +170,12 @@ def test_poison_message_goes_to_the_dlq(moto_endpoint, tiny_model) -> None:
 
 
 def test_demo_command_end_to_end(tiny_model, tmp_path, capsys) -> None:
-    """`dermscore demo` on its own server (tiny model: this test checks plumbing, not scores)."""
+    """`dermscore demo` as a user runs it, in a process of its own with its own server (tiny model:
+    this test checks plumbing, not scores): a clean console (progress bars and the results, no
+    traceback, no ERROR or WARNING line, no log record) and every log record in the log file."""
     import shutil
+    import subprocess
+    import sys
 
     from PIL import Image
 
@@ -188,14 +192,25 @@ def test_demo_command_end_to_end(tiny_model, tmp_path, capsys) -> None:
     with Image.open(files[0]) as im:
         im.save(images / "scan.webp", "WEBP")                            # -> unsupported_format
     out = tmp_path / "output"
-    with preserved_environ():
-        assert main(["demo", "--images", str(images), "--model", str(tiny_model), "--out", str(out),
-                     "--batching-window", "0.5"]) == 0
-    printed = capsys.readouterr().out
+    run = subprocess.run([sys.executable, "-m", "dermscore.cli", "demo", "--images", str(images), "--model",
+                          str(tiny_model), "--out", str(out), "--batching-window", "0.5"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    console = run.stdout + run.stderr
+    assert run.returncode == 0, console
+    for noise in ("Traceback", "ERROR", "WARNING", '"level":', " INFO "):
+        assert noise not in console, f"{noise!r} on the console:\n{console}"
+    printed = run.stdout
     assert "scored:   4 images, failures: 2" in printed
     assert "transform: SageMaker PyTorch inference toolkit 2.0.25 + TorchServe 0.12.0 (Java " in printed
     assert "images/s" in printed and str(out / "predictions") in printed
+    assert "The 4 images with the highest melanoma probability" in printed   # the scored ones
     assert printed.count("incoming/demo/ISIC_") == 3          # the example query's table
+    header = next(ln for ln in printed.splitlines() if ln.startswith("image_key"))
+    assert all(c in header for c in ("prob_mel", "malignant_prob", "melanoma_flag", "risk_level", "ood_flag"))
+    log = out / "dermscore.log"
+    assert f"Logs:     {log}" in printed
+    records = log.read_text()
+    assert '"service":"dermscore-collect"' in records and "dermscore.stack" in records
     statuses = [json.loads(f.read_text())["status"] for f in (out / "images" / "demo").glob("*.json")]
     assert sorted(statuses) == [results.FAILED] * 2 + [results.SCORED] * 4   # both failures reached the transform
 
@@ -208,5 +223,9 @@ def test_demo_command_end_to_end(tiny_model, tmp_path, capsys) -> None:
 def test_demo_refuses_to_run_without_a_trained_model(tmp_path, capsys) -> None:
     from dermscore.cli import main
 
-    assert main(["demo", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
-    assert "never with random weights" in capsys.readouterr().err
+    not_a_model = tmp_path / "nothing"
+    not_a_model.mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--model", str(not_a_model), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    assert "is not a model folder" in capsys.readouterr().err

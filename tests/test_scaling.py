@@ -568,8 +568,8 @@ def test_plan_command_prints_the_three_volumes(capsys) -> None:
     assert main(["plan", "--images-per-day", "5000", "--instance", "ml.c5.xlarge", "--usd-per-hour", "0.2",
                  "--images-per-second", "40", "--startup-minutes", "4", "--markdown"]) == 0
     assert "| 5k |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["plan", "--instance", "ml.p3.2xlarge"])
+    assert main(["plan", "--instance", "ml.p3.2xlarge"]) == 2          # a user's mistake: one line, exit 2
+    assert "no built-in profile for ml.p3.2xlarge" in capsys.readouterr().err
 
 
 PLAN_KEYS = ("images_per_day", "startup_share", "gpu_usd_per_million", "lambda_usd_per_million",

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from dermscore import options
 from dermscore.labels import CLASSES, MELANOMA_INDEX
 
 log = logging.getLogger("dermscore.calibrate")
@@ -250,13 +251,13 @@ def validation_features(args: argparse.Namespace) -> tuple[Any, Any, Path, Any, 
     import pandas as pd
     import torch
 
-    from batch.model import load
+    from batch.model import load, pick_device
     from training import data as ham
     from training import features, ood
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     model_dir = Path(args.model)
     model, meta = load(model_dir, device)
     split = pd.read_csv(model_dir / ood.VALIDATION_SPLIT)
@@ -303,20 +304,21 @@ def calibrate(args: argparse.Namespace) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from training.ood import IN_DISTRIBUTION_KEPT
 
-    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
-    p.add_argument("--data", type=Path, default=Path("../shared/data/ham10000"))
-    p.add_argument("--cross-fit", type=int, default=5, metavar="K", help="lesion folds (default 5)")
-    p.add_argument("--fold-seed", type=int, default=FOLD_SEED)
+    options.add_model(p)
+    options.add_data(p)
+    p.add_argument("--cross-fit", type=int, default=5, metavar="K", help="lesion folds")
+    p.add_argument("--fold-seed", type=int, default=FOLD_SEED, help="seed of the lesion folds")
     p.add_argument("--kept", type=float, default=IN_DISTRIBUTION_KEPT, help="OOD: share of validation kept")
-    p.add_argument("--ece-bins", type=int, default=ECE_BINS)
+    p.add_argument("--ece-bins", type=int, default=ECE_BINS, help="bins of the expected calibration error")
     p.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="lesion-level resamples for 95 %% intervals")
     p.add_argument("--out", type=Path, default=None, help="folder for crossfit.json (default: MODEL/evaluation)")
     p.add_argument("--write", action="store_true",
                    help="store the scalars refitted on the whole validation split in metadata.json")
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DERMSCORE_CACHE", "reports/cache")))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DERMSCORE_CACHE", "reports/cache")),
+                   help="features cache (DERMSCORE_CACHE)")
+    options.add_device(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
-    p.add_argument("--quiet", action="store_true")
+    options.add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from dermscore.imaging import decode
 from dermscore.labels import CLASSES
+from dermscore.options import UserError
 
 log = logging.getLogger("dermscore.data")
 
@@ -40,8 +41,8 @@ def find_metadata(data_dir: Path) -> Path | None:
         if set(REQUIRED_COLUMNS) <= header:
             candidates.append(f)
     if len(candidates) > 1:
-        raise FileNotFoundError(f"several metadata CSVs in {data_dir} ({', '.join(c.name for c in candidates)}): "
-                                f"name the one to use {METADATA_NAMES[1]}")
+        raise UserError(f"several metadata CSVs in {data_dir} ({', '.join(c.name for c in candidates)}): "
+                        f"rename the one to use to {METADATA_NAMES[1]}")
     return candidates[0] if candidates else None
 
 
@@ -53,10 +54,12 @@ def read_metadata(data_dir: Path) -> pd.DataFrame:
     on one consistent resolution.
     """
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"folder {data_dir} does not exist: pass --data with a HAM10000 folder")
     csv = find_metadata(data_dir)
     if csv is None:
-        raise FileNotFoundError(f"no HAM10000 metadata csv ({', '.join(METADATA_NAMES)}, or a .csv with columns "
-                                f"{', '.join(REQUIRED_COLUMNS)}) in {data_dir}")
+        raise UserError(f"{data_dir} has no HAM10000 metadata CSV ({', '.join(METADATA_NAMES)}, or a .csv with "
+                        f"columns {', '.join(REQUIRED_COLUMNS)}): pass --data with the folder that holds it")
     meta = pd.read_csv(csv)
     unknown = set(meta["dx"]) - set(CLASSES)
     if unknown:
@@ -78,7 +81,8 @@ def read_metadata(data_dir: Path) -> pd.DataFrame:
         log.info("%d of %d metadata rows have no image under %s; they are left out", missing, len(meta), data_dir)
         meta = meta[meta["path"].notna()]
     if meta.empty:
-        raise FileNotFoundError(f"none of the metadata's images were found under {data_dir}")
+        raise UserError(f"none of the images its metadata CSV names were found under {data_dir} "
+                        f"(files named <image_id>.jpg or .png)")
     meta["label"] = meta["dx"].map(CLASSES.index)
     return meta.reset_index(drop=True)
 

@@ -21,7 +21,9 @@ import pandas as pd
 import torch
 
 from batch.model import load, pick_device
+from dermscore import options
 from dermscore.labels import CLASSES
+from dermscore.options import UserError
 from training import data as ham
 from training.metrics import classification_report, softmax
 from training.train import predict_logits
@@ -41,7 +43,7 @@ def select_images(meta: pd.DataFrame, model_dir: Path, subset: str, limit: int, 
     if subset == "validation":
         split_file = model_dir / VALIDATION_SPLIT_FILE
         if not split_file.exists():
-            raise FileNotFoundError(f"{split_file} missing: evaluate with --subset all on data the model never saw")
+            raise UserError(f"{split_file} is missing: evaluate with --subset all on data the model never saw")
         meta = meta[meta.image_id.isin(pd.read_csv(split_file).image_id)]
     if limit and limit < len(meta):
         # Stratified, deterministic subset: every class keeps its share (at least one image).
@@ -162,15 +164,15 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, default=Path("../shared/data/ham10000"))
-    p.add_argument("--model", type=Path, default=Path("models/default"))
-    p.add_argument("--out", type=Path, default=Path("reports/evaluation"))
+    options.add_data(p)
+    options.add_model(p)
+    p.add_argument("--out", type=Path, default=Path("reports/evaluation"), help="folder for the report files")
     p.add_argument("--subset", choices=("validation", "all"), default="validation",
                    help="validation: the model's own held-out split; all: every image under --data")
     p.add_argument("--limit", type=int, default=0, help="stratified subset of this many images")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    options.add_device(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from batch.bundle import METADATA_FILE, OOD_FILE, ModelMeta, sha256_file
+from dermscore import options
 
 log = logging.getLogger("dermscore.ood")
 
@@ -202,18 +203,17 @@ def calibrate(model_dir: Path, data_dir: Path, kept: float = IN_DISTRIBUTION_KEP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/default"),
-                   help="model directory (with validation_split.csv)")
-    p.add_argument("--data", type=Path, default=Path("../shared/data/ham10000"), help="HAM10000 folder")
+    options.add_model(p, "model folder (with validation_split.csv)")
+    options.add_data(p)
     p.add_argument("--kept", type=float, default=IN_DISTRIBUTION_KEPT,
-                   help="share of validation images left unflagged (default 0.95)")
+                   help="share of validation images left unflagged")
     p.add_argument("--dry-run", action="store_true", help="print the threshold, do not write metadata.json")
     p.add_argument("--method", choices=("keep", "energy", "mahalanobis"), default="keep",
                    help="OOD score: keep the model's (default), energy, or mahalanobis (fits and writes ood.npz "
                         "from training images first)")
     p.add_argument("--fit-images", type=int, default=FIT_IMAGES,
                    help="training images the Mahalanobis parameters are fitted on (0: all)")
-    p.add_argument("--fit-seed", type=int, default=FIT_SEED)
+    p.add_argument("--fit-seed", type=int, default=FIT_SEED, help="seed of the fit images")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache the training features here")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
 

@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from dermscore import options
+
 log = logging.getLogger("dermscore.ood_eval")
 
 KINDS = ("photo", "texture", "medical_other", "graphic", "text_page", "solid", "gradient", "noise",
@@ -374,7 +376,7 @@ def evaluate_ood(args: argparse.Namespace) -> dict:
                      **meta.extra.get("ood_fit", {})}
     else:
         means, precision, maha_info = ood.fit_mahalanobis_for_model(model_dir, args.data, args.fit_images,
-                                                                    args.fit_seed, args.cache_dir, args.device,
+                                                                    args.fit_seed, args.cache_dir, str(device),
                                                                     progress=not args.quiet)
         maha = Mahalanobis.from_precision(means, precision)
         maha_info = {"source": "fitted by this command (same procedure as calibrate-ood --method mahalanobis)",
@@ -498,20 +500,21 @@ def markdown(report: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from training.ood import FIT_IMAGES, FIT_SEED, IN_DISTRIBUTION_KEPT
 
-    p.add_argument("--model", type=Path, default=Path("models/default"))
-    p.add_argument("--data", type=Path, default=Path("../shared/data/ham10000"))
+    options.add_model(p)
+    options.add_data(p)
     p.add_argument("--out", type=Path, default=None, help=f"report JSON (default: MODEL/evaluation/{OOD_REPORT})")
     p.add_argument("--per-kind", type=int, default=PER_KIND, help="OOD images per kind")
     p.add_argument("--seed", type=int, default=SEED, help="seed of the OOD set")
-    p.add_argument("--kept", type=float, default=IN_DISTRIBUTION_KEPT)
-    p.add_argument("--fit-images", type=int, default=FIT_IMAGES)
-    p.add_argument("--fit-seed", type=int, default=FIT_SEED)
+    p.add_argument("--kept", type=float, default=IN_DISTRIBUTION_KEPT, help="share of validation images kept")
+    p.add_argument("--fit-images", type=int, default=FIT_IMAGES, help="training images of the Mahalanobis fit")
+    p.add_argument("--fit-seed", type=int, default=FIT_SEED, help="seed of the fit images")
     p.add_argument("--folds", type=int, default=5, help="lesion folds for the cross-fitted kept rate")
-    p.add_argument("--fold-seed", type=int, default=20261123)
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DERMSCORE_CACHE", "reports/cache")))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--fold-seed", type=int, default=20261123, help="seed of the lesion folds")
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DERMSCORE_CACHE", "reports/cache")),
+                   help="features cache (DERMSCORE_CACHE)")
+    options.add_device(p)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
+    options.add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
+from dermscore import options
 from dermscore.messages import OutputLine
 
 log = logging.getLogger("dermscore.predict")
@@ -40,14 +41,12 @@ def format_table(records: Iterable[OutputLine]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def predict(images: list[Path], model_dir: Path, as_json: bool, out: TextIO = sys.stdout,
+def predict(images: list[Path], model_dir: Path, as_json: bool, out: TextIO | None = None,
             device: str | None = None, batch_size: int | None = None) -> int:
     """Score ``images`` and write the table / JSON lines to ``out``; returns the number of errors."""
     from batch.scorer import Scorer
 
-    if not (model_dir / "metadata.json").is_file():
-        raise SystemExit(f"no model at {model_dir} (expected model.pt + metadata.json); "
-                         "train one with `dermscore train` or pass --model")
+    out = out or sys.stdout   # looked up now: the caller may have replaced sys.stdout since import
     scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=batch_size)
     if as_json:  # streamed: fine for thousands of files
         errors = 0
@@ -68,14 +67,20 @@ def predict(images: list[Path], model_dir: Path, as_json: bool, out: TextIO = sy
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="JPEG/PNG files to score")
-    p.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
+    options.add_model(p)
     p.add_argument("--json", action="store_true", help="print one JSON line per image (the transform output format)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=None)
+    options.add_device(p)
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the scorer's)")
 
 
 def run(args: argparse.Namespace) -> int:
+    missing = [p for p in args.images if not p.is_file()]
+    if missing:
+        raise options.UserError(f"{missing[0]} is not a file" + (f" (nor are {len(missing) - 1} more)" if
+                                                                  len(missing) > 1 else "")
+                                + ": pass the paths of JPEG or PNG files")
     errors = predict(args.images, args.model, args.json, device=args.device, batch_size=args.batch_size)
     if errors:
-        log.warning("%d of %d files could not be scored", errors, len(args.images))
-    return 1 if errors == len(args.images) else 0
+        sys.stderr.write(f"{errors} of {len(args.images)} files could not be scored (their reasons are above)\n")
+        return options.PARTIAL_FAILURE
+    return 0

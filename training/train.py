@@ -41,7 +41,7 @@ from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
 from batch.model import ARCHITECTURES, HEAD_LAYERS, ModelMeta, build_network, pick_device, save
-from dermscore import __version__
+from dermscore import __version__, options
 from dermscore.labels import MELANOMA_INDEX
 from training import data as ham
 from training import ood
@@ -314,38 +314,40 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("SM_CHANNEL_TRAINING", "../shared/data/ham10000")))
+    p.add_argument("--data", type=options.folder, default=os.environ.get("SM_CHANNEL_TRAINING", options.DEFAULT_DATA),
+                   help="HAM10000 folder: a metadata CSV (image_id, dx, lesion_id) and the images below it")
     sm_model_dir = os.environ.get("SM_MODEL_DIR")   # a SageMaker training job's output folder
     p.add_argument("--out", type=Path, default=Path(sm_model_dir) if sm_model_dir else None, required=not sm_model_dir,
                    help="the new model folder (required: the shipped models/default is never the default)")
-    p.add_argument("--arch", choices=ARCHITECTURES, default="efficientnet_lite0")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="efficientnet_lite0", help="network")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="start from ImageNet weights (default: yes where the architecture has them)")
-    p.add_argument("--name", default="dermscore-ham10000")
-    p.add_argument("--version", default="")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--name", default="dermscore-ham10000", help="model name (metadata.json)")
+    p.add_argument("--version", default="", help="model version (default: today, YYYYMMDD)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of the cosine schedule")
+    p.add_argument("--batch-size", type=int, default=32, help="images per optimisation step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the head (AdamW)")
     p.add_argument("--weight-decay", type=float, default=0.02, help="AdamW's decoupled weight decay")
     p.add_argument("--backbone-lr-scale", type=float, default=0.5,
                    help="the pretrained backbone's learning rate as a fraction of --lr (the head's)")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy loss")
     p.add_argument("--ema-decay", type=float, default=0.999,
                    help="exponential moving average of the weights per step (0: off)")
     p.add_argument("--color-constancy", type=float, default=6.0, metavar="P",
                    help="Shades of Gray colour constancy in the network, Minkowski p (0: off)")
-    p.add_argument("--input-size", type=int, nargs=2, default=DEFAULT_INPUT_SIZE, metavar=("H", "W"))
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--seed", type=int, default=20261123)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--input-size", type=int, nargs=2, default=DEFAULT_INPUT_SIZE, metavar=("H", "W"),
+                   help="network input in pixels")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of lesions held out for validation")
+    p.add_argument("--seed", type=int, default=20261123, help="seed of the split, sampling and augmentation")
+    options.add_device(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--workers", type=int, default=1, help="augmentation worker processes")
     p.add_argument("--limit", type=int, default=0, help="train on a random subset of this many images")
     p.add_argument("--max-batches", type=int, default=0, help="cap batches per epoch (smoke tests)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--keep-checkpoint", action="store_true")
-    p.add_argument("--progress-interval", type=float, default=10.0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep <out>/checkpoint.pt after the last epoch")
+    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress bar updates")
+    options.add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> None:
