@@ -90,7 +90,7 @@ class InstanceProfile:
 
 INSTANCES: dict[str, InstanceProfile] = {
     # Price: dermscore.config.TRANSFORM_USD_PER_HOUR. Throughput: ASSUMPTION, not measured: a T4
-    # runs a DenseNet-class network forward at ~1,000 images/s (issue 5); end to end the 4 vCPUs
+    # runs a DenseNet-class network forward at ~1,000 images/s; end to end the 4 vCPUs
     # must also GET and decode every JPEG (decode + resize with draft(): ~266 images/s per core
     # measured on the 2-core dev machine, docs/benchmark.md: ~1,000 images/s on 4 vCPUs before
     # the GETs), so half the forward rate is taken. Replace with `dermscore bench --device cuda`

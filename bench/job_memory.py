@@ -1,4 +1,4 @@
-"""Memory of the dispatcher and of collect against the size of a job (issue 13), on the local stack.
+"""Memory of the dispatcher and of collect against the size of a job, on the local stack.
 
 Both stream: the dispatcher holds one pending part and one shard at a time, collect one input
 file (at most ``MAX_IMAGES_PER_SHARD`` lines) and its output. This measures it: each figure is

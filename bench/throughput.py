@@ -1,4 +1,4 @@
-"""``dermscore bench``: where the time goes, from the model alone to S3 -> Parquet (issue 5).
+"""``dermscore bench``: where the time goes, from the model alone to S3 -> Parquet.
 
 One run, the same images (the 200 full-resolution HAM10000 samples, repeated under
 distinct keys to ``--images``) and one model, measures:

@@ -35,6 +35,19 @@ SUPERSEDED = "superseded"                 # the key was uploaded again before th
 UNSAFE_KEY = "unsafe_key"                 # '.'/'..' segments, backslashes or control characters in the key
 KEY_TOO_LONG = "key_too_long"             # a result key derived from it would exceed S3's 1,024 bytes
 FOLDER_MARKER = "folder_marker"           # a zero-byte "folder/" object (the console's Create folder)
+# ... found after the transform, by collect and the reconciler:
+JOB_FAILED = "job_failed"                 # the transform job failed its last attempt (MaxJobAttempts)
+JOB_STOPPED = "job_stopped"               # ... or was stopped
+MISSING_OUTPUT = "missing_output"         # the job completed without an output line for this image
+UNRECONCILED = "unreconciled"             # the reconciler gave up on the job (docs/reliability.md)
+UNKNOWN = "unknown"                       # a failed output line that named no reason
+
+# The stages that write failure rows: the failures table's ``stage`` column.
+ENQUEUE, TRANSFORM, COLLECT, RECONCILE = "enqueue", "transform", "collect", "reconcile"
+STAGES = (ENQUEUE, TRANSFORM, COLLECT, RECONCILE)
+# Every reason code (docs/results.md lists exactly these: tests/test_docs.py).
+CODES = tuple(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and k not in
+              {"ENQUEUE", "TRANSFORM", "COLLECT", "RECONCILE"})
 
 
 def check_size(n_bytes: int) -> None:

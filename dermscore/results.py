@@ -43,7 +43,7 @@ PREDICTION_SCHEMA = pa.schema([
     ("risk_level", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
-    # issue 7 (appended: older files lack them and read as NULL with union_by_name)
+    # (appended: older files lack them and read as NULL with union_by_name)
     ("image_sha256", pa.string()),    # sha256 of the bytes that were scored
     ("processing_ms", pa.float32()),  # fetch + decode + this image's share of its batch's forward pass
     ("ood_score", pa.float32()),      # the model's OOD score (ood_method): higher = less like the training data

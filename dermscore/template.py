@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE_PATH = REPO_ROOT / "template.yaml"
+# Package data: in a checkout a link to the repository's template.yaml (what `sam deploy` reads),
+# in an installed dermscore a copy of it, so `dermscore plan` and `query --list` work anywhere.
+TEMPLATE_PATH = Path(__file__).resolve().parent / "template.yaml"
 
 # Pseudo parameters used when a value is resolved for the local stack.
 LOCAL_ACCOUNT_ID = "123456789012"

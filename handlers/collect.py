@@ -38,7 +38,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
 
-from dermscore import layout, report, results
+from dermscore import layout, reasons, report, results
 from dermscore.aws import chunks, iter_keys, parse_s3_uri
 from dermscore.messages import ManifestLine, OutputLine, Retry
 from handlers import claims, runtime
@@ -48,9 +48,6 @@ from handlers.storage import dt_of, put_json, put_parquet, read_json, read_lines
 logger = Logger(service="dermscore-collect")
 
 DETAIL_TYPE = "SageMaker Transform Job State Change"
-JOB_FAILED = "job_failed"
-JOB_STOPPED = "job_stopped"
-MISSING_OUTPUT = "missing_output"
 TERMINAL = ("Completed", "Failed", "Stopped")
 UNRECONCILED = "Unreconciled"   # marker status: the reconciler gave up on the job (handlers.reconcile)
 REPORT_MAX_ROWS = 20_000        # a job with more images gets its facts but no report page (query it instead)
@@ -128,9 +125,10 @@ def outcome_row(job: str, line: ManifestLine, out: OutputLine | None, out_key: s
     if out is not None and out.ok:
         return results.prediction_row(out, job, when, **picture_keys(out)), results.SCORED
     if out is None:
-        return results.failure_row(line, "collect", MISSING_OUTPUT, f"no output line in {out_key}", job,
-                                   when), results.FAILED
-    return results.failure_row(line, "transform", out.reason or "unknown", out.detail or "", job, when), results.FAILED
+        return (results.failure_row(line, reasons.COLLECT, reasons.MISSING_OUTPUT, f"no output line in {out_key}",
+                                    job, when), results.FAILED)
+    return (results.failure_row(line, reasons.TRANSFORM, out.reason or reasons.UNKNOWN, out.detail or "", job, when),
+            results.FAILED)
 
 
 def collect_file(rt: Runtime, detail: dict[str, Any], in_key: str, lines: list[ManifestLine],
@@ -222,7 +220,7 @@ def collect_failed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[
     settings = rt.settings
     job = detail["TransformJobName"]
     status = detail["TransformJobStatus"]
-    reason = JOB_STOPPED if status == "Stopped" else JOB_FAILED
+    reason = reasons.JOB_STOPPED if status == "Stopped" else reasons.JOB_FAILED
     why = detail.get("FailureReason") or f"transform job {status.lower()}"
     def another_attempt(line: ManifestLine) -> bool:
         return bool(settings.queue_url) and line.attempt + 1 < settings.max_job_attempts
@@ -230,7 +228,7 @@ def collect_failed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[
     requeued = failed = 0
     for in_key, lines in job_lines(rt.s3, detail):
         requeued += requeue(rt, [Retry(ln.next_attempt(), job, why) for ln in lines if another_attempt(ln)])
-        last = [(i, ln, results.failure_row(ln, "transform", reason, why, job, when), results.FAILED)
+        last = [(i, ln, results.failure_row(ln, reasons.TRANSFORM, reason, why, job, when), results.FAILED)
                 for i, ln in enumerate(lines) if not another_attempt(ln)]
         failures = [row for _, _, row, _ in claims.owning(rt.s3, settings.bucket, job, in_key, last)]
         write_failures(rt.s3, settings.bucket, dt_of(when), f"{layout.job_file_name(job, in_key)}-job", failures)

@@ -96,7 +96,7 @@ def examine(record: S3EventRecord) -> tuple[ManifestLine | None, dict[str, Any] 
     when = _event_time(record.event_time)
 
     def fail(reason: str, detail: str) -> tuple[None, dict[str, Any]]:
-        return None, results.failure_row(upload, "enqueue", reason, detail, failed_at=when)
+        return None, results.failure_row(upload, reasons.ENQUEUE, reason, detail, failed_at=when)
 
     if not upload.key.startswith(layout.INCOMING):
         return fail(reasons.WRONG_PREFIX, f"key is outside {layout.INCOMING}")

@@ -40,7 +40,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
 from botocore.exceptions import ClientError
 
-from dermscore import batching, layout, results
+from dermscore import batching, layout, reasons, results
 from dermscore.aws import error_code, iter_keys, iter_objects
 from dermscore.messages import ManifestLine
 from handlers import claims, collect, dispatch, runtime
@@ -50,8 +50,6 @@ from handlers.storage import dt_of, put_json, read_lines, read_parquet, write_fa
 logger = Logger(service="dermscore-reconcile")
 metrics = Metrics(service="dermscore-reconcile")   # namespace: POWERTOOLS_METRICS_NAMESPACE (template.yaml)
 
-UNRECONCILED = "unreconciled"      # reason of the failure rows written when the reconciler gives up
-STAGE = "reconcile"
 MAX_REDRIVES = 3                   # re-drives (or re-submissions) of one job before giving up
 RUNNING = ("InProgress", "Stopping")
 
@@ -211,12 +209,12 @@ def give_up(rt: Runtime, job: Job, description: dict[str, Any] | None, files: li
     now = results.utcnow()
     images, rows = 0, []
     for in_key, lines in files:
-        entries = [(i, ln, results.failure_row(ln, STAGE, UNRECONCILED, why, job.name, now), results.FAILED)
-                   for i, ln in enumerate(lines)]
+        entries = [(i, ln, results.failure_row(ln, reasons.RECONCILE, reasons.UNRECONCILED, why, job.name, now),
+                    results.FAILED) for i, ln in enumerate(lines)]
         images += len(entries)
         rows += [row for _, line, row, _ in claims.owning(rt.s3, rt.settings.bucket, job.name, in_key, entries)
                  if line.upload not in done]
-    write_failures(rt.s3, rt.settings.bucket, dt_of(when), f"{job.name}-{UNRECONCILED}", rows)
+    write_failures(rt.s3, rt.settings.bucket, dt_of(when), f"{job.name}-{reasons.UNRECONCILED}", rows)
     collect.mark(rt, job.name, collect.UNRECONCILED, images=len(rows), reason=why[:500])
     logger.error("transform job could not be reconciled: its images get failure rows", extra={
         "job_name": job.name, "images": len(rows), "already_placed": images - len(rows), "reason": why})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -152,3 +153,31 @@ def test_the_formatter_shows_defaults_that_say_something():
     subparser("plan").print_help(text)
     assert "(default: 300)" in text.getvalue()         # --batch-window
     assert "(default: None)" not in text.getvalue() and "(default: False)" not in text.getvalue()
+
+
+def test_an_installed_dermscore_finds_its_template_outside_the_checkout(tmp_path):
+    """The wheel carries template.yaml (package data): `plan` and `query --list` work from any folder."""
+    import subprocess
+    import sys
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                        "-w", str(wheels), str(REPO)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = wheels.glob("dermscore-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        assert "dermscore/template.yaml" in z.namelist()
+        z.extractall(site)
+    assert (site / "dermscore" / "template.yaml").read_text() == (REPO / "template.yaml").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for argv in (["plan", "--images-per-day", "1000000"], ["query", "--list"]):
+        code = ("import sys, dermscore; from dermscore.cli import main; "
+                f"assert dermscore.__file__.startswith({str(site)!r}), dermscore.__file__; sys.exit(main({argv!r}))")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere,
+                             env={**os.environ, "PYTHONPATH": str(site)})
+        assert run.returncode == 0, run.stderr
+        assert "Traceback" not in run.stderr
+    assert "high-melanoma-risk-triage" in run.stdout

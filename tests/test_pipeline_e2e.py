@@ -106,6 +106,19 @@ def test_sql_example_and_nothing_left_in_flight(scored) -> None:
     assert scored.pipeline.runner.mode == "serving"
 
 
+def test_the_readme_query_runs_on_the_exported_results(scored, capsys) -> None:
+    """The query the README shows after `make demo`, as printed there."""
+    import re
+
+    from dermscore.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (sql,) = re.findall(r'bin/dermscore query "([^"]+)"', readme)
+    assert main(["query", " ".join(sql.split()), "--results", str(scored.out)]) == 0
+    out = capsys.readouterr().out
+    assert "image_key" in out and "risk_level" in out and "(10 rows)" in out
+
+
 def test_redelivered_batch_and_repeated_event_add_no_rows(moto_endpoint, tiny_model, tmp_path) -> None:
     from infra.stack import use_endpoint
 

@@ -115,14 +115,14 @@ def _sam(*args: str, cwd: Path = REPO_ROOT, timeout: int = 300) -> subprocess.Co
 
 
 def test_sam_validate_lint_offline():
-    r = _sam("validate", "--lint", "--region", "us-east-1", "--template-file", str(TEMPLATE_PATH))
+    r = _sam("validate", "--lint", "--region", "us-east-1", "--template-file", str(REPO_ROOT / "template.yaml"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "is a valid SAM Template" in r.stdout + r.stderr
 
 
 def test_sam_build_bundles_handlers_and_light_requirements_only(tmp_path):
     build = tmp_path / "build"
-    r = _sam("build", "--template-file", str(TEMPLATE_PATH), "--build-dir", str(build),
+    r = _sam("build", "--template-file", str(REPO_ROOT / "template.yaml"), "--build-dir", str(build),
              "--cache-dir", str(tmp_path / "cache"))
     assert r.returncode == 0, r.stdout + r.stderr
     for fn in FUNCTIONS:
