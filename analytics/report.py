@@ -67,9 +67,9 @@ def load_jobs(results_dir: Path) -> list[report.Job]:
     return jobs
 
 
-def artifact_path(results_dir: Path, image_key: str, suffix: str) -> Path:
-    """Where the pipeline stores a derived image for ``image_key`` (next to its JSON document)."""
-    return layout.local_path(results_dir, layout.image_artifact_key(image_key, suffix)[len("results/"):])
+def artifact_path(results_dir: Path, image_key: str, etag: str, suffix: str) -> Path:
+    """Where the pipeline stores a derived image of an upload (next to its JSON document)."""
+    return layout.local_path(results_dir, layout.image_artifact_key(image_key, etag, suffix)[len("results/"):])
 
 
 def _exported(results_dir: Path, key: str) -> bool:
@@ -87,7 +87,7 @@ def exported_pictures(rows: list[dict[str, Any]], results_dir: Path) -> list[dic
     for row in rows:
         row = dict(row)
         for field, suffix in PICTURES:
-            key = row.get(field) or layout.image_artifact_key(row["image_key"], suffix)
+            key = row.get(field) or layout.image_artifact_key(row["image_key"], row.get("etag") or "", suffix)
             there = key.startswith(report.RESULTS_ROOT + "/") and _exported(results_dir, key)
             row[field] = key if there else None
         out.append(row)

@@ -57,7 +57,8 @@ def key_problem(key: str) -> tuple[str, str] | None:
         return reasons.UNSAFE_KEY, "key contains a backslash"
     if any(part in ("", ".", "..") for part in rest.split("/")):
         return reasons.UNSAFE_KEY, "key has an empty, '.' or '..' path segment"
-    longest = max(len(image_artifact_key(key, s).encode()) for s in (".json", HEATMAP_SUFFIX, THUMBNAIL_SUFFIX))
+    pictures = (image_artifact_key(key, "0" * ETAG_IN_KEY, s) for s in (HEATMAP_SUFFIX, THUMBNAIL_SUFFIX))
+    longest = max(len(k.encode()) for k in (image_result_key(key), *pictures))
     if longest > MAX_KEY_BYTES:
         return reasons.KEY_TOO_LONG, f"its result key would be {longest} bytes (S3 allows {MAX_KEY_BYTES})"
     return None
@@ -112,6 +113,36 @@ def job_input_prefix(job_name: str, shards: int) -> str:
     return f"{MANIFESTS}{job_name}/{shards}-shards/"
 
 
+JOB_DIGEST_LENGTH = 16
+MAX_JOB_NAME = 63
+
+
+def job_name(prefix: str, part_keys: list[str] | tuple[str, ...]) -> str:
+    """Deterministic, valid SageMaker name (^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}) for a set of pending
+    parts: ``<prefix>-<16 hex digits of their keys>``."""
+    digest = content_digest(*sorted(part_keys), length=JOB_DIGEST_LENGTH)
+    clean = job_prefix(prefix)
+    return f"{clean}-{digest}" if clean else digest
+
+
+def job_prefix(prefix: str) -> str:
+    """The stack's part of its job names (the stack name, made a valid name and shortened)."""
+    return re.sub(r"[^a-zA-Z0-9-]", "-", prefix).strip("-")[: MAX_JOB_NAME - JOB_DIGEST_LENGTH - 1].rstrip("-")
+
+
+def is_job_of(prefix: str, name: str) -> bool:
+    """Is ``name`` a job of the stack ``prefix``? Exactly ``<prefix>-`` and 16 hex digits: a
+    sibling stack named ``<prefix>-x`` shares the prefix but its names are longer (stack names and
+    job names have no character a stack name cannot contain, so only the length tells them apart)."""
+    return re.fullmatch(rf"{re.escape(job_prefix(prefix))}-[0-9a-f]{{{JOB_DIGEST_LENGTH}}}", name) is not None
+
+
+def shard_count(folder: str) -> int | None:
+    """The shard count a job's input folder announces (``manifests/<job>/<n>-shards/``), or None."""
+    m = re.fullmatch(r"(\d+)-shards", folder.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
 def shard_key(job_name: str, index: int, shards: int) -> str:
     """One manifest shard; its transform output is ``<output prefix><file name>.out``."""
     return f"{job_input_prefix(job_name, shards)}part-{index:05d}-of-{shards:05d}.jsonl"
@@ -130,9 +161,18 @@ HEATMAP_SUFFIX = ".heatmap.png"    # Grad-CAM overlay, next to the image's JSON 
 THUMBNAIL_SUFFIX = ".thumb.jpg"    # re-encoded model-input-size image, next to the JSON
 
 
-def image_artifact_key(image_key: str, suffix: str) -> str:
-    """A derived picture of an image (heatmap, thumbnail), stored beside its JSON document."""
-    return image_result_key(image_key)[: -len(".json")] + suffix
+# Derived pictures carry this S3 object tag: their lifecycle rule (PictureRetentionDays) filters on
+# it, as they sit beside the JSON documents, which never expire.
+PICTURE_TAG = "dermscore-derived=picture"
+ETAG_IN_KEY = 40                  # most characters of an upload's ETag in its pictures' keys
+
+
+def image_artifact_key(image_key: str, etag: str, suffix: str) -> str:
+    """A derived picture of one upload (heatmap, thumbnail), beside its JSON document and named by
+    the upload's ETag: two uploads of one key never share, or overwrite, each other's picture,
+    whatever order they are scored in."""
+    tag = re.sub(r"[^0-9A-Za-z-]", "", etag or "")[:ETAG_IN_KEY] or "no-etag"
+    return f"{image_result_key(image_key)[: -len('.json')]}.{tag}{suffix}"
 
 
 def job_file_name(job_name: str, input_key: str) -> str:

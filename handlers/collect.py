@@ -110,7 +110,7 @@ def picture_keys(line: OutputLine) -> dict[str, str | None]:
     keys: dict[str, str | None] = {}
     for name, suffix in PICTURES:
         key = getattr(line, name)
-        expected = layout.image_artifact_key(line.key, suffix)
+        expected = layout.image_artifact_key(line.key, line.etag, suffix)
         if key and key != expected:
             logger.warning("picture key not where the layout puts it; dropped",
                            extra={"image_key": line.key, "picture_key": key, "expected": expected})
@@ -260,7 +260,7 @@ def handle(event: EventBridgeEvent, rt: Runtime) -> dict[str, Any]:
     detail = event.detail
     job = detail.get("TransformJobName", "")
     status = detail.get("TransformJobStatus", "")
-    if event.detail_type != DETAIL_TYPE or not job.startswith(rt.settings.job_prefix):
+    if event.detail_type != DETAIL_TYPE or not layout.is_job_of(rt.settings.job_prefix, job):
         logger.info("event ignored", extra={"detail_type": event.detail_type, "job_name": job})
         return {"job_name": job, "status": status, "ignored": True}
     if status not in TERMINAL:

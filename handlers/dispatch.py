@@ -26,7 +26,6 @@ runs on a schedule; enqueue also wakes it when the pending volume makes a job.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,8 +44,7 @@ from handlers.storage import MANIFEST_CONTENT_TYPE, put_json, read_json, read_li
 logger = Logger(service="dermscore-dispatch")
 metrics = Metrics(service="dermscore-dispatch")   # namespace: POWERTOOLS_METRICS_NAMESPACE (template.yaml)
 
-MAX_JOB_NAME = 63
-DIGEST_LENGTH = 16
+job_name = layout.job_name   # the dispatcher names the jobs (dermscore.layout: one definition)
 
 
 @dataclass(frozen=True)
@@ -66,13 +64,6 @@ class Intent:
 
 
 # --- pure functions -------------------------------------------------------------------------------
-
-def job_name(prefix: str, part_keys: list[str] | tuple[str, ...]) -> str:
-    """Deterministic, valid SageMaker name (^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}) for a set of parts."""
-    digest = layout.content_digest(*sorted(part_keys), length=DIGEST_LENGTH)
-    clean = re.sub(r"[^a-zA-Z0-9-]", "-", prefix).strip("-")[: MAX_JOB_NAME - DIGEST_LENGTH - 1].rstrip("-")
-    return f"{clean}-{digest}" if clean else digest
-
 
 def transform_request(settings: Settings, name: str, manifest_uri: str, instance_count: int) -> dict[str, Any]:
     """The CreateTransformJob request for a job's input (a shard folder: S3Prefix semantics)."""
@@ -129,7 +120,8 @@ def running_jobs(sm, prefix: str) -> int:
     count, token = 0, {}
     while True:
         page = sm.list_transform_jobs(StatusEquals="InProgress", NameContains=prefix, MaxResults=100, **token)
-        count += sum(1 for j in page.get("TransformJobSummaries", []) if j["TransformJobName"].startswith(f"{prefix}-"))
+        count += sum(1 for j in page.get("TransformJobSummaries", [])
+                     if layout.is_job_of(prefix, j["TransformJobName"]))
         if not page.get("NextToken"):
             return count
         token = {"NextToken": page["NextToken"]}

@@ -45,7 +45,7 @@ from dermscore.aws import error_code, iter_keys, iter_objects
 from dermscore.messages import ManifestLine
 from handlers import claims, collect, dispatch, runtime
 from handlers.runtime import Runtime
-from handlers.storage import dt_of, put_json, read_lines, read_parquet, write_failures
+from handlers.storage import dt_of, put_json, read_json, read_lines, read_parquet, write_failures
 
 logger = Logger(service="dermscore-reconcile")
 metrics = Metrics(service="dermscore-reconcile")   # namespace: POWERTOOLS_METRICS_NAMESPACE (template.yaml)
@@ -100,7 +100,7 @@ def jobs(s3, bucket: str, job_prefix: str) -> dict[str, Job]:
     found: dict[str, Job] = {}
     for key, modified in iter_objects(s3, bucket, layout.MANIFESTS):
         named = job_of(key, layout.MANIFESTS)
-        if named and named[0].startswith(job_prefix):
+        if named and layout.is_job_of(job_prefix, named[0]):
             job = found.setdefault(named[0], Job(named[0], modified))
             job.modified = max(job.modified, modified)
     for key, modified in iter_objects(s3, bucket, layout.COLLECTED):
@@ -145,7 +145,7 @@ def redrive(rt: Runtime, job: Job, description: dict[str, Any]) -> None:
 
 
 def manifest_folder(rt: Runtime, name: str) -> tuple[str, int] | None:
-    """(the shard folder, its shard count) of a job's manifest: the newest folder if several."""
+    """(the shard folder, its files) of a job's manifest: the newest folder if several."""
     folders: dict[str, tuple[datetime, int]] = {}
     for key, modified in iter_objects(rt.s3, rt.settings.bucket, f"{layout.MANIFESTS}{name}/"):
         folder, _, _ = key.rpartition("/")
@@ -166,9 +166,36 @@ def manifest_files(rt: Runtime, name: str) -> list[tuple[str, list[ManifestLine]
     return [(k, [ManifestLine.from_json(ln) for ln in read_lines(rt.s3, rt.settings.bucket, k)]) for k in keys]
 
 
+def complete(folder: str, files: int) -> bool:
+    """Every shard the folder's name announces is there (a dispatcher that died while writing
+    them leaves fewer)."""
+    return layout.shard_count(folder) == files
+
+
+def not_ours(rt: Runtime, name: str) -> str | None:
+    """Why a job that does not exist is not the reconciler's to submit or give up on, or None.
+    While the dispatcher's intent for it exists the dispatcher owns it (it rewrites the shards and
+    creates the job); an incomplete manifest folder is never submitted or read (its missing shards'
+    images would get neither a row nor a failure row)."""
+    if read_json(rt.s3, rt.settings.bucket, layout.dispatch_key(name)) is not None:
+        return "its dispatcher's intent exists: the dispatcher submits it"
+    found = manifest_folder(rt, name)
+    if found is not None and not complete(*found):
+        return f"its manifest folder {found[0]} holds {found[1]} of {layout.shard_count(found[0])} shards"
+    return None
+
+
+def left_alone(job: Job, why: str) -> tuple[str, int]:
+    logger.warning("transform job missing: left alone", extra={"job_name": job.name, "reason": why})
+    return OVERDUE, 0
+
+
 def resubmit(rt: Runtime, job: Job) -> tuple[str, int]:
-    """A manifest without its job: its dispatcher died before CreateTransformJob (and its intent
-    was lost). Submit it again from its manifest. Returns (what happened, failure rows written)."""
+    """A complete manifest without its job and without an intent: submitted again. Returns (what
+    happened, failure rows written)."""
+    why = not_ours(rt, job.name)
+    if why:
+        return left_alone(job, why)
     found = manifest_folder(rt, job.name)
     if found is None:
         return GIVE_UP, give_up(rt, job, None, [], "its manifest is gone")
@@ -236,6 +263,8 @@ def reconcile(rt: Runtime, job: Job) -> tuple[str, int]:
         return REDRIVE, 0
     if action == RESUBMIT:
         return resubmit(rt, job)
+    if description is None and (why := not_ours(rt, job.name)):   # giving up: the same ownership as resubmit
+        return left_alone(job, why)
     files = (manifest_files(rt, job.name) if description is None else list(collect.job_lines(rt.s3, description)))
     return GIVE_UP, give_up(rt, job, description, files,
                             f"no outcome after {len(job.redrives)} re-drives (status {status or 'no such job'})")

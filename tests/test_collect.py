@@ -134,6 +134,9 @@ def test_events_of_other_jobs_and_states_are_ignored(job) -> None:
     stack, name, _, request = job
     other = dict(request, TransformJobName="someone-else-123")
     assert stack.invoke("collect", state_change_event(other, "Completed", None, ENDED, ENDED))["ignored"]
+    # a sibling stack named "<stack>-x": its job names start with this stack's prefix too
+    sibling = dict(request, TransformJobName=f"{stack.job_prefix}-x-0123456789abcdef")
+    assert stack.invoke("collect", state_change_event(sibling, "Completed", None, ENDED, ENDED))["ignored"]
     assert stack.invoke("collect", state_change_event(request, "InProgress", None, ENDED, ENDED))["ignored"]
     assert stack.list_keys("results/") == []
 

@@ -66,7 +66,7 @@ def test_scorer_makes_heatmaps_for_high_risk_only_without_exif(varied_model: Pat
     assert set(scorer.pictures) == {k for r in high for k in (r.heatmap_key, r.thumbnail_key)}
     for r in high:
         assert r.heatmap_class == "mel" if r.melanoma_flag else r.heatmap_class in ("akiec", "bcc")
-        assert r.heatmap_key == layout.image_artifact_key(r.key, layout.HEATMAP_SUFFIX)
+        assert r.heatmap_key == layout.image_artifact_key(r.key, r.etag, layout.HEATMAP_SUFFIX)
         for key, fmt in ((r.heatmap_key, "PNG"), (r.thumbnail_key, "JPEG")):
             data = scorer.pictures[key]
             assert b"SecretCameraMaker" not in data
@@ -104,3 +104,30 @@ def test_maps_are_one_where_the_evidence_is_not_flipped_like_monais_default(vari
     x = torch.from_numpy(px).permute(0, 3, 1, 2).float().requires_grad_(True)
     monai_default = GradCAM(nn_module=net, target_layers=gradcam.TARGET_LAYERS["efficientnet_lite0"])(x, class_idx=4)
     assert np.allclose(ours, 1 - monai_default[0, 0].detach().numpy(), atol=1e-4)
+
+
+def test_each_upload_of_a_key_keeps_its_own_pictures(varied_model: Path) -> None:
+    """Upload A of a key is scored, then upload B of the same key: A's row still links A's pictures
+    (B's are stored under B's ETag and overwrite nothing). In-process S3 (moto's mock_aws)."""
+    import boto3
+    from moto import mock_aws
+
+    from batch.scorer import Scorer
+    from dermscore.messages import ManifestLine
+
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="pictures")
+        scorer = Scorer.from_model_dir(varied_model, "cpu", heatmaps="all")
+        scorer.s3 = s3
+        rows = []
+        for f in sample_images(2):                       # two different images, one key
+            etag = s3.put_object(Bucket="pictures", Key="incoming/same.jpg", Body=f.read_bytes())["ETag"].strip('"')
+            (row,) = scorer.score_items([ManifestLine("pictures", "incoming/same.jpg", etag, f.stat().st_size)])
+            rows.append((row, s3.get_object(Bucket="pictures", Key=row.heatmap_key)["Body"].read()))
+        (first, first_png), (second, _) = rows
+        assert first.etag != second.etag and first.heatmap_key != second.heatmap_key
+        assert first.thumbnail_key != second.thumbnail_key
+        assert s3.get_object(Bucket="pictures", Key=first.heatmap_key)["Body"].read() == first_png   # untouched by B
+        tags = s3.get_object_tagging(Bucket="pictures", Key=first.heatmap_key)["TagSet"]
+        assert {"Key": "dermscore-derived", "Value": "picture"} in tags                    # its lifecycle rule

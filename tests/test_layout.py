@@ -128,10 +128,20 @@ def test_keys_that_could_escape_or_overflow_the_result_layout(key: str, reason: 
 
 
 def test_longest_acceptable_key_fits_every_derived_key() -> None:
-    room = layout.MAX_KEY_BYTES - len(layout.IMAGES) - max(len(layout.HEATMAP_SUFFIX), len(layout.THUMBNAIL_SUFFIX))
+    room = (layout.MAX_KEY_BYTES - len(layout.IMAGES) - 1 - layout.ETAG_IN_KEY
+            - max(len(layout.HEATMAP_SUFFIX), len(layout.THUMBNAIL_SUFFIX)))
     key = layout.INCOMING + "a" * room
     assert layout.key_problem(key) is None and layout.key_problem(key + "a")[0] == reasons.KEY_TOO_LONG
-    assert len(layout.image_artifact_key(key, layout.HEATMAP_SUFFIX).encode()) <= layout.MAX_KEY_BYTES
+    multipart = "9" * 32 + "-10000"   # the longest ETag S3 gives (a multipart upload of 10,000 parts)
+    assert len(layout.image_artifact_key(key, multipart, layout.HEATMAP_SUFFIX).encode()) <= layout.MAX_KEY_BYTES
+
+
+def test_two_uploads_of_one_key_never_share_a_picture() -> None:
+    first, second = ("incoming/a/b.jpg", "a" * 32), ("incoming/a/b.jpg", "b" * 31 + "-2")
+    for suffix in (layout.HEATMAP_SUFFIX, layout.THUMBNAIL_SUFFIX):
+        keys = {layout.image_artifact_key(k, e, suffix) for k, e in (first, second)}
+        assert len(keys) == 2 and all(k.startswith("results/images/a/b.jpg.") and k.endswith(suffix) for k in keys)
+    assert layout.image_artifact_key("incoming/x.jpg", '"abc"', ".p") == "results/images/x.jpg.abc.p"
 
 
 def test_local_paths_never_leave_their_root(tmp_path) -> None:
@@ -142,3 +152,15 @@ def test_local_paths_never_leave_their_root(tmp_path) -> None:
     (tmp_path / "link").symlink_to("/tmp")
     with pytest.raises(ValueError):
         layout.local_path(tmp_path, "link/x.json")
+
+
+def test_job_names_of_a_stack_and_of_its_siblings() -> None:
+    """Stack and job names share one alphabet, so ``<stack>-`` also starts the jobs of a stack named
+    ``<stack>-x``; only the fixed length of the digest tells them apart."""
+    name = layout.job_name("derm", ["pending/a", "pending/b"])
+    assert name == layout.job_name("derm", ["pending/b", "pending/a"]) and len(name) == len("derm-") + 16
+    assert layout.is_job_of("derm", name)
+    assert not layout.is_job_of("derm", layout.job_name("derm-x", ["pending/a"]))
+    assert not layout.is_job_of("derm-x", name) and not layout.is_job_of("derm", "derm-123")
+    long = "s" * 80   # a stack name longer than a job name allows is shortened the same way in both
+    assert layout.is_job_of(long, layout.job_name(long, ["p"])) and len(layout.job_name(long, ["p"])) <= 63

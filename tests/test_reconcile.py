@@ -8,7 +8,8 @@ this process when the reconciler invokes it (infra.scheduler.LocalLambda).
 from __future__ import annotations
 
 import io
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 
 import pyarrow.parquet as pq
@@ -166,28 +167,52 @@ def test_young_job_waits_for_the_bound(make_stack) -> None:
     assert world.collect_invocations() == [] and world.marker(job) is None
 
 
-def test_missing_job_whose_dispatcher_died_is_submitted_again(world) -> None:
-    """The dispatcher died after the manifest, before CreateTransformJob: the reconciler submits the
-    job from its manifest (the dispatcher's next run would too, from its intent: whichever comes
-    first, there is one job)."""
+def test_missing_job_whose_dispatcher_died_is_left_to_its_intent(world) -> None:
+    """The dispatcher died after the manifest, before CreateTransformJob: its intent still names
+    the job, so the dispatcher owns the submission (one owner: the reconciler never submits what an
+    intent covers). The reconciler reports it overdue; the dispatcher's next run creates it."""
     with pytest.raises(Killed):
         world.submit(die_before_create=True)
     (name,) = {k.split("/")[1] for k in world.stack.list_keys(layout.MANIFESTS)}
     sm = world.stack.client("sagemaker")
     assert not dispatch.job_exists(sm, name)
-    assert acted(world.reconcile()) == {"resubmitted": 1}
-    job = sm.describe_transform_job(TransformJobName=name)     # the same job, as the dispatcher submits it
+    assert acted(world.reconcile()) == {"overdue": 1}
+    assert not dispatch.job_exists(sm, name)
+    report = dispatch.handle({}, replace(world.stack.runtime("dispatch"), sagemaker=world.view))
+    assert (report["resumed"], report["jobs_created"]) == (1, 1)    # its intent: the job is created now
+    job = sm.describe_transform_job(TransformJobName=name)
     assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == \
         f"s3://{world.stack.bucket}/{layout.job_input_prefix(name, 1)}"
-    assert world.stack.list_keys(layout.COLLECTED) == [layout.redrive_key(name, 1)]
-    report = dispatch.handle({}, replace(world.stack.runtime("dispatch"), sagemaker=world.view))
-    assert (report["resumed"], report["jobs_created"]) == (1, 0)    # its intent: the job exists, parts gone
     assert world.stack.list_keys(layout.PENDING) == world.stack.list_keys(layout.DISPATCH) == []
     # it runs now (InProgress): past the bound, it is reported and left alone
     assert acted(world.reconcile()) == {"overdue": 1}
     world.finish(name)
     assert acted(world.reconcile()) == {"redriven": 1}     # ... and its event was lost too
     assert len(world.rows(layout.PREDICTIONS)) == 2 and world.marker(name)["status"] == "Completed"
+
+
+def test_a_half_written_manifest_is_never_submitted(make_stack) -> None:
+    """A dispatcher run wrote its intent and shard 0 of 3, then died, and the dispatcher does not
+    come back to it in time: the reconciler neither submits the partial folder nor gives up over it,
+    with or without the intent; the dispatcher's run writes every shard and submits all 3."""
+    world = World(make_stack(overrides={"MinImagesPerJob": 1, "TransformInstanceCount": 3,
+                                        "MinImagesPerShard": 1}))
+    part = enqueue.write_part(world.stack.runtime("enqueue"), world.items)
+    name = dispatch.job_name(world.stack.job_prefix, [part])
+    rt = replace(world.stack.runtime("dispatch"), sagemaker=world.view)
+    intent = dispatch.Intent(name, (part,), len(world.items))
+    s3 = world.stack.client("s3")
+    s3.put_object(Bucket=world.stack.bucket, Key=layout.dispatch_key(name), Body=json.dumps(asdict(intent)).encode())
+    s3.put_object(Bucket=world.stack.bucket, Key=layout.shard_key(name, 0, 3), Body=(world.items[0].to_json() + "\n"))
+    sm = world.stack.client("sagemaker")
+    for _ in range(reconcile.MAX_REDRIVES + 1):                    # past every re-drive: still not its to act on
+        assert acted(world.reconcile()) == {"overdue": 1}
+    s3.delete_object(Bucket=world.stack.bucket, Key=layout.dispatch_key(name))   # the intent lost as well
+    assert acted(world.reconcile()) == {"overdue": 1}
+    assert not dispatch.job_exists(sm, name) and world.stack.list_keys(layout.FAILURES) == []
+    s3.put_object(Bucket=world.stack.bucket, Key=layout.dispatch_key(name), Body=json.dumps(asdict(intent)).encode())
+    assert dispatch.handle({}, rt)["jobs_created"] == 1
+    assert len(world.stack.list_keys(layout.job_input_prefix(name, 3))) == 3
 
 
 def test_failed_job_whose_event_was_lost_requeues_its_images(world) -> None:

@@ -531,8 +531,8 @@ def test_s3_access_is_scoped_to_prefixes(template):
     # existing manifest folder, so it writes no manifest; never an image
     rec = res["ReconcileRole"]
     assert _s3_prefixes(rec, {"s3:PutObject"}) == {layout.COLLECTED, f"{layout.IMAGES}*.json", layout.FAILURES}
-    assert _s3_prefixes(rec, {"s3:GetObject"}) == {layout.MANIFESTS, f"{layout.IMAGES}*.json", layout.PREDICTIONS,
-                                                   layout.FAILURES}
+    assert _s3_prefixes(rec, {"s3:GetObject"}) == {layout.MANIFESTS, layout.DISPATCH, f"{layout.IMAGES}*.json",
+                                                   layout.PREDICTIONS, layout.FAILURES}
     assert _listed_prefixes(rec) == {"*"}
     assert layout.image_result_key("incoming/a/b.jpg") == f"{layout.IMAGES}a/b.jpg.json"
     # only the dispatcher deletes anything; the claims/ prefix is gone from every role
@@ -556,15 +556,18 @@ def test_sagemaker_rights_are_for_this_stacks_jobs(template, resolver):
                 assert actions == ["sagemaker:ListTransformJobs"]
                 listers.append(role)
                 continue
+            # exactly <stack>-<16 hex digits>: a sibling stack "<stack>-x" has longer job names
             assert resolver.resolve(s["Resource"]) == \
-                f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{STACK}-*"
+                f"arn:aws:sagemaker:us-east-1:123456789012:transform-job/{STACK}-{'?' * layout.JOB_DIGEST_LENGTH}"
             if "sagemaker:CreateTransformJob" in actions:
                 creators.append(role)
-                # only on the template's instance type, and never without one
+                # only on the template's instance type, never without one, and only on this stack's model
                 assert actions == ["sagemaker:CreateTransformJob"]
                 assert s["Condition"] == {"ForAllValues:StringEquals": {
                     "sagemaker:InstanceTypes": [{"Ref": "TransformInstanceType"}]},
-                    "Null": {"sagemaker:InstanceTypes": "false"}}
+                    "Null": {"sagemaker:InstanceTypes": "false"},
+                    "StringEqualsIgnoreCase": {"sagemaker:ModelArn": {"Fn::Sub": (
+                        "arn:${AWS::Partition}:sagemaker:${AWS::Region}:${AWS::AccountId}:model/${ModelName}")}}}
     # the dispatcher creates jobs, the reconciler re-submits lost ones; enqueue touches no SageMaker API
     assert creators == ["DispatchRole", "ReconcileRole"]
     assert listers == ["DispatchRole"]
@@ -595,8 +598,13 @@ def test_reliability_wiring(template, resolver):
     rules = res["ImagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
     assert not [r for r in rules if "claims" in json.dumps(r)]
     assert "ClaimRetentionDays" not in template["Parameters"] and "MaxJobWaitSeconds" not in template["Parameters"]
+    # no rule expires a document: the only rule without a prefix filters on the pictures' tag, which
+    # the container sets on heatmaps and thumbnails only (tests/test_gradcam.py)
     covering = [r for r in rules if "ExpirationInDays" in r and layout.IMAGES.startswith(r.get("Prefix", ""))]
-    assert covering == []
+    assert [r["Id"] for r in covering] == ["expire-derived-pictures"]
+    key, value = layout.PICTURE_TAG.split("=")
+    assert covering[0]["TagFilters"] == [{"Key": key, "Value": value}] and "Prefix" not in covering[0]
+    assert covering[0]["ExpirationInDays"] == {"Ref": "PictureRetentionDays"}
     assert template["Parameters"]["MaxJobAttempts"]["MinValue"] >= 1
 
 
@@ -620,7 +628,7 @@ def test_bucket_policies_deny_insecure_transport(template):
 
 def test_lifecycle_expires_intermediate_prefixes_only(template):
     rules = template["Resources"]["ImagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
-    expiring = {r["Prefix"] for r in rules if "ExpirationInDays" in r}
+    expiring = {r["Prefix"] for r in rules if "ExpirationInDays" in r and "Prefix" in r}   # (pictures: by tag)
     assert {layout.MANIFESTS, layout.TRANSFORM_OUTPUT} <= expiring
     # pending parts and the dispatcher's intents wait for their job however long it takes: never expired
     kept = {layout.INCOMING, layout.PREDICTIONS, layout.IMAGES, layout.FAILURES, layout.REPORTS, "models/",
