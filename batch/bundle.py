@@ -45,6 +45,9 @@ class ModelMeta:
     # Shades of Gray colour constancy inside the network (batch.model.Normalize): its Minkowski p;
     # 0 (and older metadata, which has no field) = off.
     color_constancy: float = 0.0
+    # The decision rule (dermscore.scoring.top_class): per-class offsets added to log p before the
+    # argmax, in CLASSES order; None (and older metadata) = the plain argmax.
+    class_offsets: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.ood_method not in OOD_METHODS:
@@ -59,6 +62,8 @@ class ModelMeta:
         raw = json.loads(Path(path).read_text())
         raw["input_size"] = tuple(raw["input_size"])
         raw["classes"] = tuple(raw["classes"])
+        if raw.get("class_offsets") is not None:
+            raw["class_offsets"] = tuple(raw["class_offsets"])
         return cls(**raw)
 
     def write(self, path: Path) -> None:

@@ -271,7 +271,8 @@ class Scorer:
         return score_line(line, probs.tolist(), self.model_info, self.meta.melanoma_threshold,
                           decoded.width, decoded.height, image_sha256=decoded.sha256,
                           processing_ms=processing_ms, ood_score=ood_score, orientation=decoded.orientation,
-                          ood_threshold=getattr(self.meta, "ood_threshold", None))
+                          ood_threshold=getattr(self.meta, "ood_threshold", None),
+                          class_offsets=self.meta.class_offsets)
 
     # ---- the pipeline ----------------------------------------------------------------------
     def score_items(self, lines: Iterable[Entry]) -> Iterator[OutputLine]:

@@ -13,7 +13,8 @@ import torch
 from batch.model import load
 from dermscore.cli import main
 from training import data as ham
-from training.metrics import fit_temperature, melanoma_threshold
+from dermscore.labels import CLASSES
+from training.metrics import fit_temperature, melanoma_threshold, softmax
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
 
@@ -208,3 +209,39 @@ def test_each_dataloader_worker_gets_its_own_augmentation_stream() -> None:
         set_rnd(ds, seed)  # what MONAI's worker_init_fn does in each worker
         views.append(ds[0][0])
     assert torch.equal(views[0], views[2]) and not torch.equal(views[0], views[1])
+
+
+def test_the_decision_rule_has_one_definition() -> None:
+    """The container (dermscore.scoring, through score_line), evaluate and calibrate
+    (training.metrics.decisions) name the same top class; the probabilities are left as they are."""
+    from dermscore import scoring
+    from dermscore.messages import ManifestLine
+    from training.metrics import decisions
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(7) * 0.7, size=300)
+    offsets = [0.45, 0.03, -0.5, 1.24, -0.52, -1.84, 1.14]
+    vectorised = decisions(probs, offsets)
+    assert (vectorised != probs.argmax(1)).any()
+    for p, top in zip(probs, vectorised, strict=True):
+        line = scoring.score_line(ManifestLine("b", "incoming/x.jpg", "e"), p.tolist(), {}, 0.5, 600, 450,
+                                  class_offsets=offsets)
+        assert scoring.top_class(p.tolist(), offsets) == top and line.top_class == CLASSES[top]
+        assert line.probabilities == dict(zip(CLASSES, p.tolist(), strict=True)) and line.confidence == p[top]
+    assert (decisions(probs, None) == probs.argmax(1)).all()
+    assert scoring.top_class(probs[0].tolist()) == probs[0].argmax()
+
+
+def test_class_offsets_correct_for_the_prior_and_only_when_it_pays() -> None:
+    from training.metrics import balanced_accuracy_score, decisions, fit_class_offsets
+
+    rng = np.random.default_rng(4)
+    labels = rng.choice(7, size=2000, p=[0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    noisy = np.log(np.bincount(labels, minlength=7) / 2000)[None, :] + 2.5 * np.eye(7)[labels]
+    probs = softmax(noisy + rng.normal(0, 1.6, noisy.shape))      # a prior-dominated classifier
+    offsets = fit_class_offsets(probs, labels)
+    assert offsets[3] > offsets[0] > offsets[5] and abs(sum(offsets)) < 1e-3    # rarer: larger offset
+    assert balanced_accuracy_score(labels, decisions(probs, offsets)) > balanced_accuracy_score(labels,
+                                                                                               probs.argmax(1))
+    perfect = np.eye(7)[labels] * 0.9 + 0.1 / 7
+    assert fit_class_offsets(perfect, labels) == [0.0] * 7                        # nothing to gain: no offsets

@@ -68,24 +68,27 @@ def lesion_folds(lesion_ids: np.ndarray, dx: np.ndarray, k: int, seed: int = FOL
 
 
 def fit_scalars(logits: np.ndarray, labels: np.ndarray, ood_scores: dict[str, np.ndarray], kept: float) -> dict:
-    """The three scalars, by the same procedure as ``dermscore train`` (+ an OOD threshold per score)."""
+    """The scalars, by the same procedure as ``dermscore train`` (+ an OOD threshold per score, and
+    the decision rule's class offsets, fitted on the calibrated probabilities)."""
     from training import ood
-    from training.metrics import fit_temperature, melanoma_threshold, softmax
+    from training.metrics import fit_class_offsets, fit_temperature, melanoma_threshold, softmax
 
     t = fit_temperature(logits, labels)
     probs = softmax(logits, t)
     return {"temperature": t,
             "melanoma_threshold": melanoma_threshold(probs[:, MELANOMA_INDEX], labels == MELANOMA_INDEX),
-            "ood_threshold": {name: ood.threshold(s, kept) for name, s in ood_scores.items()}}
+            "ood_threshold": {name: ood.threshold(s, kept) for name, s in ood_scores.items()},
+            "class_offsets": fit_class_offsets(probs, labels)}
 
 
 def figures(probs: np.ndarray, labels: np.ndarray, mel_flag: np.ndarray, ood_flag: dict[str, np.ndarray],
-            bins: int = ECE_BINS) -> dict:
-    """The reported figures for one set of predictions; thresholds enter only through the flags,
-    so each image can carry the flag of the fold that predicted it."""
+            bins: int = ECE_BINS, pred: np.ndarray | None = None) -> dict:
+    """The reported figures for one set of predictions; thresholds and the decision rule enter only
+    through the flags and ``pred`` (the top classes; None: argmax), so each image can carry those
+    of the fold that predicted it."""
     from training.metrics import classification_report, expected_calibration_error
 
-    rep = classification_report(probs, labels)
+    rep = classification_report(probs, labels, pred=pred)
     is_mel = labels == MELANOMA_INDEX
     nll = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
     return {
@@ -107,7 +110,8 @@ def figures(probs: np.ndarray, labels: np.ndarray, mel_flag: np.ndarray, ood_fla
 
 
 def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, mel_flag: np.ndarray, lesion_ids: np.ndarray,
-                        n: int = BOOTSTRAP, seed: int = 0, bins: int = ECE_BINS) -> dict:
+                        n: int = BOOTSTRAP, seed: int = 0, bins: int = ECE_BINS,
+                        pred: np.ndarray | None = None) -> dict:
     """95 % percentile intervals of the pooled figures, resampling *lesions* with replacement
     (images of a lesion are not independent). The fitted scalars are held fixed: this is the
     sampling uncertainty of the evaluation set, not of the fit."""
@@ -118,6 +122,7 @@ def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, mel_flag: np.ndar
     _, group = np.unique(lesion_ids, return_inverse=True)
     members = [np.flatnonzero(group == g) for g in range(group.max() + 1)]
     rng = np.random.default_rng(seed)
+    pred = probs.argmax(1) if pred is None else pred
     keys = ("balanced_accuracy", "macro_auc", "melanoma_sensitivity_at_threshold",
             "melanoma_specificity_at_threshold", "ece")
     draws: dict[str, list[float]] = {k: [] for k in keys}
@@ -125,7 +130,7 @@ def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, mel_flag: np.ndar
         idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         p, y, f = probs[idx], labels[idx], mel_flag[idx]
         is_mel = y == MELANOMA_INDEX
-        draws["balanced_accuracy"].append(balanced_accuracy_score(y, p.argmax(1)))
+        draws["balanced_accuracy"].append(balanced_accuracy_score(y, pred[idx]))
         draws["macro_auc"].append(np.mean([roc_auc_score(y == c, p[:, c]) for c in range(p.shape[1])
                                            if 0 < (y == c).sum() < len(y)]))
         draws["melanoma_sensitivity_at_threshold"].append(f[is_mel].mean() if is_mel.any() else np.nan)
@@ -137,11 +142,13 @@ def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, mel_flag: np.ndar
 def cross_fit(logits: np.ndarray, labels: np.ndarray, folds: np.ndarray, ood_scores: dict[str, np.ndarray],
               kept: float, bins: int = ECE_BINS, lesion_ids: np.ndarray | None = None,
               bootstrap: int = 0) -> dict:
-    """Fit on K-1 folds, apply to the held-out one; figures of the pooled held-out predictions."""
-    from training.metrics import softmax
+    """Fit on K-1 folds, apply to the held-out one; figures of the pooled held-out predictions
+    (``pooled``: with the decision rule of each fold; ``pooled_argmax``: the plain argmax)."""
+    from training.metrics import decisions, softmax
 
     n = len(labels)
     probs = np.zeros((n, len(CLASSES)))
+    pred = np.zeros(n, dtype=np.int64)
     mel_flag = np.zeros(n, dtype=bool)
     ood_flag = {name: np.zeros(n, dtype=bool) for name in ood_scores}
     per_fold = []
@@ -149,22 +156,25 @@ def cross_fit(logits: np.ndarray, labels: np.ndarray, folds: np.ndarray, ood_sco
         fit, held = folds != f, folds == f
         s = fit_scalars(logits[fit], labels[fit], {k: v[fit] for k, v in ood_scores.items()}, kept)
         probs[held] = softmax(logits[held], s["temperature"])
+        pred[held] = decisions(probs[held], s["class_offsets"])
         mel_flag[held] = probs[held, MELANOMA_INDEX] >= s["melanoma_threshold"]
         for name, v in ood_scores.items():
             ood_flag[name][held] = v[held] >= s["ood_threshold"][name]
-        fig = figures(probs[held], labels[held], mel_flag[held], {k: v[held] for k, v in ood_flag.items()}, bins)
+        fig = figures(probs[held], labels[held], mel_flag[held], {k: v[held] for k, v in ood_flag.items()}, bins,
+                      pred[held])
         per_fold.append({"fold": int(f), "fit_images": int(fit.sum()), "held_out_images": int(held.sum()),
                          "held_out_lesions_by_class": {}, "scalars": s, "held_out": fig})
-    pooled = figures(probs, labels, mel_flag, ood_flag, bins)
+    pooled = figures(probs, labels, mel_flag, ood_flag, bins, pred)
     keys = ("balanced_accuracy", "macro_auc", "melanoma_sensitivity_at_threshold",
             "melanoma_specificity_at_threshold", "ece")
     spread = {k: {"mean": float(np.mean([p["held_out"][k] for p in per_fold if p["held_out"][k] is not None])),
                   "min": float(np.min([p["held_out"][k] for p in per_fold if p["held_out"][k] is not None])),
                   "max": float(np.max([p["held_out"][k] for p in per_fold if p["held_out"][k] is not None]))}
               for k in keys}
-    out = {"pooled": pooled, "per_fold_spread": spread, "per_fold": per_fold}
+    out = {"pooled": pooled, "pooled_argmax": figures(probs, labels, mel_flag, ood_flag, bins),
+           "per_fold_spread": spread, "per_fold": per_fold}
     if bootstrap and lesion_ids is not None:
-        out["pooled_95ci"] = bootstrap_intervals(probs, labels, mel_flag, lesion_ids, bootstrap, bins=bins)
+        out["pooled_95ci"] = bootstrap_intervals(probs, labels, mel_flag, lesion_ids, bootstrap, bins=bins, pred=pred)
         out["pooled_95ci_method"] = f"{bootstrap} lesion-level bootstrap resamples, percentile interval"
     return out
 
@@ -183,11 +193,13 @@ def crossfit_report(logits: np.ndarray, labels: np.ndarray, lesion_ids: np.ndarr
     whole = fit_scalars(logits, labels, ood_scores, kept)
 
     def in_sample(s: dict) -> dict:
+        from training.metrics import decisions
+
         probs = softmax(logits, s["temperature"])
         flags = {name: v >= s["ood_threshold"][name] for name, v in ood_scores.items()
                  if s["ood_threshold"].get(name) is not None}
         return {"scalars": s, **figures(probs, labels, probs[:, MELANOMA_INDEX] >= s["melanoma_threshold"], flags,
-                                        bins)}
+                                        bins, decisions(probs, s.get("class_offsets")))}
 
     return {
         "protocol": {
@@ -198,8 +210,9 @@ def crossfit_report(logits: np.ndarray, labels: np.ndarray, lesion_ids: np.ndarr
                                 "sensitivity >= 0.85 on the fitting folds)",
                                 f"ood_threshold per score ({kept:.0%} of the fitting folds kept)"],
             "ece_bins": bins, "ece": f"{bins} equal-width bins of the top-class probability, weighted by count",
-            "balanced_accuracy_note": "argmax is unchanged by temperature, so balanced accuracy, accuracy, macro "
-                                      "F1 and per-class recall do not depend on any fitted scalar",
+            "decision_rule": "top class = argmax of log p + per-class offsets, the offsets fitted on the fitting "
+                             "folds for balanced accuracy (coordinate ascent, training.metrics.fit_class_offsets); "
+                             "pooled_argmax: the same probabilities with the plain argmax",
             "pooled": "each validation image predicted once, by the scalars of the fold that held it out",
         },
         "cross_fitted": cf,
@@ -280,7 +293,8 @@ def calibrate(args: argparse.Namespace) -> dict:
     if meta.ood_method == "mahalanobis":
         scores["mahalanobis"] = Mahalanobis.load(model_dir / OOD_FILE).score_numpy(v["features"])
     stored = {"temperature": meta.temperature, "melanoma_threshold": meta.melanoma_threshold,
-              "ood_threshold": {name: (meta.ood_threshold if name == meta.ood_method else None) for name in scores}}
+              "ood_threshold": {name: (meta.ood_threshold if name == meta.ood_method else None) for name in scores},
+              "class_offsets": list(meta.class_offsets) if meta.class_offsets else None}
     report = crossfit_report(v["logits"], val.label.to_numpy(), val.lesion_id.to_numpy(), val.dx.to_numpy(), scores,
                              stored, args.cross_fit, args.fold_seed, args.kept, args.ece_bins, args.bootstrap)
     report["model"] = {"name": meta.name, "version": meta.version, "weights_sha256": meta.weights_sha256,
@@ -292,6 +306,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     if args.write:
         whole = report["in_sample_refitted_whole_split"]["scalars"]
         meta.temperature, meta.melanoma_threshold = whole["temperature"], whole["melanoma_threshold"]
+        meta.class_offsets = tuple(whole["class_offsets"])
         meta.ood_threshold = whole["ood_threshold"][meta.ood_method]
         meta.extra = {**meta.extra, "ood": ood.summary(scores[meta.ood_method], meta.ood_threshold, args.kept,
                                                        meta.ood_method)}

@@ -149,7 +149,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     labels = images.label.to_numpy()
     logits = tta_logits(model, pixels, device) if args.tta else predict_logits(model, pixels, device)
     probs = softmax(logits, meta.temperature)
-    report = classification_report(probs, labels, mel_threshold=meta.melanoma_threshold)
+    report = classification_report(probs, labels, mel_threshold=meta.melanoma_threshold,
+                                   class_offsets=meta.class_offsets)
     report.update(subset=args.subset, tta=args.tta, baselines=baselines(labels),
                   model={"name": meta.name, "version": meta.version, "arch": meta.arch,
                          "weights_sha256": meta.weights_sha256, "input_size": list(meta.input_size)})
