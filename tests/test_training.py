@@ -12,8 +12,8 @@ import torch
 
 from batch.model import load
 from dermscore.cli import main
-from training import data as ham
 from dermscore.labels import CLASSES
+from training import data as ham
 from training.metrics import fit_temperature, melanoma_threshold, softmax
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
