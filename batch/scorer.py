@@ -11,10 +11,12 @@ points (:mod:`batch.inference`), ``dermscore predict`` and the OOD calibration u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -48,6 +50,10 @@ log = logging.getLogger("dermscore.scorer")
 CPU_BATCH_SIZE = 32
 CUDA_BATCH_SIZE = 128
 READ_AHEAD_BATCHES = 3
+# Bytes of decodes at once (ByteBudget); DERMSCORE_DECODE_BUDGET_MB overrides. 1 GiB: two
+# worst-case 89 MP progressive JPEGs, or thousands of ordinary images.
+DECODE_BUDGET_BYTES = 2**30
+DECODE_BUDGET_ENV = "DERMSCORE_DECODE_BUDGET_MB"
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,31 @@ def make_s3_client(max_pool_connections: int = 32) -> Any:
                                             retries={"max_attempts": 4, "mode": "standard"}))
 
 
+class ByteBudget:
+    """At most ``limit`` bytes of decodes at once across the worker threads: a few crafted
+    progressive JPEGs (each up to ~530 MB at the 89 MP limit) cannot exhaust the container, while
+    ordinary images (a baseline 600x450 JPEG reserves ~15 KB) never wait. A decode larger than the
+    whole budget runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_use, self.peak = limit, 0, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        with self._cond:
+            while self.in_use and self.in_use + n > self.limit:
+                self._cond.wait()
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= n
+                self._cond.notify_all()
+
+
 class Scorer:
     """Loads a model once and scores streams of images in batched forward passes.
 
@@ -111,7 +142,7 @@ class Scorer:
     def __init__(self, model: torch.nn.Module, meta: ModelMeta, device: torch.device | str = "cpu",
                  s3: Any = None, batch_size: int | None = None, workers: int | None = None,
                  read_ahead_batches: int = READ_AHEAD_BATCHES, heatmaps: str = "off",
-                 mahalanobis: ood_scores.Mahalanobis | None = None) -> None:
+                 mahalanobis: ood_scores.Mahalanobis | None = None, decode_budget: int | None = None) -> None:
         self.model = model
         self.meta = meta
         self.device = torch.device(device)
@@ -126,6 +157,8 @@ class Scorer:
         # Threads beyond the cores still help: most of a GET is waiting on the network.
         self.workers = workers or min(32, 4 * (os.cpu_count() or 1))
         self.read_ahead = max(1, read_ahead_batches) * self.batch_size
+        self.decode_budget = ByteBudget(decode_budget or int(os.environ.get(DECODE_BUDGET_ENV, 0)) * 2**20
+                                        or DECODE_BUDGET_BYTES)
         self._s3 = s3
         self.input_size = tuple(meta.input_size)  # (H, W)
         self.model_info = {"name": meta.name, "version": meta.version, "weights_sha256": meta.weights_sha256}
@@ -218,8 +251,11 @@ class Scorer:
         return data
 
     def decode(self, data: bytes) -> Decoded:
-        """Decode + the sha256 of the bytes (the output names what was scored; bytes are not kept)."""
-        return dataclasses.replace(imaging.decode(data, self.input_size), sha256=hashlib.sha256(data).hexdigest())
+        """Decode + the sha256 of the bytes (the output names what was scored; bytes are not kept),
+        within the decode budget."""
+        with self.decode_budget.hold(imaging.decode_cost(data)):
+            decoded = imaging.decode(data, self.input_size)
+        return dataclasses.replace(decoded, sha256=hashlib.sha256(data).hexdigest())
 
     def load_item(self, line: ManifestLine, _source: Any = None) -> Decoded:
         return self.decode(self.fetch(line))

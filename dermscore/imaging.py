@@ -157,6 +157,29 @@ def decode(data: bytes, size: tuple[int, int]) -> Decoded:
         raise ImageRejected(CORRUPT, str(exc) or type(exc).__name__) from exc
 
 
+# Peak bytes a decode holds per stored pixel, by kind: a progressive JPEG keeps a coefficient
+# buffer of the whole image (2 bytes a sample; 3 samples a pixel at 4:4:4, the worst case)
+# whatever draft() scales; a PNG is decoded at full size (RGBA at most).
+PROGRESSIVE_BYTES_PER_PIXEL = 6
+FULL_DECODE_BYTES_PER_PIXEL = 4
+
+
+def decode_cost(data: bytes) -> int:
+    """The most memory :func:`decode` of ``data`` may hold at once, from the header alone (no pixel
+    is decoded): what a decoder's memory budget (``batch.scorer``) reserves before decoding. 0 for
+    data that is not an image (its decode fails at once)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if im.format in JPEG_FAMILY:
+                if im.info.get("progressive") or im.info.get("progression"):
+                    return w * h * PROGRESSIVE_BYTES_PER_PIXEL
+                return w * h * 3 // 64 + 1   # draft() decodes baseline JPEGs at 1/8 scale at best
+            return w * h * FULL_DECODE_BYTES_PER_PIXEL
+    except Exception:  # not an image, or a broken header: decode() says which
+        return 0
+
+
 def _orientation(im: Image.Image) -> int:
     """The image's EXIF Orientation if it is a valid 2-8, else 1. Broken metadata never rejects
     an image whose pixels decode."""

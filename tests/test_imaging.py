@@ -339,3 +339,42 @@ def test_truncated_png_is_corrupt() -> None:
     with pytest.raises(reasons.ImageRejected) as exc:
         imaging.decode(data[: len(data) // 2], (64, 64))
     assert exc.value.reason == reasons.CORRUPT
+
+
+def test_progressive_jpegs_decode_within_the_scorers_memory_budget(tiny_model) -> None:
+    """Each decode reserves its peak memory from the header (a progressive JPEG holds its whole
+    coefficient buffer: 6 bytes a pixel at worst) before decoding; with a budget below two such
+    images they are decoded one at a time, while small images run alongside."""
+    import threading
+
+    from batch.scorer import Scorer
+
+    big = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (120, 80, 60)).save(big, "JPEG", progressive=True, quality=80)
+    small = io.BytesIO()
+    Image.new("RGB", (600, 450), (90, 60, 40)).save(small, "JPEG", quality=90)
+    cost = imaging.decode_cost(big.getvalue())
+    assert cost == 1600 * 1200 * imaging.PROGRESSIVE_BYTES_PER_PIXEL
+    assert imaging.decode_cost(small.getvalue()) < 20_000 and imaging.decode_cost(b"not an image") == 0
+    scorer = Scorer.from_model_dir(tiny_model, "cpu", workers=8, decode_budget=cost + cost // 2)
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = imaging.decode
+
+    def watched(data, size):
+        with lock:
+            running[0] += data == big.getvalue()
+            most[0] = max(most[0], running[0])
+        try:
+            return real(data, size)
+        finally:
+            with lock:
+                running[0] -= data == big.getvalue()
+
+    imaging.decode = watched
+    try:
+        lines = scorer.score_bytes([(f"big{i}.jpg", big.getvalue()) for i in range(6)]
+                                   + [(f"small{i}.jpg", small.getvalue()) for i in range(6)])
+    finally:
+        imaging.decode = real
+    assert all(r.ok for r in lines) and most[0] == 1 and scorer.decode_budget.peak <= cost + cost // 2
