@@ -67,6 +67,7 @@ class Settings:
     # how old a job's manifest must be before a job without an outcome is looked at.
     collect_function: str = ""
     reconcile_after_minutes: float = 120.0
+    manifest_retention_days: float = 0.0      # ManifestRetentionDays (0: none): the reconciler's horizon
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -96,4 +97,5 @@ class Settings:
             max_job_attempts=int(e.get("MAX_JOB_ATTEMPTS", cls.max_job_attempts)),
             collect_function=e.get("COLLECT_FUNCTION_NAME", cls.collect_function),
             reconcile_after_minutes=float(e.get("RECONCILE_AFTER_MINUTES", cls.reconcile_after_minutes)),
+            manifest_retention_days=float(e.get("MANIFEST_RETENTION_DAYS", cls.manifest_retention_days)),
         )

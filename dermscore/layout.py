@@ -161,6 +161,12 @@ HEATMAP_SUFFIX = ".heatmap.png"    # Grad-CAM overlay, next to the image's JSON 
 THUMBNAIL_SUFFIX = ".thumb.jpg"    # re-encoded model-input-size image, next to the JSON
 
 
+def archived_claim_key(image_key: str, etag: str) -> str:
+    """The claim of an upload that fell out of its key's document history (``handlers.claims``):
+    beside the document, named by the upload's ETag; it never expires, like the document."""
+    return f"{image_result_key(image_key)[: -len('.json')]}.{_etag_in_key(etag)}.claim.json"
+
+
 # Derived pictures carry this S3 object tag: their lifecycle rule (PictureRetentionDays) filters on
 # it, as they sit beside the JSON documents, which never expire.
 PICTURE_TAG = "dermscore-derived=picture"
@@ -171,8 +177,11 @@ def image_artifact_key(image_key: str, etag: str, suffix: str) -> str:
     """A derived picture of one upload (heatmap, thumbnail), beside its JSON document and named by
     the upload's ETag: two uploads of one key never share, or overwrite, each other's picture,
     whatever order they are scored in."""
-    tag = re.sub(r"[^0-9A-Za-z-]", "", etag or "")[:ETAG_IN_KEY] or "no-etag"
-    return f"{image_result_key(image_key)[: -len('.json')]}.{tag}{suffix}"
+    return f"{image_result_key(image_key)[: -len('.json')]}.{_etag_in_key(etag)}{suffix}"
+
+
+def _etag_in_key(etag: str) -> str:
+    return re.sub(r"[^0-9A-Za-z-]", "", etag or "")[:ETAG_IN_KEY] or "no-etag"
 
 
 def job_file_name(job_name: str, input_key: str) -> str:

@@ -23,6 +23,9 @@ exactly one writer wins however many race. A writer that loses reads the documen
   other in ``uploads`` (the last :data:`HISTORY`), so a late duplicate of either is recognised
   (an upload the container found ``superseded`` is never shown over another: it is the older).
   That rewrite is conditional on the ETag read (``IfMatch``): a concurrent writer makes it retry.
+  An upload that falls out of ``uploads`` keeps its claim in an archive object of its own
+  (:func:`dermscore.layout.archived_claim_key`, written once), which a writer that finds its
+  upload in neither place reads: however often a key is uploaded again, no upload is forgotten.
 
 Cost: one PUT per image (the document, which the results need anyway), a GET only where a
 duplicate or a re-upload meets an existing document. Why not a separate claim object per upload,
@@ -119,6 +122,7 @@ def place(s3, bucket: str, outcome: Outcome) -> bool:
     """Does ``outcome.owner`` own its upload? Writes the document when it newly does."""
     line, key = outcome.line, layout.image_result_key(outcome.line.key)
     mine = {**outcome.doc, "etag": line.etag, "owner": outcome.owner, "sequencer": line.sequencer or None}
+    archived = layout.archived_claim_key(line.key, line.etag)
     for attempt in range(RETRIES):
         if _put(s3, bucket, key, mine, IfNoneMatch="*"):
             return True
@@ -128,13 +132,19 @@ def place(s3, bucket: str, outcome: Outcome) -> bool:
             known = _known(current)
             if line.etag in known:
                 return known[line.etag] == outcome.owner
+            old = _read(s3, bucket, archived)   # an upload that fell out of the document's history
+            if old is not None:
+                return old[0].get("owner") == outcome.owner
             # another upload of the key: this one counts too; the document shows the newer
             if shows(mine, current):
                 shown, other = mine, {"etag": current.get("etag"), "owner": current.get("owner")}
             else:
                 shown, other = current, {"etag": line.etag, "owner": outcome.owner}
-            history = [other, *(current.get("uploads") or [])][:HISTORY]
-            if _put(s3, bucket, key, {**shown, "uploads": history}, IfMatch=version):
+            history = [other, *(current.get("uploads") or [])]
+            for evicted in history[HISTORY:]:   # archived first: a crash here forgets nothing
+                _put(s3, bucket, layout.archived_claim_key(line.key, str(evicted.get("etag"))),
+                     {"image_key": line.key, **evicted}, IfNoneMatch="*")
+            if _put(s3, bucket, key, {**shown, "uploads": history[:HISTORY]}, IfMatch=version):
                 return True
         time.sleep(0.02 * 2 ** attempt)
     raise RuntimeError(f"{key}: no stable document after {RETRIES} conditional writes")

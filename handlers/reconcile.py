@@ -71,10 +71,14 @@ class Job:
 
 # --- pure decisions -----------------------------------------------------------------------------
 
-def due(job: Job, now: datetime, after_s: float) -> bool:
+def due(job: Job, now: datetime, after_s: float, retention_days: float | None = None) -> bool:
     """Old enough to be looked at: the manifest is older than the bound and so is the last re-drive
-    (which gets as long as a job to show its outcome)."""
+    (which gets as long as a job to show its outcome); but not within a day of the retention of
+    manifests and markers (``ManifestRetentionDays``): S3 expires a job's objects in no set order,
+    and a job whose marker expired first must not be re-driven over transform output that is gone."""
     newest = max([job.modified, *job.redrives])
+    if retention_days and (now - job.modified).total_seconds() >= (retention_days - 1) * 86_400:
+        return False
     return not job.collected and (now - newest).total_seconds() >= after_s
 
 
@@ -289,7 +293,7 @@ def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
         if job.collected:
             report["collected"] += 1
             continue
-        if not due(job, now, after_s):
+        if not due(job, now, after_s, settings.manifest_retention_days):
             report["waiting"] += 1
             continue
         try:

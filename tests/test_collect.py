@@ -270,3 +270,33 @@ def test_sequencers_compare_as_s3_documents() -> None:
     assert claims.newer("", "0A") and claims.newer("0A", "") and claims.newer("0A", "0A")   # the latest collected
     superseded = {"reason": "superseded", "sequencer": "0F"}
     assert not claims.shows(superseded, {"sequencer": "0A"}) and claims.shows({"sequencer": "0A"}, superseded)
+
+
+def test_an_upload_is_remembered_however_often_its_key_is_uploaded_again() -> None:
+    """A key uploaded more often than the document's history holds: a late duplicate line of its
+    first upload still finds that upload's owner (in its archived claim) and writes no second row.
+    In-process S3 (moto's mock_aws): claims.place alone."""
+    import boto3
+    from moto import mock_aws
+
+    from dermscore import results
+    from dermscore.messages import ManifestLine
+    from handlers import claims
+
+    def outcome(etag: str, owner: str, sequencer: str) -> claims.Outcome:
+        line = ManifestLine("claims", "incoming/again.jpg", etag, 10, sequencer=sequencer)
+        return claims.Outcome(line, owner, {"status": results.SCORED})
+
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="claims")
+        uploads = claims.HISTORY + 3
+        for i in range(uploads):                      # each upload of the key collected once, in order
+            assert claims.place(s3, "claims", outcome(f"{i:032x}", f"job-{i}/part#0", f"{i:08X}"))
+        doc = json.loads(s3.get_object(Bucket="claims", Key=layout.image_result_key("incoming/again.jpg"))
+                         ["Body"].read())
+        assert doc["etag"] == f"{uploads - 1:032x}" and len(doc["uploads"]) == claims.HISTORY
+        first = outcome(f"{0:032x}", "job-late/part#7", "00000000")     # a duplicate line of the first upload
+        assert claims.place(s3, "claims", first) is False
+        assert claims.place(s3, "claims", outcome(f"{0:032x}", "job-0/part#0", "00000000")) is True
+        assert claims.place(s3, "claims", outcome(f"{uploads - 1:032x}", "job-other/part#1", "F")) is False

@@ -118,6 +118,11 @@ def test_decisions() -> None:
         "redrive", "redrive", "redrive", "resubmit", "overdue", "overdue"]
     assert reconcile.decide("Completed", reconcile.MAX_REDRIVES) == reconcile.decide(None, 3) == "give_up"
     assert reconcile.decide("InProgress", 99) == "overdue"    # a running job is never given up on
+    # a job within a day of the retention of manifests and markers is never looked at again: S3 may
+    # expire its marker before its manifest, and its transform output with it
+    old = reconcile.Job("j", now - timedelta(days=29, hours=1))
+    assert reconcile.due(old, now, after_s=60) and not reconcile.due(old, now, after_s=60, retention_days=30)
+    assert reconcile.due(job, now, after_s=20 * 60, retention_days=30)
     assert reconcile.job_of("manifests/j-1/2-shards/part-00000-of-00002.jsonl", layout.MANIFESTS)[0] == "j-1"
     assert reconcile.job_of("manifests/j-1.jsonl", layout.MANIFESTS) == ("j-1", "jsonl")
     assert reconcile.job_of(layout.redrive_key("j-1", 2), layout.COLLECTED) == ("j-1", "redrive-2.json")
