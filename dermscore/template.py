@@ -61,7 +61,8 @@ class Resolver:
     """Resolve intrinsic functions to concrete values for a local deployment.
 
     Parameters take their defaults (or ``overrides``); ``refs`` maps logical
-    ids / pseudo parameters to values; any other resource resolves to its
+    ids / pseudo parameters to values, and ``"X.Attr"`` keys to what ``!GetAtt X.Attr``
+    returns (a local resource's real ARN); any other resource resolves to its
     logical id, and ``!GetAtt X.Arn`` to a plausible local ARN.
     """
 
@@ -102,6 +103,8 @@ class Resolver:
         return self.conditions[name]
 
     def get_att(self, res: str, attr: str) -> Any:
+        if f"{res}.{attr}" in self.refs:
+            return self.refs[f"{res}.{attr}"]
         resources = self.template.get("Resources") or {}
         if attr == "Arn":
             rtype = resources.get(res, {}).get("Type", "")

@@ -52,6 +52,7 @@ from typing import Any
 from batch.bundle import sha256_file
 from dermscore.aws import iter_keys, parse_s3_uri
 from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION
+from infra.iam import TRANSFORM_ROLE
 from infra.stack import LocalStack, client_lock
 
 log = logging.getLogger("dermscore.runner")
@@ -226,7 +227,7 @@ class TransformRunner:
             self.serve = serving.ServeEnv.locate()   # ServingUnavailable (naming `make setup`) if it cannot run
             self.pool = pool or serving.SERVERS
         self.stack = stack
-        self.s3 = stack.client("s3")
+        self.s3 = stack.client("s3", role=TRANSFORM_ROLE)   # Batch Transform reads and writes as the Model's role
         self.sm = stack.client("sagemaker")
         self._tmp = tempfile.TemporaryDirectory(prefix="dermscore-runner-") if work_dir is None else None
         self.work_dir = Path(work_dir or self._tmp.name)
@@ -253,7 +254,10 @@ class TransformRunner:
         if cache_key not in self._models:
             log.info("model %s loaded from %s", model_name, cache_key[0])
             with client_lock():  # the scorer creates a boto3 client; others may be doing so in another thread
-                self._models[cache_key] = inference.load_model(str(model_dir), self.container_env())
+                scorer = inference.load_model(str(model_dir), self.container_env())
+                if self.stack.iam is not None:   # the container's own client, as the Model's role
+                    scorer.s3 = self.stack.client("s3", role=TRANSFORM_ROLE)
+                self._models[cache_key] = scorer
         return self._models[cache_key]
 
     def container_env(self) -> dict[str, str]:

@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from botocore.config import Config
 
 from dermscore import layout
 from dermscore.aws import iter_keys
 from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION, LocalSpec, local_spec
+from infra.iam import ENFORCE_ENV, FUNCTION_ROLES, TRANSFORM_ROLE, LocalIAM, local_refs
 
 log = logging.getLogger("dermscore.stack")
 
@@ -50,11 +52,15 @@ LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local-dermscore-not-a-key",
 LOCAL_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT_ID}:role/dermscore-local-sagemaker"
 LOCAL_IMAGE = f"{LOCAL_ACCOUNT_ID}.dkr.ecr.{LOCAL_REGION}.amazonaws.com/dermscore-local:latest"
 
+# A role's client serves a handler's or the container's threads (handlers.runtime.CLIENT_CONFIG's pool).
+ROLE_CLIENT_CONFIG = Config(max_pool_connections=64, retries={"max_attempts": 4, "mode": "standard"})
+
 # boto3's default session is not safe for creating clients from several threads at once.
-_CLIENT_LOCK = threading.Lock()
+# Reentrant: a function's runtime, built under it, takes the stack's own SageMaker client (IAM enforced).
+_CLIENT_LOCK = threading.RLock()
 
 
-def client_lock() -> threading.Lock:
+def client_lock() -> threading.RLock:
     """Held while clients are created in a process that runs the local stack's threads."""
     return _CLIENT_LOCK
 
@@ -225,7 +231,8 @@ class LocalStack:
     dlq_url: str
     dlq_arn: str
     server: Any = None
-    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
+    iam: LocalIAM | None = None   # while each function runs under its own role (enforce_iam)
+    _clients: dict[Any, Any] = field(default_factory=dict, repr=False)
     _runtimes: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -244,23 +251,32 @@ class LocalStack:
     def job_prefix(self) -> str:
         return self.spec.enqueue_env["JOB_PREFIX"]
 
-    def client(self, service: str):
-        """A client of the local endpoint (cached: boto3 clients are thread-safe once created)."""
+    def client(self, service: str, role: str | None = None):
+        """A client of the local endpoint (cached: boto3 clients are thread-safe once created): the
+        stack's own, or with IAM enforced and a template ``role`` named, one with that role's session."""
+        creds = self.iam.sessions[role] if self.iam is not None and role else None
         with _CLIENT_LOCK:
-            if service not in self._clients:
-                self._clients[service] = boto3.session.Session().client(
-                    service, endpoint_url=self.endpoint, region_name=LOCAL_REGION)
-            return self._clients[service]
+            if (service, creds) not in self._clients:
+                self._clients[(service, creds)] = boto3.session.Session(
+                    **({} if creds is None else {"aws_access_key_id": creds.access_key_id,
+                                                 "aws_secret_access_key": creds.secret_access_key,
+                                                 "aws_session_token": creds.session_token})
+                ).client(service, endpoint_url=self.endpoint, region_name=LOCAL_REGION,
+                         config=None if creds is None else ROLE_CLIENT_CONFIG)
+            return self._clients[(service, creds)]
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def create(cls, bucket: str = DEFAULT_BUCKET, stack_name: str = DEFAULT_STACK, endpoint: str | None = None,
                overrides: dict[str, Any] | None = None, visibility_timeout: int | None = None,
-               batching_window_s: int | None = None, batch_size: int | None = None, port: int = 0) -> LocalStack:
+               batching_window_s: int | None = None, batch_size: int | None = None, port: int = 0,
+               enforce_iam: bool | None = None) -> LocalStack:
         """Create the template's resources on ``endpoint`` (if None: a new server on ``port``, 0 = any free one).
 
         ``overrides`` are template parameter values (e.g. ``{"ModelName": ...}``);
         ``visibility_timeout`` / ``batching_window_s`` / ``batch_size`` shorten waits locally.
+        ``enforce_iam`` (default: ``DERMSCORE_ENFORCE_IAM=1``): each function, and the transform
+        container, under its own template.yaml role, enforced by the server (infra.iam).
         """
         server = None
         if endpoint is None:
@@ -293,6 +309,8 @@ class LocalStack:
             Bucket=spec.enqueue_env["BUCKET_NAME"],
             NotificationConfiguration={"QueueConfigurations": notification_configs(spec, queue_arn)})
         stack = cls(endpoint, spec, queue_url, queue_arn, dlq_url, dlq_arn, server)
+        if os.environ.get(ENFORCE_ENV) == "1" if enforce_iam is None else enforce_iam:
+            stack._enforce_iam(overrides)
         log.info("local stack %s on %s: bucket %s, queue %s", stack_name, endpoint, stack.bucket, queue_url)
         return stack
 
@@ -313,7 +331,20 @@ class LocalStack:
         log.info("model %s registered from %s (%s)", self.model_name, model_dir, url)
         return url
 
+    def _enforce_iam(self, overrides: dict[str, Any] | None) -> None:
+        """The roles in the server, the admin user's key for this process's own clients (the
+        environment, as use_endpoint set it), the transform role's session in the container's
+        environment (as SageMaker hands the container its execution role); then enforcement."""
+        self.iam = LocalIAM.create(self.endpoint, self.stack_name, local_refs(self), overrides)
+        os.environ.update(self.iam.admin.env())
+        self.spec = replace(self.spec, model_env={**self.spec.model_env, **self.iam.env(TRANSFORM_ROLE)})
+        self.iam.start()
+
     def stop(self) -> None:
+        if self.iam is not None:
+            self.iam.close()
+            if os.environ.get("AWS_ACCESS_KEY_ID") == self.iam.admin.access_key_id:
+                os.environ.update(LOCAL_CREDENTIALS)
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -321,28 +352,33 @@ class LocalStack:
     # ---- invoking the functions like Lambda does ---------------------------------------------
     def function_env(self, function: str) -> dict[str, str]:
         """What Lambda would give the function: its template.yaml variables, plus (locally) the
-        endpoint, region and dummy credentials of this stack."""
+        endpoint, region and dummy credentials of this stack (its role's session, IAM enforced)."""
         own = {"enqueue": self.spec.enqueue_env, "collect": self.spec.collect_env,
                "reconcile": self.spec.reconcile_env, "dispatch": self.spec.dispatch_env}[function]
-        return {**LOCAL_CREDENTIALS, "AWS_REGION": LOCAL_REGION, "AWS_DEFAULT_REGION": LOCAL_REGION,
+        creds = LOCAL_CREDENTIALS if self.iam is None else self.iam.env(FUNCTION_ROLES[function])
+        return {**creds, "AWS_REGION": LOCAL_REGION, "AWS_DEFAULT_REGION": LOCAL_REGION,
                 "AWS_ENDPOINT_URL": self.endpoint, **own}
+
+    def _runtime_of(self, env: dict[str, str]) -> Any:
+        """Runtime.from_env; with IAM enforced its SageMaker client is the stack's own (moto checks
+        SageMaker rights against Resource "*" only, which job-scoped grants never match: infra.iam)."""
+        from handlers.runtime import Runtime
+
+        rt = Runtime.from_env(env)
+        return rt if self.iam is None else replace(rt, sagemaker=self.client("sagemaker"))
 
     def runtime(self, function: str) -> Any:
         """The function's settings and clients, built once (as in one warm Lambda container)."""
-        from handlers.runtime import Runtime
-
         with _CLIENT_LOCK:
             if function not in self._runtimes:
-                self._runtimes[function] = Runtime.from_env(self.function_env(function))
+                self._runtimes[function] = self._runtime_of(self.function_env(function))
             return self._runtimes[function]
 
     def inject(self, function: str, env: dict[str, str] | None = None, **clients: Any) -> None:
         """Give a function other clients (tests: a SageMaker client that refuses, ...) and, with
         ``env``, other settings (variables over its template.yaml ones, e.g. a shorter bound)."""
-        from handlers.runtime import Runtime
-
         with _CLIENT_LOCK:
-            current = (Runtime.from_env({**self.function_env(function), **env}) if env
+            current = (self._runtime_of({**self.function_env(function), **env}) if env
                        else self._runtimes.get(function))
         current = current or self.runtime(function)
         with _CLIENT_LOCK:

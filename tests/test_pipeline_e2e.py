@@ -9,6 +9,7 @@ model is a tiny random network (plumbing only).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,8 +40,14 @@ def make_pipeline(endpoint: str, model_dir: Path | None, **kwargs):
 
 @pytest.fixture(scope="module")
 def scored(moto_endpoint: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    yield from score_the_sample(moto_endpoint, tiny_model, tmp_path_factory)
+
+
+def score_the_sample(moto_endpoint: str, tiny_model: Path,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     """Ten real images (one under a key with spaces, unicode and '+'), a corrupt JPEG and an
-    empty file go through the whole pipeline once; the tests below look at the outcome."""
+    empty file go through the whole pipeline once; the tests below look at the outcome (also
+    tests/test_iam_local.py, with every function under its own role)."""
     from infra.stack import use_endpoint
 
     files = sample_images(10)
