@@ -298,7 +298,8 @@ def test_drag_and_drop_in_headless_chromium(served, tmp_path: Path) -> None:
             assert seen[name].startswith("error:"), seen  # refused preflight / no CORS headers: unreadable
         assert web_keys(s3, served.bucket) == before  # the bucket survived (no reset) and got no new object
         assert not [k for k in s3.list_objects_v2(Bucket=served.bucket).get("Contents", []) if "evil" in k["Key"]]
-        log = "".join(served.lines)  # the no-cors ones (no preflight) were sent, and refused by the servers
+        # the no-cors ones (no preflight) were sent, and refused by the servers: serve's log file says so
+        log = (served.out / "dermscore.log").read_text()
         assert "web refused POST /api/upload" in log and "local stack refused POST /moto-api/reset" in log, seen
     finally:
         driver.quit()
