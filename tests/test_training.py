@@ -245,3 +245,31 @@ def test_class_offsets_correct_for_the_prior_and_only_when_it_pays() -> None:
                                                                                                probs.argmax(1))
     perfect = np.eye(7)[labels] * 0.9 + 0.1 / 7
     assert fit_class_offsets(perfect, labels) == [0.0] * 7                        # nothing to gain: no offsets
+
+
+def test_shades_of_gray_removes_a_colour_cast_inside_the_network() -> None:
+    from batch.model import build_network, shades_of_gray
+
+    rng = torch.Generator().manual_seed(0)
+    scene = torch.rand((1, 1, 32, 32), generator=rng) * 150 + 50
+    cast = torch.cat([scene * 1.3, scene, scene * 0.6], dim=1)         # a warm illuminant
+    balanced = shades_of_gray(cast, 6.0)
+    means = balanced.mean(dim=(2, 3))[0]
+    assert (means.max() - means.min()) / means.mean() < 0.05 < (cast.mean(dim=(2, 3))[0].std() / cast.mean())
+    plain, constant = build_network("efficientnet_lite0"), build_network("efficientnet_lite0", color_constancy=6)
+    assert plain.state_dict().keys() == constant.state_dict().keys()   # no weights: older models load as before
+    x = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    assert torch.equal(plain[0](x), x.float().div(127.5).sub(1.0))
+
+
+def test_train_smoke_with_the_v3_recipe(tmp_path: Path) -> None:
+    """EMA, label smoothing, two learning rates, colour constancy and the acquisition augmentation
+    run, and the model folder records the recipe and loads with its colour constancy."""
+    out = tmp_path / "v3"
+    main(["train", "--data", str(DATA), "--out", str(out), "--limit", "120", "--epochs", "1", "--max-batches", "2",
+          "--batch-size", "8", "--input-size", "64", "64", "--workers", "0", "--threads", "1", "--quiet",
+          "--ema-decay", "0.9", "--label-smoothing", "0.1", "--backbone-lr-scale", "0.5", "--color-constancy", "6",
+          "--acquisition-augment"])
+    model, meta = load(out)
+    assert meta.color_constancy == 6 and model[0].minkowski_p == 6
+    assert meta.extra["recipe"]["ema_decay"] == 0.9 and meta.extra["recipe"]["acquisition_augment"] is True
