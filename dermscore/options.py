@@ -84,8 +84,8 @@ def add_model(p: argparse.ArgumentParser, help_text: str = "model folder (model.
     p.add_argument("--model", type=model_folder, default=DEFAULT_MODEL, help=help_text)
 
 
-def add_data(p: argparse.ArgumentParser, default: str | None = DEFAULT_DATA) -> None:
-    p.add_argument("--data", type=folder, default=default,
+def add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=folder, default=DEFAULT_DATA,
                    help="HAM10000 folder: a metadata CSV (image_id, dx, lesion_id) and the images below it")
 
 
@@ -99,10 +99,6 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def add_json(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--json", action="store_true", help=f"print {what} as JSON instead of a table")
 
 
 def add_verbose(p: argparse.ArgumentParser) -> None:
