@@ -253,8 +253,7 @@ class Scorer:
     def decode(self, data: bytes) -> Decoded:
         """Decode + the sha256 of the bytes (the output names what was scored; bytes are not kept),
         within the decode budget."""
-        with self.decode_budget.hold(imaging.decode_cost(data)):
-            decoded = imaging.decode(data, self.input_size)
+        decoded = imaging.decode(data, self.input_size, reserve=self.decode_budget.hold)
         return dataclasses.replace(decoded, sha256=hashlib.sha256(data).hexdigest())
 
     def load_item(self, line: ManifestLine, _source: Any = None) -> Decoded:

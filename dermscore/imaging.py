@@ -36,7 +36,10 @@ Limits (all checked on the header, before any pixel is decoded):
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,14 +106,17 @@ class Decoded:
     Pillow does) of JPEG, MPO and PNG."""
 
 
-def decode(data: bytes, size: tuple[int, int]) -> Decoded:
+def decode(data: bytes, size: tuple[int, int],
+           reserve: Callable[[int], AbstractContextManager[object]] | None = None) -> Decoded:
     """Validate and decode ``data`` to upright RGB uint8 of ``size`` = (height, width).
 
     The image is decoded exactly once. JPEG ``draft()`` lets libjpeg decode at 1/2,
     1/4 or 1/8 scale straight from the DCT coefficients, so a 600x450 original
     reaches a ~200 px input at a fraction of the full decode cost, and a 48 MP one
     never exists at full size. Then: conversion to 8-bit RGB (:func:`to_rgb8`),
-    EXIF orientation, bilinear resize.
+    EXIF orientation, bilinear resize. ``reserve(n)``, if given, is entered with the decode's peak
+    bytes (:func:`peak_bytes`, from the header just read) before any pixel is decoded: a memory
+    budget shared by decoder threads (``batch.scorer.ByteBudget``).
     """
     check_size(len(data))
     height, width = size
@@ -134,15 +140,16 @@ def decode(data: bytes, size: tuple[int, int]) -> Decoded:
                 im.draft("RGB", (height, width) if orientation >= 5 else (width, height))
                 if im.size[0] * im.size[1] > FULL_DECODE_MAX_PIXELS:
                     raise ImageRejected(DECOMPRESSION_BOMB, f"{w}x{h} decodes to {im.size[0]}x{im.size[1]}")
-            im.load()  # the one decode
-            if fmt not in JPEG_FAMILY:
-                orientation = _orientation(im)  # a PNG's eXIf chunk may follow its pixel data
-            rgb = to_rgb8(im)
-            if orientation != 1:
-                rgb = rgb.transpose(_UPRIGHT[orientation])
-                w, h = (h, w) if orientation >= 5 else (w, h)
-            rgb = rgb.resize((width, height), Image.BILINEAR)
-            return Decoded(np.asarray(rgb, dtype=np.uint8), w, h, orientation=orientation)
+            with reserve(peak_bytes(im, w, h)) if reserve else contextlib.nullcontext():
+                im.load()  # the one decode
+                if fmt not in JPEG_FAMILY:
+                    orientation = _orientation(im)  # a PNG's eXIf chunk may follow its pixel data
+                rgb = to_rgb8(im)
+                if orientation != 1:
+                    rgb = rgb.transpose(_UPRIGHT[orientation])
+                    w, h = (h, w) if orientation >= 5 else (w, h)
+                rgb = rgb.resize((width, height), Image.BILINEAR)
+                return Decoded(np.asarray(rgb, dtype=np.uint8), w, h, orientation=orientation)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -164,20 +171,14 @@ PROGRESSIVE_BYTES_PER_PIXEL = 6
 FULL_DECODE_BYTES_PER_PIXEL = 4
 
 
-def decode_cost(data: bytes) -> int:
-    """The most memory :func:`decode` of ``data`` may hold at once, from the header alone (no pixel
-    is decoded): what a decoder's memory budget (``batch.scorer``) reserves before decoding. 0 for
-    data that is not an image (its decode fails at once)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if im.format in JPEG_FAMILY:
-                if im.info.get("progressive") or im.info.get("progression"):
-                    return w * h * PROGRESSIVE_BYTES_PER_PIXEL
-                return w * h * 3 // 64 + 1   # draft() decodes baseline JPEGs at 1/8 scale at best
-            return w * h * FULL_DECODE_BYTES_PER_PIXEL
-    except Exception:  # not an image, or a broken header: decode() says which
-        return 0
+def peak_bytes(im: Image.Image, width: int, height: int) -> int:
+    """The most memory decoding the opened ``im`` (stored ``width`` x ``height``) may hold at once,
+    from its header alone: what :func:`decode` reserves before decoding."""
+    if im.format in JPEG_FAMILY:
+        if im.info.get("progressive") or im.info.get("progression"):
+            return width * height * PROGRESSIVE_BYTES_PER_PIXEL
+        return width * height * 3 // 64 + 1   # draft() decodes baseline JPEGs at 1/8 scale at best
+    return width * height * FULL_DECODE_BYTES_PER_PIXEL
 
 
 def _orientation(im: Image.Image) -> int:

@@ -345,7 +345,10 @@ def test_progressive_jpegs_decode_within_the_scorers_memory_budget(tiny_model) -
     """Each decode reserves its peak memory from the header (a progressive JPEG holds its whole
     coefficient buffer: 6 bytes a pixel at worst) before decoding; with a budget below two such
     images they are decoded one at a time, while small images run alongside."""
+    import contextlib
     import threading
+
+    from PIL import ImageFile
 
     from batch.scorer import Scorer
 
@@ -353,28 +356,39 @@ def test_progressive_jpegs_decode_within_the_scorers_memory_budget(tiny_model) -
     Image.new("RGB", (1600, 1200), (120, 80, 60)).save(big, "JPEG", progressive=True, quality=80)
     small = io.BytesIO()
     Image.new("RGB", (600, 450), (90, 60, 40)).save(small, "JPEG", quality=90)
-    cost = imaging.decode_cost(big.getvalue())
-    assert cost == 1600 * 1200 * imaging.PROGRESSIVE_BYTES_PER_PIXEL
-    assert imaging.decode_cost(small.getvalue()) < 20_000 and imaging.decode_cost(b"not an image") == 0
+    reserved: list[int] = []
+
+    @contextlib.contextmanager
+    def record(n: int):
+        reserved.append(n)
+        yield
+
+    imaging.decode(big.getvalue(), (64, 64), reserve=record)
+    imaging.decode(small.getvalue(), (64, 64), reserve=record)
+    with pytest.raises(reasons.ImageRejected):
+        imaging.decode(b"not an image", (64, 64), reserve=record)   # refused before reserving anything
+    cost, small_cost = reserved
+    assert cost == 1600 * 1200 * imaging.PROGRESSIVE_BYTES_PER_PIXEL and small_cost < 20_000
     scorer = Scorer.from_model_dir(tiny_model, "cpu", workers=8, decode_budget=cost + cost // 2)
     running, most = [0], [0]
     lock = threading.Lock()
-    real = imaging.decode
+    real = ImageFile.ImageFile.load
 
-    def watched(data, size):
+    def watched(im):   # counts the progressive decodes under way
+        progressive = bool(im.info.get("progressive"))
         with lock:
-            running[0] += data == big.getvalue()
+            running[0] += progressive
             most[0] = max(most[0], running[0])
         try:
-            return real(data, size)
+            return real(im)
         finally:
             with lock:
-                running[0] -= data == big.getvalue()
+                running[0] -= progressive
 
-    imaging.decode = watched
+    ImageFile.ImageFile.load = watched
     try:
         lines = scorer.score_bytes([(f"big{i}.jpg", big.getvalue()) for i in range(6)]
                                    + [(f"small{i}.jpg", small.getvalue()) for i in range(6)])
     finally:
-        imaging.decode = real
+        ImageFile.ImageFile.load = real
     assert all(r.ok for r in lines) and most[0] == 1 and scorer.decode_budget.peak <= cost + cost // 2
