@@ -44,8 +44,6 @@ from handlers.storage import MANIFEST_CONTENT_TYPE, put_json, read_json, read_li
 logger = Logger(service="dermscore-dispatch")
 metrics = Metrics(service="dermscore-dispatch")   # namespace: POWERTOOLS_METRICS_NAMESPACE (template.yaml)
 
-job_name = layout.job_name   # the dispatcher names the jobs (dermscore.layout: one definition)
-
 
 @dataclass(frozen=True)
 class Intent:
@@ -273,7 +271,7 @@ def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
         report["quiet_release"] = 1
     for group in groups:
         keys = tuple(p.key for p in group)
-        intent = Intent(job_name(settings.job_prefix, keys), keys, sum(p.images for p in group))
+        intent = Intent(layout.job_name(settings.job_prefix, keys), keys, sum(p.images for p in group))
         put_json(s3, settings.bucket, layout.dispatch_key(intent.job), asdict(intent))   # before anything else
         if not attempt(intent):
             break

@@ -148,44 +148,44 @@ def redrive(rt: Runtime, job: Job, description: dict[str, Any]) -> None:
                           "attempt": len(job.redrives) + 1})
 
 
-def manifest_folder(rt: Runtime, name: str) -> tuple[str, int] | None:
-    """(the shard folder, its files) of a job's manifest: the newest folder if several."""
-    folders: dict[str, tuple[datetime, int]] = {}
+Folder = tuple[str, list[str]]   # a job's shard folder and its shard keys, sorted
+
+
+def manifest_folder(rt: Runtime, name: str) -> Folder | None:
+    """The shard folder of a job's manifest and its shard keys (one listing): the newest folder if
+    several."""
+    folders: dict[str, tuple[datetime, list[str]]] = {}
     for key, modified in iter_objects(rt.s3, rt.settings.bucket, f"{layout.MANIFESTS}{name}/"):
         folder, _, _ = key.rpartition("/")
-        seen, files = folders.get(folder, (modified, 0))
-        folders[folder] = (max(seen, modified), files + 1)
+        seen, keys = folders.get(folder, (modified, []))
+        folders[folder] = (max(seen, modified), [*keys, key])
     if not folders:
         return None
     folder = max(folders, key=lambda f: folders[f][0])
-    return folder + "/", folders[folder][1]
+    return folder + "/", sorted(folders[folder][1])
 
 
-def manifest_files(rt: Runtime, name: str) -> list[tuple[str, list[ManifestLine]]]:
-    """(shard key, its lines) of the job's newest manifest folder."""
-    found = manifest_folder(rt, name)
-    if found is None:
-        return []
-    keys = sorted(iter_keys(rt.s3, rt.settings.bucket, found[0]))
+def manifest_files(rt: Runtime, found: Folder | None) -> list[tuple[str, list[ManifestLine]]]:
+    """(shard key, its lines) of a job's manifest folder (:func:`manifest_folder`)."""
+    keys = found[1] if found else []
     return [(k, [ManifestLine.from_json(ln) for ln in read_lines(rt.s3, rt.settings.bucket, k)]) for k in keys]
 
 
-def complete(folder: str, files: int) -> bool:
+def complete(found: Folder) -> bool:
     """Every shard the folder's name announces is there (a dispatcher that died while writing
     them leaves fewer)."""
-    return layout.shard_count(folder) == files
+    return layout.shard_count(found[0]) == len(found[1])
 
 
-def not_ours(rt: Runtime, name: str) -> str | None:
+def not_ours(rt: Runtime, name: str, found: Folder | None) -> str | None:
     """Why a job that does not exist is not the reconciler's to submit or give up on, or None.
     While the dispatcher's intent for it exists the dispatcher owns it (it rewrites the shards and
-    creates the job); an incomplete manifest folder is never submitted or read (its missing shards'
-    images would get neither a row nor a failure row)."""
+    creates the job); an incomplete manifest folder (``found``) is never submitted or read (its
+    missing shards' images would get neither a row nor a failure row)."""
     if read_json(rt.s3, rt.settings.bucket, layout.dispatch_key(name)) is not None:
         return "its dispatcher's intent exists: the dispatcher submits it"
-    found = manifest_folder(rt, name)
-    if found is not None and not complete(*found):
-        return f"its manifest folder {found[0]} holds {found[1]} of {layout.shard_count(found[0])} shards"
+    if found is not None and not complete(found):
+        return f"its manifest folder {found[0]} holds {len(found[1])} of {layout.shard_count(found[0])} shards"
     return None
 
 
@@ -197,14 +197,14 @@ def left_alone(job: Job, why: str) -> tuple[str, int]:
 def resubmit(rt: Runtime, job: Job) -> tuple[str, int]:
     """A complete manifest without its job and without an intent: submitted again. Returns (what
     happened, failure rows written)."""
-    why = not_ours(rt, job.name)
+    found = manifest_folder(rt, job.name)
+    why = not_ours(rt, job.name, found)
     if why:
         return left_alone(job, why)
-    found = manifest_folder(rt, job.name)
     if found is None:
         return GIVE_UP, give_up(rt, job, None, [], "its manifest is gone")
     try:
-        dispatch.submit(rt, job.name, *found)
+        dispatch.submit(rt, job.name, found[0], len(found[1]))
     except ClientError as exc:
         if not batching.is_retryable_create_error(error_code(exc)):   # throttled or over quota: no attempt
             record(rt, job, RESUBMIT, error=f"{error_code(exc)}: {exc}"[:500])
@@ -267,9 +267,13 @@ def reconcile(rt: Runtime, job: Job) -> tuple[str, int]:
         return REDRIVE, 0
     if action == RESUBMIT:
         return resubmit(rt, job)
-    if description is None and (why := not_ours(rt, job.name)):   # giving up: the same ownership as resubmit
-        return left_alone(job, why)
-    files = (manifest_files(rt, job.name) if description is None else list(collect.job_lines(rt.s3, description)))
+    if description is not None:
+        files = list(collect.job_lines(rt.s3, description))
+    else:   # giving up on a job that never existed: the same ownership as resubmit
+        found = manifest_folder(rt, job.name)
+        if why := not_ours(rt, job.name, found):
+            return left_alone(job, why)
+        files = manifest_files(rt, found)
     return GIVE_UP, give_up(rt, job, description, files,
                             f"no outcome after {len(job.redrives)} re-drives (status {status or 'no such job'})")
 

@@ -151,7 +151,7 @@ def test_a_run_killed_before_the_create_is_finished_by_the_next(make_stack, monk
     deletes the parts."""
     stack = make_stack(overrides={"MinImagesPerJob": 1})
     parts = pending(stack, [1, 2, 3], [4, 5])
-    name = dispatch.job_name(stack.job_prefix, parts)
+    name = layout.job_name(stack.job_prefix, parts)
 
     def killed(*args, **kwargs):
         raise Killed("dispatcher killed before CreateTransformJob")
@@ -178,7 +178,7 @@ def test_two_runs_over_the_same_parts_make_one_job(make_stack) -> None:
     stack = make_stack(overrides={"MinImagesPerJob": 1})
     parts = pending(stack, [1, 2], [3])
     rt = dispatcher(stack)
-    intent = dispatch.Intent(dispatch.job_name(stack.job_prefix, parts), tuple(parts), 3)
+    intent = dispatch.Intent(layout.job_name(stack.job_prefix, parts), tuple(parts), 3)
     assert dispatch.finish(rt, intent) is True                  # the first run, with these parts
     assert dispatch.finish(rt, intent) is False                 # a second, which listed them too
     assert dispatch.handle({}, rt)["jobs_created"] == 0         # and a later run finds nothing
@@ -208,9 +208,9 @@ def test_a_part_another_run_dispatched_is_skipped_not_fatal(make_stack) -> None:
     stack = make_stack(overrides={"MinImagesPerJob": 1})
     one, two = pending(stack, [1, 2], [3])
     rt, prefix = dispatcher(stack), stack.job_prefix
-    assert dispatch.finish(rt, dispatch.Intent(dispatch.job_name(prefix, [one]), (one,), 2))
-    assert dispatch.finish(rt, dispatch.Intent(dispatch.job_name(prefix, [one, two]), (one, two), 3))
-    assert not dispatch.finish(rt, dispatch.Intent(dispatch.job_name(prefix, [one, "pending/gone"]),
+    assert dispatch.finish(rt, dispatch.Intent(layout.job_name(prefix, [one]), (one,), 2))
+    assert dispatch.finish(rt, dispatch.Intent(layout.job_name(prefix, [one, two]), (one, two), 3))
+    assert not dispatch.finish(rt, dispatch.Intent(layout.job_name(prefix, [one, "pending/gone"]),
                                                    (one, "pending/gone"), 9))
     made = sorted(sorted(manifest_keys(stack, j["TransformJobName"])) for j in jobs(stack))
     assert made == [[f"incoming/bulk/{i:07d}.jpg" for i in (1, 2)], ["incoming/bulk/0000003.jpg"]]

@@ -10,7 +10,6 @@ import pytest
 
 from dermscore import layout, reasons
 from dermscore.messages import ManifestLine as Item
-from handlers.dispatch import job_name
 from handlers.enqueue import manifest_items, manifest_text, s3_records
 from infra.runner import MB, split_payload
 
@@ -66,11 +65,11 @@ def test_new_content_under_the_same_key_is_a_new_manifest_line() -> None:
 
 def test_job_name_is_deterministic_and_valid() -> None:
     parts = [layout.pending_part_key(layout.content_digest(manifest_text(_items()[:i])), i) for i in (1, 2, 3)]
-    name = job_name("dermscore", parts)
-    assert name == job_name("dermscore", parts[::-1]) and name.startswith("dermscore-")   # a set of parts
-    assert name != job_name("dermscore", parts[:2])
+    name = layout.job_name("dermscore", parts)
+    assert name == layout.job_name("dermscore", parts[::-1]) and name.startswith("dermscore-")   # a set of parts
+    assert name != layout.job_name("dermscore", parts[:2])
     for prefix in ("dermscore", "my_stack.name", "x" * 200, "-a-", ""):
-        n = job_name(prefix, parts)
+        n = layout.job_name(prefix, parts)
         assert SAGEMAKER_NAME.match(n) and len(n) <= 63, n
 
 
@@ -158,7 +157,7 @@ def test_job_names_of_a_stack_and_of_its_siblings() -> None:
     """Stack and job names share one alphabet, so ``<stack>-`` also starts the jobs of a stack named
     ``<stack>-x``; only the fixed length of the digest tells them apart."""
     name = layout.job_name("derm", ["pending/a", "pending/b"])
-    assert name == layout.job_name("derm", ["pending/b", "pending/a"]) and len(name) == len("derm-") + 16
+    assert len(name) == len("derm-") + layout.JOB_DIGEST_LENGTH
     assert layout.is_job_of("derm", name)
     assert not layout.is_job_of("derm", layout.job_name("derm-x", ["pending/a"]))
     assert not layout.is_job_of("derm-x", name) and not layout.is_job_of("derm", "derm-123")

@@ -60,7 +60,7 @@ class World:
 
         rt = replace(self.stack.runtime("dispatch"), sagemaker=Dying() if die_before_create else real)
         dispatch.handle({}, rt)
-        return dispatch.job_name(self.stack.job_prefix, [part])
+        return layout.job_name(self.stack.job_prefix, [part])
 
     def finish(self, job: str, status: str = "Completed", reason: str | None = None) -> None:
         """The transform ran: its output (one error line) and its state, as the runner leaves them."""
@@ -203,7 +203,7 @@ def test_a_half_written_manifest_is_never_submitted(make_stack) -> None:
     world = World(make_stack(overrides={"MinImagesPerJob": 1, "TransformInstanceCount": 3,
                                         "MinImagesPerShard": 1}))
     part = enqueue.write_part(world.stack.runtime("enqueue"), world.items)
-    name = dispatch.job_name(world.stack.job_prefix, [part])
+    name = layout.job_name(world.stack.job_prefix, [part])
     rt = replace(world.stack.runtime("dispatch"), sagemaker=world.view)
     intent = dispatch.Intent(name, (part,), len(world.items))
     s3 = world.stack.client("s3")

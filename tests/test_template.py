@@ -219,7 +219,6 @@ def test_dead_letter_queue_and_visibility_timeout(template):
 
 
 def test_eventbridge_rule_sends_this_stacks_jobs_to_collect(template, translated, resolver):
-    from handlers.dispatch import job_name
     ev = template["Resources"]["CollectFunction"]["Properties"]["Events"]["TransformJobStateChange"]
     assert ev["Type"] == "EventBridgeRule"
     pattern = resolver.resolve(ev["Properties"]["Pattern"])
@@ -231,8 +230,8 @@ def test_eventbridge_rule_sends_this_stacks_jobs_to_collect(template, translated
     assert prefix == f"{STACK}-"
     # the jobs the dispatcher creates match; another stack whose name starts the same does not
     spec = local_spec(BUCKET, STACK)
-    assert job_name(spec.dispatch_env["JOB_PREFIX"], ["pending/part.jsonl"]).startswith(prefix)
-    assert not job_name(f"{STACK}x", ["pending/part.jsonl"]).startswith(prefix)
+    assert layout.job_name(spec.dispatch_env["JOB_PREFIX"], ["pending/part.jsonl"]).startswith(prefix)
+    assert not layout.job_name(f"{STACK}x", ["pending/part.jsonl"]).startswith(prefix)
     assert spec.collect_env["JOB_PREFIX"] == spec.dispatch_env["JOB_PREFIX"] == spec.enqueue_env["JOB_PREFIX"]
     # translated: a rule whose target is the collect function, and the permission to invoke it
     rules = resources_of(translated, "AWS::Events::Rule")
