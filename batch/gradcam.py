@@ -42,7 +42,7 @@ import torch
 from dermscore.labels import CLASSES, MALIGNANT
 from dermscore.messages import OutputLine
 
-TARGET_LAYERS = {"efficientnet_lite0": "1._bn1", "densenet121": "1.class_layers.relu"}
+TARGET_LAYERS = {"efficientnet_lite0": "1._bn1", "efficientnet_lite1": "1._bn1", "densenet121": "1.class_layers.relu"}
 MODES = ("off", "high", "all")
 DEFAULT_MODE = "high"
 OVERLAY_ALPHA = 0.45

