@@ -19,6 +19,10 @@ METADATA_FILE = "metadata.json"
 # Optional: the parameters of a feature-space OOD score (batch.ood), present when ood_method needs them.
 OOD_FILE = "ood.npz"
 OOD_METHODS = ("energy", "mahalanobis")
+# Optional, derived: the network exported to ONNX (batch.runtime), recording the weights_sha256 it was
+# exported from. `dermscore package-model` writes it into model.tar.gz; elsewhere it is exported in
+# memory when the onnx runtime is used.
+ONNX_FILE = "model.onnx"
 
 
 @dataclass

@@ -15,7 +15,9 @@ work is done by :class:`batch.scorer.Scorer`.
 Knobs (the SageMaker model's environment, ``TransformModel`` in template.yaml, all optional):
 ``DERMSCORE_DEVICE`` (default cuda when available), ``DERMSCORE_BATCH_SIZE`` (32 on CPU, 128
 on CUDA), ``DERMSCORE_WORKERS`` (fetch/decode threads, default 4 x cores, max 32),
-``DERMSCORE_GRADCAM`` (``high`` = Grad-CAM heatmaps for high-risk images, ``all``, ``off``). A
+``DERMSCORE_GRADCAM`` (``high`` = heatmaps for high-risk images, ``all``, ``off``),
+``DERMSCORE_RUNTIME`` (``auto``: PyTorch on CUDA, ONNX Runtime on the CPU from the archive's
+``model.onnx``; ``torch``, ``onnx``: :mod:`batch.runtime`). A
 request's wall time grows with its line count, so the model server's timeout
 (``SAGEMAKER_MODEL_SERVER_TIMEOUT``) must cover MaxPayloadInMB worth of lines.
 """
@@ -29,6 +31,7 @@ from typing import Any
 
 from batch import gradcam
 from batch.model import pick_device
+from batch.runtime import RUNTIME_ENV
 from batch.scorer import BadLine, Scorer, make_s3_client
 from dermscore.messages import ManifestLine, OutputLine
 
@@ -79,7 +82,8 @@ def load_model(model_dir: str, env: Mapping[str, str]) -> Scorer:
     heatmaps = env.get("DERMSCORE_GRADCAM", gradcam.DEFAULT_MODE).strip().lower() or gradcam.DEFAULT_MODE
     scorer = Scorer.from_model_dir(model_dir, device=pick_device(env.get("DERMSCORE_DEVICE")),
                                    batch_size=int(env.get("DERMSCORE_BATCH_SIZE", "0")) or None,
-                                   workers=int(env.get("DERMSCORE_WORKERS", "0")) or None, heatmaps=heatmaps)
+                                   workers=int(env.get("DERMSCORE_WORKERS", "0")) or None, heatmaps=heatmaps,
+                                   runtime=env.get(RUNTIME_ENV) or "auto")
     scorer.s3 = make_s3_client(scorer.workers)  # once per worker process, shared by its threads
     return scorer
 

@@ -36,8 +36,9 @@ import torch  # noqa: E402
 
 from batch import gradcam  # noqa: E402
 from batch import ood as ood_scores  # noqa: E402
+from batch import runtime as runtimes  # noqa: E402
 from batch.bundle import METADATA_FILE, OOD_FILE, WEIGHTS_FILE, ModelMeta, sha256_file  # noqa: E402
-from batch.model import forward_with_features, load, pick_device  # noqa: E402
+from batch.model import load, pick_device  # noqa: E402
 from dermscore import imaging, layout, reasons  # noqa: E402
 from dermscore.aws import error_code  # noqa: E402
 from dermscore.imaging import Decoded  # noqa: E402
@@ -137,15 +138,22 @@ class Scorer:
         (runs in the worker threads);
       * :meth:`forward`: a uint8 NHWC batch -> calibrated probabilities;
       * :meth:`format`: probabilities -> a :func:`score_line` record.
+
+    The forward pass runs on :attr:`engine` (:mod:`batch.runtime`: ONNX Runtime on the CPU,
+    PyTorch on CUDA, or as ``runtime`` / ``DERMSCORE_RUNTIME`` says): one pass gives the
+    probabilities, the OOD score's features and the heatmaps' class activation maps.
     """
 
     def __init__(self, model: torch.nn.Module, meta: ModelMeta, device: torch.device | str = "cpu",
                  s3: Any = None, batch_size: int | None = None, workers: int | None = None,
                  read_ahead_batches: int = READ_AHEAD_BATCHES, heatmaps: str = "off",
-                 mahalanobis: ood_scores.Mahalanobis | None = None, decode_budget: int | None = None) -> None:
+                 mahalanobis: ood_scores.Mahalanobis | None = None, decode_budget: int | None = None,
+                 runtime: str | None = None, model_dir: Path | str | None = None) -> None:
         self.model = model
         self.meta = meta
         self.device = torch.device(device)
+        # model_dir: where a model.onnx exported from these weights may be (batch.runtime.make_engine).
+        self.engine = runtimes.make_engine(model, meta, self.device, Path(model_dir) if model_dir else None, runtime)
         if meta.ood_method == "mahalanobis" and mahalanobis is None:
             raise ValueError(f"model {meta.name} v{meta.version} scores OOD by Mahalanobis distance: "
                              f"pass its parameters ({OOD_FILE}) or use Scorer.from_model_dir")
@@ -203,10 +211,11 @@ class Scorer:
             if verify and meta.ood_sha256 and sha256_file(path) != meta.ood_sha256:
                 raise ValueError(f"{path} sha256 {sha256_file(path)} != {METADATA_FILE} ood_sha256 {meta.ood_sha256}")
             mahalanobis = ood_scores.Mahalanobis.load(path, device)
+        kwargs.setdefault("model_dir", model_dir)
         scorer = cls(model, meta, device, s3=s3, mahalanobis=mahalanobis, **kwargs)
-        log.info("model %s v%s (%s, input %sx%s, T=%.3f, mel threshold=%.3f) on %s, batch %d, %d workers",
-                 meta.name, meta.version, meta.arch, *scorer.input_size, scorer._temperature,
-                 meta.melanoma_threshold, device, scorer.batch_size, scorer.workers)
+        log.info("model %s v%s (%s, input %sx%s, T=%.3f, mel threshold=%.3f) on %s, runtime %s, batch %d, "
+                 "%d workers", meta.name, meta.version, meta.arch, *scorer.input_size, scorer._temperature,
+                 meta.melanoma_threshold, device, runtimes.describe(scorer.engine), scorer.batch_size, scorer.workers)
         return scorer
 
     @property
@@ -270,18 +279,7 @@ class Scorer:
         return torch.softmax(self._logits(batch) / self._temperature, dim=1)
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self._forward(batch)[0]
-
-    def _forward(self, batch: torch.Tensor, features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits, pooled penultimate features or None), both float32."""
-        x = batch.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last
-        if x.device != self.device:
-            x = x.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
-            if features:
-                logits, feats = forward_with_features(self.model, x, self.meta.arch)
-                return logits.float(), feats.float()
-            return self.model(x).float(), None
+        return self.engine(batch).logits
 
     @torch.inference_mode()
     def forward_scored(self, batch: torch.Tensor) -> torch.Tensor:
@@ -290,9 +288,12 @@ class Scorer:
         Mahalanobis distance of the pooled features when the model ships ``ood.npz``
         (``ood_method`` mahalanobis), else the energy score ``-logsumexp(logits)`` (Liu et al.
         2020; T = 1, uncalibrated logits)."""
-        logits, feats = self._forward(batch, features=self.mahalanobis is not None)
-        score = ood_scores.energy(logits) if feats is None else self.mahalanobis.score(feats)
-        return torch.cat([torch.softmax(logits / self._temperature, dim=1), score[:, None]], dim=1)
+        return self._scored(self.engine(batch))
+
+    def _scored(self, out: runtimes.Outputs) -> torch.Tensor:
+        """(n, classes + 1): calibrated probabilities and the OOD score, from one forward's outputs."""
+        score = ood_scores.energy(out.logits) if self.mahalanobis is None else self.mahalanobis.score(out.features)
+        return torch.cat([torch.softmax(out.logits / self._temperature, dim=1), score[:, None]], dim=1)
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities for already decoded (n, H, W, 3) uint8 images (benchmarks, evaluation)."""
@@ -367,7 +368,7 @@ class Scorer:
                         window.append((item, pool.submit(safe_load, item, origin)))
 
             refill()
-            pending: tuple[list, torch.Tensor | None] | None = None  # previous batch, maybe still computing
+            pending: tuple | None = None  # previous batch (entries, probs, cams, forward_s), maybe still computing
             which = 0
             while window or pending is not None:
                 # Assemble the next batch from the head of the window (order preserved).
@@ -387,20 +388,24 @@ class Scorer:
                         n += 1
                     entries.append((item, result))
                     refill()
-                probs = None
+                probs = cams = None
                 forward_s = 0.0
                 if n:
                     tc = time.perf_counter()
                     # On CUDA a short tail batch runs at full size: one input shape means one cuDNN
                     # autotune per process, and the extra rows cost the GPU next to nothing.
-                    probs = self.forward_scored(buf if self.cuda else buf[:n])[:n]
+                    with torch.inference_mode():
+                        out = self.engine(buf if self.cuda else buf[:n])
+                        probs = self._scored(out)[:n]
+                    # The heatmaps' class activation maps come from this same pass (batch.gradcam).
+                    cams = out.cams[:n] if out.cams is not None and self.heatmaps != "off" else None
                     forward_s = time.perf_counter() - tc
                     stats.compute_s += forward_s
                     stats.batches += 1
                 # Emit the previous batch while this one computes (CUDA); on CPU forward is sync.
                 if pending is not None:
                     yield from self._emit(*pending, stats)
-                pending = (entries, probs, forward_s) if entries else None
+                pending = (entries, probs, cams, forward_s) if entries else None
                 which ^= 1
                 if not window and pending is not None:
                     yield from self._emit(*pending, stats)
@@ -413,7 +418,7 @@ class Scorer:
                  "waiting for input %.2fs)", stats.images, stats.errors, stats.wall_s, stats.rate,
                  stats.batches, stats.compute_s, stats.input_wait_s)
 
-    def _emit(self, entries: list, probs: torch.Tensor | None, forward_s: float,
+    def _emit(self, entries: list, probs: torch.Tensor | None, cams: torch.Tensor | None, forward_s: float,
               stats: PipelineStats) -> Iterator[OutputLine]:
         tc = time.perf_counter()
         p = probs.cpu().numpy() if probs is not None else None  # CUDA: waits for the kernels
@@ -424,7 +429,8 @@ class Scorer:
         n_classes = len(self.meta.classes)
         i = 0
         lines: list[OutputLine] = []
-        selected: list[tuple[int, np.ndarray]] = []  # (index in lines, pixels) of the lines that get a heatmap
+        # (index in lines, pixels, row in the batch) of the lines that get a heatmap
+        selected: list[tuple[int, np.ndarray, int]] = []
         for item, result in entries:
             if isinstance(result, Decoded):
                 row, i = p[i], i + 1
@@ -433,7 +439,7 @@ class Scorer:
                     lines.append(self.format(item, row[:n_classes], result, processing_ms=result.load_ms + share_ms,
                                              ood_score=float(row[n_classes])))
                     if self.heatmaps != "off" and gradcam.wants_heatmap(lines[-1], self.heatmaps):
-                        selected.append((len(lines) - 1, result.pixels))
+                        selected.append((len(lines) - 1, result.pixels, i - 1))
                     continue
                 # e.g. fp16 overflow: one image's bad numbers must not fail the JSON response
                 log.warning("non-finite probabilities for %s", item.key)
@@ -446,24 +452,30 @@ class Scorer:
                 lines.append(OutputLine.error(item, result.reason, result.detail))
             stats.errors += 1
         if selected:
-            self._add_heatmaps(lines, selected)
+            self._add_heatmaps(lines, selected, cams)
         yield from lines
 
-    def _add_heatmaps(self, lines: list[OutputLine], selected: list[tuple[int, np.ndarray]]) -> None:
-        """Grad-CAM for the selected lines of a batch (after its forward pass; see batch.gradcam),
-        stored by :meth:`store_picture` (S3, beside the image's JSON); the lines get the keys.
-        Each image's share of the Grad-CAM and upload time is added to its ``processing_ms``."""
+    def _add_heatmaps(self, lines: list[OutputLine], selected: list[tuple[int, np.ndarray, int]],
+                      cams: torch.Tensor | None) -> None:
+        """Heatmaps for the selected lines of a batch (see batch.gradcam): from the batch's class
+        activation maps ``cams`` where the architecture has them, else Grad-CAM after the forward
+        pass; stored by :meth:`store_picture` (S3, beside the image's JSON); the lines get the keys.
+        Each image's share of the heatmap and upload time is added to its ``processing_ms``."""
         th = time.perf_counter()
+        pairs = [(lines[i], px) for i, px, _ in selected]
         try:
-            if self._heatmap_maker is None:
-                self._heatmap_maker = gradcam.HeatmapMaker(self.model, self.meta.arch, self.device)
-            pictures = gradcam.render(self._heatmap_maker, [(lines[i], px) for i, px in selected])
+            if cams is not None:
+                pictures = gradcam.render(pairs, cams=cams[[row for _, _, row in selected]])
+            else:
+                if self._heatmap_maker is None:
+                    self._heatmap_maker = gradcam.HeatmapMaker(self.model, self.meta.arch, self.device)
+                pictures = gradcam.render(pairs, maker=self._heatmap_maker)
         except Exception:  # a heatmap is an extra: never fail the scores for it
-            log.exception("Grad-CAM failed for %d images; their lines go out without heatmaps", len(selected))
+            log.exception("heatmaps failed for %d images; their lines go out without them", len(selected))
             return
 
-        def store(item: tuple[tuple[int, np.ndarray], tuple[str, bytes, bytes]]) -> tuple[int, dict[str, Any]]:
-            (i, _), (cls, png, jpeg) = item
+        def store(item: tuple[tuple[int, np.ndarray, int], tuple[str, bytes, bytes]]) -> tuple[int, dict[str, Any]]:
+            (i, _, _), (cls, png, jpeg) = item
             line = lines[i]
             try:
                 keys = {"heatmap_key": self.store_picture(line, layout.HEATMAP_SUFFIX, png, "image/png"),

@@ -19,6 +19,8 @@ PARTIAL_FAILURE = 1    # some of the work failed (e.g. files that could not be s
 DEFAULT_MODEL = "models/default"
 DEFAULT_DATA = "../shared/data/ham10000"
 DEVICES = ("auto", "cpu", "cuda")
+# Scoring runtimes (batch.runtime): auto = torch on CUDA, ONNX Runtime on the CPU when installed.
+RUNTIMES = ("auto", "torch", "onnx")
 MODEL_FILES = ("model.pt", "metadata.json")
 CHECKOUT = Path(__file__).resolve().parents[1]   # the repository root, in a checkout
 
@@ -95,6 +97,12 @@ def add_images(p: argparse.ArgumentParser, help_text: str) -> None:
 
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto", help="where the model runs (auto: cuda when present)")
+
+
+def add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=RUNTIMES, default=None,
+                   help="what runs the forward pass: torch, onnx, or auto (torch on cuda, onnx on the cpu when "
+                        "installed); default: DERMSCORE_RUNTIME, else auto")
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:

@@ -7,13 +7,18 @@
 
     model.pt, metadata.json          the model directory (batch.bundle format)
     ood.npz                          only for a model whose ood_method needs it (Mahalanobis parameters)
-    code/inference.py                puts code/lib on sys.path, re-exports model_fn/input_fn/...
+    model.onnx                       the same weights exported for ONNX Runtime (batch.runtime; it records
+                                     their sha256), so the container never exports
+    code/inference.py                puts code/lib (and code/lib/cp<XY> of the running Python) on
+                                     sys.path, re-exports model_fn/input_fn/...
     code/<package>/<module>.py       exactly the project modules that batch.inference imports,
                                      directly or through others (plus their package __init__)
     code/lib/                        the pure-Python distributions the container lacks (monai,
                                      efficientnet-lite-pytorch), unpacked from pinned wheels
                                      resolved for the container (infra.container); no
                                      code/requirements.txt, so the toolkit installs nothing at start
+    code/lib/cp312/, code/lib/cp311/ the CPU scoring runtime (onnxruntime, a platform wheel), trimmed,
+                                     once per CPython that runs the archive (infra.container)
 
 Both packages are the *import closure* of their entry points (:func:`code_closure`), read from
 the source with ``ast`` rather than from a list of folders: training, the benchmark, the CLI and
@@ -27,7 +32,7 @@ be derived from it, and an unchanged model is not uploaded twice).
 
 Standard library only (plus :mod:`batch.bundle`, itself torch-free, and :mod:`infra.container`), so
 `sam build` can run it with any python3; building ``model.tar.gz`` also needs pip, once, to fetch
-the pinned wheels.
+the pinned wheels, and torch + onnx (the project's venv) to export ``model.onnx``.
 """
 
 from __future__ import annotations
@@ -47,9 +52,9 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from batch.bundle import METADATA_FILE, OOD_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
+from batch.bundle import METADATA_FILE, ONNX_FILE, OOD_FILE, WEIGHTS_FILE, ModelMeta, sha256_file
 from dermscore import options
-from infra.container import CONTAINER, Wheel
+from infra.container import CONTAINER, BinaryWheel, Wheel
 
 log = logging.getLogger("dermscore.package")
 
@@ -80,8 +85,11 @@ import os
 import sys
 
 _LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib")
-if _LIB not in sys.path:
-    sys.path.insert(0, _LIB)
+# Platform wheels (the ONNX runtime) are unpacked once per CPython: this interpreter's folder first.
+_BIN = os.path.join(_LIB, "cp%d%d" % sys.version_info[:2])
+for _path in (_LIB, _BIN):
+    if os.path.isdir(_path) and _path not in sys.path:
+        sys.path.insert(0, _path)
 
 from {SERVING_ENTRY} import input_fn, model_fn, output_fn, predict_fn  # noqa: E402,F401
 
@@ -95,9 +103,19 @@ def wheel_cache() -> Path:
     return Path(os.environ.get(WHEEL_CACHE_ENV) or DEFAULT_WHEEL_CACHE)
 
 
-def fetch_wheels(cache: Path | None = None, wheels: tuple[Wheel, ...] = CONTAINER.vendored) -> list[Path]:
+def _download_args(wheel: Wheel | BinaryWheel) -> list[str]:
+    """pip's target for ``wheel``: the container's Python for a pure wheel; its CPython, ABI and
+    platform for a binary one."""
+    if isinstance(wheel, BinaryWheel):
+        return ["--python-version", wheel.python, "--implementation", "cp", "--abi", wheel.tag,
+                "--platform", wheel.platform]
+    return ["--python-version", CONTAINER.python_short, "--implementation", "py"]
+
+
+def fetch_wheels(cache: Path | None = None,
+                 wheels: tuple[Wheel | BinaryWheel, ...] = CONTAINER.vendored + CONTAINER.binary) -> list[Path]:
     """The pinned wheels in ``cache`` (downloaded with pip where missing), each checked against its
-    sha256. Pure-Python wheels only, resolved for the container's Python (``--python-version``)."""
+    sha256: pure-Python wheels resolved for the container's Python, binary ones for their CPython."""
     cache = Path(cache or wheel_cache())
     paths = []
     for wheel in wheels:
@@ -105,8 +123,7 @@ def fetch_wheels(cache: Path | None = None, wheels: tuple[Wheel, ...] = CONTAINE
         if not (path.is_file() and sha256_file(path) == wheel.sha256):
             cache.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                   "--python-version", CONTAINER.python_short, "--implementation", "py", "--dest", str(cache),
-                   wheel.requirement]
+                   *_download_args(wheel), "--dest", str(cache), wheel.requirement]
             log.info("fetching %s for the model package: %s", wheel.filename, " ".join(cmd))
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 or not path.is_file():
@@ -136,10 +153,38 @@ def _unpacked(path: Path) -> dict[str, bytes]:
     return files
 
 
+def _unpacked_binary(path: Path, wheel: BinaryWheel) -> dict[str, bytes]:
+    """The part of a platform wheel that ships (``wheel.keep`` minus ``wheel.drop``), by path."""
+    files: dict[str, bytes] = {}
+    with zipfile.ZipFile(path) as whl:
+        for info in whl.infolist():
+            name = info.filename
+            if info.is_dir() or not wheel.ships(name) or name.endswith((".pyc", ".pyo")):
+                continue
+            if name.startswith("/") or ".." in name.split("/"):
+                raise ValueError(f"{path.name}: unsafe path {name}")
+            files[name] = whl.read(info)
+    meta = files.get(f"{wheel.name}-{wheel.version}.dist-info/WHEEL", b"")
+    if b"Root-Is-Purelib: false" not in meta or f"{wheel.tag}-{wheel.tag}-".encode() not in meta:
+        raise ValueError(f"{path.name} is not a {wheel.tag} platform wheel")
+    return files
+
+
 def vendored_files(cache: Path | None = None) -> dict[str, bytes]:
-    """``code/lib/...`` -> bytes: every vendored wheel unpacked (the same bytes for the same pins)."""
-    paths = fetch_wheels(cache)
-    return dict(_vendored(tuple(str(p) for p in paths), tuple(sha256_file(p) for p in paths)))
+    """``code/lib/...`` -> bytes: every vendored wheel unpacked (the same bytes for the same pins);
+    the binary ones under ``code/lib/cp<XY>/``."""
+    cache = Path(cache or wheel_cache())
+    pure = fetch_wheels(cache, CONTAINER.vendored)
+    out = dict(_vendored(tuple(str(p) for p in pure), tuple(sha256_file(p) for p in pure)))
+    for wheel, path in zip(CONTAINER.binary, fetch_wheels(cache, CONTAINER.binary), strict=True):
+        out.update(_vendored_binary(str(path), sha256_file(path), wheel))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _vendored_binary(path: str, digest: str, wheel: BinaryWheel) -> tuple[tuple[str, bytes], ...]:
+    return tuple(sorted((f"{LIB_DIR}/{wheel.tag}/{name}", data)
+                        for name, data in _unpacked_binary(Path(path), wheel).items()))
 
 
 @functools.lru_cache(maxsize=4)
@@ -260,6 +305,7 @@ def build_model_tarball(model_dir: Path, out: Path, root: Path = ROOT) -> Path:
 
     entries: dict[str, bytes] = {
         **{name: (model_dir / name).read_bytes() for name in meta.files()},
+        ONNX_FILE: onnx_graph(model_dir),
         "code/inference.py": ENTRY_POINT.encode(),
         **vendored_files(),
     }
@@ -283,6 +329,16 @@ def build_model_tarball(model_dir: Path, out: Path, root: Path = ROOT) -> Path:
     log.info("wrote %s (%d files, %.1f MB, sha256 %s) for model %s v%s", out, len(entries),
              out.stat().st_size / 1e6, sha256_file(out), meta.name, meta.version)
     return out
+
+
+def onnx_graph(model_dir: Path) -> bytes:
+    """The model exported for ONNX Runtime (deterministic: the archive stays reproducible). Needs
+    torch and onnx, so it is imported here and not at the top (`sam build` runs this module too)."""
+    from batch.model import load
+    from batch.runtime import export_bytes
+
+    model, meta = load(model_dir, "cpu")
+    return export_bytes(model, meta)
 
 
 def _parents(d: str) -> list[str]:

@@ -25,9 +25,10 @@ from infra.package import PROJECT_PACKAGES, ROOT, SERVING_ENTRY, build_model_tar
 DISTRIBUTION_OF = {"PIL": "pillow", "yaml": "pyyaml"}
 
 
-def unmet(metadata: str, container: Container = CONTAINER) -> list[str]:
+def unmet(metadata: str, container: Container = CONTAINER, unused: tuple[str, ...] = ()) -> list[str]:
     """What a distribution's METADATA asks for that the container (its packages + the vendored
-    ones) does not give: Requires-Python, and every Requires-Dist whose marker holds there."""
+    ones) does not give: Requires-Python, and every Requires-Dist whose marker holds there, but for
+    the ``unused`` ones (the part of the distribution that ships never imports them)."""
     meta = email.parser.Parser().parsestr(metadata)
     name = meta["Name"]
     env = container.marker_environment()
@@ -39,6 +40,8 @@ def unmet(metadata: str, container: Container = CONTAINER) -> list[str]:
         req = Requirement(line)
         if req.marker is not None and not req.marker.evaluate(env):
             continue  # an extra, or another platform / Python
+        if canonicalize_name(req.name) in {canonicalize_name(u) for u in unused}:
+            continue
         have = installed.get(canonicalize_name(req.name))
         if have is None:
             problems.append(f"{name}: needs {req}, which the container does not have")
@@ -59,8 +62,15 @@ def test_every_vendored_distribution_is_satisfied_by_the_container(archive: dict
                 if n.startswith("code/lib/") and n.endswith(".dist-info/METADATA")}
     parsed = [email.parser.Parser().parsestr(m) for m in metadata.values()]
     shipped = {canonicalize_name(m["Name"]): m["Version"] for m in parsed}
-    assert shipped == {canonicalize_name(w.name): w.version for w in CONTAINER.vendored}
-    assert [p for m in metadata.values() for p in unmet(m)] == []
+    assert shipped == {canonicalize_name(w.name): w.version for w in CONTAINER.vendored + CONTAINER.binary}
+    # The container's Python gets its own copy of each binary distribution.
+    binary = {f"code/lib/{w.tag}/{w.name}-{w.version}.dist-info/METADATA" for w in CONTAINER.binary}
+    assert binary <= set(metadata)
+    assert any(w.python == CONTAINER.python_short for w in CONTAINER.binary)
+    unused = {canonicalize_name(w.name): w.unused_requirements for w in CONTAINER.binary}
+    assert [p for m in metadata.values()
+            for p in unmet(m, unused=unused.get(canonicalize_name(email.parser.Parser().parsestr(m)["Name"]), ()))
+            ] == []
     assert not any(n.endswith("requirements.txt") for n in archive)  # the toolkit pip-installs nothing
 
 
@@ -109,3 +119,43 @@ def test_project_pins_agree_with_the_container_table() -> None:
     assert str(deps["torch"]) == LOCAL_SERVE_TORCH
     for name in ("pillow", "numpy", "boto3"):
         assert deps[name].specifier.contains(CONTAINER.provided[name]), (name, deps[name], CONTAINER.provided[name])
+
+
+RUNTIME_CHECK = r'''
+import json, sys
+lib = sys.argv[1]
+sys.path[:0] = [f"{lib}/cp{sys.version_info[0]}{sys.version_info[1]}", lib]
+import numpy as np
+import onnxruntime as ort
+session = ort.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"])
+shape = [2 if isinstance(d, str) else d for d in session.get_inputs()[0].shape]
+outputs = session.run(None, {session.get_inputs()[0].name: np.zeros(shape, np.uint8)})
+print(json.dumps({"file": ort.__file__, "version": ort.__version__, "outputs": [list(o.shape) for o in outputs],
+                  "loaded": sorted({m.split(".")[0] for m in sys.modules})}))
+'''
+
+
+def test_the_vendored_runtime_runs_the_shipped_graph_without_what_it_leaves_out(archive: dict[str, bytes],
+                                                                              tmp_path: Path) -> None:
+    """This Python's copy of the trimmed onnxruntime (no C API library, no tools) imports and runs
+    model.onnx, and never loads the requirements the table says it does not use."""
+    import json
+    import subprocess
+
+    here = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    wheel = next((w for w in CONTAINER.binary if w.tag == here), None)
+    if wheel is None:
+        pytest.skip(f"no vendored runtime for Python {sys.version_info[0]}.{sys.version_info[1]}")
+    for name, data in archive.items():
+        if name.startswith(f"code/lib/{here}/") or name == "model.onnx":
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_bytes(data)
+    assert not list((tmp_path / "code" / "lib" / here).rglob("libonnxruntime.so*"))
+    proc = subprocess.run([sys.executable, "-c", RUNTIME_CHECK, str(tmp_path / "code" / "lib"),
+                           str(tmp_path / "model.onnx")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout)
+    assert Path(got["file"]).resolve().is_relative_to(tmp_path.resolve()) and got["version"] == wheel.version
+    assert [shape[0] for shape in got["outputs"]] == [2, 2, 2]   # logits, features, class maps
+    unused = {u.replace("protobuf", "google") for u in wheel.unused_requirements}
+    assert unused and not unused & set(got["loaded"])

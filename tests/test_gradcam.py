@@ -102,7 +102,8 @@ def test_maps_are_one_where_the_evidence_is_not_flipped_like_monais_default(vari
     ours = gradcam.HeatmapMaker(net, "efficientnet_lite0").maps(px, [4])[0]
     assert ours.max() == 1 and ours.min() == 0  # a map that varies, so the direction matters
     x = torch.from_numpy(px).permute(0, 3, 1, 2).float().requires_grad_(True)
-    monai_default = GradCAM(nn_module=net, target_layers=gradcam.TARGET_LAYERS["efficientnet_lite0"])(x, class_idx=4)
+    monai_default = GradCAM(nn_module=gradcam.grad_cam_copy(net, "efficientnet_lite0"),
+                            target_layers=gradcam.TARGET_LAYERS["efficientnet_lite0"])(x, class_idx=4)
     assert np.allclose(ours, 1 - monai_default[0, 0].detach().numpy(), atol=1e-4)
 
 
@@ -131,3 +132,66 @@ def test_each_upload_of_a_key_keeps_its_own_pictures(varied_model: Path) -> None
         assert s3.get_object(Bucket="pictures", Key=first.heatmap_key)["Body"].read() == first_png   # untouched by B
         tags = s3.get_object_tagging(Bucket="pictures", Key=first.heatmap_key)["TagSet"]
         assert {"Key": "dermscore-derived", "Value": "picture"} in tags                    # its lifecycle rule
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+@pytest.mark.parametrize("engine_name", ["torch", "onnx"])
+def test_the_scoring_forwards_class_maps_equal_monais_grad_cam_at_the_pools_input(engine_name: str) -> None:
+    """The identity behind heatmaps without a backward pass (batch.gradcam), on the shipped model
+    and real images, for every class: CAM from the scoring forward == MONAI Grad-CAM (normalised
+    maps in [0, 1], within 1e-4)."""
+    from batch import runtime
+    from batch.model import load
+
+    if engine_name == "onnx" and not runtime.onnxruntime_available():
+        pytest.skip("onnxruntime is not installed")
+    model, meta = load(SHIPPED)
+    px = np.stack([decode(f.read_bytes(), meta.input_size).pixels for f in sample_images(6)])
+    engine = runtime.make_engine(model, meta, torch.device("cpu"), runtime=engine_name)
+    cams = engine(torch.from_numpy(px)).cams
+    maker = gradcam.HeatmapMaker(model, meta.arch)
+    for c in range(len(meta.classes)):
+        ours = gradcam.class_maps(cams, [c] * len(px), meta.input_size)
+        theirs = maker.maps(px, [c] * len(px))
+        assert ours.shape == theirs.shape == (len(px), *meta.input_size)
+        assert (ours.max(axis=(1, 2)) == 1).any() and np.ptp(ours) > 0.5   # maps that vary
+        assert np.abs(ours - theirs).max() <= 1e-4, (c, np.abs(ours - theirs).max())
+
+
+def test_the_identity_needs_the_pools_input_not_the_layer_before_its_activation() -> None:
+    """Grad-CAM at ``_bn1`` (before the ReLU6) is a different map: the layer choice matters."""
+    from monai.visualize import GradCAM
+
+    from batch import runtime
+    from batch.model import load
+
+    model, meta = load(SHIPPED)
+    px = np.stack([decode(f.read_bytes(), meta.input_size).pixels for f in sample_images(4)])
+    cams = runtime.make_engine(model, meta, torch.device("cpu"), runtime="torch")(torch.from_numpy(px)).cams
+    x = torch.from_numpy(px).permute(0, 3, 1, 2).float().requires_grad_(True)
+    before_act = GradCAM(nn_module=gradcam.grad_cam_copy(model, meta.arch), target_layers="1._bn1",
+                         postprocessing=lambda m: m)(x, class_idx=4)
+    assert np.abs(gradcam.class_maps(cams, [4] * 4, meta.input_size)
+                  - gradcam.normalize(before_act[:, 0].detach().numpy())).max() > 0.05
+
+
+@pytest.mark.parametrize(("arch", "from_forward"), [("efficientnet_lite0", True), ("densenet121", False)])
+def test_the_scorer_takes_heatmaps_from_the_forward_where_the_identity_holds(arch: str, from_forward: bool,
+                                                                             tmp_path: Path) -> None:
+    """Lite0: the maps come with the scoring forward and no Grad-CAM copy is made; DenseNet121:
+    MONAI's Grad-CAM after the forward."""
+    from batch.model import ModelMeta, save
+    from batch.scorer import Scorer
+
+    torch.manual_seed(0)
+    save(build_network(arch), ModelMeta(name="t", version="0", arch=arch, input_size=(64, 64)), tmp_path)
+    scorer = Scorer.from_model_dir(tmp_path, "cpu", heatmaps="all", runtime="torch")
+    rows = scorer.score_files(sample_images(2))
+    rows = list(rows)
+    assert all(r.heatmap_key and r.thumbnail_key for r in rows)
+    assert (scorer._heatmap_maker is None) == from_forward
+    for r in rows:
+        with Image.open(io.BytesIO(scorer.pictures[r.heatmap_key])) as im:
+            assert im.format == "PNG" and im.size == (64, 64)

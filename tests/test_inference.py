@@ -7,6 +7,7 @@ moto's in-process S3 stands in for the bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 
 from batch.inference import input_fn, model_fn, output_fn, predict_fn
 from batch.model import ModelMeta, build_network, save
+from batch.runtime import Outputs
 from batch.scorer import BadLine, Scorer
 from dermscore import imaging, reasons
 from dermscore.labels import CLASSES
@@ -275,12 +277,16 @@ def test_predict_command_prints_a_row_per_image(model_dir: Path, capsys: pytest.
 
 
 def test_non_finite_output_becomes_an_error_line(scorer: Scorer, real_images) -> None:
-    def nan_model(x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros((x.shape[0], len(CLASSES)))
-        out[0] = float("nan")
-        return out
+    broken = Scorer(scorer.model, scorer.meta, "cpu", batch_size=4, workers=1, runtime="torch")
+    engine = broken.engine
 
-    broken = Scorer(nan_model, scorer.meta, "cpu", batch_size=4, workers=1)
+    def nan_engine(x: torch.Tensor) -> Outputs:  # e.g. an fp16 overflow in the first image's logits
+        out = engine(x)
+        logits = out.logits.clone()
+        logits[0] = float("nan")
+        return dataclasses.replace(out, logits=logits)
+
+    broken.engine = nan_engine
     out = broken.score_bytes(real_images[:2])
     assert [o.reason for o in out] == [reasons.NON_FINITE_OUTPUT, None]
     assert len(output_fn(out).split("\n")) == 2  # strict JSON (allow_nan=False) still serialises

@@ -67,6 +67,14 @@ def test_layout(tarball: Path) -> None:
         assert f"code/lib/{dist}-{wheel.version}.dist-info/METADATA" in names, wheel
     assert not any(n.startswith(("code/lib/torch", "code/lib/numpy", "code/lib/PIL", "code/lib/boto")) for n in names)
     assert all(fn in shim for fn in ("model_fn", "input_fn", "predict_fn", "output_fn")) and '"lib"' in shim
+    # The CPU runtime: the exported graph, and onnxruntime once per CPython, trimmed (infra.container).
+    assert "model.onnx" in names and '"cp%d%d"' in shim
+    for wheel in CONTAINER.binary:
+        assert f"code/lib/{wheel.tag}/onnxruntime/__init__.py" in names, wheel
+        assert any(n.startswith(f"code/lib/{wheel.tag}/onnxruntime/capi/onnxruntime_pybind11_state.cpython-"
+                                f"{wheel.tag[2:]}") for n in names), wheel
+    assert not any("libonnxruntime.so" in n or "/onnxruntime/tools/" in n
+                   or n.endswith("onnxruntime-1.32.0.dist-info/RECORD") for n in names)
 
 
 def test_reproducible(model_dir: Path, tarball: Path, tmp_path: Path) -> None:
@@ -101,6 +109,11 @@ with mock_aws():
     s3.create_bucket(Bucket="dermscore-test")
     s3.put_object(Bucket="dermscore-test", Key="incoming/x.jpg", Body=Path(sys.argv[2]).read_bytes())
     model = inference.model_fn(str(code.parent))
+    # On the CPU: ONNX Runtime from code/lib/cp<XY>, on the shipped model.onnx.
+    import onnxruntime
+    assert model.engine.name == "onnx", model.engine
+    assert Path(onnxruntime.__file__).resolve().is_relative_to(code / "lib"), onnxruntime.__file__
+    assert model.engine.metadata_matches(model.meta)  # the graph exported from the shipped weights
     body = (b'{"bucket": "dermscore-test", "key": "incoming/x.jpg"}\n'
             b'{"bucket": "dermscore-test", "key": "incoming/gone.jpg"}\n')
     data = inference.input_fn(body, "application/jsonlines")

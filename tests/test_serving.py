@@ -237,6 +237,7 @@ with LocalPipeline(model, bucket="offline-images", stack_name="offline", batchin
     print(json.dumps({"isolated": isolated, "keys": keys, "counts": counts, "jobs": p.runner.results,
                       "pictures": stored, "servers": len(servers), "requirements": requirements,
                       "pip_in_log": [ln for ln in logs.splitlines() if "pip" in ln.lower() and "install" in ln.lower()],
+                      "runtime_in_log": [ln for ln in logs.splitlines() if "runtime onnx (onnxruntime" in ln],
                       "log_lines": len(logs.splitlines())}, default=str))
 '''
 
@@ -269,4 +270,5 @@ def test_the_package_starts_and_scores_with_no_network(serve_env, tiny_model: Pa
     assert [j["status"] for j in result["jobs"]] == ["Completed"]
     assert result["counts"]["predictions"] == 1 and result["counts"]["images"] >= 3
     assert result["requirements"] == [] and result["pip_in_log"] == []
+    assert result["runtime_in_log"]  # the CPU runtime vendored in the package, not the serve venv's
     assert len(result["pictures"]) == 2 * len(result["keys"])  # HeatmapMode=all: heatmap + thumbnail each

@@ -21,12 +21,12 @@ import pandas as pd
 import torch
 
 from batch.model import load, pick_device
+from batch.runtime import Engine, RuntimeUnavailable, make_engine
 from dermscore import options
 from dermscore.labels import CLASSES
 from dermscore.options import UserError
 from training import data as ham
 from training.metrics import classification_report, softmax
-from training.train import predict_logits
 
 log = logging.getLogger("dermscore.evaluate")
 VALIDATION_SPLIT_FILE = "validation_split.csv"
@@ -52,10 +52,19 @@ def select_images(meta: pd.DataFrame, model_dir: Path, subset: str, limit: int, 
     return meta.reset_index(drop=True)
 
 
-def tta_logits(model: torch.nn.Module, pixels: np.ndarray, device: torch.device) -> np.ndarray:
+def engine_logits(engine: Engine, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits of (n, 3, H, W) uint8 pixels (``training.data.load_pixels``) from the scoring runtime
+    (batch.runtime, which takes NHWC batches): what the container would compute for them, so the
+    report describes the runtime that serves."""
+    out = [engine(torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size].transpose(0, 2, 3, 1))))
+           .logits.cpu().numpy() for i in range(0, len(pixels), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
+
+
+def tta_logits(engine: Engine, pixels: np.ndarray) -> np.ndarray:
     """Mean logits over the four flips (dermoscopy has no canonical orientation)."""
     views = [pixels, pixels[:, :, ::-1], pixels[:, :, :, ::-1], pixels[:, :, ::-1, ::-1]]
-    return np.mean([predict_logits(model, np.ascontiguousarray(v), device) for v in views], axis=0)
+    return np.mean([engine_logits(engine, v) for v in views], axis=0)
 
 
 def baselines(labels: np.ndarray) -> dict:
@@ -143,11 +152,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     model, meta = load(args.model, device)
+    try:
+        engine = make_engine(model, meta, device, Path(args.model), getattr(args, "runtime", None))
+    except RuntimeUnavailable as exc:
+        raise UserError(str(exc)) from exc
     images = select_images(ham.read_metadata(args.data), Path(args.model), args.subset, args.limit, args.seed)
     log.info("evaluating %s on %d images (%s subset)", args.model, len(images), args.subset)
     pixels = ham.load_pixels(images.path.tolist(), meta.input_size, progress=True)
     labels = images.label.to_numpy()
-    logits = tta_logits(model, pixels, device) if args.tta else predict_logits(model, pixels, device)
+    logits = tta_logits(engine, pixels) if args.tta else engine_logits(engine, pixels)
     probs = softmax(logits, meta.temperature)
     report = classification_report(probs, labels, mel_threshold=meta.melanoma_threshold,
                                    class_offsets=meta.class_offsets)
@@ -174,6 +187,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     options.add_device(p)
+    options.add_runtime(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
 
 

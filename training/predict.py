@@ -42,12 +42,17 @@ def format_table(records: Iterable[OutputLine]) -> str:
 
 
 def predict(images: list[Path], model_dir: Path, as_json: bool, out: TextIO | None = None,
-            device: str | None = None, batch_size: int | None = None) -> int:
-    """Score ``images`` and write the table / JSON lines to ``out``; returns the number of errors."""
+            device: str | None = None, batch_size: int | None = None, runtime: str | None = None) -> int:
+    """Score ``images`` and write the table / JSON lines to ``out``; returns the number of errors.
+    ``runtime``: what runs the forward pass (batch.runtime; None: $DERMSCORE_RUNTIME, else auto)."""
+    from batch.runtime import RuntimeUnavailable
     from batch.scorer import Scorer
 
     out = out or sys.stdout   # looked up now: the caller may have replaced sys.stdout since import
-    scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=batch_size)
+    try:
+        scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=batch_size, runtime=runtime)
+    except RuntimeUnavailable as exc:
+        raise options.UserError(str(exc)) from exc
     if as_json:  # streamed: fine for thousands of files
         errors = 0
         for r in scorer.score_files(images):
@@ -70,6 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_model(p)
     p.add_argument("--json", action="store_true", help="print one JSON line per image (the transform output format)")
     options.add_device(p)
+    options.add_runtime(p)
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the scorer's)")
 
 
@@ -79,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         raise options.UserError(f"{missing[0]} is not a file" + (f" (nor are {len(missing) - 1} more)" if
                                                                   len(missing) > 1 else "")
                                 + ": pass the paths of JPEG or PNG files")
-    errors = predict(args.images, args.model, args.json, device=args.device, batch_size=args.batch_size)
+    errors = predict(args.images, args.model, args.json, device=args.device, batch_size=args.batch_size,
+                     runtime=args.runtime)
     if errors:
         sys.stderr.write(f"{errors} of {len(args.images)} files could not be scored (their reasons are above)\n")
         return options.PARTIAL_FAILURE
