@@ -3,8 +3,10 @@
 Two views mirror the Athena tables of the deployed stack (Hive-partitioned by ``dt``,
 a string, as Athena's partition projection declares it)::
 
-    predictions   <results>/predictions/dt=YYYY-MM-DD/<job>.parquet   (PREDICTION_SCHEMA + dt)
-    failures      <results>/failures/dt=YYYY-MM-DD/<name>.parquet     (FAILURE_SCHEMA + dt)
+    predictions         <results>/predictions/dt=YYYY-MM-DD/<job>.parquet   (PREDICTION_SCHEMA + dt)
+    failures            <results>/failures/dt=YYYY-MM-DD/<name>.parquet     (FAILURE_SCHEMA + dt)
+    latest_predictions  one row per upload: the latest model's answer (the template's named
+                        query create-latest-predictions-view, run here as Athena runs it once)
 
 Queries written in the SQL both engines share (SELECT/WHERE/GROUP BY/ORDER BY/LIMIT,
 count/avg/min/max/round, CASE, CAST) run unchanged on Athena against the deployed tables.
@@ -37,6 +39,8 @@ TOP_MELANOMA_SQL = ("SELECT image_key, round(prob_mel, 3) AS prob_mel, melanoma_
                     "round(malignant_prob, 3) AS malignant_prob, risk_level, top_class, ood_flag "
                     "FROM predictions ORDER BY prob_mel DESC LIMIT 10")
 VIEWS = {"predictions": results.PREDICTION_SCHEMA, "failures": results.FAILURE_SCHEMA}
+# Named queries that create views: run on every connection (on Athena, once after the first deploy).
+VIEW_QUERIES = ("create-latest-predictions-view",)
 # Athena (Trino) functions the named queries use that DuckDB spells differently.
 ATHENA_SHIM = (
     "SET TimeZone = 'UTC'",
@@ -73,13 +77,19 @@ def connect(results_dir: str | Path = DEFAULT_RESULTS) -> duckdb.DuckDBPyConnect
             empty = pa.Table.from_pylist([], schema=schema.append(pa.field(results.PARTITION_COLUMN, pa.string())))
             con.register(f"_{view}_empty", empty)
             con.execute(f"CREATE VIEW {view} AS SELECT * FROM _{view}_empty")
+    queries = named_queries()
+    for name in VIEW_QUERIES:
+        con.execute(queries[name][1])
     return con
 
 
-def run_query(sql: str, results_dir: str | Path = DEFAULT_RESULTS) -> tuple[list[str], list[tuple]]:
+def run_query(sql: str, results_dir: str | Path = DEFAULT_RESULTS,
+              params: list[str] | None = None) -> tuple[list[str], list[tuple]]:
+    """``sql`` over the views; ``params`` fill its ``?`` placeholders in order (as Athena's
+    execution parameters fill a named query's)."""
     con = connect(results_dir)
     try:
-        rel = con.execute(sql)
+        rel = con.execute(sql, params or None)
         columns = [d[0] for d in rel.description] if rel.description else []
         return columns, rel.fetchall()
     finally:
@@ -111,6 +121,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                           '"SELECT risk_level, count(*) FROM predictions GROUP BY 1"')
     p.add_argument("--named", metavar="NAME", help="run an Athena named query of template.yaml (see --list)")
     p.add_argument("--list", action="store_true", help="list the named queries")
+    p.add_argument("--param", action="append", default=[], metavar="VALUE",
+                   help="a value for the query's next ? placeholder, in order (compare-models: the weights "
+                        "sha256 prefixes of model A, then B)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
                    help="exported results folder (written by demo/serve)")
 
@@ -133,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"no results folder {args.results}; run `dermscore demo` or `dermscore serve` first\n")
         return 2
     try:
-        columns, rows = run_query(args.sql, args.results)
+        columns, rows = run_query(args.sql, args.results, args.param)
     except duckdb.Error as exc:
         sys.stderr.write(f"query failed: {exc}\n")
         return 1

@@ -46,7 +46,8 @@ def load(results_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
     con = connect(results_dir)
     try:
-        rows = con.sql("SELECT * FROM predictions").to_arrow_table().to_pylist()
+        # one row per upload: the latest model's answer (a re-scored archive holds one row per model)
+        rows = con.sql("SELECT * EXCLUDE (answer_rank) FROM latest_predictions").to_arrow_table().to_pylist()
         fails = con.sql("SELECT * FROM failures ORDER BY failed_at, image_key").to_arrow_table().to_pylist()
     finally:
         con.close()
@@ -67,9 +68,9 @@ def load_jobs(results_dir: Path) -> list[report.Job]:
     return jobs
 
 
-def artifact_path(results_dir: Path, image_key: str, etag: str, suffix: str) -> Path:
-    """Where the pipeline stores a derived image of an upload (next to its JSON document)."""
-    return layout.local_path(results_dir, layout.image_artifact_key(image_key, etag, suffix)[len("results/"):])
+def artifact_path(results_dir: Path, image_key: str, etag: str, suffix: str, model: str = "") -> Path:
+    """Where the pipeline stores a derived image of an upload as ``model`` saw it (next to its JSON document)."""
+    return layout.local_path(results_dir, layout.image_artifact_key(image_key, etag, suffix, model)[len("results/"):])
 
 
 def _exported(results_dir: Path, key: str) -> bool:
@@ -87,7 +88,8 @@ def exported_pictures(rows: list[dict[str, Any]], results_dir: Path) -> list[dic
     for row in rows:
         row = dict(row)
         for field, suffix in PICTURES:
-            key = row.get(field) or layout.image_artifact_key(row["image_key"], row.get("etag") or "", suffix)
+            key = row.get(field) or layout.image_artifact_key(row["image_key"], row.get("etag") or "", suffix,
+                                                              row.get("weights_sha256") or "")
             there = key.startswith(report.RESULTS_ROOT + "/") and _exported(results_dir, key)
             row[field] = key if there else None
         out.append(row)
@@ -159,6 +161,57 @@ def write_report(results_dir: Path, out_dir: Path, images_dir: Path | None = Non
     return {"html": page, "csv": csv_path, "predictions": len(rows), "failures": len(fails), "data": data}
 
 
+RISK_RANK = {level: i for i, level in enumerate(reversed(report.RISK_ORDER))}   # low 0 < moderate < high
+
+
+def models(results_dir: Path) -> dict[str, str]:
+    """weights sha256 -> "name vX" of every model with rows in the export."""
+    from analytics.query import run_query
+
+    _, rows = run_query("SELECT DISTINCT weights_sha256, model_name, model_version FROM predictions", results_dir)
+    return {sha: f"{name} v{version}" for sha, name, version in rows}
+
+
+def resolve_model(known: dict[str, str], given: str) -> str:
+    """The one model whose weights sha256 starts with ``given`` (or whose version is ``given``)."""
+    found = [sha for sha, label in known.items() if sha.startswith(given) or label.endswith(f" v{given}")]
+    if len(found) != 1:
+        names = ", ".join(f"{sha[:12]} ({label})" for sha, label in known.items()) or "none"
+        raise options.UserError(f"{'no' if not found else 'more than one'} model matches {given!r}; "
+                                f"the results hold: {names}")
+    return found[0]
+
+
+def write_comparison(results_dir: Path, out_dir: Path, first: str, second: str) -> dict[str, Any]:
+    """``compare.html``: what changed from model A to model B on the uploads both scored (the named
+    queries compare-models and model-transitions, and B's stored pictures of images whose risk rose)."""
+    from analytics.query import named_queries, run_query
+    from dermscore.labels import CLASSES
+
+    known = models(results_dir)
+    a, b = resolve_model(known, first), resolve_model(known, second)
+    queries = named_queries()
+    columns, rows = run_query(queries["compare-models"][1], results_dir, [a, b])
+    pairs = [dict(zip(columns, r, strict=True)) for r in rows]
+    _, cells = run_query(queries["model-transitions"][1], results_dir, [a, b])
+    rose = [p for p in pairs if RISK_RANK.get(p["risk_level_b"], 0) > RISK_RANK.get(p["risk_level_a"], 0)]
+    results_href = Path(os.path.relpath(results_dir, out_dir)).as_posix()
+    for p in rose:
+        p["pictures"] = [report.Picture(label, key, report.href(key, results_href))
+                         for label, key in (("image", p["thumbnail_key_b"]), ("Grad-CAM", p["heatmap_key_b"]))
+                         if key and _exported(results_dir, key)]
+    page = out_dir / "compare.html"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    page.write_text(report.render_template(
+        "compare.html.j2", a={"sha": a, "label": known[a]}, b={"sha": b, "label": known[b]}, source=str(results_dir),
+        compared=len(pairs), changed=sum(p["top_class_changed"] for p in pairs), rose=rose,
+        fell=sum(RISK_RANK.get(p["risk_level_b"], 0) < RISK_RANK.get(p["risk_level_a"], 0) for p in pairs),
+        gained=sum(p["melanoma_flag_change"] == "gained" for p in pairs),
+        lost=sum(p["melanoma_flag_change"] == "lost" for p in pairs),
+        classes=CLASSES, matrix={(ca, cb): n for ca, cb, n, _ in cells}), encoding="utf-8")
+    return {"html": page, "compared": len(pairs), "rose": len(rose)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="exported results folder")
     p.add_argument("--out", type=Path, default=None,
@@ -169,6 +222,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--usd-per-hour", type=float, default=None,
                    help="price per instance-hour for the cost, instead of dermscore.config.TRANSFORM_USD_PER_HOUR "
                         "(used for every job whose instance type is known)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="instead, compare two models' answers (weights sha256 prefixes or versions): compare.html")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,6 +231,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"no results folder {args.results}; run `dermscore demo` or `dermscore serve` first\n")
         return 2
     out = args.out or args.results / "report"
+    if args.compare:
+        info = write_comparison(args.results, out, *args.compare)
+        print(f"{info['html']} ({info['compared']} images scored by both models, risk level rose for {info['rose']})")
+        return 0
     info = write_report(args.results, out, args.images, args.top, args.usd_per_hour, progress=True)
     print(f"{info['html']} ({info['predictions']} predictions, {info['failures']} failures) and {info['csv']}")
     return 0

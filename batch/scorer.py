@@ -497,7 +497,7 @@ class Scorer:
         """Write a derived picture of ``line``'s image next to its JSON document; returns the key.
         Images from S3 go to their own bucket (the transform role may put exactly these keys);
         local images (no bucket: ``dermscore predict``, tests) are kept in :attr:`pictures`."""
-        key = layout.image_artifact_key(line.key, line.etag, suffix)
+        key = layout.image_artifact_key(line.key, line.etag, suffix, self.meta.weights_sha256)
         if line.bucket:
             self.s3.put_object(Bucket=line.bucket, Key=key, Body=data, ContentType=content_type,
                                Tagging=layout.PICTURE_TAG)

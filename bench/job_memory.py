@@ -50,11 +50,11 @@ def _lines(start: int, n: int, bucket: str):
 
 def _pend(stack, images: int) -> None:
     """``images`` pending in parts of PART_LINES, written one at a time (enqueue's own code)."""
-    from handlers import enqueue
+    from handlers import pending
 
     rt = stack.runtime("enqueue")
     for start in range(0, images, PART_LINES):
-        enqueue.write_part(rt, _lines(start, min(PART_LINES, images - start), stack.bucket))
+        pending.write_part(rt, _lines(start, min(PART_LINES, images - start), stack.bucket))
 
 
 def _dispatch_job(stack, shard_lines: int) -> dict[str, Any]:

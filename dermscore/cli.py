@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("analytics.report",
                "HTML report (classes, risk histogram, top-risk thumbnails, failures, throughput) + results.csv"),
     "query": ("analytics.query", 'SQL (DuckDB, Athena-compatible) over exported results: query "SELECT ..."'),
+    "rescore": ("infra.rescore", "re-score a deployed stack's stored images with the model deployed now"),
     "redrive": ("infra.redrive", "move the dead-letter queue's messages back to the images queue"),
     "publish-model": ("infra.deploy", "upload model.tar.gz to the stack's bucket; print the sam deploy parameters"),
     "bench": ("bench.throughput", "throughput benchmark: model forward vs end-to-end pipeline vs seed style; memory"),

@@ -23,6 +23,7 @@ MODELS = "models/"                  # model.tar.gz artifacts (dermscore publish-
 ATHENA_RESULTS = "athena-results/"  # the Athena workgroup's query results
 PENDING = "pending/"                # arrival: one manifest part per enqueue invocation, until dispatched
 DISPATCH = "dispatch/"              # the dispatcher's intent records: a job's parts, until it exists
+RESCORE = "rescore/"                # one progress record per re-score run (handlers.rescore)
 REPORTS = "results/reports/"        # one HTML page + CSV + facts JSON per transform job (dermscore.report)
 
 MAX_KEY_BYTES = 1024                # S3's limit on an object key (UTF-8 bytes)
@@ -57,7 +58,8 @@ def key_problem(key: str) -> tuple[str, str] | None:
         return reasons.UNSAFE_KEY, "key contains a backslash"
     if any(part in ("", ".", "..") for part in rest.split("/")):
         return reasons.UNSAFE_KEY, "key has an empty, '.' or '..' path segment"
-    pictures = (image_artifact_key(key, "0" * ETAG_IN_KEY, s) for s in (HEATMAP_SUFFIX, THUMBNAIL_SUFFIX))
+    pictures = (image_artifact_key(key, "0" * ETAG_IN_KEY, s, "0" * MODEL_IN_KEY)
+                for s in (HEATMAP_SUFFIX, THUMBNAIL_SUFFIX))
     longest = max(len(k.encode()) for k in (image_result_key(key), *pictures))
     if longest > MAX_KEY_BYTES:
         return reasons.KEY_TOO_LONG, f"its result key would be {longest} bytes (S3 allows {MAX_KEY_BYTES})"
@@ -98,6 +100,11 @@ def dispatch_key(job_name: str) -> str:
 # The dispatcher's record of its last quiet release (dermscore.batching.quiet): only its
 # LastModified matters, read from the listing of dispatch/ the dispatcher makes anyway.
 QUIET_RELEASE_KEY = f"{DISPATCH}last-quiet-release"
+
+
+def rescore_key(run: str) -> str:
+    """A re-score run's record: its request, cursor and counts (``handlers.rescore``)."""
+    return f"{RESCORE}{run}.json"
 
 
 def manifest_key(job_name: str) -> str:
@@ -161,10 +168,14 @@ HEATMAP_SUFFIX = ".heatmap.png"    # Grad-CAM overlay, next to the image's JSON 
 THUMBNAIL_SUFFIX = ".thumb.jpg"    # re-encoded model-input-size image, next to the JSON
 
 
-def archived_claim_key(image_key: str, etag: str) -> str:
-    """The claim of an upload that fell out of its key's document history (``handlers.claims``):
-    beside the document, named by the upload's ETag; it never expires, like the document."""
-    return f"{image_result_key(image_key)[: -len('.json')]}.{_etag_in_key(etag)}.claim.json"
+MODEL_IN_KEY = 12                  # hex digits of a model's weights sha256 in its pictures' and claims' keys
+
+
+def archived_claim_key(image_key: str, etag: str, model: str = "") -> str:
+    """The claim of one (upload, model) that fell out of its key's document history
+    (``handlers.claims``): beside the document, named by the upload's ETag and the model's weights
+    sha256; it never expires, like the document."""
+    return f"{image_result_key(image_key)[: -len('.json')]}.{_etag_in_key(etag)}{_model_in_key(model)}.claim.json"
 
 
 # Derived pictures carry this S3 object tag: their lifecycle rule (PictureRetentionDays) filters on
@@ -173,15 +184,21 @@ PICTURE_TAG = "dermscore-derived=picture"
 ETAG_IN_KEY = 40                  # most characters of an upload's ETag in its pictures' keys
 
 
-def image_artifact_key(image_key: str, etag: str, suffix: str) -> str:
-    """A derived picture of one upload (heatmap, thumbnail), beside its JSON document and named by
-    the upload's ETag: two uploads of one key never share, or overwrite, each other's picture,
+def image_artifact_key(image_key: str, etag: str, suffix: str, model: str = "") -> str:
+    """A derived picture of one upload as one model saw it (heatmap, thumbnail), beside its JSON
+    document and named by the upload's ETag and the model's weights sha256: two uploads of one key,
+    or one upload re-scored by another model, never share or overwrite each other's picture,
     whatever order they are scored in."""
-    return f"{image_result_key(image_key)[: -len('.json')]}.{_etag_in_key(etag)}{suffix}"
+    return f"{image_result_key(image_key)[: -len('.json')]}.{_etag_in_key(etag)}{_model_in_key(model)}{suffix}"
 
 
 def _etag_in_key(etag: str) -> str:
     return re.sub(r"[^0-9A-Za-z-]", "", etag or "")[:ETAG_IN_KEY] or "no-etag"
+
+
+def _model_in_key(model: str) -> str:
+    digits = re.sub(r"[^0-9a-f]", "", (model or "").lower())[:MODEL_IN_KEY]
+    return f".m{digits}" if digits else ""
 
 
 def job_file_name(job_name: str, input_key: str) -> str:

@@ -438,6 +438,11 @@ def _charts(data: ReportData) -> dict[str, Any]:
                      "thresholds": [x0 + pw * t for t in data.thresholds]}}
 
 
+def render_template(name: str, **context: Any) -> str:
+    """Another page of ``dermscore/templates`` (the model comparison), with the report's filters."""
+    return _environment().get_template(name).render(**context)
+
+
 def render(data: ReportData) -> str:
     """The HTML page of ``data`` (``dermscore/templates/report.html.j2``)."""
     return _environment().get_template(TEMPLATE).render(data=data, charts=_charts(data), risk_order=RISK_ORDER)

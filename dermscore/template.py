@@ -200,6 +200,9 @@ class LocalSpec:
     dispatch_env: dict[str, str] = field(default_factory=dict)
     dispatch_timeout_s: int = 0
     dispatch_interval_s: int = 0
+    # The re-score function (RescoreFunction): its environment and timeout.
+    rescore_env: dict[str, str] = field(default_factory=dict)
+    rescore_timeout_s: int = 0
 
 
 def function_env(template: dict[str, Any], logical_id: str, resolver: Resolver) -> dict[str, str]:
@@ -303,6 +306,8 @@ def local_spec(bucket: str, stack_name: str = "dermscore", path: str | Path = TE
         dispatch_env=function_env(t, "DispatchFunction", r),
         dispatch_timeout_s=int(function_property(t, "DispatchFunction", "Timeout", r) or 3),
         dispatch_interval_s=rate_seconds(dispatch_schedule["Schedule"]),
+        rescore_env=function_env(t, "RescoreFunction", r),
+        rescore_timeout_s=int(function_property(t, "RescoreFunction", "Timeout", r) or 3),
     )
 
 

@@ -1,37 +1,44 @@
-"""Exactly one outcome per upload on at-least-once delivery: the image's JSON document is its claim.
+"""Exactly one outcome per (upload, model) on at-least-once delivery: the image's JSON document is its claim.
 
 S3 events, SQS and EventBridge all deliver *at least* once, enqueue and the dispatcher may die
 half-way, and two jobs may carry the same upload (a duplicate event that arrived after the first
-was dispatched). Every upload - ``(bucket, key, ETag)`` - must still end in exactly one place:
-one prediction row or one failure row. Nothing is decided before scoring (no request per image
-on the way in); the decision is taken where the outcome is written, by the one object collect
-writes for every image anyway, its JSON document::
+was dispatched). Every upload - ``(bucket, key, ETag)`` - must still end in exactly one place per
+model that scored it: one prediction row or one failure row. A re-score with another model
+(``handlers.rescore``) adds that model's outcome beside the first; a second re-score with the same
+model adds nothing. Nothing is decided before scoring (no request per image on the way in); the
+decision is taken where the outcome is written, by the one object collect writes for every image
+anyway, its JSON document::
 
-    results/images/<key without incoming/>.json  ->  {..., "etag": ..., "owner": "<job>/<file>#<line>",
-                                                      "uploads": [{"etag", "owner"}, ...]}
+    results/images/<key without incoming/>.json  ->  {..., "etag": ..., "weights_sha256": ...,
+                                                      "owner": "<job>/<file>#<line>",
+                                                      "history": [{"etag", "model", "owner", ...}, ...]}
 
-The **owner** is the one manifest line (job, input file, line number) whose outcome counts for
-that upload. Collect writes the document with ``PutObject(IfNoneMatch="*")``: S3 creates it only
-if no object of that key exists (HTTP 412 otherwise), atomically and strongly consistent, so
-exactly one writer wins however many race. A writer that loses reads the document:
+A **claim** is (ETag, model), the model being the weights sha256 of the answer (an outcome
+without one, a failure the container did not name a model for, has the model ""). Its **owner**
+is the one manifest line (job, input file, line number) whose outcome counts for it. Collect
+writes the document with ``PutObject(IfNoneMatch="*")``: S3 creates it only if no object of that
+key exists (HTTP 412 otherwise), atomically and strongly consistent, so exactly one writer wins
+however many race. A writer that loses reads the document:
 
-* the same upload (its ETag, or one of the earlier ``uploads`` of the key): the owner recorded
-  there decides. A repeated event of the same job finds itself and rewrites the same rows; a
-  duplicate line (in another job, or twice in one job) finds another owner and writes no row;
-* another upload of the same key (a re-upload): both uploads count. The document shows the newer
-  one, by the S3 events' ``sequencer`` (the documented order of events on one key), and keeps the
-  other in ``uploads`` (the last :data:`HISTORY`), so a late duplicate of either is recognised
-  (an upload the container found ``superseded`` is never shown over another: it is the older).
+* the same claim (in the document or its ``history``): the owner recorded there decides. A
+  repeated event of the same job finds itself and rewrites the same rows; a duplicate line (in
+  another job, or twice in one job) finds another owner and writes no row;
+* another claim of the key (a re-upload, or another model's answer for this upload): both count.
+  The document shows one (:func:`shows`: the newer upload by the S3 events' ``sequencer``; for
+  one upload, a score over a failure, then the later answer, so a re-score shows the model
+  deployed now) and keeps the other in ``history`` (the last :data:`HISTORY`, each with its
+  model, top class, risk level, p(mel) and time), so a late duplicate of either is recognised.
   That rewrite is conditional on the ETag read (``IfMatch``): a concurrent writer makes it retry.
-  An upload that falls out of ``uploads`` keeps its claim in an archive object of its own
+  A claim that falls out of ``history`` keeps an archive object of its own
   (:func:`dermscore.layout.archived_claim_key`, written once), which a writer that finds its
-  upload in neither place reads: however often a key is uploaded again, no upload is forgotten.
+  claim in neither place reads: however often a key is uploaded or re-scored, nothing is forgotten.
 
 Cost: one PUT per image (the document, which the results need anyway), a GET only where a
-duplicate or a re-upload meets an existing document. Why not a separate claim object per upload,
-or Powertools' idempotency utility (DynamoDB)? The first costs a request per image more, the
-second a second service and a lock that expires; the state to protect ("which line's outcome
-counts for this upload") is written once, where the outcome is, and only read afterwards.
+duplicate, a re-upload or a re-score meets an existing document. Why not a separate claim object
+per upload, or Powertools' idempotency utility (DynamoDB)? The first costs a request per image
+more, the second a second service and a lock that expires; the state to protect ("which line's
+outcome counts for this upload and model") is written once, where the outcome is, and only read
+afterwards.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from handlers.storage import put_json
 
 WORKERS = 64                        # parallel document writes (I/O-bound; boto3 clients are thread-safe)
 RETRIES = 6                         # a conflicting writer (409, or an IfMatch lost) makes a write retry
-HISTORY = 16                        # earlier uploads of a key that its document remembers
+HISTORY = 16                        # earlier claims of a key (uploads, models) that its document remembers
 PRECONDITION_FAILED = ("PreconditionFailed", "412")
 CONFLICT = ("ConditionalRequestConflict", "409")
 
@@ -80,20 +87,47 @@ def newer(a: str, b: str) -> bool:
     return a.upper().rjust(width, "0") >= b.upper().rjust(width, "0")
 
 
+def model_of(doc: dict[str, Any]) -> str:
+    """The model of an outcome: its weights sha256 ("" for a failure no model was named for)."""
+    return str(doc.get("weights_sha256") or doc.get("model") or "")
+
+
+def _at(doc: dict[str, Any]) -> str:
+    """When an outcome was written (ISO 8601 UTC: comparable as text)."""
+    return str(doc.get("scored_at") or doc.get("failed_at") or doc.get("at") or "")
+
+
 def shows(mine: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Should the key's document show ``mine`` rather than ``current`` (another upload of the key)?
-    The newer upload, except that an upload the container found replaced (``superseded``) is
-    older than what the key holds, whatever the sequencers say."""
+    """Should the key's document show ``mine`` rather than ``current`` (another claim of the key)?
+
+    Two uploads: the newer, except that an upload the container found replaced (``superseded``)
+    is older than what the key holds, whatever the sequencers say. One upload, two models: a score
+    over a failure (a re-score of a since-deleted object keeps the last answer on show), then the
+    later answer (the model deployed now)."""
+    if mine.get("etag") and mine.get("etag") == current.get("etag"):
+        scored_mine, scored_current = (d.get("status") == results.SCORED for d in (mine, current))
+        if scored_mine != scored_current:
+            return scored_mine
+        return _at(mine) >= _at(current)
     stale_mine, stale_current = (d.get("reason") == reasons.SUPERSEDED for d in (mine, current))
     if stale_mine != stale_current:
         return stale_current
     return newer(str(mine.get("sequencer") or ""), str(current.get("sequencer") or ""))
 
 
-def _known(doc: dict[str, Any]) -> dict[str, str]:
-    """Every upload of the key the document knows: {etag: owner}."""
-    known = {str(u.get("etag")): str(u.get("owner")) for u in doc.get("uploads") or []}
-    known[str(doc.get("etag"))] = str(doc.get("owner"))
+def summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """A claim as the document's ``history`` keeps it: who owns it, and the answer in short."""
+    entry = {"etag": doc.get("etag"), "model": model_of(doc), "owner": doc.get("owner"),
+             "status": doc.get("status"), "model_version": doc.get("model_version"),
+             "top_class": doc.get("top_class"), "risk_level": doc.get("risk_level"),
+             "prob_mel": doc.get("prob_mel"), "reason": doc.get("reason"), "at": _at(doc) or None}
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+def _known(doc: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """Every claim of the key the document knows: {(etag, model): owner}."""
+    known = {(str(u.get("etag")), model_of(u)): str(u.get("owner")) for u in doc.get("history") or []}
+    known[(str(doc.get("etag")), model_of(doc))] = str(doc.get("owner"))
     return known
 
 
@@ -119,10 +153,11 @@ def _put(s3, bucket: str, key: str, doc: dict[str, Any], **condition: str) -> bo
 
 
 def place(s3, bucket: str, outcome: Outcome) -> bool:
-    """Does ``outcome.owner`` own its upload? Writes the document when it newly does."""
+    """Does ``outcome.owner`` own its claim (upload, model)? Writes the document when it newly does."""
     line, key = outcome.line, layout.image_result_key(outcome.line.key)
     mine = {**outcome.doc, "etag": line.etag, "owner": outcome.owner, "sequencer": line.sequencer or None}
-    archived = layout.archived_claim_key(line.key, line.etag)
+    claim = (line.etag, model_of(mine))
+    archived = layout.archived_claim_key(line.key, *claim)
     for attempt in range(RETRIES):
         if _put(s3, bucket, key, mine, IfNoneMatch="*"):
             return True
@@ -130,21 +165,18 @@ def place(s3, bucket: str, outcome: Outcome) -> bool:
         if found is not None:
             current, version = found
             known = _known(current)
-            if line.etag in known:
-                return known[line.etag] == outcome.owner
-            old = _read(s3, bucket, archived)   # an upload that fell out of the document's history
+            if claim in known:
+                return known[claim] == outcome.owner
+            old = _read(s3, bucket, archived)   # a claim that fell out of the document's history
             if old is not None:
                 return old[0].get("owner") == outcome.owner
-            # another upload of the key: this one counts too; the document shows the newer
-            if shows(mine, current):
-                shown, other = mine, {"etag": current.get("etag"), "owner": current.get("owner")}
-            else:
-                shown, other = current, {"etag": line.etag, "owner": outcome.owner}
-            history = [other, *(current.get("uploads") or [])]
+            # another claim of the key: this one counts too; the document shows one, keeps the other
+            shown, other = (mine, current) if shows(mine, current) else (current, mine)
+            history = [summary(other), *(current.get("history") or [])]
             for evicted in history[HISTORY:]:   # archived first: a crash here forgets nothing
-                _put(s3, bucket, layout.archived_claim_key(line.key, str(evicted.get("etag"))),
+                _put(s3, bucket, layout.archived_claim_key(line.key, str(evicted.get("etag")), model_of(evicted)),
                      {"image_key": line.key, **evicted}, IfNoneMatch="*")
-            if _put(s3, bucket, key, {**shown, "uploads": history[:HISTORY]}, IfMatch=version):
+            if _put(s3, bucket, key, {**shown, "history": history[:HISTORY]}, IfMatch=version):
                 return True
         time.sleep(0.02 * 2 ** attempt)
     raise RuntimeError(f"{key}: no stable document after {RETRIES} conditional writes")

@@ -110,7 +110,7 @@ def picture_keys(line: OutputLine) -> dict[str, str | None]:
     keys: dict[str, str | None] = {}
     for name, suffix in PICTURES:
         key = getattr(line, name)
-        expected = layout.image_artifact_key(line.key, line.etag, suffix)
+        expected = layout.image_artifact_key(line.key, line.etag, suffix, line.model.get("weights_sha256", ""))
         if key and key != expected:
             logger.warning("picture key not where the layout puts it; dropped",
                            extra={"image_key": line.key, "picture_key": key, "expected": expected})

@@ -31,14 +31,13 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType
 from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.s3_event import S3EventRecord
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from botocore.exceptions import ClientError
 
 from dermscore import layout, reasons, results
-from dermscore.aws import iter_keys
 from dermscore.messages import ManifestLine, Retry
 from handlers import runtime
+from handlers.pending import wake_dispatcher, write_part
 from handlers.runtime import Runtime
-from handlers.storage import MANIFEST_CONTENT_TYPE, dt_of, write_failures
+from handlers.storage import dt_of, write_failures
 
 logger = Logger(service="dermscore-enqueue")
 
@@ -53,18 +52,6 @@ class Arrival:
 
 
 # --- pure functions -------------------------------------------------------------------------
-
-def manifest_items(lines: list[ManifestLine]) -> list[ManifestLine]:
-    """Sorted, de-duplicated by upload: the same images give the same manifest."""
-    unique: dict[tuple[str, str, str], ManifestLine] = {}
-    for ln in lines:
-        unique.setdefault(ln.upload, ln)
-    return sorted(unique.values())
-
-
-def manifest_text(lines: list[ManifestLine]) -> str:
-    return "".join(ln.to_json() + "\n" for ln in manifest_items(lines))
-
 
 def s3_records(body: str) -> list[S3EventRecord]:
     """The ObjectCreated records carried by one SQS message body ([] for s3:TestEvent)."""
@@ -129,42 +116,6 @@ def parse(event: dict[str, Any], context: Any, rt: Runtime) -> tuple[list[Arriva
 
 
 # --- act ------------------------------------------------------------------------------------------
-
-def write_part(rt: Runtime, lines: list[ManifestLine]) -> str | None:
-    """The batch's lines as one pending manifest part (content-addressed); returns its key."""
-    unique = manifest_items(lines)
-    if not unique:
-        return None
-    text = manifest_text(unique)
-    key = layout.pending_part_key(layout.content_digest(text), len(unique))
-    rt.s3.put_object(Bucket=rt.settings.bucket, Key=key, Body=text.encode(), ContentType=MANIFEST_CONTENT_TYPE)
-    logger.info("manifest part pending", extra={"part": key, "images": len(unique)})
-    return key
-
-
-def pending_images(s3, bucket: str) -> int:
-    """The images waiting in ``pending/``, from the parts' names (one LIST per 1,000 parts)."""
-    return sum(layout.part_images(k) or 0 for k in iter_keys(s3, bucket, layout.PENDING))
-
-
-def wake_dispatcher(rt: Runtime) -> bool:
-    """Invoke the dispatcher now (asynchronously) if the pending volume makes a job; its schedule
-    runs it anyway, this only saves the wait for the next tick when a burst arrives."""
-    settings = rt.settings
-    if not settings.dispatch_function or rt.lambda_ is None:
-        return False
-    pending = pending_images(rt.s3, settings.bucket)
-    if pending < settings.min_images_per_job:
-        return False
-    try:
-        rt.lambda_.invoke(FunctionName=settings.dispatch_function, InvocationType="Event", Payload=b"{}")
-    except ClientError as exc:   # the part is safe in pending/: the schedule runs the dispatcher anyway
-        logger.warning("could not wake the dispatcher; its schedule will run it", extra={"error": str(exc)})
-        return False
-    logger.info("dispatcher woken", extra={"pending_images": pending,
-                                           "min_images_per_job": settings.min_images_per_job})
-    return True
-
 
 def write_enqueue_failures(s3, bucket: str, arrivals: list[Arrival]) -> list[str]:
     """One deterministic file per rejected upload (bucket, key, etag), in its event's date

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_images(p, "folder whose every file is uploaded; what cannot be scored gets a failure row "
                           "(default: the images of samples/, else the shared HAM10000 sample)")
     options.add_model(p)
+    p.add_argument("--rescore", type=options.model_folder, metavar="MODEL_DIR",
+                   help="then deploy this second model, re-score the uploaded images with it and print what "
+                        "changed between the two models")
     p.add_argument("--out", type=Path, default=Path("output"), help="where results/ is exported")
     p.add_argument("--bucket", default=DEFAULT_BUCKET, help="local bucket name")
     p.add_argument("--batching-window", type=float, default=LOCAL_BATCHING_WINDOW_S,
@@ -88,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         pipeline.upload(files, DEMO_PREFIX, progress=True)
         pipeline.drain(progress_total=len(files))
         elapsed = time.perf_counter() - t0
+        if args.rescore:
+            second = rescore(pipeline, args.rescore, len(files))
         counts = pipeline.export(args.out)
         endpoint, bucket = pipeline.stack.endpoint, pipeline.stack.bucket
         jobs = list(pipeline.runner.results)
@@ -120,5 +125,39 @@ def run(args: argparse.Namespace) -> int:
     columns, rows = run_query(TOP_MELANOMA_SQL, args.out)
     print(f'\nThe {len(rows)} images with the highest melanoma probability (dermscore query "{TOP_MELANOMA_SQL}"):\n')
     print(format_table(columns, rows))
+    if args.rescore:
+        print_comparison(meta, second, args.out)
     print("\nResearch software: these scores are not a diagnosis.")
     return 0
+
+
+def rescore(pipeline, model_dir: Path, images: int):
+    """Deploy ``model_dir`` on the running local stack and re-score what ``incoming/demo/`` holds
+    (``handlers.rescore``, as on AWS); returns the second model's metadata."""
+    from batch.bundle import ModelMeta
+
+    meta = ModelMeta.read(model_dir / "metadata.json")
+    log.info("re-score: model %s v%s from %s", meta.name, meta.version, model_dir)
+    pipeline.stack.register_model(model_dir)
+    progress = pipeline.rescore({"prefix": DEMO_PREFIX})
+    log.info("re-score run %s: %d images queued", progress.get("run"), progress.get("queued", 0))
+    pipeline.drain(progress_total=images)
+    return meta
+
+
+def print_comparison(first, second, out: Path) -> None:
+    """The two models' answers side by side: the named queries compare-models and model-transitions."""
+    from analytics.query import named_queries
+
+    queries, params = named_queries(), [first.weights_sha256, second.weights_sha256]
+    columns, rows = run_query(queries["compare-models"][1], out, params)
+    changed = sum(1 for r in rows if r[columns.index("risk_level_changed")])
+    print(f"\nRe-scored with {second.name} v{second.version} (weights sha256 {second.weights_sha256[:12]}): "
+          f"{len(rows)} images scored by both models, risk level changed for {changed}.")
+    print("Top class, model A (rows) against model B (dermscore query --named model-transitions "
+          f"--param {first.weights_sha256[:12]} --param {second.weights_sha256[:12]}):\n")
+    print(format_table(*run_query(queries["model-transitions"][1], out, params)))
+    shown = [c for c in columns if not c.endswith("_key_b") and c != "etag"]
+    top = [tuple(r[columns.index(c)] for c in shown) for r in rows[:10]]
+    print(f"\nThe {len(top)} images that changed most (--named compare-models):\n")
+    print(format_table(shown, top))

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 # The function each Lambda role belongs to (LocalStack.runtime's names), and the container's role.
 FUNCTION_ROLES = {"enqueue": "EnqueueRole", "dispatch": "DispatchRole", "collect": "CollectRole",
-                  "reconcile": "ReconcileRole"}
+                  "reconcile": "ReconcileRole", "rescore": "RescoreRole"}
 TRANSFORM_ROLE = "TransformRole"
 ROLES = (*FUNCTION_ROLES.values(), TRANSFORM_ROLE)
 ENFORCE_ENV = "DERMSCORE_ENFORCE_IAM"

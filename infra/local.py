@@ -82,6 +82,11 @@ class LocalPipeline:
             keys.append(key)
         return keys
 
+    def rescore(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Invoke the re-score function with ``request`` (``handlers.rescore``): its run's progress.
+        The pipeline then scores the queued images like new arrivals (``drain``)."""
+        return self.stack.invoke("rescore", request)
+
     # ---- running -------------------------------------------------------------------------
     def step(self) -> bool:
         """One poll (batching window included), a dispatcher run if its schedule says so, then every

@@ -13,9 +13,10 @@ import logging
 import sys
 from pathlib import Path
 
-# The Powertools loggers of the four functions (their ``Logger(service=...)``, one per handler
-# module): they do not propagate to the root logger, so each is routed by name.
-HANDLER_MODULES = ("handlers.enqueue", "handlers.dispatch", "handlers.collect", "handlers.reconcile")
+# The Powertools loggers of the functions and their shared modules (their ``Logger(service=...)``):
+# they do not propagate to the root logger, so each is routed by name.
+HANDLER_MODULES = ("handlers.enqueue", "handlers.dispatch", "handlers.collect", "handlers.reconcile",
+                   "handlers.rescore", "handlers.pending")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 ROUTED = "dermscore_log_file"   # marks the handlers this module added
 

@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The project's own top-level packages: imports of anything else are third-party or stdlib.
 PROJECT_PACKAGES = ("dermscore", "handlers", "batch", "training", "analytics", "bench", "infra")
 SERVING_ENTRY = "batch.inference"
-LAMBDA_ENTRIES = ("handlers.enqueue", "handlers.dispatch", "handlers.collect", "handlers.reconcile")
+LAMBDA_ENTRIES = ("handlers.enqueue", "handlers.dispatch", "handlers.collect", "handlers.reconcile", "handlers.rescore")
 # Files other than modules that a package reads at run time (its package data, as pyproject.toml's
 # [tool.setuptools.package-data] lists them), by top-level package: copied with its code wherever
 # one of its modules ships to Lambda (dermscore.report renders dermscore/templates/report.html.j2).

@@ -36,7 +36,7 @@ from infra.stack import LocalStack
 
 log = logging.getLogger("dermscore.scheduler")
 
-FUNCTIONS = ("enqueue", "collect", "reconcile", "dispatch")
+FUNCTIONS = ("enqueue", "collect", "reconcile", "dispatch", "rescore")
 ASYNC_ATTEMPTS = 3   # an asynchronous invocation that fails is retried twice (collect's EventInvokeConfig)
 
 
@@ -134,7 +134,7 @@ class Scheduler(Scheduled):
 class Dispatcher(Scheduled):
     """The dispatcher: its SageMaker client is the runner's view (it counts running jobs);
     ``interval_s`` replaces its schedule, ``max_latency_s`` its ``MaxLatencySeconds`` (the demo
-    and tests do not wait hours for a job). Enqueue wakes it through :class:`LocalLambda`."""
+    and tests do not wait hours for a job). Enqueue and rescore wake it through :class:`LocalLambda`."""
 
     function = "dispatch"
 
@@ -143,4 +143,5 @@ class Dispatcher(Scheduled):
         super().__init__(stack, stack.spec.dispatch_interval_s if interval_s is None else interval_s,
                          {"MAX_LATENCY_S": str(int(max_latency_s))} if max_latency_s is not None else None,
                          sagemaker=sagemaker)
-        stack.inject("enqueue", lambda_=LocalLambda(stack))
+        for waker in ("enqueue", "rescore"):
+            stack.inject(waker, lambda_=LocalLambda(stack))

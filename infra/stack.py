@@ -15,6 +15,8 @@ Resources (template logical name -> local resource)::
                                                                and by enqueue through LocalLambda)
     CollectFunction         handlers.collect.lambda_handler  (invoked by infra.runner)
     ReconcileFunction       handlers.reconcile.lambda_handler  (invoked by infra.scheduler)
+    RescoreFunction         handlers.rescore.lambda_handler  (invoked by `dermscore rescore`; a run that
+                                                              hands itself on is invoked again here)
     ModelName parameter     a SageMaker Model whose ModelDataUrl is s3://<bucket>/models/model.tar.gz
 """
 
@@ -354,7 +356,8 @@ class LocalStack:
         """What Lambda would give the function: its template.yaml variables, plus (locally) the
         endpoint, region and dummy credentials of this stack (its role's session, IAM enforced)."""
         own = {"enqueue": self.spec.enqueue_env, "collect": self.spec.collect_env,
-               "reconcile": self.spec.reconcile_env, "dispatch": self.spec.dispatch_env}[function]
+               "reconcile": self.spec.reconcile_env, "dispatch": self.spec.dispatch_env,
+               "rescore": self.spec.rescore_env}[function]
         creds = LOCAL_CREDENTIALS if self.iam is None else self.iam.env(FUNCTION_ROLES[function])
         return {**creds, "AWS_REGION": LOCAL_REGION, "AWS_DEFAULT_REGION": LOCAL_REGION,
                 "AWS_ENDPOINT_URL": self.endpoint, **own}
@@ -399,6 +402,9 @@ class LocalStack:
         elif function == "dispatch":
             from handlers.dispatch import lambda_handler
             timeout = self.spec.dispatch_timeout_s
+        elif function == "rescore":
+            from handlers.rescore import lambda_handler
+            timeout = self.spec.rescore_timeout_s
         else:
             raise ValueError(f"unknown function {function!r}")
         context = LambdaContext(function_name=f"{self.stack_name}-{function}", timeout_s=timeout or 120)

@@ -261,7 +261,7 @@ def test_a_reupload_gets_its_own_row_and_the_document_shows_the_newer_upload(mak
     assert sorted(r["etag"] for r in parquet_rows(stack, layout.PREDICTIONS)) == ["v1", "v2"]
     doc = json.loads(stack.client("s3").get_object(Bucket=stack.bucket,
                                                    Key=layout.image_result_key(old.key))["Body"].read())
-    assert doc["etag"] == "v2" and [u["etag"] for u in doc["uploads"]] == ["v1"]
+    assert doc["etag"] == "v2" and [u["etag"] for u in doc["history"]] == ["v1"]
 
 
 def test_sequencers_compare_as_s3_documents() -> None:
@@ -295,8 +295,46 @@ def test_an_upload_is_remembered_however_often_its_key_is_uploaded_again() -> No
             assert claims.place(s3, "claims", outcome(f"{i:032x}", f"job-{i}/part#0", f"{i:08X}"))
         doc = json.loads(s3.get_object(Bucket="claims", Key=layout.image_result_key("incoming/again.jpg"))
                          ["Body"].read())
-        assert doc["etag"] == f"{uploads - 1:032x}" and len(doc["uploads"]) == claims.HISTORY
+        assert doc["etag"] == f"{uploads - 1:032x}" and len(doc["history"]) == claims.HISTORY
         first = outcome(f"{0:032x}", "job-late/part#7", "00000000")     # a duplicate line of the first upload
         assert claims.place(s3, "claims", first) is False
         assert claims.place(s3, "claims", outcome(f"{0:032x}", "job-0/part#0", "00000000")) is True
         assert claims.place(s3, "claims", outcome(f"{uploads - 1:032x}", "job-other/part#1", "F")) is False
+
+
+def test_each_model_gets_one_outcome_per_upload_and_the_document_shows_the_latest() -> None:
+    """One upload scored by model A, re-scored by B, re-scored by B again (another job), plus late
+    duplicates of each: A and B own one claim each, the second B and the duplicates none; the
+    document shows B with A in its history; a later B failure (the object deleted since) counts as
+    its own outcome but leaves B's score on show. In-process S3 (moto's mock_aws): claims.place alone."""
+    import boto3
+    from moto import mock_aws
+
+    from dermscore import results
+
+    line = ManifestLine("claims", "incoming/rescored.jpg", "e1", 10, sequencer="0A")
+
+    def scored(model: str, owner: str, at: str) -> claims.Outcome:
+        doc = {"status": results.SCORED, "weights_sha256": model, "model_version": model[:3], "top_class": model[:1],
+               "risk_level": "low", "prob_mel": 0.1, "scored_at": at}
+        return claims.Outcome(line, owner, doc)
+
+    a, b = "a" * 64, "b" * 64
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="claims")
+        assert claims.place(s3, "claims", scored(a, "job-a/part#0", "2026-12-01T00:00:00+00:00"))
+        assert claims.place(s3, "claims", scored(b, "job-b/part#0", "2026-12-02T00:00:00+00:00"))
+        assert not claims.place(s3, "claims", scored(b, "job-b2/part#3", "2026-12-03T00:00:00+00:00"))
+        assert not claims.place(s3, "claims", scored(a, "job-a-dup/part#1", "2026-12-04T00:00:00+00:00"))
+        assert claims.place(s3, "claims", scored(a, "job-a/part#0", "2026-12-01T00:00:00+00:00"))   # its own event
+        gone = claims.Outcome(line, "job-c/part#0", {"status": results.FAILED, "reason": "read_error",
+                                                      "failed_at": "2026-12-05T00:00:00+00:00"})
+        assert claims.place(s3, "claims", gone)
+        doc = json.loads(s3.get_object(Bucket="claims", Key=layout.image_result_key(line.key))["Body"].read())
+    assert (doc["weights_sha256"], doc["owner"], doc["status"]) == (b, "job-b/part#0", results.SCORED)
+    assert [(h["model"], h["owner"], h["status"]) for h in doc["history"]] == [
+        ("", "job-c/part#0", results.FAILED), (a, "job-a/part#0", results.SCORED)]
+    assert doc["history"][1] == {"etag": "e1", "model": a, "owner": "job-a/part#0", "status": results.SCORED,
+                                 "model_version": "aaa", "top_class": "a", "risk_level": "low", "prob_mel": 0.1,
+                                 "at": "2026-12-01T00:00:00+00:00"}

@@ -19,6 +19,7 @@ import pytest
 from dermscore import layout
 from dermscore.aws import iter_objects
 from handlers import dispatch, enqueue
+from handlers import pending as pending_parts
 from infra.poller import sqs_event
 from infra.runner import LocalSageMaker
 from infra.scheduler import LocalLambda
@@ -137,7 +138,7 @@ def pending(stack, *batches: list[int]) -> list[str]:
     for numbers in batches:
         event = sqs_event([notification(stack.bucket, i) for i in numbers], stack.queue_arn)
         arrivals, _ = enqueue.parse(event, None, rt)
-        keys.append(enqueue.write_part(rt, [ln for a in arrivals for ln in a.lines]))
+        keys.append(pending_parts.write_part(rt, [ln for a in arrivals for ln in a.lines]))
     return keys
 
 

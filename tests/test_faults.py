@@ -303,7 +303,7 @@ def test_fault_suite_every_upload_ends_in_exactly_one_place(moto_endpoint, tiny_
     docs = [json.loads(path.read_text()) for path in (tmp_path / "images").rglob("*.json")]
     assert Counter(d["status"] for d in docs) == {results.SCORED: len(got.scored),   # one per image that reached
                                                   results.FAILED: sum(r[3] != "enqueue" for r in got.failed)}
-    claim = {"status", "owner", "sequencer", "uploads"}                            # the transform
+    claim = {"status", "owner", "sequencer", "history"}                           # the transform
     for doc in (d for d in docs[:50] if d["status"] == results.SCORED):
         extra = set(doc) - set(results.PREDICTION_SCHEMA.names) - claim
         assert all(k.endswith("_key") for k in extra), extra

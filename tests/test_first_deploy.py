@@ -29,7 +29,7 @@ ROLES = ("EnqueueRole", "DispatchRole", "CollectRole", "ReconcileRole", "Transfo
 # The roles whose code reads objects that may not exist and takes "missing" as an answer:
 # dispatch (a part another run dispatched), collect (an image's document, the job's marker),
 # reconcile (markers, documents), the container (an upload deleted before it was scored).
-READS_MAYBE_MISSING = ("DispatchRole", "CollectRole", "ReconcileRole", "TransformRole")
+READS_MAYBE_MISSING = ("DispatchRole", "CollectRole", "ReconcileRole", "TransformRole", "RescoreRole")
 # Lambda's limit on a function's unzipped code plus its layers, and what the AWS SDK for pandas
 # python3.11 layer takes of it unzipped (~204 MB, measured on its 3.x releases; the zip is ~55 MB).
 LAMBDA_UNZIPPED_LIMIT_MIB = 250

@@ -66,7 +66,8 @@ def test_scorer_makes_heatmaps_for_high_risk_only_without_exif(varied_model: Pat
     assert set(scorer.pictures) == {k for r in high for k in (r.heatmap_key, r.thumbnail_key)}
     for r in high:
         assert r.heatmap_class == "mel" if r.melanoma_flag else r.heatmap_class in ("akiec", "bcc")
-        assert r.heatmap_key == layout.image_artifact_key(r.key, r.etag, layout.HEATMAP_SUFFIX)
+        sha = r.model["weights_sha256"]
+        assert r.heatmap_key == layout.image_artifact_key(r.key, r.etag, layout.HEATMAP_SUFFIX, sha)
         for key, fmt in ((r.heatmap_key, "PNG"), (r.thumbnail_key, "JPEG")):
             data = scorer.pictures[key]
             assert b"SecretCameraMaker" not in data

@@ -41,6 +41,9 @@ from test_pipeline_e2e import (  # noqa: F401
     test_sql_example_and_nothing_left_in_flight,
 )
 
+# ... and a re-score under the re-score function's role.
+from test_rescore import test_what_enqueue_refused_is_skipped_and_named_keys_may_be_missing  # noqa: F401
+
 from dermscore import layout, reasons
 from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION, load_template
 from infra import iam

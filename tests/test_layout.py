@@ -10,7 +10,8 @@ import pytest
 
 from dermscore import layout, reasons
 from dermscore.messages import ManifestLine as Item
-from handlers.enqueue import manifest_items, manifest_text, s3_records
+from handlers.enqueue import s3_records
+from handlers.pending import manifest_items, manifest_text
 from infra.runner import MB, split_payload
 
 SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -127,12 +128,14 @@ def test_keys_that_could_escape_or_overflow_the_result_layout(key: str, reason: 
 
 
 def test_longest_acceptable_key_fits_every_derived_key() -> None:
-    room = (layout.MAX_KEY_BYTES - len(layout.IMAGES) - 1 - layout.ETAG_IN_KEY
+    room = (layout.MAX_KEY_BYTES - len(layout.IMAGES) - 1 - layout.ETAG_IN_KEY - len(".m") - layout.MODEL_IN_KEY
             - max(len(layout.HEATMAP_SUFFIX), len(layout.THUMBNAIL_SUFFIX)))
     key = layout.INCOMING + "a" * room
     assert layout.key_problem(key) is None and layout.key_problem(key + "a")[0] == reasons.KEY_TOO_LONG
     multipart = "9" * 32 + "-10000"   # the longest ETag S3 gives (a multipart upload of 10,000 parts)
-    assert len(layout.image_artifact_key(key, multipart, layout.HEATMAP_SUFFIX).encode()) <= layout.MAX_KEY_BYTES
+    sha = "f" * 64
+    assert len(layout.image_artifact_key(key, multipart, layout.HEATMAP_SUFFIX, sha).encode()) <= layout.MAX_KEY_BYTES
+    assert len(layout.archived_claim_key(key, multipart, sha).encode()) <= layout.MAX_KEY_BYTES
 
 
 def test_two_uploads_of_one_key_never_share_a_picture() -> None:
@@ -141,6 +144,13 @@ def test_two_uploads_of_one_key_never_share_a_picture() -> None:
         keys = {layout.image_artifact_key(k, e, suffix) for k, e in (first, second)}
         assert len(keys) == 2 and all(k.startswith("results/images/a/b.jpg.") and k.endswith(suffix) for k in keys)
     assert layout.image_artifact_key("incoming/x.jpg", '"abc"', ".p") == "results/images/x.jpg.abc.p"
+
+
+def test_two_models_never_share_a_picture_or_a_claim_of_one_upload() -> None:
+    a, b = "a" * 64, "b" * 64
+    assert layout.image_artifact_key("incoming/x.jpg", "e", ".p", a) == f"results/images/x.jpg.e.m{a[:12]}.p"
+    assert len({layout.image_artifact_key("incoming/x.jpg", "e", ".p", m) for m in (a, b, "")}) == 3
+    assert len({layout.archived_claim_key("incoming/x.jpg", "e", m) for m in (a, b, "")}) == 3
 
 
 def test_local_paths_never_leave_their_root(tmp_path) -> None:

@@ -152,16 +152,17 @@ def test_high_risk_images_link_heatmaps_stored_beside_their_json(exported) -> No
 
     from dermscore import layout
 
-    _, rows = run_query("SELECT image_key, risk_level, heatmap_key, thumbnail_key, heatmap_class, etag "
-                        f"FROM predictions WHERE dt <> '{OLD_DT}'", exported.out)
+    _, rows = run_query("SELECT image_key, risk_level, heatmap_key, thumbnail_key, heatmap_class, etag, "
+                        f"weights_sha256 FROM predictions WHERE dt <> '{OLD_DT}'", exported.out)
     assert any(r[1] == "high" for r in rows) and any(r[1] != "high" for r in rows)
-    for key, risk, heat, thumb, cls, etag in rows:
+    for key, risk, heat, thumb, cls, etag, model in rows:
         doc = json.loads((exported.out / layout.image_result_key(key)[len("results/"):]).read_text())
         assert doc["heatmap_key"] == heat and doc["thumbnail_key"] == thumb
         if risk != "high":
             assert heat is None and thumb is None and cls is None
             continue
-        assert heat == layout.image_artifact_key(key, etag, layout.HEATMAP_SUFFIX) and cls in ("mel", "akiec", "bcc")
+        assert heat == layout.image_artifact_key(key, etag, layout.HEATMAP_SUFFIX, model)
+        assert cls in ("mel", "akiec", "bcc")
         for k, fmt in ((heat, "PNG"), (thumb, "JPEG")):
             with Image.open(exported.out / k[len("results/"):]) as im:
                 assert im.format == fmt and im.size == (64, 64) and not im.getexif()

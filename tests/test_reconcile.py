@@ -18,7 +18,7 @@ import pytest
 from dermscore import layout, scoring
 from dermscore.labels import CLASSES
 from dermscore.messages import ManifestLine, OutputLine, Retry
-from handlers import collect, dispatch, enqueue, reconcile
+from handlers import collect, dispatch, pending, reconcile
 from infra.runner import LocalSageMaker
 from infra.scheduler import Scheduler
 
@@ -49,7 +49,7 @@ class World:
     def submit(self, die_before_create: bool = False) -> str:
         """The items as one pending part (enqueue's code), made a job by the dispatcher's code
         (optionally killed just before CreateTransformJob); returns the job's name."""
-        part = enqueue.write_part(self.stack.runtime("enqueue"), self.items)
+        part = pending.write_part(self.stack.runtime("enqueue"), self.items)
         real = self.view
 
         class Dying:
@@ -202,7 +202,7 @@ def test_a_half_written_manifest_is_never_submitted(make_stack) -> None:
     with or without the intent; the dispatcher's run writes every shard and submits all 3."""
     world = World(make_stack(overrides={"MinImagesPerJob": 1, "TransformInstanceCount": 3,
                                         "MinImagesPerShard": 1}))
-    part = enqueue.write_part(world.stack.runtime("enqueue"), world.items)
+    part = pending.write_part(world.stack.runtime("enqueue"), world.items)
     name = layout.job_name(world.stack.job_prefix, [part])
     rt = replace(world.stack.runtime("dispatch"), sagemaker=world.view)
     intent = dispatch.Intent(name, (part,), len(world.items))

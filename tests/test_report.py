@@ -44,8 +44,9 @@ def rows_and_failures(job: str = "job-1", when: datetime = ENDED) -> tuple[list[
     rows = [results.prediction_row(scoring.score_line(upload(k), p, MODEL, 0.3, 600, 450,
                                                       image_sha256="0" * 64, processing_ms=40.0, ood_score=o,
                                                       ood_threshold=-3.0), job, when) for k, p, o in lines]
-    rows[0]["heatmap_key"] = layout.image_artifact_key(rows[0]["image_key"], rows[0]["etag"], layout.HEATMAP_SUFFIX)
-    rows[0]["thumbnail_key"] = layout.image_artifact_key(rows[0]["image_key"], rows[0]["etag"], layout.THUMBNAIL_SUFFIX)
+    for field, suffix in (("heatmap_key", layout.HEATMAP_SUFFIX), ("thumbnail_key", layout.THUMBNAIL_SUFFIX)):
+        rows[0][field] = layout.image_artifact_key(rows[0]["image_key"], rows[0]["etag"], suffix,
+                                                   MODEL["weights_sha256"])
     fails = [results.failure_row(upload("incoming/batch/bad.jpg"), "transform", "corrupt_image", "<b>truncated</b>",
                                  job, when),
              results.failure_row(upload("incoming/batch/bad2.jpg"), "transform", "corrupt_image", "truncated",
@@ -105,8 +106,8 @@ def test_build_counts_orders_groups_and_prices() -> None:
     assert [(g.stage, g.reason, g.images, g.example) for g in data.failures] == [
         ("transform", "corrupt_image", 2, "incoming/batch/bad.jpg"), ("collect", "missing_output", 1,
                                                                       "incoming/batch/gone.jpg")]
-    assert [p.href for p in data.top[0].pictures] == ["../images/batch/a.jpg.e.thumb.jpg",
-                                                      "../images/batch/a.jpg.e.heatmap.png"]
+    assert [p.href for p in data.top[0].pictures] == ["../images/batch/a.jpg.e.mffffffffffff.thumb.jpg",
+                                                      "../images/batch/a.jpg.e.mffffffffffff.heatmap.png"]
     total = data.total
     assert (total.duration_s, total.job_images, total.ms_per_image) == (600, 8, pytest.approx(40.0))
     assert total.instance_hours == pytest.approx(2 * 600 / 3600) and total.images_per_s == pytest.approx(8 / 600)
@@ -127,7 +128,8 @@ def test_page_escapes_counts_classes_and_failures() -> None:
     # top-risk table: most urgent first, pictures linked relative to results/reports/
     assert top_keys(page)[:3] == ["incoming/batch/a.jpg", EVIL_ESCAPED, "incoming/batch/b.jpg"]
     assert top_keys(page)[-1] == "incoming/batch/c.jpg"
-    assert 'href="../images/batch/a.jpg.e.heatmap.png"' in page and 'src="../images/batch/a.jpg.e.thumb.jpg"' in page
+    assert 'href="../images/batch/a.jpg.e.mffffffffffff.heatmap.png"' in page
+    assert 'src="../images/batch/a.jpg.e.mffffffffffff.thumb.jpg"' in page
     assert 'href="job-1.csv"' in page
     assert "melanoma flag" in section(page, "top-risk") and "OOD / low quality" in section(page, "top-risk")
     # throughput and cost: 8 images in 600 s on 2 x ml.g4dn.xlarge at $0.736/h
@@ -310,7 +312,7 @@ def write_results(root: Path, facts: bool = True) -> None:
     pq.write_table(results.to_table(fails, results.FAILURE_SCHEMA), path)
     # the pipeline's stored thumbnail + heatmap for the flagged image, next to its JSON
     for suffix, fmt in ((local_report.THUMB_SUFFIX, "JPEG"), (local_report.HEATMAP_SUFFIX, "PNG")):
-        target = local_report.artifact_path(root, "incoming/batch/a.jpg", "e", suffix)
+        target = local_report.artifact_path(root, "incoming/batch/a.jpg", "e", suffix, MODEL["weights_sha256"])
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (64, 48), (200, 50, 50)).save(target, fmt)
     assert str(local_report.artifact_path(root, "incoming/batch/a.jpg", "e", ".x")).endswith(
@@ -334,7 +336,8 @@ def test_report_page_and_csv(tmp_path: Path) -> None:
     assert info["predictions"] == 4 and info["failures"] == 2
     assert section_ids(page) == ["kpis", "classes", "top-risk", "failures", "throughput"]
     # the stored pictures of a.jpg, linked relative to the page; b.jpg's original re-encoded, pixels only
-    assert 'src="../images/batch/a.jpg.e.thumb.jpg"' in page and 'href="../images/batch/a.jpg.e.heatmap.png"' in page
+    assert 'src="../images/batch/a.jpg.e.mffffffffffff.thumb.jpg"' in page
+    assert 'href="../images/batch/a.jpg.e.mffffffffffff.heatmap.png"' in page
     thumbs = list((tmp_path / "report" / local_report.THUMBNAILS).glob("*.jpg"))
     assert len(thumbs) == 1 and f'src="{local_report.THUMBNAILS}/{thumbs[0].name}"' in page
     assert b"SecretCameraMaker" not in thumbs[0].read_bytes() and "SecretCameraMaker" not in page
@@ -365,7 +368,7 @@ def test_report_without_job_facts_says_the_cost_is_unknown(tmp_path: Path) -> No
     assert "<b>unknown</b>cost" in page and measure(page, "cost") == "unknown"
     assert "Cost unknown for 1 job(s) (job-1)" in page and measure(page, "duration") == "unknown"
     assert info["data"].total.cost is None and info["data"].unpriced == ("job-1",)
-    assert 'src="../../images/batch/a.jpg.e.thumb.jpg"' in page   # links follow --out
+    assert 'src="../../images/batch/a.jpg.e.mffffffffffff.thumb.jpg"' in page   # links follow --out
 
 
 def test_report_cli_and_empty_results(tmp_path: Path, capsys) -> None:

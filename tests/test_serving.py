@@ -49,8 +49,10 @@ def test_output_lines_are_small_and_a_response_stays_under_its_limit() -> None:
                           image_sha256="e" * 64, processing_ms=123456.789, ood_score=-12.345678901234567,
                           orientation=8, ood_threshold=-1.0)
         heat = dataclasses.replace(line, heatmap_class="mel",
-                                   heatmap_key=layout.image_artifact_key(key, line.etag, layout.HEATMAP_SUFFIX),
-                                   thumbnail_key=layout.image_artifact_key(key, line.etag, layout.THUMBNAIL_SUFFIX))
+                                   heatmap_key=layout.image_artifact_key(key, line.etag, layout.HEATMAP_SUFFIX,
+                                                                       meta["weights_sha256"]),
+                                   thumbnail_key=layout.image_artifact_key(key, line.etag, layout.THUMBNAIL_SUFFIX,
+                                                                         meta["weights_sha256"]))
         return {"manifest": len(manifest) + 1, "output": len(line.to_json()) + 1,
                 "with_heatmap": len(heat.to_json()) + 1}
 
