@@ -54,6 +54,13 @@ requests (the calls per image by operation measured by ``dermscore bench``,
 
 Every input is a flag; the defaults for ml.g4dn.xlarge are labelled assumptions (no GPU was
 available where this was written): see ``INSTANCES`` and docs/scaling.md.
+
+**CPU instance types** (``ml.m5``, ``ml.c5``, ``ml.c6i`` sizes priced in
+``dermscore.config.TRANSFORM_USD_PER_HOUR``) are priced from **measurement**: the images per second
+per vCPU of the serving stack that ``dermscore bench`` measured on this machine's cores
+(``transform.images_per_vcpu_s``: 1,000 / the serving processes' CPU ms per image), times the
+type's vCPUs (``--bench FILE``, else :data:`DEFAULT_CPU_THROUGHPUT`). ``--compare`` prints them
+beside the GPU profile, one row per type and volume (dispatcher policy).
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from dermscore import sharding
-from dermscore.config import S3_TIER, TRANSFORM_USD_PER_HOUR, USD_PRICES, Settings
+from dermscore.config import S3_TIER, TRANSFORM_USD_PER_HOUR, TRANSFORM_VCPUS, USD_PRICES, Settings
 from dermscore.options import UserError
 from handlers import claims
 
@@ -100,6 +107,27 @@ INSTANCES: dict[str, InstanceProfile] = {
     "ml.g4dn.xlarge": InstanceProfile(TRANSFORM_USD_PER_HOUR["ml.g4dn.xlarge"], 500.0, 6.0,
                                       "price: project figure; rate and start-up: labelled assumptions"),
 }
+
+
+@dataclass(frozen=True)
+class CpuThroughput:
+    """What one vCPU of a CPU instance scores per second: measured by ``dermscore bench`` on this
+    machine's cores (one core is taken to do what one vCPU does)."""
+
+    images_per_vcpu_s: float
+    source: str
+
+
+# MEASURED: `dermscore bench --count 1000` on 2026-12-03 (main at 8a4777b), 2-core Intel Xeon VM,
+# through TorchServe, heatmaps off: the serving processes used 29.7 ms of CPU per image (S3 GET,
+# decode, forward, HTTP; the forward alone ~27.5 ms, decode 4.3 ms). That run scored with PyTorch
+# eager, before ONNX Runtime: replace it with a current run (`--bench FILE`, docs/benchmark.md).
+DEFAULT_CPU_THROUGHPUT = CpuThroughput(
+    1000 / 29.7, "measured: dermscore bench 2026-12-03 on this project's 2-core machine (serving CPU 29.7 ms "
+                 "per image, heatmaps off, torch eager before ONNX Runtime), x the type's vCPUs")
+CPU_STARTUP_MINUTES = 6.0   # ASSUMPTION, as for the GPU profile (provisioning + image pull + model load)
+# The instance types `--compare` prints: the GPU profile and the CPU types a new account can start with.
+COMPARED = ("ml.g4dn.xlarge", "ml.m5.large", "ml.c5.xlarge", "ml.c6i.xlarge", "ml.c5.2xlarge")
 
 
 # AWS calls per image by operation made by the pipeline (the user's upload excluded), as measured by
@@ -371,6 +399,43 @@ def calls_from_bench(path: Path) -> dict[str, float]:
     return {op: float(n) for op, n in by_op.items()}
 
 
+def cpu_throughput_from_bench(path: Path) -> CpuThroughput | None:
+    """``transform.images_per_vcpu_s`` of a ``dermscore bench --out`` file (None if it has none)."""
+    data = json.loads(Path(path).read_text())
+    per_vcpu = (data.get("figures") or {}).get("transform.images_per_vcpu_s")
+    if not per_vcpu:
+        return None
+    e2e = data.get("e2e") or {}
+    return CpuThroughput(float(per_vcpu), f"measured: {path} ({(data.get('machine') or {}).get('device', '?')}, "
+                                          f"heatmaps {e2e.get('heatmaps', '?')}), x the type's vCPUs")
+
+
+@functools.lru_cache(maxsize=1)
+def instance_devices() -> dict[str, str]:
+    """template.yaml's TransformInstances mapping: instance type -> ``cpu`` or ``gpu``."""
+    from dermscore.template import load_template
+
+    return {k: v["Device"] for k, v in load_template()["Mappings"]["TransformInstances"].items()}
+
+
+def cpu_profile(instance: str, throughput: CpuThroughput = DEFAULT_CPU_THROUGHPUT) -> InstanceProfile | None:
+    """A CPU type's profile: its price, ``throughput`` x its vCPUs, the assumed start-up; None for a
+    type that is not a priced CPU type."""
+    if instance_devices().get(instance) != "cpu" or instance not in TRANSFORM_USD_PER_HOUR \
+            or instance not in TRANSFORM_VCPUS:
+        return None
+    vcpus = TRANSFORM_VCPUS[instance]
+    return InstanceProfile(TRANSFORM_USD_PER_HOUR[instance], throughput.images_per_vcpu_s * vcpus,
+                           CPU_STARTUP_MINUTES, f"price: dermscore.config (2026-12-03); rate: "
+                           f"{throughput.images_per_vcpu_s:.1f} images/s per vCPU x {vcpus} vCPUs, "
+                           f"{throughput.source}; start-up: assumption")
+
+
+def profile(instance: str, throughput: CpuThroughput = DEFAULT_CPU_THROUGHPUT) -> InstanceProfile | None:
+    """The built-in profile of ``instance``: the assumed GPU one, or a measured CPU one."""
+    return INSTANCES.get(instance) or cpu_profile(instance, throughput)
+
+
 def cost_row(p: Plan, calls_per_image: dict[str, float]) -> dict[str, Any]:
     """One row of ``dermscore plan --json``: the figures asked for, then the plan itself."""
     per_m = 1e6 / p.images_per_day
@@ -488,15 +553,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the old policy's SQS batching window, s (default 300: its jobs were its batches)")
     p.add_argument("--bench", type=Path, metavar="FILE",
                    help="a `dermscore bench --json` file: its calls per image by operation price the S3 requests "
-                        f"(default: {DEFAULT_CALLS_SOURCE})")
+                        f"(default: {DEFAULT_CALLS_SOURCE}), its transform.images_per_vcpu_s the CPU types")
+    p.add_argument("--compare", action="store_true",
+                   help=f"compare instance types ({', '.join(COMPARED)}) at each volume, dispatcher policy: the "
+                        "GPU profile (assumed) beside CPU types priced from the measured rate per vCPU")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table (as in docs/scaling.md)")
     p.add_argument("--json", action="store_true",
                    help="print JSON instead of the table: {'inputs': ..., 'rows': [one per policy and volume]}")
 
 
+def throughput_in_use(args: argparse.Namespace) -> CpuThroughput:
+    """The bench file's rate per vCPU when it has one, else :data:`DEFAULT_CPU_THROUGHPUT`."""
+    return (cpu_throughput_from_bench(args.bench) if getattr(args, "bench", None) else None) \
+        or DEFAULT_CPU_THROUGHPUT
+
+
 def resolve(args: argparse.Namespace, defaults: TemplateDefaults) -> dict[str, Any]:
     instance = args.instance or defaults.instance_type
-    prof = INSTANCES.get(instance)
+    prof = profile(instance, throughput_in_use(args))
     values = {"usd_per_hour": args.usd_per_hour, "images_per_second": args.images_per_second,
               "startup_minutes": args.startup_minutes}
     missing = [k for k, v in values.items() if v is None and prof is None]
@@ -525,6 +599,55 @@ def settings_in_use(args: argparse.Namespace, d: TemplateDefaults) -> dict[str, 
             "window_s": pick(args.window, d.batching_window_s)}
 
 
+COMPARE_HEADER = ("instance", "device", "images/s per instance", "rate", "$/h", "images/day", "inst/job", "job time",
+                  "start-up share", "latency (max)", "instance $/1M images", "total $/1M", "keeps up")
+
+
+def comparison(volumes: list[int], d: TemplateDefaults, cfg: dict[str, Any], calls: dict[str, float],
+               throughput: CpuThroughput, instances: tuple[str, ...] = COMPARED) -> list[dict[str, Any]]:
+    """One dispatcher row per instance type and volume: the GPU profile and the CPU types."""
+    out = []
+    for instance in instances:
+        prof = profile(instance, throughput)
+        if prof is None:
+            raise UserError(f"no built-in profile for {instance}")
+        device = instance_devices().get(instance, "?")
+        for n in volumes:
+            p = plan(n, usd_per_hour=prof.usd_per_hour, images_per_second=prof.images_per_second,
+                     startup_minutes=prof.startup_minutes, policy="dispatcher", defaults=d, **cfg)
+            out.append({"instance": instance, "device": device, "rate_is": "measured" if device == "cpu" else "assumed",
+                        "images_per_second": prof.images_per_second, "usd_per_hour": prof.usd_per_hour,
+                        "source": prof.source, **cost_row(p, calls)})
+    return out
+
+
+def comparison_markdown(rows_: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COMPARE_HEADER) + " |", "|" + "---|" * len(COMPARE_HEADER)]
+    for r in rows_:
+        lines.append("| " + " | ".join((
+            r["instance"], r["device"], f"{r['images_per_second']:,.0f}", r["rate_is"], f"${r['usd_per_hour']:.3f}",
+            _count(r["images_per_day"]), str(r["instances_per_job"]), _duration(r["job_minutes"] * 60),
+            f"{r['startup_share']:.0%}", _duration(r["latency_s"]), _usd(r["gpu_usd_per_million"]),
+            _usd(r["total_usd_per_million"]), "no" if r["over_capacity"] else "yes")) + " |")
+    return "\n".join(lines)
+
+
+def run_comparison(args: argparse.Namespace, d: TemplateDefaults, cfg: dict[str, Any],
+                   calls: dict[str, float], volumes: list[int]) -> int:
+    throughput = throughput_in_use(args)
+    table = comparison(volumes, d, cfg, calls, throughput)
+    if args.json:
+        print(json.dumps({"inputs": {"throughput": asdict(throughput), "startup_minutes_cpu": CPU_STARTUP_MINUTES,
+                                     "template_defaults": asdict(d), **cfg}, "rows": table}, indent=2))
+        return 0
+    gpu = INSTANCES["ml.g4dn.xlarge"].source
+    print(f"instance types, dispatcher policy (template.yaml's defaults): GPU profile {gpu}; "
+          f"CPU types: {throughput.images_per_vcpu_s:.1f} images/s per vCPU, {throughput.source}; "
+          f"{CPU_STARTUP_MINUTES:g} min start-up (assumption); prices: dermscore.config.TRANSFORM_USD_PER_HOUR")
+    print(comparison_markdown(table))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     d = template_defaults()
     values = resolve(args, d)
@@ -539,6 +662,8 @@ def run(args: argparse.Namespace) -> int:
              for policy in policies for n in (drops if policy == "drop" else volumes)]
     calls = calls_from_bench(args.bench) if args.bench else dict(DEFAULT_CALLS_PER_IMAGE)
     calls_source = str(args.bench) if args.bench else DEFAULT_CALLS_SOURCE
+    if args.compare:
+        return run_comparison(args, d, cfg, calls, volumes)
     if args.json:
         inputs = {"instance": instance, **values, **cfg, "batch_cap": args.batch_cap,
                   "batch_min_images_per_job": args.batch_min_images_per_job, "max_job_wait_s": args.max_job_wait,
@@ -547,7 +672,7 @@ def run(args: argparse.Namespace) -> int:
                   "dispatch_every_s": d.dispatch_every_s}
         print(json.dumps({"inputs": inputs, "rows": [cost_row(p, calls) for p in plans]}, indent=2))
         return 0
-    prof = INSTANCES.get(instance)
+    prof = profile(instance, throughput_in_use(args))
     print(f"{instance}: ${values['usd_per_hour']}/h, {values['images_per_second']:g} images/s per instance, "
           f"{values['startup_minutes']:g} min start-up per job"
           + (f"  [{prof.source}]" if prof and None in (args.usd_per_hour, args.images_per_second,

@@ -13,10 +13,25 @@ from dataclasses import dataclass
 # On-demand price per instance-hour of SageMaker Batch Transform instances, USD, us-east-1: the
 # one figure behind every cost the project prints (benchmark, capacity plan, reports). Check the
 # SageMaker pricing page for your region. A type missing here has no cost rather than a guess.
+#
+# The CPU types: SageMaker on-demand prices for batch transform / real-time inference instances,
+# us-east-1, https://aws.amazon.com/sagemaker/pricing/ ("Real-Time Inference" / "Batch Transform"
+# tabs, which list the same hourly rates), as entered 2026-12-03 from the published rates
+# (not re-read from the page in the session that added them: check them before relying on them).
 TRANSFORM_USD_PER_HOUR: dict[str, float] = {
     "ml.g4dn.xlarge": 0.736,
+    "ml.m5.large": 0.115, "ml.m5.xlarge": 0.23, "ml.m5.2xlarge": 0.461, "ml.m5.4xlarge": 0.922,
+    "ml.c5.xlarge": 0.204, "ml.c5.2xlarge": 0.408, "ml.c5.4xlarge": 0.816, "ml.c5.9xlarge": 1.836,
+    "ml.c6i.large": 0.102, "ml.c6i.xlarge": 0.204, "ml.c6i.2xlarge": 0.408, "ml.c6i.4xlarge": 0.816,
 }
 DEFAULT_INSTANCE_TYPE = "ml.g4dn.xlarge"
+# vCPUs of each priced type (EC2's instance type specifications): what a CPU instance's rate scales with.
+TRANSFORM_VCPUS: dict[str, int] = {
+    "ml.g4dn.xlarge": 4,
+    "ml.m5.large": 2, "ml.m5.xlarge": 4, "ml.m5.2xlarge": 8, "ml.m5.4xlarge": 16,
+    "ml.c5.xlarge": 4, "ml.c5.2xlarge": 8, "ml.c5.4xlarge": 16, "ml.c5.9xlarge": 36,
+    "ml.c6i.large": 2, "ml.c6i.xlarge": 4, "ml.c6i.2xlarge": 8, "ml.c6i.4xlarge": 16,
+}
 
 # Request and compute prices of the services around the transform, USD, us-east-1, as published
 # on the AWS pricing pages in 2026-12 (S3 Standard requests; Lambda x86; docs/scaling.md names the

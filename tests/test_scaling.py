@@ -649,3 +649,44 @@ def test_plan_lambda_memory_is_the_template_s() -> None:
         body = re.search(rf"\n  {logical_id}:(.*?)\n  \w+:\n", text, re.S).group(1)
         assert LAMBDA[name].memory_mb == int((re.search(r"MemorySize: (\d+)", body) or [0, default])[1])
     assert LAMBDA["collect"].memory_mb == int(collect.group(1))
+
+
+def test_plan_prices_cpu_types_from_the_measured_rate_per_vcpu(capsys, tmp_path: Path) -> None:
+    """A CPU type's rate is the bench's images/s per vCPU x its vCPUs; the comparison puts it beside the
+    GPU profile (assumed), and a bench file without the figure falls back to the recorded measurement."""
+    from analytics import plan as plan_mod
+    from dermscore.cli import main
+    from dermscore.config import TRANSFORM_USD_PER_HOUR, TRANSFORM_VCPUS
+
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"figures": {"transform.images_per_vcpu_s": 50.0}, "machine": {"device": "cpu (x)"},
+                                 "e2e": {"heatmaps": "off", "api_calls_per_image_by_operation": {"GetObject": 1.0,
+                                                                                                 "PutObject": 1.0}}}))
+    measured = plan_mod.cpu_throughput_from_bench(bench)
+    assert measured.images_per_vcpu_s == 50.0 and "measured" in measured.source
+    prof = plan_mod.cpu_profile("ml.c5.xlarge", measured)
+    assert prof.images_per_second == 50.0 * TRANSFORM_VCPUS["ml.c5.xlarge"] == 200.0
+    assert prof.usd_per_hour == TRANSFORM_USD_PER_HOUR["ml.c5.xlarge"]
+    assert plan_mod.cpu_profile("ml.g4dn.xlarge") is None          # a GPU type has no measured CPU profile
+    assert plan_mod.profile("ml.g4dn.xlarge") == plan_mod.INSTANCES["ml.g4dn.xlarge"]
+
+    assert main(["plan", "--compare", "--bench", str(bench), "--images-per-day", "1000000", "--json"]) == 0
+    rows = {r["instance"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(rows) == set(plan_mod.COMPARED)
+    assert rows["ml.g4dn.xlarge"]["rate_is"] == "assumed" and rows["ml.c5.xlarge"]["rate_is"] == "measured"
+    c5 = rows["ml.c5.xlarge"]
+    assert c5["images_per_second"] == 200.0
+    # by hand: 1M images/day in jobs of c5["images_per_job"], each one instance for start-up + images / 200 s
+    job_s = plan_mod.CPU_STARTUP_MINUTES * 60 + c5["images_per_job"] / 200.0
+    hours = 1_000_000 / c5["images_per_job"] * job_s / 3600
+    assert c5["gpu_usd_per_million"] == pytest.approx(hours * TRANSFORM_USD_PER_HOUR["ml.c5.xlarge"])
+    assert c5["usd_per_million_ideal"] == pytest.approx(0.204 / 3600 / 200.0 * 1e6)
+    # a bench file without the figure: the recorded measurement, said so
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"figures": {}, "e2e": {"api_calls_per_image_by_operation": {"GetObject": 1.0}}}))
+    assert main(["plan", "--compare", "--bench", str(old), "--images-per-day", "10000"]) == 0
+    out = capsys.readouterr().out
+    assert "measured" in out and "assumed" in out and "| ml.m5.large | cpu |" in out
+    # a CPU type is a built-in profile for the ordinary table too
+    assert main(["plan", "--instance", "ml.m5.large", "--policy", "dispatcher", "--images-per-day", "10000"]) == 0
+    assert "images/s per vCPU" in capsys.readouterr().out

@@ -911,3 +911,31 @@ def test_secret_scanner_finds_nothing_in_tracked_files():
     hits = [f"{f}:{s['line_number']}: {s['type']}" for f, secrets in found.json().items() for s in secrets
             if s["hashed_secret"] not in checksums]
     assert hits == []
+
+
+def test_the_container_image_follows_the_instance_type(template) -> None:
+    """Every allowed TransformInstanceType is mapped to a device; a CPU type runs the CPU image of the
+    same framework release, a GPU type the GPU one; the IAM condition follows the same parameter."""
+    from dermscore.config import TRANSFORM_USD_PER_HOUR, TRANSFORM_VCPUS
+    from infra.container import CONTAINER, CPU_IMAGE_TAG
+
+    params = template["Parameters"]
+    allowed = params["TransformInstanceType"]["AllowedValues"]
+    devices = {k: v["Device"] for k, v in template["Mappings"]["TransformInstances"].items()}
+    assert sorted(allowed) == sorted(devices) and params["TransformInstanceType"]["Default"] in allowed
+    assert {devices[t] for t in allowed} == {"cpu", "gpu"}
+    assert all(devices[t] == ("gpu" if t.split(".")[1].startswith(("g", "p")) else "cpu") for t in allowed)
+    assert params["PyTorchCpuImageTag"]["Default"] == CPU_IMAGE_TAG
+    assert CPU_IMAGE_TAG.startswith(f"{CONTAINER.torch}-cpu-py{CONTAINER.python_short.replace('.', '')}-")
+    for instance in allowed:
+        r = Resolver(template, overrides={"TransformInstanceType": instance,
+                                          "ModelDataUrl": "s3://b/models/x/model.tar.gz"})
+        image = r.resolve(template["Resources"]["TransformModel"]["Properties"]["PrimaryContainer"]["Image"])
+        tag = CPU_IMAGE_TAG if devices[instance] == "cpu" else CONTAINER.image_tag
+        assert image == f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:{tag}", instance
+        # a custom image is used as given, whatever the type
+        custom = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mine:1"
+        assert Resolver(template, overrides={"TransformInstanceType": instance, "ContainerImageUri": custom}).resolve(
+            template["Resources"]["TransformModel"]["Properties"]["PrimaryContainer"]["Image"]) == custom
+    # the types dermscore plan prices are allowed, and each has its vCPUs
+    assert set(TRANSFORM_USD_PER_HOUR) <= set(allowed) and set(TRANSFORM_USD_PER_HOUR) == set(TRANSFORM_VCPUS)
