@@ -3,10 +3,13 @@
 One run, the same images (the 200 full-resolution HAM10000 samples, repeated under
 distinct keys to ``--images``) and one model, measures:
 
-1. **forward**: the model alone on preprocessed uint8 batches already in memory;
+1. **forward**: the model alone on preprocessed uint8 batches already in memory, on every
+   runtime (``batch.runtime``: PyTorch eager, ONNX Runtime on the CPU, ``torch.compile`` with
+   ``--compile``); the pipeline's figures use the chosen one (``--runtime``, default auto);
 2. **end to end**: S3 PUT of every image to the moto server -> S3 notification -> SQS ->
    poller -> enqueue -> transform runner (S3 GET, decode, batched forward) -> collect ->
-   Parquet rows, through the real local stack; its ratio to 1;
+   Parquet rows, through the real local stack; its ratio to 1; once per heatmap mode of
+   ``--heatmap-modes`` (default ``off,high``), so their transform rates are ratios in one run;
 3. **seed style**: per image a decoded float array -> JSON -> parse -> forward at batch 1
    (the design this project replaced), on a subset; the ratio of 2 to it;
 4. **decode**: JPEG decode + resize to the model input, one thread, with and without
@@ -246,6 +249,30 @@ def bench_forward(scorer: Any, pixels: np.ndarray, n: int, show: bool) -> dict[s
             "cpu_ms_per_image": 1000 * cpu / n}
 
 
+def forward_scorers(args: argparse.Namespace, model_dir: Path, device: Any, scorer: Any) -> Iterator[tuple[str, Any]]:
+    """(runtime, a scorer on it) for every runtime the forward phase compares: ``scorer`` (the
+    chosen one) and the others available on ``device``; ``torch_compile`` only with ``--compile``
+    (compiling takes a minute or two, in the warm-up batches, outside the clock)."""
+    from batch import runtime
+    from batch.scorer import Scorer
+
+    def other(name: str) -> Any:
+        return Scorer.from_model_dir(model_dir, device=device, batch_size=args.batch_size or None,
+                                     workers=args.workers or None, runtime=name)
+
+    yield scorer.engine.name, scorer
+    names = ["torch"] + (["onnx"] if device.type == "cpu" and runtime.onnxruntime_available() else [])
+    for name in names:
+        if name != scorer.engine.name:
+            yield name, other(name)
+    if args.compile:
+        import torch
+
+        compiled = other("torch")
+        compiled.engine.net = torch.compile(compiled.engine.net)
+        yield "torch_compile", compiled
+
+
 def bench_seed(scorer: Any, blobs: list[tuple[str, bytes]], n: int, show: bool) -> dict[str, Any]:
     """The replaced design, per image: full decode -> float array -> JSON -> parse -> forward at batch 1."""
     import torch
@@ -424,7 +451,7 @@ DISPATCH_EVERY_S = 2.0   # the local dispatcher's timer in the end-to-end phase
 
 
 def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, bytes]], n: int,
-              rss: RssSampler, show: bool) -> dict[str, Any]:
+              rss: RssSampler, show: bool, heatmaps: str | None = None, phase: str = "e2e") -> dict[str, Any]:
     """S3 PUT -> Parquet rows through the local stack, with the pipeline running in the background.
 
     Images are uploaded by ``--upload-threads`` clients while poller and runner work, as
@@ -445,8 +472,10 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                 os.environ["DERMSCORE_BATCH_SIZE"] = str(args.batch_size)
             if args.workers:
                 os.environ["DERMSCORE_WORKERS"] = str(args.workers)
-            if args.heatmaps:
-                os.environ["DERMSCORE_GRADCAM"] = args.heatmaps
+            if heatmaps:
+                os.environ["DERMSCORE_GRADCAM"] = heatmaps
+            if args.runtime:
+                os.environ["DERMSCORE_RUNTIME"] = args.runtime
             # The dispatcher on a 2 s timer (60 s on AWS) and no latency bound: every run dispatches what
             # is pending, so jobs follow the uploads; its scheduled listings are counted below.
             pipeline = LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=moto.endpoint,
@@ -470,7 +499,7 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                 # ...and the handlers' own (handlers.runtime.Runtime: a session of their own per function).
                 clients += [getattr(stack.runtime(fn), svc) for fn in ("enqueue", "dispatch", "collect")
                             for svc in ("s3", "sqs", "sagemaker")]
-                with rss.phase("e2e"), ApiCalls(sessions=[default_session()], clients=clients) as api:
+                with rss.phase(phase), ApiCalls(sessions=[default_session()], clients=clients) as api:
                     pipeline.start_background()
                     bar = progress(n, "end to end (rows)", show)
                     c0, m0 = process_cpu_s(), moto.cpu_s()
@@ -543,7 +572,7 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
                        "batch_size": scorer.batch_size if scorer else os.environ.get("DERMSCORE_BATCH_SIZE", "default"),
                        "workers": scorer.workers if scorer else os.environ.get("DERMSCORE_WORKERS", "default"),
                        "batching_window_s": args.batching_window, "moto": args.moto, "max_ahead": args.max_ahead,
-                       "heatmaps": args.heatmaps or "default",
+                       "heatmaps": heatmaps or "default",
                        "moto_server_peak_rss_mb": moto.rss_mb(),
                        "cpu_ms_per_image": 1000 * cpu / n,
                        "moto_cpu_ms_per_image": 1000 * (m1 - m0) / n if m0 is not None and m1 is not None else None}
@@ -574,6 +603,37 @@ def payload_sizing(s3: Any, bucket: str, job_name: str, max_payload_mb: int, rat
             "seconds_per_request_at_rate": round(lines / rate, 1) if rate else None}
 
 
+def serving_figures(result: dict[str, Any]) -> dict[str, float]:
+    """The transform by heatmap mode, the serving stack's CPU against the forward pass + decode,
+    and the moto server's share of the CPU (docs/benchmark.md, "Runtime, heatmap and serving keys")."""
+    out: dict[str, float] = {}
+    by_mode = result.get("e2e_by_heatmaps") or {}
+    for mode, e in by_mode.items():
+        out[f"transform.rate.{mode}"] = e["transform_rate"]
+        if e.get("server_cpu_ms_per_image") is not None:
+            out[f"transform.serving_cpu_ms_per_image.{mode}"] = e["server_cpu_ms_per_image"]
+    if "off" in by_mode and "high" in by_mode and by_mode["off"]["transform_rate"]:
+        out["transform.high_vs_off"] = by_mode["high"]["transform_rate"] / by_mode["off"]["transform_rate"]
+    e = result.get("e2e")
+    if not e:
+        return out
+    serving = e.get("server_cpu_ms_per_image")
+    if serving:
+        out["transform.serving_cpu_ms_per_image"] = serving
+        # What one vCPU scores per second when the serving stack has it to itself: dermscore plan's CPU rate.
+        out["transform.images_per_vcpu_s"] = 1000 / serving
+        if "forward" in result and "decode" in result:
+            base = result["forward"]["cpu_ms_per_image"] + result["decode"]["with_draft_cpu_ms_per_image"]
+            out["transform.forward_decode_cpu_ms_per_image"] = base
+            out["transform.serving_vs_forward_decode"] = serving / base
+    moto = e.get("moto_cpu_ms_per_image")
+    if moto is not None:
+        out["moto.cpu_ms_per_image"] = moto
+        total = moto + e["cpu_ms_per_image"] + (serving or 0.0)
+        out["moto.cpu_share"] = moto / total if total else 0.0
+    return out
+
+
 def collected(runner: Any) -> int:
     return sum(sum((j.get("collected") or {}).get(k, 0) for k in ("scored", "failed")) for j in list(runner.results))
 
@@ -601,7 +661,14 @@ def render(result: dict[str, Any]) -> str:
 
     if "forward_rate" in f:
         add("1. model forward (uint8 batches in memory)", f"{f['forward_rate']:.1f} img/s",
-            f"batch {result['forward']['batch_size']}")
+            f"batch {result['forward']['batch_size']}, {result['forward'].get('runtime', '')}")
+        for name, fw in (result.get("forward_by_runtime") or {}).items():
+            add(f"   forward on {name}", f"{fw['rate']:.1f} img/s",
+                f"{fw['cpu_ms_per_image']:.1f} ms CPU per image; forward.{name}.rate")
+        for name in ("onnx", "torch_compile"):
+            if f.get(f"forward.{name}_vs_torch") is not None:
+                add(f"   ratio {name} / torch eager", f"{f[f'forward.{name}_vs_torch']:.2f}x",
+                    f"forward.{name}_vs_torch (target >= 2.0 for the chosen runtime)")
     if "e2e_rate" in f:
         e = result["e2e"]
         add("2. end to end (S3 PUT -> Parquet rows)", f"{f['e2e_rate']:.1f} img/s",
@@ -612,6 +679,17 @@ def render(result: dict[str, Any]) -> str:
             f"{e['transform_seconds']:.1f} s in jobs; {e.get('transform_stack', '')}")
         if f.get("transform.vs_forward") is not None:
             add("   ratio transform / forward", f"{f['transform.vs_forward']:.2f}x", "transform.vs_forward")
+        for mode, e_mode in (result.get("e2e_by_heatmaps") or {}).items():
+            add(f"   transform, heatmaps {mode}", f"{e_mode['transform_rate']:.1f} img/s", f"transform.rate.{mode}")
+        if f.get("transform.high_vs_off") is not None:
+            add("   ratio transform high / off", f"{f['transform.high_vs_off']:.2f}x", "target >= 0.90")
+        if f.get("transform.serving_vs_forward_decode") is not None:
+            add("   serving CPU / (forward + decode) per image", f"{f['transform.serving_vs_forward_decode']:.2f}x",
+                f"{f['transform.serving_cpu_ms_per_image']:.1f} ms vs "
+                f"{f['transform.forward_decode_cpu_ms_per_image']:.1f} ms; target <= 1.2")
+        if f.get("moto.cpu_share") is not None:
+            add("   moto server's share of the CPU", f"{f['moto.cpu_share']:.0%}",
+                f"{f['moto.cpu_ms_per_image']:.1f} ms per image (the local stand-in for S3/SQS)")
         if f.get("transform.cpu_ms_outside_forward") is not None:
             add("   server CPU per image outside forward", f"{f['transform.cpu_ms_outside_forward']:.1f} ms",
                 f"{e['server_cpu_ms_per_image']:.1f} ms in the server processes - forward alone")
@@ -683,7 +761,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moto", choices=("subprocess", "thread"), default="subprocess",
                    help="moto server in its own process (default) or in a thread of this one")
     p.add_argument("--heatmaps", choices=("off", "high", "all"), default=None,
-                   help="DERMSCORE_GRADCAM for the transform of the end-to-end phase (default: the model's default)")
+                   help="one DERMSCORE_GRADCAM for the end-to-end phase instead of --heatmap-modes")
+    p.add_argument("--heatmap-modes", default="off,high",
+                   help="the end-to-end phase once per mode (comma-separated off/high/all); the first is e2e")
+    options.add_runtime(p)
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile in the forward phase (compiling takes 1-2 min, not timed)")
     p.add_argument("--timeout", type=float, default=3600, help="give up the end-to-end phase after this long")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images, small subsets: checks that it works")
     p.add_argument("--out", type=Path, default=None, metavar="FILE",
@@ -713,6 +796,10 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         sys.stderr.write(f"unknown phase(s) {sorted(unknown)}; choose from {PHASES}\n")
         return 2
+    modes = [args.heatmaps] if args.heatmaps else [m.strip() for m in args.heatmap_modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"off", "high", "all"}:
+        sys.stderr.write(f"--heatmap-modes {args.heatmap_modes!r}: give a comma-separated subset of off,high,all\n")
+        return 2
     n = QUICK_IMAGES if args.quick else args.count
     seed_n = min(args.seed_images, 5) if args.quick else args.seed_images
     decode_n = min(args.decode_images, 20) if args.quick else args.decode_images
@@ -722,16 +809,23 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "images": n,
                               "distinct_images": min(n, len(blobs)), "command": " ".join(sys.argv)}
     figures: dict[str, float] = {}
+    from batch.runtime import RuntimeUnavailable, describe
+
     with RssSampler() as rss:
-        scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=args.batch_size or None,
-                                       workers=args.workers or None)
+        try:
+            scorer = Scorer.from_model_dir(model_dir, device=device, batch_size=args.batch_size or None,
+                                           workers=args.workers or None, runtime=args.runtime)
+        except RuntimeUnavailable as exc:
+            sys.stderr.write(f"{exc}\n")
+            return 2
         meta = scorer.meta
         result["model"] = {"dir": str(model_dir), "name": meta.name, "version": meta.version, "arch": meta.arch,
                            "input_size": list(meta.input_size), "weights_sha256": meta.weights_sha256}
         result["machine"] = {"device": device_label(device), "device_kind": "cpu" if device.type == "cpu"
                              else device_label(device), "cpu": cpu_model(), "cores": os.cpu_count(),
                              "python": platform.python_version(),
-                             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+                             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+                             "runtime": describe(scorer.engine)}
         import torch
         result["machine"]["torch"] = torch.__version__
         if "decode" in phases:
@@ -742,16 +836,30 @@ def run(args: argparse.Namespace) -> int:
         if "forward" in phases:
             with rss.phase("forward"):
                 pixels = np.stack([imaging.decode(b, scorer.input_size).pixels for _, b in blobs])
-                result["forward"] = bench_forward(scorer, pixels, n, show)
+                by_runtime: dict[str, dict[str, Any]] = {}
+                for name, sc in forward_scorers(args, model_dir, device, scorer):
+                    by_runtime[name] = {"runtime": describe(sc.engine), **bench_forward(sc, pixels, n, show)}
+                    figures[f"forward.{name}.rate"] = by_runtime[name]["rate"]
+                    figures[f"forward.{name}.cpu_ms_per_image"] = by_runtime[name]["cpu_ms_per_image"]
+                result["forward_by_runtime"] = by_runtime
+                result["forward"] = by_runtime[scorer.engine.name]   # the runtime the pipeline uses
                 del pixels
             figures["forward_rate"] = result["forward"]["rate"]
+            for name in ("onnx", "torch_compile"):
+                if name in by_runtime:
+                    figures[f"forward.{name}_vs_torch"] = by_runtime[name]["rate"] / by_runtime["torch"]["rate"]
         if "seed" in phases:
             with rss.phase("seed"):
                 result["seed"] = bench_seed(scorer, blobs, seed_n, show)
             figures["seed_rate"] = result["seed"]["rate"]
         del scorer
         if "e2e" in phases:
-            result["e2e"] = bench_e2e(args, model_dir, blobs, n, rss, show)
+            by_mode = {}
+            for i, mode in enumerate(modes):
+                by_mode[mode] = bench_e2e(args, model_dir, blobs, n, rss, show, heatmaps=mode,
+                                          phase="e2e" if i == 0 else f"e2e-heatmaps-{mode}")
+            result["e2e_by_heatmaps"] = by_mode
+            result["e2e"] = by_mode[modes[0]]
             figures["e2e_rate"] = result["e2e"]["rate"]
     figures["peak_rss_mb"] = rss.peak
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -768,6 +876,7 @@ def run(args: argparse.Namespace) -> int:
                                                            - result["forward"]["cpu_ms_per_image"])
     if "decode" in result:
         figures["decode.cpu_ms_per_image"] = result["decode"]["with_draft_cpu_ms_per_image"]
+    figures.update(serving_figures(result))
     if figures.get("e2e_rate") and figures.get("seed_rate"):
         figures["e2e_vs_seed"] = figures["e2e_rate"] / figures["seed_rate"]
     if figures.get("e2e_rate"):

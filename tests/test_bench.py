@@ -16,7 +16,13 @@ from conftest import SAMPLES, random_model
 FIGURES = ("forward_rate", "e2e_rate", "e2e_vs_forward", "seed_rate", "e2e_vs_seed",
            "decode_with_draft_per_core", "decode_without_draft_per_core", "peak_rss_mb",
            "usd_per_million_e2e", "usd_per_million_forward",
-           "transform.rate", "transform.vs_forward", "decode.cpu_ms_per_image")
+           "transform.rate", "transform.vs_forward", "decode.cpu_ms_per_image",
+           # by runtime, by heatmap mode, serving CPU against forward + decode, the moto server's share
+           "forward.torch.rate", "forward.torch.cpu_ms_per_image", "forward.onnx.rate", "forward.onnx_vs_torch",
+           "transform.rate.off", "transform.rate.high", "transform.high_vs_off",
+           "transform.serving_cpu_ms_per_image", "transform.serving_cpu_ms_per_image.high",
+           "transform.forward_decode_cpu_ms_per_image", "transform.serving_vs_forward_decode",
+           "transform.images_per_vcpu_s", "moto.cpu_ms_per_image", "moto.cpu_share")
 # CPU per image of the serving processes minus the forward pass: a difference of two measurements,
 # only required to be there (and finite)
 PRESENT = ("transform.cpu_ms_outside_forward",)
@@ -58,12 +64,17 @@ def test_quick_bench_prints_every_figure(bench_model: Path, tmp_path: Path, caps
     by_op = result["e2e"]["api_calls_per_image_by_operation"]
     assert by_op and all(v > 0 for v in by_op.values())
     assert abs(sum(by_op.values()) - per_image) < 0.01
-    assert set(result["memory"]["phases"]) >= {"decode", "forward", "seed", "e2e"}
+    assert set(result["memory"]["phases"]) >= {"decode", "forward", "seed", "e2e", "e2e-heatmaps-high"}
     assert result["machine"]["device"].startswith("cpu")
+    # the pipeline's forward figure is the chosen runtime's (auto on the CPU: ONNX Runtime)
+    assert result["forward"] == result["forward_by_runtime"]["onnx"] and "onnxruntime" in result["machine"]["runtime"]
+    assert set(result["e2e_by_heatmaps"]) == {"off", "high"} and result["e2e"] == result["e2e_by_heatmaps"]["off"]
+    assert result["e2e_by_heatmaps"]["high"]["parquet_rows"] == 40 and result["e2e_by_heatmaps"]["high"]["failed"] == 0
 
     table = capsys.readouterr().out
     for label in ("1. model forward", "2. end to end", "3. seed style", "4. decode", "5. peak RSS",
-                  "ml.g4dn.xlarge", "AWS API calls per image", "GetObject"):
+                  "ml.g4dn.xlarge", "AWS API calls per image", "GetObject", "forward on onnx",
+                  "ratio transform high / off", "serving CPU / (forward + decode)", "moto server's share"):
         assert label in table
 
 
