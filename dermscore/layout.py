@@ -24,6 +24,7 @@ ATHENA_RESULTS = "athena-results/"  # the Athena workgroup's query results
 PENDING = "pending/"                # arrival: one manifest part per enqueue invocation, until dispatched
 DISPATCH = "dispatch/"              # the dispatcher's intent records: a job's parts, until it exists
 RESCORE = "rescore/"                # one progress record per re-score run (handlers.rescore)
+REJECTED = "rejected/"              # one claim per upload enqueue refused (its one failure row)
 REPORTS = "results/reports/"        # one HTML page + CSV + facts JSON per transform job (dermscore.report)
 
 MAX_KEY_BYTES = 1024                # S3's limit on an object key (UTF-8 bytes)
@@ -100,6 +101,12 @@ def dispatch_key(job_name: str) -> str:
 # The dispatcher's record of its last quiet release (dermscore.batching.quiet): only its
 # LastModified matters, read from the listing of dispatch/ the dispatcher makes anyway.
 QUIET_RELEASE_KEY = f"{DISPATCH}last-quiet-release"
+
+
+def rejected_key(bucket: str, key: str, etag: str) -> str:
+    """The claim of an upload enqueue refused (``handlers.enqueue``): by bucket, key and ETag, so the
+    same rejected content uploaded again to the same key is recognised as the same upload."""
+    return f"{REJECTED}{content_digest(bucket, key, etag, length=32)}.json"
 
 
 def rescore_key(run: str) -> str:

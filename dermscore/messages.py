@@ -34,7 +34,9 @@ class ManifestLine:
 
     ``(bucket, key, etag)`` is the upload; ``attempt`` counts transform jobs that failed on it
     (collect re-queues it with ``attempt + 1``); ``sequencer`` is the S3 event's, which orders the
-    uploads of one key (so the key's JSON document shows the newest, ``handlers.claims``).
+    uploads of one key (so the key's JSON document shows the newest, ``handlers.claims``);
+    ``rescore`` marks a line of a re-score (``handlers.rescore``), whose outcome counts beside the
+    upload's outcomes from other models, where an arrival's counts once per upload.
     """
 
     bucket: str
@@ -43,6 +45,7 @@ class ManifestLine:
     size: int = 0
     attempt: int = 0
     sequencer: str = ""
+    rescore: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "etag", str(self.etag or "").strip('"'))
@@ -60,6 +63,8 @@ class ManifestLine:
             doc["attempt"] = self.attempt
         if self.sequencer:
             doc["sequencer"] = self.sequencer
+        if self.rescore:
+            doc["rescore"] = True
         return json.dumps(doc, ensure_ascii=False, sort_keys=True)
 
     @classmethod
@@ -71,7 +76,7 @@ class ManifestLine:
             raise ValueError('needs string "bucket" and non-empty "key"')
         size = doc.get("size", 0)
         return cls(bucket, key, str(doc.get("etag") or ""), size if isinstance(size, int) else 0,
-                   int(doc.get("attempt", 0) or 0), str(doc.get("sequencer") or ""))
+                   int(doc.get("attempt", 0) or 0), str(doc.get("sequencer") or ""), doc.get("rescore") is True)
 
 
 @dataclass(frozen=True)

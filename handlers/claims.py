@@ -14,7 +14,10 @@ anyway, its JSON document::
                                                       "history": [{"etag", "model", "owner", ...}, ...]}
 
 A **claim** is (ETag, model), the model being the weights sha256 of the answer (an outcome
-without one, a failure the container did not name a model for, has the model ""). Its **owner**
+without one, a failure the container did not name a model for, has the model ""). An arrival's
+line (an S3 event, a duplicate, a retry) matches any claim of its upload, so a duplicate never adds
+a row whatever model scored it; only a re-score's line (``ManifestLine.rescore``) makes a claim
+of its own per model. Its **owner**
 is the one manifest line (job, input file, line number) whose outcome counts for it. Collect
 writes the document with ``PutObject(IfNoneMatch="*")``: S3 creates it only if no object of that
 key exists (HTTP 412 otherwise), atomically and strongly consistent, so exactly one writer wins
@@ -152,6 +155,19 @@ def _put(s3, bucket: str, key: str, doc: dict[str, Any], **condition: str) -> bo
         raise
 
 
+def claim_once(s3, bucket: str, key: str, doc: dict[str, Any]) -> bool:
+    """The first writer's claim at ``key`` wins (``IfNoneMatch``); True if ``doc``'s owner holds it
+    (it wrote it now, or earlier: a redelivery). For outcomes without a document (enqueue's)."""
+    for attempt in range(RETRIES):
+        if _put(s3, bucket, key, doc, IfNoneMatch="*"):
+            return True
+        found = _read(s3, bucket, key)
+        if found is not None:
+            return found[0].get("owner") == doc["owner"]
+        time.sleep(0.02 * 2 ** attempt)
+    raise RuntimeError(f"{key}: no stable claim after {RETRIES} conditional writes")
+
+
 def place(s3, bucket: str, outcome: Outcome) -> bool:
     """Does ``outcome.owner`` own its claim (upload, model)? Writes the document when it newly does."""
     line, key = outcome.line, layout.image_result_key(outcome.line.key)
@@ -164,9 +180,10 @@ def place(s3, bucket: str, outcome: Outcome) -> bool:
         found = _read(s3, bucket, key)
         if found is not None:
             current, version = found
-            known = _known(current)
-            if claim in known:
-                return known[claim] == outcome.owner
+            owners = [owner for (etag, model), owner in _known(current).items()
+                      if etag == line.etag and (model == claim[1] or not line.rescore)]
+            if owners:   # an arrival's outcome counts once per upload; a re-score's, once per model
+                return outcome.owner in owners
             old = _read(s3, bucket, archived)   # a claim that fell out of the document's history
             if old is not None:
                 return old[0].get("owner") == outcome.owner

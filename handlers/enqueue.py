@@ -10,7 +10,8 @@ Arrival, the first of two steps (the dispatcher, ``handlers.dispatch``, is the s
             content, in the container (unsupported_format / not_an_image rows). A message that
             raises is a batch item failure: SQS redelivers it alone.
     act     the batch's lines, sorted and de-duplicated -> pending/<digest>-<lines>.jsonl (one PUT)
-            failure rows -> results/failures/dt=<event date>/enqueue-<digest of the upload>.parquet
+            failure rows -> results/failures/dt=<event date>/enqueue-<digest of the upload>.parquet,
+                            each once its upload's claim rejected/<digest>.json is this event's
             the pending volume (one LIST) reached MIN_IMAGES_PER_JOB -> wake the dispatcher
 
 The part's name derives from its content only, so a redelivered batch rewrites the same object;
@@ -34,7 +35,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from dermscore import layout, reasons, results
 from dermscore.messages import ManifestLine, Retry
-from handlers import runtime
+from handlers import claims, runtime
 from handlers.pending import wake_dispatcher, write_part
 from handlers.runtime import Runtime
 from handlers.storage import dt_of, write_failures
@@ -119,13 +120,20 @@ def parse(event: dict[str, Any], context: Any, rt: Runtime) -> tuple[list[Arriva
 
 def write_enqueue_failures(s3, bucket: str, arrivals: list[Arrival]) -> list[str]:
     """One deterministic file per rejected upload (bucket, key, etag), in its event's date
-    partition: a duplicate event in any later batch overwrites the same file, never adds a row."""
-    keys = []
+    partition, once its claim (``layout.rejected_key``) is this event's: a redelivered event
+    rewrites the same file; the same content uploaded again to the key (another event, another
+    date) is the same upload, as on the scoring path, and adds no row."""
+    keys, again = [], 0
     for row in (f for a in arrivals for f in a.failures):
-        name = "enqueue-" + layout.content_digest(row["bucket"], row["image_key"], row["etag"])
-        keys.append(write_failures(s3, bucket, dt_of(row["failed_at"]), name, [row]))
-    if keys:
-        logger.warning("images rejected before scoring", extra={"failures": len(keys)})
+        upload = (row["bucket"], row["image_key"], row["etag"])
+        claim = {"image_key": row["image_key"], "etag": row["etag"], "owner": row["failed_at"].isoformat()}
+        if not claims.claim_once(s3, bucket, layout.rejected_key(*upload), claim):
+            again += 1
+            continue
+        keys.append(write_failures(s3, bucket, dt_of(row["failed_at"]), "enqueue-" + layout.content_digest(*upload),
+                                   [row]))
+    if keys or again:
+        logger.warning("images rejected before scoring", extra={"failures": len(keys), "rejected_before": again})
     return sorted(set(keys))
 
 

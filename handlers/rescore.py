@@ -133,7 +133,7 @@ def line_or_reason(bucket: str, key: str, etag: str, size: int) -> tuple[Manifes
         reasons.check_size(size)
     except reasons.ImageRejected as exc:
         return None, exc.reason
-    return ManifestLine(bucket, key, _etag(etag), size), None
+    return ManifestLine(bucket, key, _etag(etag), size, rescore=True), None
 
 
 def listed_objects(s3, bucket: str, req: Request, cursor: str, limit: int):

@@ -312,22 +312,25 @@ def test_each_model_gets_one_outcome_per_upload_and_the_document_shows_the_lates
 
     from dermscore import results
 
-    line = ManifestLine("claims", "incoming/rescored.jpg", "e1", 10, sequencer="0A")
+    arrival = ManifestLine("claims", "incoming/rescored.jpg", "e1", 10, sequencer="0A")
+    line = replace(arrival, sequencer="", rescore=True)      # as handlers.rescore lists it
 
-    def scored(model: str, owner: str, at: str) -> claims.Outcome:
+    def scored(model: str, owner: str, at: str, of: ManifestLine = line) -> claims.Outcome:
         doc = {"status": results.SCORED, "weights_sha256": model, "model_version": model[:3], "top_class": model[:1],
                "risk_level": "low", "prob_mel": 0.1, "scored_at": at}
-        return claims.Outcome(line, owner, doc)
+        return claims.Outcome(of, owner, doc)
 
     a, b = "a" * 64, "b" * 64
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket="claims")
-        assert claims.place(s3, "claims", scored(a, "job-a/part#0", "2026-12-01T00:00:00+00:00"))
+        assert claims.place(s3, "claims", scored(a, "job-a/part#0", "2026-12-01T00:00:00+00:00", arrival))
         assert claims.place(s3, "claims", scored(b, "job-b/part#0", "2026-12-02T00:00:00+00:00"))
+        # a duplicate arrival line, scored once B is deployed: the upload has its outcome already
+        assert not claims.place(s3, "claims", scored(b, "job-dup/part#5", "2026-12-02T01:00:00+00:00", arrival))
         assert not claims.place(s3, "claims", scored(b, "job-b2/part#3", "2026-12-03T00:00:00+00:00"))
-        assert not claims.place(s3, "claims", scored(a, "job-a-dup/part#1", "2026-12-04T00:00:00+00:00"))
-        assert claims.place(s3, "claims", scored(a, "job-a/part#0", "2026-12-01T00:00:00+00:00"))   # its own event
+        assert not claims.place(s3, "claims", scored(a, "job-a-dup/part#1", "2026-12-04T00:00:00+00:00", arrival))
+        assert claims.place(s3, "claims", scored(a, "job-a/part#0", "2026-12-01T00:00:00+00:00", arrival))   # repeated
         gone = claims.Outcome(line, "job-c/part#0", {"status": results.FAILED, "reason": "read_error",
                                                       "failed_at": "2026-12-05T00:00:00+00:00"})
         assert claims.place(s3, "claims", gone)

@@ -185,3 +185,29 @@ def test_keys_that_could_escape_the_result_layout_become_failure_rows(stack) -> 
     assert stack.invoke("enqueue", event) == {"batchItemFailures": []}
     assert parts_of(stack) == {}
     assert {r["image_key"]: r["reason"] for r in read_failures(stack)} == keys
+
+
+def test_the_same_rejected_content_uploaded_again_is_one_failure_row(stack) -> None:
+    """An empty file uploaded to one key twice (the same ETag, events a day apart) is one upload, as
+    on the scoring path: one failure row, in the first event's partition. A redelivery of the
+    first event, or a crash between its claim and its row, rewrites that row; a new ETag is a new
+    upload with its own row."""
+    s3 = stack.client("s3")
+    s3.put_object(Bucket=stack.bucket, Key="incoming/empty.jpg", Body=b"")
+
+    def event(when: str, etag: str = "") -> dict:
+        message = s3_message(stack.bucket, "incoming/empty.jpg", s3=None if etag else s3, size=0, etag=etag,
+                             event_time=when)
+        return sqs_event([message], stack.queue_arn)
+
+    first, again = event("2026-11-23T10:00:00.000Z"), event("2026-11-24T09:00:00.000Z")
+    stack.invoke("enqueue", first)
+    written = stack.list_keys(layout.FAILURES)
+    for key in written:                       # as if enqueue died after the claim, before the row
+        s3.delete_object(Bucket=stack.bucket, Key=key)
+    stack.invoke("enqueue", first)            # SQS redelivers: the claim is this event's, the row comes back
+    stack.invoke("enqueue", again)            # the same content again, the next day
+    assert stack.list_keys(layout.FAILURES) == written and len(written) == 1
+    assert written[0].startswith(f"{layout.FAILURES}dt=2026-11-23/")
+    stack.invoke("enqueue", event("2026-11-25T09:00:00.000Z", etag="0123abcd"))   # other content: its own row
+    assert len(stack.list_keys(layout.FAILURES)) == 2 and len(stack.list_keys(layout.REJECTED)) == 2

@@ -140,7 +140,8 @@ def test_a_permission_missing_from_the_template_fails_the_run(moto_endpoint, tin
     scored, nothing is pending."""
     from infra.stack import use_endpoint
 
-    roles_without(monkeypatch, "EnqueueRole", "WritePendingPartsAndFailures", "${ImagesBucket.Arn}/pending/*")
+    roles_without(monkeypatch, "EnqueueRole", "WritePendingPartsFailuresAndRejectionClaims",
+                  "${ImagesBucket.Arn}/pending/*")
     caplog.set_level(logging.ERROR, logger="dermscore.poller")
     with preserved_environ():
         use_endpoint(moto_endpoint)

@@ -529,10 +529,11 @@ def test_s3_access_is_scoped_to_prefixes(template):
     # never an image's JSON document (the claim of its outcome, handlers.claims)
     assert _s3_prefixes(sm, {"s3:PutObject"}) == {layout.TRANSFORM_OUTPUT, f"{layout.IMAGES}*{layout.HEATMAP_SUFFIX}",
                                                   f"{layout.IMAGES}*{layout.THUMBNAIL_SUFFIX}"}
-    # enqueue: one pending part per batch and failure rows; it reads nothing but the pending listing
+    # enqueue: one pending part per batch, failure rows and their claims; it reads nothing but the
+    # pending listing and a rejected upload's claim
     enq = res["EnqueueRole"]
-    assert _s3_prefixes(enq, {"s3:GetObject"}) == set()
-    assert _s3_prefixes(enq, {"s3:PutObject"}) == {layout.PENDING, layout.FAILURES}
+    assert _s3_prefixes(enq, {"s3:GetObject"}) == {layout.REJECTED}
+    assert _s3_prefixes(enq, {"s3:PutObject"}) == {layout.PENDING, layout.FAILURES, layout.REJECTED}
     assert _listed_prefixes(enq) == {layout.PENDING}
     assert layout.pending_part_key("0" * 16, 5).startswith(layout.PENDING)
     # the dispatcher: parts and intents in, intents and shard files out; it deletes a part only
