@@ -65,8 +65,9 @@ SERVING_ENTRY = "batch.inference"
 LAMBDA_ENTRIES = ("handlers.enqueue", "handlers.dispatch", "handlers.collect", "handlers.reconcile", "handlers.rescore")
 # Files other than modules that a package reads at run time (its package data, as pyproject.toml's
 # [tool.setuptools.package-data] lists them), by top-level package: copied with its code wherever
-# one of its modules ships to Lambda (dermscore.report renders dermscore/templates/report.html.j2).
-PACKAGE_DATA: dict[str, tuple[str, ...]] = {"dermscore": ("templates/*.j2",)}
+# one of its modules ships to Lambda (dermscore.report renders dermscore/templates/report.html.j2;
+# the model comparison page is drawn locally only).
+PACKAGE_DATA: dict[str, tuple[str, ...]] = {"dermscore": ("templates/report.html.j2",)}
 # The pinned wheels of the distributions the container lacks (infra.container: one table) are
 # downloaded once into this folder (`make setup`, or the first build) and unpacked into code/lib/.
 WHEEL_CACHE_ENV = "DERMSCORE_WHEEL_CACHE"
