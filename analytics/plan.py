@@ -123,8 +123,9 @@ class CpuThroughput:
 # decode, forward, HTTP; the forward alone ~27.5 ms, decode 4.3 ms). That run scored with PyTorch
 # eager, before ONNX Runtime: replace it with a current run (`--bench FILE`, docs/benchmark.md).
 DEFAULT_CPU_THROUGHPUT = CpuThroughput(
-    1000 / 29.7, "measured: dermscore bench 2026-12-03 on this project's 2-core machine (serving CPU 29.7 ms "
-                 "per image, heatmaps off, torch eager before ONNX Runtime), x the type's vCPUs")
+    1000 / 19.46, "measured: dermscore bench 2026-12-03 on this project's 2-core machine (serving CPU 19.5 ms "
+                  "per image, ONNX Runtime, heatmaps off; median of three runs, docs/benchmark/cpu-1000-run*.json), "
+                  "x the type's vCPUs")
 CPU_STARTUP_MINUTES = 6.0   # ASSUMPTION, as for the GPU profile (provisioning + image pull + model load)
 # The instance types `--compare` prints: the GPU profile and the CPU types a new account can start with.
 COMPARED = ("ml.g4dn.xlarge", "ml.m5.large", "ml.c5.xlarge", "ml.c6i.xlarge", "ml.c5.2xlarge")
