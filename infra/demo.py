@@ -122,8 +122,11 @@ def run(args: argparse.Namespace) -> int:
           f"images beside them)")
     print(f"  Report:   dermscore report --results {out} --images {images_dir}")
     print(f"  Logs:     {log_file}")
-    columns, rows = run_query(TOP_MELANOMA_SQL, args.out)
-    print(f'\nThe {len(rows)} images with the highest melanoma probability (dermscore query "{TOP_MELANOMA_SQL}"):\n')
+    # after a re-score each upload has a row per model: the example shows the latest model's
+    top_sql = TOP_MELANOMA_SQL.replace(" FROM predictions ", " FROM latest_predictions ") if args.rescore \
+        else TOP_MELANOMA_SQL
+    columns, rows = run_query(top_sql, args.out)
+    print(f'\nThe {len(rows)} images with the highest melanoma probability (dermscore query "{top_sql}"):\n')
     print(format_table(columns, rows))
     if args.rescore:
         print_comparison(meta, second, args.out)

@@ -207,6 +207,7 @@ def test_demo_rescore_prints_the_comparison_and_the_report_draws_it(varied_model
     assert "Traceback" not in console and "ERROR" not in console
     assert "6 images scored by both models" in run.stdout
     assert "top_class_a" in run.stdout and "melanoma_flag_change" in run.stdout
+    assert "FROM latest_predictions ORDER BY prob_mel" in run.stdout     # the example: one row per upload
     assert rows_per_model(out) == {sha(varied_model): 6, sha(tiny_model): 6}
 
     report_run = subprocess.run([sys.executable, "-m", "dermscore.cli", "report", "--results", str(out), "--compare",
