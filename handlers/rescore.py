@@ -30,7 +30,9 @@ already have their failure row and are skipped.
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime
 from typing import Any
@@ -75,6 +77,9 @@ class Request:
             raise BadRequest(f"prefix {req.prefix!r} is not under {layout.INCOMING}")
         if len(req.keys) > MAX_KEYS:
             raise BadRequest(f"{len(req.keys)} keys named; at most {MAX_KEYS} (re-score a prefix instead)")
+        outside = [k for k in req.keys if not k.startswith(layout.INCOMING)]
+        if outside:
+            raise BadRequest(f"{len(outside)} named key(s) not under {layout.INCOMING}, e.g. {outside[0]!r}")
         for name in ("since", "until"):
             value = getattr(req, name)
             try:
@@ -218,7 +223,8 @@ def start(rt: Runtime, event: dict[str, Any]) -> Progress:
     return progress
 
 
-def rescore(rt: Runtime, event: dict[str, Any], time_left_ms=lambda: 10**9, limit: int | None = None) -> Progress:
+def rescore(rt: Runtime, event: dict[str, Any], time_left_ms: Callable[[], int] = lambda: 10**9,
+            limit: int | None = None) -> Progress:
     """Run (or resume) the event's re-score until it is done or its time runs low."""
     progress = start(rt, event)
     while not progress.done and time_left_ms() > HAND_ON_MS:
@@ -236,7 +242,7 @@ def hand_on(rt: Runtime, context: Any, progress: Progress) -> bool:
     if progress.done or rt.lambda_ is None or not getattr(context, "function_name", ""):
         return False
     rt.lambda_.invoke(FunctionName=context.function_name, InvocationType="Event",
-                      Payload=f'{{"run": "{progress.run}"}}'.encode())
+                      Payload=json.dumps({"run": progress.run}).encode())
     logger.info("re-score handed on", extra={"run": progress.run, "cursor": progress.cursor})
     return True
 

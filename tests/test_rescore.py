@@ -145,7 +145,8 @@ def test_a_run_killed_mid_way_resumes_to_the_same_rows(moto_endpoint, varied_mod
 def test_requests_are_checked_before_anything_is_queued() -> None:
     for bad, message in (({"prefix": "results/"}, "not under incoming/"), ({"since": "2026-02-30"}, "not a date"),
                          ({"since": "2026-02-02", "until": "2026-02-01"}, "after"),
-                         ({"keys": [f"incoming/{i}" for i in range(rescore.MAX_KEYS + 1)]}, "at most")):
+                         ({"keys": [f"incoming/{i}" for i in range(rescore.MAX_KEYS + 1)]}, "at most"),
+                         ({"keys": ["incoming/a.jpg", "results/images/a.jpg.json"]}, "not under incoming/")):
         with pytest.raises(rescore.BadRequest, match=message):
             rescore.Request.of(bad)
     req = rescore.Request.of({"prefix": "incoming/x/", "since": "2026-01-02", "until": "2026-01-03"})
@@ -222,3 +223,26 @@ def test_demo_rescore_prints_the_comparison_and_the_report_draws_it(varied_model
     wrong = subprocess.run([sys.executable, "-m", "dermscore.cli", "report", "--results", str(out), "--compare",
                             "ffffff", sha(tiny_model)[:10]], capture_output=True, text=True, timeout=300, env=env)
     assert wrong.returncode == 2 and "no model matches 'ffffff'" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_a_run_short_of_time_hands_itself_on_and_finishes(stack, monkeypatch) -> None:
+    """With less than HAND_ON_MS left after a step, the function invokes itself with the run's id
+    (asynchronously; locally LocalLambda runs it at once) and the next invocation finishes the run."""
+    from types import SimpleNamespace
+
+    from infra.scheduler import LocalLambda
+
+    s3 = stack.client("s3")
+    for i in range(5):
+        s3.put_object(Bucket=stack.bucket, Key=f"incoming/h/{i}.jpg", Body=b"x" * 10)
+    monkeypatch.setattr(rescore, "CHUNK_IMAGES", 2)
+    lambda_ = LocalLambda(stack)
+    stack.inject("rescore", lambda_=lambda_)
+    left = iter([rescore.HAND_ON_MS + 1, rescore.HAND_ON_MS - 1])
+    context = SimpleNamespace(function_name=f"{stack.stack_name}-rescore",
+                              get_remaining_time_in_millis=lambda: next(left))
+    first = rescore.handle({"prefix": "incoming/h/"}, context, stack.runtime("rescore"))
+    assert (first["done"], first["queued"]) == (False, 2)
+    assert lambda_.invocations == [("rescore", {"run": first["run"]})]
+    record = json.loads(s3.get_object(Bucket=stack.bucket, Key=layout.rescore_key(first["run"]))["Body"].read())
+    assert (record["done"], record["queued"], len(record["parts"])) == (True, 5, 3)
