@@ -36,7 +36,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from dermscore import layout, reasons, results
 from dermscore.messages import ManifestLine, Retry
 from handlers import claims, runtime
-from handlers.pending import wake_dispatcher, write_part
+from handlers.pending import refusal, wake_dispatcher, write_part
 from handlers.runtime import Runtime
 from handlers.storage import dt_of, write_failures
 
@@ -83,18 +83,9 @@ def examine(record: S3EventRecord) -> tuple[ManifestLine | None, dict[str, Any] 
                           int(obj.get("size") or 0), sequencer=str(obj.get("sequencer") or ""))
     when = _event_time(record.event_time)
 
-    def fail(reason: str, detail: str) -> tuple[None, dict[str, Any]]:
-        return None, results.failure_row(upload, reasons.ENQUEUE, reason, detail, failed_at=when)
-
-    if not upload.key.startswith(layout.INCOMING):
-        return fail(reasons.WRONG_PREFIX, f"key is outside {layout.INCOMING}")
-    problem = layout.key_problem(upload.key)
-    if problem:
-        return fail(*problem)
-    try:
-        reasons.check_size(upload.size)   # the event's size: zero_byte / too_large without a request
-    except reasons.ImageRejected as exc:
-        return fail(exc.reason, exc.detail)
+    refused = refusal(upload.key, upload.size)   # the event's size: zero_byte / too_large without a request
+    if refused:
+        return None, results.failure_row(upload, reasons.ENQUEUE, *refused, failed_at=when)
     return upload, None
 
 

@@ -10,13 +10,28 @@ from __future__ import annotations
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
-from dermscore import layout
+from dermscore import layout, reasons
 from dermscore.aws import iter_keys
 from dermscore.messages import ManifestLine
 from handlers.runtime import Runtime
 from handlers.storage import MANIFEST_CONTENT_TYPE
 
 logger = Logger(service="dermscore-pending")
+
+
+def refusal(key: str, size: int) -> tuple[str, str] | None:
+    """Why an upload is refused before scoring (reason code, detail), from its key and size alone,
+    or None: enqueue writes its failure row, a re-score skips it (it has that row already)."""
+    if not key.startswith(layout.INCOMING):
+        return reasons.WRONG_PREFIX, f"key is outside {layout.INCOMING}"
+    problem = layout.key_problem(key)
+    if problem:
+        return problem
+    try:
+        reasons.check_size(size)
+    except reasons.ImageRejected as exc:
+        return exc.reason, exc.detail
+    return None
 
 
 def manifest_items(lines: list[ManifestLine]) -> list[ManifestLine]:

@@ -40,11 +40,11 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
-from dermscore import layout, reasons, results
+from dermscore import layout, results
 from dermscore.aws import is_missing
 from dermscore.messages import ManifestLine
 from handlers import runtime
-from handlers.pending import wake_dispatcher, write_part
+from handlers.pending import refusal, wake_dispatcher, write_part
 from handlers.runtime import Runtime
 from handlers.storage import put_json, read_json
 
@@ -123,22 +123,14 @@ def new_run_id(now: datetime | None = None) -> str:
     return f"{(now or results.utcnow()).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
 
 
-def _etag(raw: str) -> str:
-    """ListObjects and HeadObject quote ETags; S3 events (and so every claim) do not."""
-    return (raw or "").strip('"')
-
-
 def line_or_reason(bucket: str, key: str, etag: str, size: int) -> tuple[ManifestLine | None, str | None]:
     """A stored object -> the manifest line that re-scores it, or why it is skipped (enqueue's checks:
-    such an upload already has its failure row)."""
-    problem = layout.key_problem(key)
-    if problem:
-        return None, problem[0]
-    try:
-        reasons.check_size(size)
-    except reasons.ImageRejected as exc:
-        return None, exc.reason
-    return ManifestLine(bucket, key, _etag(etag), size, rescore=True), None
+    such an upload already has its failure row). ``ManifestLine`` drops the quotes that ListObjects
+    and HeadObject put around ETags, as S3 events (and so every claim) have none."""
+    refused = refusal(key, size)
+    if refused:
+        return None, refused[0]
+    return ManifestLine(bucket, key, etag, size, rescore=True), None
 
 
 def listed_objects(s3, bucket: str, req: Request, cursor: str, limit: int):
