@@ -83,6 +83,7 @@ class Settings:
     collect_function: str = ""
     reconcile_after_minutes: float = 120.0
     manifest_retention_days: float = 0.0      # ManifestRetentionDays (0: none): the reconciler's horizon
+    give_up_wait_s: float = 960.0             # fence -> failure rows: collect's timeout (900 s) and a minute
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -113,4 +114,5 @@ class Settings:
             collect_function=e.get("COLLECT_FUNCTION_NAME", cls.collect_function),
             reconcile_after_minutes=float(e.get("RECONCILE_AFTER_MINUTES", cls.reconcile_after_minutes)),
             manifest_retention_days=float(e.get("MANIFEST_RETENTION_DAYS", cls.manifest_retention_days)),
+            give_up_wait_s=float(e.get("GIVE_UP_WAIT_S", cls.give_up_wait_s)),
         )

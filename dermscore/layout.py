@@ -260,6 +260,12 @@ def collected_key(job_name: str) -> str:
     return f"{COLLECTED}{job_name}.json"
 
 
+def give_up_key(job_name: str) -> str:
+    """The reconciler's fence of a job it is giving up on (collect then ignores the job), and the
+    record of the give-up's progress (the last input file done), beside the marker."""
+    return f"{COLLECTED}{job_name}.give-up.json"
+
+
 def redrive_key(job_name: str, attempt: int) -> str:
     """The reconciler's record of its ``attempt``-th re-drive (or re-submission) of a job, beside
     the markers so that one listing gives both (SageMaker job names hold no '.')."""

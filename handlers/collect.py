@@ -18,9 +18,11 @@ attempts in all); after the last attempt every image gets a failure row carrying
 FailureReason (``<job>-<shard>-job.parquet``).
 
 Last, either way: the job's marker ``collected/<job>.json`` (its status and counts), which the
-reconciler (``handlers.reconcile``) lists to find jobs whose event was lost. An event for a job
-the reconciler gave up on (marker status ``Unreconciled``: its images already have failure
-rows) is ignored, so a late event cannot add a second row for an image.
+reconciler (``handlers.reconcile``) lists to find jobs whose event was lost. A job the reconciler
+is giving up on (its fence ``collected/<job>.give-up.json``, checked at the start and before
+each input file) is left to the reconciler: collect stops without a marker, so a late event
+cannot add a second row for an image, and the reconciler places the rest once no collect can
+still be running.
 
 File names derive from the job name and the date from the job's end time, so a repeated
 event overwrites the same objects instead of adding rows; rows are written only for lines that
@@ -157,6 +159,15 @@ def collect_file(rt: Runtime, detail: dict[str, Any], in_key: str, lines: list[M
     return rows, failures
 
 
+class Fenced(Exception):
+    """The reconciler is giving up on the job (``handlers.reconcile.fence``): stop, write no marker."""
+
+
+def check_fence(rt: Runtime, job: str) -> None:
+    if read_json(rt.s3, rt.settings.bucket, layout.give_up_key(job)) is not None:
+        raise Fenced(job)
+
+
 def collect_completed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[str, int]:
     """Every input file in turn (memory: one file's lines, plus the report's rows up to
     REPORT_MAX_ROWS), then the job's report."""
@@ -164,6 +175,7 @@ def collect_completed(rt: Runtime, detail: dict[str, Any], when: datetime) -> di
     scored = failed = 0
     kept: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
     for in_key, lines in job_lines(rt.s3, detail):
+        check_fence(rt, job)
         rows, failures = collect_file(rt, detail, in_key, lines, when)
         scored, failed = scored + len(rows), failed + len(failures)
         if scored + failed <= REPORT_MAX_ROWS:
@@ -227,6 +239,7 @@ def collect_failed(rt: Runtime, detail: dict[str, Any], when: datetime) -> dict[
 
     requeued = failed = 0
     for in_key, lines in job_lines(rt.s3, detail):
+        check_fence(rt, job)
         requeued += requeue(rt, [Retry(ln.next_attempt(), job, why) for ln in lines if another_attempt(ln)])
         last = [(i, ln, results.failure_row(ln, reasons.TRANSFORM, reason, why, job, when), results.FAILED)
                 for i, ln in enumerate(lines) if not another_attempt(ln)]
@@ -271,7 +284,12 @@ def handle(event: EventBridgeEvent, rt: Runtime) -> dict[str, Any]:
                        extra={"job_name": job, "status": status})
         return {"job_name": job, "status": status, "ignored": True}
     when = finished_at(event)
-    counts = (collect_completed if status == "Completed" else collect_failed)(rt, detail, when)
+    try:
+        counts = (collect_completed if status == "Completed" else collect_failed)(rt, detail, when)
+    except Fenced:
+        logger.warning("the reconciler is giving up on this job: it writes the remaining images' rows; "
+                       "collection stopped", extra={"job_name": job, "status": status})
+        return {"job_name": job, "status": status, "ignored": True}
     mark(rt, job, status, finished_at=when.isoformat(), **counts)
     return {"job_name": job, "status": status, **counts}
 

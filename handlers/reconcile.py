@@ -17,9 +17,15 @@ should be done by now::
               no such job -> re-submit it from its manifest (dispatch.submit): its dispatcher died before
                   CreateTransformJob and its intent is gone (the dispatcher itself finishes intents)
               InProgress / Stopping -> left alone, logged and counted (metric JobsOverdue)
-              re-driven MAX_REDRIVES times, the bound passed since the last, still no marker -> give up:
-                  a failure row 'unreconciled' for each of its images that has no row, and the marker
-                  "Unreconciled" (collect ignores the job from then on: no second row can follow)
+              re-driven MAX_REDRIVES times, the bound passed since the last, still no marker -> give up,
+                  in two steps (:func:`fence`, :func:`give_up`)
+    give up first the fence collected/<job>.give-up.json: collect ignores the job from then on, and a
+              collect already running when it was written is over within GIVE_UP_WAIT_S (collect's
+              timeout and a minute); only then, in a later run, a failure row 'unreconciled' for each
+              image that has no row, one input file at a time, the fence recording each file done (a
+              run that runs out of time or is killed resumes at the next file), and last the marker
+              "Unreconciled". Give-ups come after every other job's action in a run, so a job too
+              large to finish in one run never keeps younger jobs from being recovered.
     metrics JobsOverdue, JobsRecovered, ImagesUnreconciled (CloudWatch EMF) -> alarms (template.yaml)
 
 Cost per run (docs/reliability.md): two listings, ceil(M / 1000) + ceil(C / 1000) LIST requests
@@ -31,6 +37,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -41,7 +49,7 @@ from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent
 from botocore.exceptions import ClientError
 
 from dermscore import batching, layout, reasons, results
-from dermscore.aws import error_code, iter_keys, iter_objects
+from dermscore.aws import error_code, iter_objects
 from dermscore.messages import ManifestLine
 from handlers import claims, collect, dispatch, runtime
 from handlers.runtime import Runtime
@@ -55,8 +63,11 @@ RUNNING = ("InProgress", "Stopping")
 
 # What decide() says about a due job.
 OVERDUE, REDRIVE, RESUBMIT, GIVE_UP = "overdue", "redrive", "resubmit", "give_up"
+FENCED, GIVING_UP = "fenced", "giving_up"   # the two steps of giving up that leave the job not yet given up
+RESERVE_S = 60                     # a run stops starting input files this long before its Lambda timeout
 
 _REDRIVE = re.compile(r"redrive-(\d+)\.json")
+GIVE_UP_TAIL = layout.give_up_key("j").removeprefix(f"{layout.COLLECTED}j.")
 
 
 @dataclass
@@ -67,6 +78,7 @@ class Job:
     modified: datetime                                     # newest object of its manifest
     collected: bool = False                                # collected/<job>.json exists
     redrives: list[datetime] = field(default_factory=list)  # when each re-drive record was written
+    fenced: bool = False                                   # collected/<job>.give-up.json exists
 
 
 # --- pure decisions -----------------------------------------------------------------------------
@@ -75,11 +87,12 @@ def due(job: Job, now: datetime, after_s: float, retention_days: float | None = 
     """Old enough to be looked at: the manifest is older than the bound and so is the last re-drive
     (which gets as long as a job to show its outcome); but not within a day of the retention of
     manifests and markers (``ManifestRetentionDays``): S3 expires a job's objects in no set order,
-    and a job whose marker expired first must not be re-driven over transform output that is gone."""
+    and a job whose marker expired first must not be re-driven over transform output that is gone.
+    A job being given up on (its fence exists) is looked at every run: :func:`give_up` keeps its own time."""
     newest = max([job.modified, *job.redrives])
-    if retention_days and (now - job.modified).total_seconds() >= (retention_days - 1) * 86_400:
+    if job.collected or (retention_days and (now - job.modified).total_seconds() >= (retention_days - 1) * 86_400):
         return False
-    return not job.collected and (now - newest).total_seconds() >= after_s
+    return job.fenced or (now - newest).total_seconds() >= after_s
 
 
 def decide(status: str | None, redrives: int, max_redrives: int = MAX_REDRIVES) -> str:
@@ -114,6 +127,8 @@ def jobs(s3, bucket: str, job_prefix: str) -> dict[str, Job]:
         name, tail = named
         if tail == "json":
             found[name].collected = True
+        elif tail == GIVE_UP_TAIL:
+            found[name].fenced = True
         elif _REDRIVE.fullmatch(tail):
             found[name].redrives.append(modified)
     return found
@@ -165,10 +180,10 @@ def manifest_folder(rt: Runtime, name: str) -> Folder | None:
     return folder + "/", sorted(folders[folder][1])
 
 
-def manifest_files(rt: Runtime, found: Folder | None) -> list[tuple[str, list[ManifestLine]]]:
-    """(shard key, its lines) of a job's manifest folder (:func:`manifest_folder`)."""
-    keys = found[1] if found else []
-    return [(k, [ManifestLine.from_json(ln) for ln in read_lines(rt.s3, rt.settings.bucket, k)]) for k in keys]
+def manifest_files(rt: Runtime, found: Folder | None) -> Iterator[tuple[str, list[ManifestLine]]]:
+    """(shard key, its lines) of a job's manifest folder (:func:`manifest_folder`), one file at a time."""
+    for key in found[1] if found else []:
+        yield key, [ManifestLine.from_json(ln) for ln in read_lines(rt.s3, rt.settings.bucket, key)]
 
 
 def complete(found: Folder) -> bool:
@@ -202,7 +217,7 @@ def resubmit(rt: Runtime, job: Job) -> tuple[str, int]:
     if why:
         return left_alone(job, why)
     if found is None:
-        return GIVE_UP, give_up(rt, job, None, [], "its manifest is gone")
+        return fence(rt, job, "its manifest is gone")
     try:
         dispatch.submit(rt, job.name, found[0], len(found[1]))
     except ClientError as exc:
@@ -215,45 +230,86 @@ def resubmit(rt: Runtime, job: Job) -> tuple[str, int]:
     return RESUBMIT, 0
 
 
-def placed(rt: Runtime, name: str, when: datetime) -> set[tuple[str, str, str]]:
-    """Uploads that already have a row from this job: in the files a partial collection wrote
-    (``<job>-<shard>.parquet``, ``-transform``, ``-job``)."""
-    s3, bucket, dt = rt.s3, rt.settings.bucket, dt_of(when)
+def placed(rt: Runtime, name: str, dt: str) -> set[tuple[str, str, str]]:
+    """Uploads that already have a row from one input file of a job (``name``: its
+    :func:`dermscore.layout.job_file_name`): in the files a partial collection wrote for it
+    (``<name>.parquet``, ``<name>-transform``, ``<name>-job``)."""
+    s3, bucket = rt.s3, rt.settings.bucket
     done: set[tuple[str, str, str]] = set()
-    for prefix in (f"{layout.PREDICTIONS}dt={dt}/{name}-", f"{layout.FAILURES}dt={dt}/{name}-"):
-        for key in iter_keys(s3, bucket, prefix):
-            table = read_parquet(s3, bucket, key)
-            if table is not None:
-                done |= {(r["bucket"], r["image_key"], r["etag"]) for r in
-                         table.select(["bucket", "image_key", "etag"]).to_pylist()}
+    for key in (layout.prediction_partition_key(dt, name), layout.failure_partition_key(dt, f"{name}-transform"),
+                layout.failure_partition_key(dt, f"{name}-job")):
+        table = read_parquet(s3, bucket, key)
+        if table is not None:
+            done |= {(r["bucket"], r["image_key"], r["etag"]) for r in
+                     table.select(["bucket", "image_key", "etag"]).to_pylist()}
     return done
 
 
-def give_up(rt: Runtime, job: Job, description: dict[str, Any] | None, files: list[tuple[str, list[ManifestLine]]],
-            why: str) -> int:
-    """The job cannot be fixed: a failure row 'unreconciled' for each of its images that has no
-    outcome yet (placed as any outcome, ``handlers.claims``) and no row from a partial collection,
-    then the marker "Unreconciled" (after which collect ignores the job). Returns the rows written."""
+def fence(rt: Runtime, job: Job, why: str) -> tuple[str, int]:
+    """The first step of giving up: the fence ``collected/<job>.give-up.json``. Collect checks it
+    when it starts and before each input file, so after GIVE_UP_WAIT_S no collect of the job can
+    be writing rows and :func:`give_up` may place the rest without racing one."""
+    put_json(rt.s3, rt.settings.bucket, layout.give_up_key(job.name),
+             {"job": job.name, "at": results.utcnow().isoformat(), "reason": why[:500], "done": "", "images": 0})
+    logger.warning("giving up on a transform job: collect is fenced off, failure rows follow after "
+                   "GIVE_UP_WAIT_S", extra={"job_name": job.name, "reason": why,
+                                            "wait_s": rt.settings.give_up_wait_s})
+    return FENCED, 0
+
+
+def give_up(rt: Runtime, job: Job, deadline: float | None = None) -> tuple[str, int]:
+    """The second step, once the fence is GIVE_UP_WAIT_S old: a failure row 'unreconciled' for each
+    image of the job that has no outcome yet (placed as any outcome, ``handlers.claims``) and no row
+    from a partial collection, one input file at a time in key order (``<file>-unreconciled``,
+    deterministic: a file done twice is written twice, the same rows), the fence recording the last
+    file done; then the marker "Unreconciled". Stops between files at ``deadline`` (monotonic
+    seconds) and resumes there next run. Returns (what happened, failure rows written this run)."""
+    s3, bucket = rt.s3, rt.settings.bucket
+    state = read_json(s3, bucket, layout.give_up_key(job.name)) or {}
+    fenced_at = datetime.fromisoformat(state.get("at") or results.utcnow().isoformat())
+    if (results.utcnow() - fenced_at).total_seconds() < rt.settings.give_up_wait_s:
+        return GIVING_UP, 0
+    description = describe(rt, job.name)
+    files = (collect.job_lines(s3, description) if description is not None
+             else manifest_files(rt, manifest_folder(rt, job.name)))
     when = (collect.finished_at(EventBridgeEvent(collect.state_change_event(description))) if description
             else job.modified)
-    done = placed(rt, job.name, when) if description else set()
-    now = results.utcnow()
-    images, rows = 0, []
+    why = state.get("reason") or "no outcome"
+    written = 0
     for in_key, lines in files:
-        entries = [(i, ln, results.failure_row(ln, reasons.RECONCILE, reasons.UNRECONCILED, why, job.name, now),
-                    results.FAILED) for i, ln in enumerate(lines)]
-        images += len(entries)
-        rows += [row for _, line, row, _ in claims.owning(rt.s3, rt.settings.bucket, job.name, in_key, entries)
-                 if line.upload not in done]
-    write_failures(rt.s3, rt.settings.bucket, dt_of(when), f"{job.name}-{reasons.UNRECONCILED}", rows)
-    collect.mark(rt, job.name, collect.UNRECONCILED, images=len(rows), reason=why[:500])
+        if in_key <= state.get("done", ""):
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            logger.info("out of time: the give-up resumes at this file next run",
+                        extra={"job_name": job.name, "input": in_key})
+            return GIVING_UP, written
+        rows = give_up_file(rt, job.name, in_key, lines, why, when, description is not None)
+        written += rows
+        state.update(done=in_key, images=state.get("images", 0) + rows)
+        put_json(s3, bucket, layout.give_up_key(job.name), state)
+    collect.mark(rt, job.name, collect.UNRECONCILED, images=state.get("images", 0), reason=why)
     logger.error("transform job could not be reconciled: its images get failure rows", extra={
-        "job_name": job.name, "images": len(rows), "already_placed": images - len(rows), "reason": why})
+        "job_name": job.name, "images": state.get("images", 0), "reason": why})
+    return GIVE_UP, written
+
+
+def give_up_file(rt: Runtime, job: str, in_key: str, lines: list[ManifestLine], why: str, when: datetime,
+                 known: bool) -> int:
+    """One input file of a job given up on: its failure rows (see :func:`give_up`); returns how many.
+    ``known``: the job exists, so a partial collection may have written rows for the file."""
+    now, name, dt = results.utcnow(), layout.job_file_name(job, in_key), dt_of(when)
+    done = placed(rt, name, dt) if known else set()
+    entries = [(i, ln, results.failure_row(ln, reasons.RECONCILE, reasons.UNRECONCILED, why, job, now),
+                results.FAILED) for i, ln in enumerate(lines)]
+    rows = [row for _, line, row, _ in claims.owning(rt.s3, rt.settings.bucket, job, in_key, entries)
+            if line.upload not in done]
+    write_failures(rt.s3, rt.settings.bucket, dt, f"{name}-{reasons.UNRECONCILED}", rows)
     return len(rows)
 
 
 def reconcile(rt: Runtime, job: Job) -> tuple[str, int]:
-    """Look at one due job and act; returns (what happened, failure rows written)."""
+    """Look at one due job that is not being given up on and act; returns (what happened, failure
+    rows written)."""
     description = describe(rt, job.name)
     status = description.get("TransformJobStatus") if description else None
     action = decide(status, len(job.redrives))
@@ -267,33 +323,32 @@ def reconcile(rt: Runtime, job: Job) -> tuple[str, int]:
         return REDRIVE, 0
     if action == RESUBMIT:
         return resubmit(rt, job)
-    if description is not None:
-        files = list(collect.job_lines(rt.s3, description))
-    else:   # giving up on a job that never existed: the same ownership as resubmit
-        found = manifest_folder(rt, job.name)
-        if why := not_ours(rt, job.name, found):
-            return left_alone(job, why)
-        files = manifest_files(rt, found)
-    return GIVE_UP, give_up(rt, job, description, files,
-                            f"no outcome after {len(job.redrives)} re-drives (status {status or 'no such job'})")
+    # giving up on a job that never existed: the same ownership as resubmit
+    if description is None and (why := not_ours(rt, job.name, manifest_folder(rt, job.name))):
+        return left_alone(job, why)
+    return fence(rt, job, f"no outcome after {len(job.redrives)} re-drives (status {status or 'no such job'})")
 
 
 # --- the Lambda handler ---------------------------------------------------------------------------
 
-COUNTS = ("jobs", "collected", "waiting", "overdue", "redriven", "resubmitted", "given_up",
+COUNTS = ("jobs", "collected", "waiting", "overdue", "redriven", "resubmitted", "fenced", "giving_up", "given_up",
           "images_unreconciled", "deferred", "errors")
-TALLY = {OVERDUE: "overdue", REDRIVE: "redriven", RESUBMIT: "resubmitted", GIVE_UP: "given_up"}
+TALLY = {OVERDUE: "overdue", REDRIVE: "redriven", RESUBMIT: "resubmitted", FENCED: "fenced", GIVING_UP: "giving_up",
+         GIVE_UP: "given_up"}
 
 
-def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
-    """One pass over the bucket; returns the counts (also logged, and published as metrics)."""
+def handle(event: dict[str, Any], rt: Runtime, deadline: float | None = None) -> dict[str, int]:
+    """One pass over the bucket, oldest job first, give-ups last (they alone may take long; they
+    stop starting files at ``deadline``, monotonic seconds); returns the counts (also logged, and
+    published as metrics)."""
     settings = rt.settings
     after_s = settings.reconcile_after_minutes * 60
     now = results.utcnow()
     found = jobs(rt.s3, settings.bucket, settings.job_prefix)
     report = dict.fromkeys(COUNTS, 0)
     report["jobs"] = len(found)
-    for job in sorted(found.values(), key=lambda j: j.modified):
+    ordered = sorted(found.values(), key=lambda j: (j.fenced, j.modified))
+    for job in ordered:
         if job.collected:
             report["collected"] += 1
             continue
@@ -301,7 +356,7 @@ def handle(event: dict[str, Any], rt: Runtime) -> dict[str, int]:
             report["waiting"] += 1
             continue
         try:
-            action, rows = reconcile(rt, job)
+            action, rows = give_up(rt, job, deadline) if job.fenced else reconcile(rt, job)
         except Exception as exc:   # one job's trouble must not keep the others waiting
             if isinstance(exc, ClientError) and batching.is_retryable_create_error(error_code(exc)):
                 report["deferred"] += 1
@@ -328,7 +383,8 @@ def publish(report: dict[str, int], stack: str) -> None:
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: Any, rt: Runtime | None = None) -> dict[str, int]:
     rt = rt or runtime.default()
-    report = handle(event, rt)
+    deadline = time.monotonic() + context.get_remaining_time_in_millis() / 1000 - RESERVE_S
+    report = handle(event, rt, deadline)
     publish(report, rt.settings.job_prefix)
     if report["errors"]:   # after the other jobs were done: the function's Errors alarm
         raise RuntimeError(f"{report['errors']} job(s) could not be reconciled this run (see the log)")

@@ -118,15 +118,17 @@ class Scheduled:
 class Scheduler(Scheduled):
     """The reconciler: its SageMaker client is the transform runner's view
     (``TransformRunner.sagemaker_view``), its Lambda client :class:`LocalLambda`; ``after_s``
-    shortens its bound (``RECONCILE_AFTER_MINUTES``) for tests."""
+    shortens its bound (``RECONCILE_AFTER_MINUTES``) and its give-up wait (``GIVE_UP_WAIT_S``) for tests."""
 
     function = "reconcile"
 
     def __init__(self, stack: LocalStack, sagemaker: Any, after_s: float | None = None,
                  interval_s: float | None = None) -> None:
         self.lambda_ = LocalLambda(stack)
-        super().__init__(stack, stack.spec.reconcile_interval_s if interval_s is None else interval_s,
-                         {"RECONCILE_AFTER_MINUTES": str(after_s / 60)} if after_s is not None else None,
+        # a shorter bound shortens the give-up's wait for collects in flight with it (tests)
+        env = (None if after_s is None else
+               {"RECONCILE_AFTER_MINUTES": str(after_s / 60), "GIVE_UP_WAIT_S": str(after_s)})
+        super().__init__(stack, stack.spec.reconcile_interval_s if interval_s is None else interval_s, env,
                          sagemaker=sagemaker, lambda_=self.lambda_)
         self.after_s = self.runtime.settings.reconcile_after_minutes * 60
 

@@ -69,16 +69,22 @@ def aws_env(moto_endpoint: str) -> Iterator[str]:
 
 @pytest.fixture()
 def make_stack(aws_env: str):
-    """Factory for a LocalStack with unique names on the session's server."""
+    """Factory for a LocalStack with unique names on the session's server; each is stopped after
+    the test (a stack under IAM must not leave the shared server enforcing)."""
     from infra.stack import LocalStack
+
+    made = []
 
     def make(**kwargs):
         name = kwargs.pop("stack_name", None) or unique_name()
         overrides = {"ModelName": f"{name}-model", **kwargs.pop("overrides", {})}
-        return LocalStack.create(bucket=kwargs.pop("bucket", f"{name}-images"), stack_name=name, endpoint=aws_env,
-                                 overrides=overrides, **kwargs)
+        made.append(LocalStack.create(bucket=kwargs.pop("bucket", f"{name}-images"), stack_name=name,
+                                      endpoint=aws_env, overrides=overrides, **kwargs))
+        return made[-1]
 
-    return make
+    yield make
+    for stack in made:
+        stack.stop()
 
 
 def stage_transform_job(stack, name: str, items: list, out_lines: list, **request: Any) -> dict:

@@ -41,6 +41,9 @@ from test_pipeline_e2e import (  # noqa: F401
     test_sql_example_and_nothing_left_in_flight,
 )
 
+# ... and a give-up that fences a collect off, under the collect and reconcile roles.
+from test_reconcile import test_a_fenced_collect_stops_and_the_give_up_places_the_rest  # noqa: F401
+
 # ... and a re-score under the re-score function's role.
 from test_rescore import test_what_enqueue_refused_is_skipped_and_named_keys_may_be_missing  # noqa: F401
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 
@@ -63,17 +64,19 @@ class World:
         return layout.job_name(self.stack.job_prefix, [part])
 
     def finish(self, job: str, status: str = "Completed", reason: str | None = None) -> None:
-        """The transform ran: its output (one error line) and its state, as the runner leaves them."""
-        s3 = self.stack.client("s3")
-        items = self.items
-        out = [scoring.score_line(items[0], probs(0), MODEL, 0.5, 600, 450),
-               scoring.score_line(items[1], probs(1), MODEL, 0.5, 640, 480),
-               OutputLine.error(items[2], "corrupt_image", "image file is truncated")]
+        """The transform ran: its output (the third item an error line) and its state, as the
+        runner leaves them, for each of the job's shards."""
+        s3, items = self.stack.client("s3"), self.items
+        out = {items[0].key: scoring.score_line(items[0], probs(0), MODEL, 0.5, 600, 450),
+               items[1].key: scoring.score_line(items[1], probs(1), MODEL, 0.5, 640, 480),
+               items[2].key: OutputLine.error(items[2], "corrupt_image", "image file is truncated")}
         if status == "Completed":
-            for key in self.stack.list_keys(layout.job_input_prefix(job, 1)):
+            for key in self.stack.list_keys(f"{layout.MANIFESTS}{job}/"):
+                body = s3.get_object(Bucket=self.stack.bucket, Key=key)["Body"].read().decode()
+                lines = [ManifestLine.from_json(ln) for ln in body.splitlines()]
                 s3.put_object(Bucket=self.stack.bucket,
                               Key=f"{layout.transform_output_prefix(job)}{key.rsplit('/', 1)[1]}.out",
-                              Body="".join(o.to_json() + "\n" for o in out).encode())
+                              Body="".join(out[ln.key].to_json() + "\n" for ln in lines).encode())
         self.outcomes[job] = {"status": status, "failure_reason": reason, "started": ENDED - timedelta(minutes=9),
                               "ended": ENDED}
 
@@ -94,6 +97,31 @@ class World:
 
     def collect_invocations(self) -> list[dict]:
         return [e for f, e in self.scheduler.lambda_.invocations if f == "collect"]
+
+    def event(self, job: str) -> dict:
+        """The job's state-change event, as EventBridge (or a re-drive) delivers it to collect."""
+        return collect.state_change_event(self.scheduler.runtime.sagemaker.describe_transform_job(TransformJobName=job))
+
+    def exhaust_redrives(self, monkeypatch) -> None:
+        """collect is killed at the start of every re-drive, until the reconciler has none left."""
+        real = collect.collect_completed
+
+        def killed(rt, detail, when):
+            raise RuntimeError("injected: collect killed")
+
+        monkeypatch.setattr(collect, "collect_completed", killed)
+        for attempt in range(1, reconcile.MAX_REDRIVES + 1):
+            assert acted(self.reconcile()) == {"redriven": 1}, attempt
+        monkeypatch.setattr(collect, "collect_completed", real)
+
+    def outcomes_per_key(self) -> dict[str, list[str]]:
+        """Every row of the stack, by image key: 'scored' or the failure's reason."""
+        found: dict[str, list[str]] = {}
+        for r in self.rows(layout.PREDICTIONS):
+            found.setdefault(r["image_key"], []).append("scored")
+        for r in self.rows(layout.FAILURES):
+            found.setdefault(r["image_key"], []).append(r["reason"])
+        return found
 
 
 @pytest.fixture()
@@ -262,14 +290,15 @@ def test_gives_up_after_the_redrives_and_accounts_for_every_image_once(world, mo
     for attempt in range(1, reconcile.MAX_REDRIVES + 1):
         assert acted(world.reconcile()) == {"redriven": 1}, attempt
     assert len(world.collect_invocations()) == reconcile.MAX_REDRIVES
+    assert acted(world.reconcile()) == {"fenced": 1}          # first the fence, then (no wait in tests) the rows
+    assert world.rows(layout.FAILURES) == []
     assert acted(world.reconcile()) == {"given_up": 1, "images_unreconciled": 1}
     scored = {r["image_key"] for r in world.rows(layout.PREDICTIONS)}
     failed = [(r["image_key"], r["stage"], r["reason"]) for r in world.rows(layout.FAILURES)]
     assert scored == set(KEYS[:2]) and failed == [(KEYS[2], "reconcile", "unreconciled")]
     assert world.marker(job)["status"] == collect.UNRECONCILED
     monkeypatch.setattr(collect, "collect_completed", real)
-    description = world.scheduler.runtime.sagemaker.describe_transform_job(TransformJobName=job)
-    assert world.stack.invoke("collect", collect.state_change_event(description))["ignored"]
+    assert world.stack.invoke("collect", world.event(job))["ignored"]
     assert len(world.rows(layout.PREDICTIONS)) == 2 and len(world.rows(layout.FAILURES)) == 1
     assert acted(world.reconcile()) == {"collected": 1}
 
@@ -285,3 +314,106 @@ def test_lambda_handler_reports_and_raises_when_a_job_could_not_be_looked_at(wor
     with pytest.raises(RuntimeError, match="1 job"):
         world.stack.invoke("reconcile", {}, rt=world.scheduler.runtime)
     assert world.marker(job) is None and world.scheduler.lambda_.invocations == []
+
+
+# --------------------------------------------------------------------------- giving up, in two steps
+
+def test_give_up_never_races_a_collect_in_flight(world, monkeypatch) -> None:
+    """The reconciler decides to give up on a job while a collect of it is running (the third
+    re-drive's, slow; it has passed its fence check): the reconciler only fences the job, the
+    collect finishes, and its rows are the only ones. Before the fence both wrote rows: a
+    prediction row and an 'unreconciled' row for the same upload."""
+    job = world.submit()
+    world.finish(job)
+    world.exhaust_redrives(monkeypatch)
+    real, during = collect.collect_file, []
+
+    def slow(*args):
+        during.append(world.reconcile())           # the reconciler's run while this collect is in flight
+        return real(*args)
+
+    monkeypatch.setattr(collect, "collect_file", slow)
+    assert world.stack.invoke("collect", world.event(job))["status"] == "Completed"
+    assert [acted(r) for r in during] == [{"fenced": 1}]
+    assert world.outcomes_per_key() == {KEYS[0]: ["scored"], KEYS[1]: ["scored"], KEYS[2]: ["corrupt_image"]}
+    assert world.marker(job)["status"] == "Completed"
+    assert acted(world.reconcile()) == {"collected": 1}
+
+
+def test_a_fenced_collect_stops_and_the_give_up_places_the_rest(make_stack, monkeypatch) -> None:
+    """Three shards: the reconciler fences the job while collect is on the first one; collect
+    stops before the second (no marker), and the give-up writes failure rows for the two shards
+    collect did not reach and none for the one it did."""
+    world = World(make_stack(overrides={"MinImagesPerJob": 1, "TransformInstanceCount": 3, "MinImagesPerShard": 1}))
+    job = world.submit()
+    world.finish(job)
+    world.exhaust_redrives(monkeypatch)
+    real, during = collect.collect_file, []
+
+    def slow(rt, detail, in_key, *rest):
+        if not during:
+            during.append(world.reconcile())
+        return real(rt, detail, in_key, *rest)
+
+    monkeypatch.setattr(collect, "collect_file", slow)
+    assert world.stack.invoke("collect", world.event(job))["ignored"]
+    assert [acted(r) for r in during] == [{"fenced": 1}] and world.marker(job) is None
+    assert acted(world.reconcile()) == {"given_up": 1, "images_unreconciled": 2}
+    assert world.outcomes_per_key() == {KEYS[0]: ["scored"], KEYS[1]: ["unreconciled"], KEYS[2]: ["unreconciled"]}
+    assert world.marker(job) == {"job": job, "status": collect.UNRECONCILED, "images": 2,
+                                 "reason": "no outcome after 3 re-drives (status Completed)"}
+
+
+class LambdaTimeout(BaseException):
+    """Lambda ends an invocation at its timeout (or an out-of-memory kill): no handler code runs after it."""
+
+
+def test_a_give_up_too_large_for_one_run_resumes_and_blocks_no_younger_job(make_stack, monkeypatch) -> None:
+    """The reconciler is killed while giving up on an old job of three shards (here: during its
+    second file). A younger job whose event was lost is still re-driven in that run (give-ups
+    come last), and the next run resumes the give-up at the second file: the first is not done
+    again, and every image of both jobs ends as exactly one row. Before, the give-up read every
+    line at once, ran first, and a killed run recorded nothing: due again every run, forever,
+    with the younger jobs behind it."""
+    world = World(make_stack(overrides={"MinImagesPerJob": 1, "TransformInstanceCount": 3, "MinImagesPerShard": 1}))
+    old = world.submit()                         # its transform never wrote output: no collect can place a row
+    world.outcomes[old] = {"status": "Completed", "failure_reason": None, "started": ENDED - timedelta(minutes=9),
+                           "ended": ENDED}
+    world.exhaust_redrives(monkeypatch)
+    assert acted(world.reconcile()) == {"fenced": 1}
+    world.items = [ManifestLine(world.stack.bucket, f"incoming/young/{i}.jpg", f"y{i}", 100) for i in range(3)]
+    young = world.submit()
+    world.finish(young)
+    real, files = reconcile.give_up_file, []
+
+    def killed_in_the_second_file(rt, job, in_key, *rest):
+        files.append(in_key)
+        if len(files) == 2:
+            raise LambdaTimeout
+        return real(rt, job, in_key, *rest)
+
+    monkeypatch.setattr(reconcile, "give_up_file", killed_in_the_second_file)
+    with pytest.raises(LambdaTimeout):
+        world.reconcile()
+    assert world.marker(young)["status"] == "Completed"          # re-driven before the give-up ran
+    assert acted(world.reconcile()) == {"collected": 1, "given_up": 1, "images_unreconciled": 2}
+    shards = [layout.shard_key(old, i, 3) for i in range(3)]
+    assert files == [shards[0], shards[1], shards[1], shards[2]]  # resumed at the file the kill interrupted
+    assert world.outcomes_per_key() == {
+        **{k: ["unreconciled"] for k in KEYS}, **{it.key: o for it, o in zip(
+            world.items, (["scored"], ["scored"], ["corrupt_image"]), strict=True)}}
+    assert world.marker(old)["images"] == 3
+
+
+def test_a_give_up_waits_for_collects_in_flight_and_stops_at_its_deadline(world, monkeypatch) -> None:
+    job = world.submit()
+    world.finish(job)
+    world.exhaust_redrives(monkeypatch)
+    assert acted(world.reconcile()) == {"fenced": 1}
+    rt = world.scheduler.runtime
+    waiting = replace(rt, settings=replace(rt.settings, give_up_wait_s=960))   # the template's wait
+    assert acted(reconcile.handle({}, waiting)) == {"giving_up": 1}
+    assert acted(reconcile.handle({}, rt, deadline=time.monotonic() - 1)) == {"giving_up": 1}
+    assert world.rows(layout.FAILURES) == [] and world.marker(job) is None
+    assert acted(reconcile.handle({}, rt)) == {"given_up": 1, "images_unreconciled": 3}
+    assert sorted(world.outcomes_per_key().items()) == [(k, ["unreconciled"]) for k in sorted(KEYS)]

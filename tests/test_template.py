@@ -283,6 +283,9 @@ def test_reconciler_runs_on_a_schedule_and_resubmits_as_the_dispatcher_would(tem
     # a bound below one collect run would re-drive collections still running (harmless: idempotent)
     collect_timeout = template["Resources"]["CollectFunction"]["Properties"]["Timeout"]
     assert template["Parameters"]["ReconcileAfterMinutes"]["MinValue"] * 60 > collect_timeout
+    # giving up: from the fence to the failure rows, every collect that started before it is over
+    assert float(env["GIVE_UP_WAIT_S"]) >= collect_timeout + 60
+    assert Settings.give_up_wait_s == float(env["GIVE_UP_WAIT_S"])   # the local stack waits as long
     spec = local_spec(BUCKET, STACK)
     assert spec.reconcile_env["COLLECT_FUNCTION_NAME"] == f"{STACK}-collect"
     assert spec.reconcile_interval_s == 60 * template["Parameters"]["ReconcileIntervalMinutes"]["Default"]
@@ -554,8 +557,9 @@ def test_s3_access_is_scoped_to_prefixes(template):
     # existing manifest folder, so it writes no manifest; never an image
     rec = res["ReconcileRole"]
     assert _s3_prefixes(rec, {"s3:PutObject"}) == {layout.COLLECTED, f"{layout.IMAGES}*.json", layout.FAILURES}
-    assert _s3_prefixes(rec, {"s3:GetObject"}) == {layout.MANIFESTS, layout.DISPATCH, f"{layout.IMAGES}*.json",
-                                                   layout.PREDICTIONS, layout.FAILURES}
+    assert _s3_prefixes(rec, {"s3:GetObject"}) == {layout.MANIFESTS, layout.DISPATCH, layout.COLLECTED,
+                                                   f"{layout.IMAGES}*.json", layout.PREDICTIONS, layout.FAILURES}
+    assert layout.give_up_key("j").startswith(layout.COLLECTED)
     assert _listed_prefixes(rec) == {"*"}
     assert layout.image_result_key("incoming/a/b.jpg") == f"{layout.IMAGES}a/b.jpg.json"
     # only the dispatcher deletes anything; the claims/ prefix is gone from every role
