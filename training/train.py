@@ -195,7 +195,8 @@ def train(args: argparse.Namespace) -> dict:
     meta_df = ham.read_metadata(args.data)
     if args.limit:
         meta_df = meta_df.sample(n=min(args.limit, len(meta_df)), random_state=args.seed).reset_index(drop=True)
-    train_df, val_df = ham.lesion_split(meta_df, args.val_fraction, args.seed)
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    train_df, val_df = ham.lesion_split(meta_df, args.val_fraction, split_seed)
     assert not set(train_df.lesion_id) & set(val_df.lesion_id), "lesion leaked across the split"
     log.info("split: %d train / %d val images (%d / %d lesions)", len(train_df), len(val_df),
              train_df.lesion_id.nunique(), val_df.lesion_id.nunique())
@@ -296,7 +297,7 @@ def train(args: argparse.Namespace) -> dict:
     meta = ModelMeta(
         name=args.name, version=args.version or time.strftime("%Y%m%d"), arch=args.arch, input_size=size,
         temperature=temperature, melanoma_threshold=threshold, color_constancy=args.color_constancy,
-        extra={"seed": args.seed, "epochs": args.epochs, "val_fraction": args.val_fraction,
+        extra={"seed": args.seed, "split_seed": split_seed, "epochs": args.epochs, "val_fraction": args.val_fraction,
                "recipe": {k: getattr(args, k) for k in RECIPE},
                "train_images": len(train_y), "val_images": len(val_y), "code_version": __version__,
                "ood": ood.summary(val_energy, ood_threshold, ood.IN_DISTRIBUTION_KEPT)},
@@ -345,6 +346,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="network input in pixels")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of lesions held out for validation")
     p.add_argument("--seed", type=int, default=20261123, help="seed of the split, sampling and augmentation")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the lesion split alone (default: --seed); keep it to train ensemble members "
+                        "on one split, so they share a validation split none of them saw")
     options.add_device(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--workers", type=int, default=1, help="augmentation worker processes")
