@@ -335,11 +335,11 @@ class MotoProcess:
             self.server = None
 
 
-# The local stack's server (infra.stack.start_server) in a process of its own: it prints its
+# The local stack's server (infra.motoserver.start_server) in a process of its own: it prints its
 # endpoint once it accepts connections and serves until its stdin closes (so also when we die).
 MOTO_CHILD = """
 import os, sys
-from infra.stack import start_server
+from infra.motoserver import start_server
 server, endpoint = start_server()
 print(endpoint, flush=True)
 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nobody reads its stdout from here on
@@ -349,7 +349,7 @@ server.stop()
 
 
 def start_moto(mode: str, timeout_s: float = 60) -> MotoProcess:
-    from infra.stack import start_server
+    from infra.motoserver import start_server
 
     if mode == "thread":
         server, endpoint = start_server()

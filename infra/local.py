@@ -22,6 +22,7 @@ from dermscore import layout
 from infra.poller import Poller
 from infra.runner import TransformRunner
 from infra.scheduler import Dispatcher, Scheduler
+from infra.spool import Spool
 from infra.stack import DEFAULT_BUCKET, DEFAULT_STACK, LocalStack
 
 log = logging.getLogger("dermscore.local")
@@ -41,13 +42,14 @@ class LocalPipeline:
                  visibility_timeout: int | None = None, overrides: dict[str, Any] | None = None,
                  port: int = 0, reconcile_after_s: float | None = None,
                  reconcile_interval_s: float | None = None, dispatch_interval_s: float | None = 0.0,
-                 max_latency_s: float | None = 0.0) -> None:
+                 max_latency_s: float | None = 0.0, spool: Spool | None = None) -> None:
         """``dispatch_interval_s`` / ``max_latency_s``: the dispatcher's schedule and
         ``MaxLatencySeconds`` (None: template.yaml's). Locally both default to 0: every step
         dispatches what is pending, as a quick demo wants; ``MinImagesPerJob`` (``overrides``)
-        still holds back a job until that many images are pending, unless the latency has passed."""
+        still holds back a job until that many images are pending, unless the latency has passed.
+        ``spool``: acknowledged uploads are kept on disk (``dermscore serve``, infra.spool)."""
         self.stack = LocalStack.create(bucket=bucket, stack_name=stack_name, endpoint=endpoint, overrides=overrides,
-                                       visibility_timeout=visibility_timeout, port=port)
+                                       visibility_timeout=visibility_timeout, port=port, spool=spool)
         if model_dir is not None:
             self.stack.register_model(model_dir)
         self.poller = Poller(self.stack, window_s=batching_window_s)

@@ -15,6 +15,7 @@ from pathlib import Path
 from dermscore import options
 from dermscore.template import LOCAL_REGION
 from infra.demo import LOCAL_VISIBILITY_TIMEOUT_S, LOG_FILE, serving_stack_or_error
+from infra.spool import SPOOL, Spool
 from infra.stack import DEFAULT_BUCKET, LOCAL_CREDENTIALS
 
 log = logging.getLogger("dermscore.serve")
@@ -47,8 +48,13 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop_on_sigterm)
+    spool = Spool(args.out / SPOOL, args.bucket)
     with LocalPipeline(model_dir, bucket=args.bucket, batching_window_s=args.batching_window,
-                       visibility_timeout=LOCAL_VISIBILITY_TIMEOUT_S, port=args.port) as pipeline:
+                       visibility_timeout=LOCAL_VISIBILITY_TIMEOUT_S, port=args.port, spool=spool) as pipeline:
+        restored = spool.restore(pipeline.s3, args.out)   # what a stack killed before left unscored
+        if restored["uploaded"]:
+            print(f"Restarted: {restored['uploaded']} upload(s) acknowledged before the last stop and not yet "
+                  "scored are queued again", flush=True)
         pipeline.start_background()
         ep, bucket = pipeline.stack.endpoint, pipeline.stack.bucket
         web = None
@@ -67,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
               f"Results are exported to {args.out}/ as they arrive; query them with\n"
               f'  dermscore query "SELECT image_key, top_class, prob_mel FROM predictions ORDER BY prob_mel DESC" '
               f"--results {args.out}\n"
-              f"Ctrl-C stops the stack (the exported results stay).", flush=True)
+              f"Ctrl-C stops the stack (the exported results stay; uploads not yet scored are kept in "
+              f"{args.out / SPOOL}/ and scored when serve starts again on this --out).", flush=True)
         last: dict[str, int] = {}
         try:
             while True:

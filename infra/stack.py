@@ -42,6 +42,8 @@ from dermscore import layout
 from dermscore.aws import iter_keys
 from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION, LocalSpec, local_spec
 from infra.iam import ENFORCE_ENV, FUNCTION_ROLES, TRANSFORM_ROLE, LocalIAM, local_refs
+from infra.motoserver import start_server
+from infra.spool import Spool
 
 log = logging.getLogger("dermscore.stack")
 
@@ -67,108 +69,7 @@ def client_lock() -> threading.RLock:
     return _CLIENT_LOCK
 
 
-# --------------------------------------------------------------------------- server + environment
-
-LOOPBACK = "127.0.0.1"
-
-
-class LoopbackOnly:
-    """WSGI middleware in front of moto: only this machine's own, non-browser clients get through.
-
-    moto's Flask app answers every ``Origin`` with ``Access-Control-Allow-Origin`` (flask-cors),
-    so without this any web page the user visits could read and change the local stack. Refused:
-    a peer that is not loopback, a ``Host`` that is not this server (DNS rebinding: 421), a
-    foreign ``Origin`` or a cross-site ``Sec-Fetch-Site`` (403), and moto's own ``/moto-api/``
-    (reset, dashboard, seed, ...) for any request that carries either header. boto3 and the aws
-    CLI send neither header, so they are unaffected.
-    """
-
-    def __init__(self, app: Any, host: str = LOOPBACK) -> None:
-        self.app = app
-        self.host = f"[{host}]" if ":" in host else host  # as it appears in a URL / Host header
-        self.port = 0  # set once the socket is bound
-
-    def refusal(self, environ: dict[str, Any]) -> tuple[str, str] | None:
-        import ipaddress
-
-        try:
-            local_peer = ipaddress.ip_address(environ.get("REMOTE_ADDR", "")).is_loopback
-        except ValueError:
-            local_peer = False
-        host = environ.get("HTTP_HOST", "").lower()
-        own = {f"{h}:{self.port}" for h in (self.host, LOOPBACK, "localhost")}
-        origin, site = environ.get("HTTP_ORIGIN"), environ.get("HTTP_SEC_FETCH_SITE")
-        if not local_peer:
-            return "403 Forbidden", "loopback clients only"
-        if host not in own and not host.endswith(f".localhost:{self.port}"):  # *.localhost: S3 virtual hosts
-            return "421 Misdirected Request", "unknown Host"
-        if environ.get("PATH_INFO", "").startswith("/moto-api") and (origin is not None or site is not None):
-            return "403 Forbidden", "moto-api refuses browsers"
-        if origin is not None and origin.lower() not in {f"http://{h}" for h in own}:
-            return "403 Forbidden", "foreign Origin"
-        if site not in (None, "same-origin", "none"):
-            return "403 Forbidden", "cross-site request"
-        return None
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        refused = self.refusal(environ)
-        if refused is None:
-            return self.app(environ, start_response)
-        status, text = refused
-        body = f"{text}\n".encode()
-        log.warning("local stack refused %s %s: %s (Origin %s, Host %s)", environ.get("REQUEST_METHOD"),
-                    environ.get("PATH_INFO"), text, environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"))
-        start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-                                ("Cache-Control", "no-store")])
-        return [body]
-
-
-class LocalMotoServer:
-    """moto's server (the app of ``ThreadedMotoServer``) behind :class:`LoopbackOnly`, in a daemon thread."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-        from werkzeug.serving import make_server
-
-        app = LoopbackOnly(DomainDispatcherApplication(create_backend_app), self.host)
-        self._server = make_server(self.host, self.port, app, threaded=True, request_handler=MotoRequestHandler)
-        app.port = self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="dermscore-moto", daemon=True)
-        self._thread.start()
-
-    def get_host_and_port(self) -> tuple[str, int]:
-        return self.host, self.port
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-
-def start_server(port: int = 0, *, host: str = LOOPBACK) -> tuple[LocalMotoServer, str]:
-    """Start moto in server mode on 127.0.0.1 (0 = any free port); returns (server, endpoint URL).
-
-    The server has no authentication, so it binds to a loopback address only: ``host`` must be
-    given explicitly to change it, and anything but loopback is refused.
-    """
-    import ipaddress
-
-    if not ipaddress.ip_address(host).is_loopback:
-        raise ValueError(f"the local stack has no authentication: bind it to loopback, not {host}")
-    server = LocalMotoServer(host, port)
-    server.start()
-    bound, real_port = server.get_host_and_port()
-    return server, f"http://{f'[{bound}]' if ':' in bound else bound}:{real_port}"
-
+# --------------------------------------------------------------------------- environment
 
 def use_endpoint(endpoint: str) -> None:
     """Point every boto3 client of this process at the local server, with dummy credentials."""
@@ -272,17 +173,18 @@ class LocalStack:
     def create(cls, bucket: str = DEFAULT_BUCKET, stack_name: str = DEFAULT_STACK, endpoint: str | None = None,
                overrides: dict[str, Any] | None = None, visibility_timeout: int | None = None,
                batching_window_s: int | None = None, batch_size: int | None = None, port: int = 0,
-               enforce_iam: bool | None = None) -> LocalStack:
+               enforce_iam: bool | None = None, spool: Spool | None = None) -> LocalStack:
         """Create the template's resources on ``endpoint`` (if None: a new server on ``port``, 0 = any free one).
 
         ``overrides`` are template parameter values (e.g. ``{"ModelName": ...}``);
         ``visibility_timeout`` / ``batching_window_s`` / ``batch_size`` shorten waits locally.
         ``enforce_iam`` (default: ``DERMSCORE_ENFORCE_IAM=1``): each function, and the transform
         container, under its own template.yaml role, enforced by the server (infra.iam).
+        ``spool``: a new server spools the uploads it acknowledges (infra.spool).
         """
         server = None
         if endpoint is None:
-            server, endpoint = start_server(port)
+            server, endpoint = start_server(port, spool=spool)
         use_endpoint(endpoint)
         spec = local_spec(bucket, stack_name=stack_name, overrides=overrides)
         changes = {k: v for k, v in (("queue_visibility_timeout", visibility_timeout),

@@ -36,7 +36,7 @@ def unique_name(prefix: str = "t") -> str:
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    from infra.stack import start_server
+    from infra.motoserver import start_server
 
     server, endpoint = start_server()
     yield endpoint
@@ -203,3 +203,54 @@ def serving_mode(serve_env):
     """The module's pipelines transform through the real serving stack."""
     with transform_mode("serving"):
         yield serve_env
+
+
+class Served:
+    """A ``dermscore serve`` subprocess (the real command) and what it printed."""
+
+    def __init__(self, model: Path, out: Path, *args: str, env: dict[str, str] | None = None,
+                 timeout_s: float = 180) -> None:
+        import subprocess
+        import sys
+        import threading
+        import time
+
+        env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}.items()
+               if not k.startswith("AWS_")}
+        self.out, self.lines = out, []
+        self.proc = subprocess.Popen([sys.executable, "-m", "dermscore.cli", "serve", "--model", str(model),
+                                      "--out", str(out), *args],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()  # type: ignore[arg-type]
+        deadline = time.monotonic() + timeout_s
+        while self.stack_line() is None and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.stack_line() is None:
+            self.proc.kill()
+            pytest.fail("dermscore serve did not start:\n" + "".join(self.lines[-40:]))
+        _, self.endpoint, _, bucket = self.stack_line().split()[4:8]  # "... at <ep> (bucket <name>, region ..."
+        self.bucket = bucket.rstrip(",")
+
+    def stack_line(self) -> str | None:
+        return next((x for x in list(self.lines) if x.startswith("dermscore serve: local stack at ")), None)
+
+    def s3(self):
+        import boto3
+
+        from dermscore.template import LOCAL_REGION
+        from infra.stack import LOCAL_CREDENTIALS
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=LOCAL_REGION,
+                            aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+

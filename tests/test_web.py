@@ -18,10 +18,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -32,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, sample_images
+from conftest import ROOT, Served, sample_images
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -56,42 +54,16 @@ def http(url: str, data: bytes | None = None, timeout: float = 30,
 
 @pytest.fixture(scope="module")
 def served(varied_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("serve-out")
     # Heatmaps for high-risk images (the page shows them): the local knob over HeatmapMode.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DERMSCORE_GRADCAM": "high"}
-    env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
-    proc = subprocess.Popen([sys.executable, "-m", "dermscore.cli", "serve", "--model", str(varied_model),
-                             "--out", str(out), "--web-port", "0", "--batching-window", "0.5",
-                             "--export-interval", "0.5"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    url = None
-
-    def read() -> None:
-        nonlocal url
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line)
-            if line.startswith("Upload page: "):
-                url = line.split()[2]
-
-    def stack_line() -> str | None:
-        return next((x for x in lines if x.startswith("dermscore serve: local stack at ")), None)
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 180
-    while (url is None or stack_line() is None) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if url is None or stack_line() is None:
-        proc.kill()
-        pytest.fail("dermscore serve did not print its upload page:\n" + "".join(lines[-40:]))
-    _, endpoint, _, bucket = stack_line().split()[4:8]  # "... local stack at <ep> (bucket <name>, region ..."
-    yield SimpleNamespace(url=url, out=out, proc=proc, lines=lines, endpoint=endpoint, bucket=bucket.rstrip(","),
-                          headers=upload_headers(url))
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    serve = Served(varied_model, tmp_path_factory.mktemp("serve-out"), "--web-port", "0", "--batching-window", "0.5",
+                   "--export-interval", "0.5", env={"DERMSCORE_GRADCAM": "high"})
+    url = next((ln.split()[2] for ln in serve.lines if ln.startswith("Upload page: ")), None)
+    if url is None:
+        serve.proc.kill()
+        pytest.fail("dermscore serve did not print its upload page:\n" + "".join(serve.lines[-40:]))
+    serve.url, serve.headers = url, upload_headers(url)
+    yield serve
+    serve.stop()
 
 
 def upload_headers(url: str) -> dict[str, str]:
@@ -104,14 +76,7 @@ def upload_headers(url: str) -> dict[str, str]:
 
 
 def served_s3(served):
-    import boto3
-
-    from dermscore.template import LOCAL_REGION
-    from infra.stack import LOCAL_CREDENTIALS
-
-    return boto3.client("s3", endpoint_url=served.endpoint, region_name=LOCAL_REGION,
-                        aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    return served.s3()
 
 
 def web_keys(s3, bucket: str) -> list[str]:
@@ -437,7 +402,7 @@ def test_connection_cap_refuses_extra_connections(page) -> None:
 # --------------------------------------------------------------------------- the moto endpoint
 
 def test_moto_refuses_other_origins_and_keeps_serving_boto3(make_stack, moto_endpoint: str) -> None:
-    from infra.stack import start_server
+    from infra.motoserver import start_server
 
     stack = make_stack()
     s3 = stack.client("s3")
