@@ -134,8 +134,10 @@ class LocalPipeline:
         report = self.scheduler.run_once()
         if report is None:
             return True   # logged; drain must not spin on a reconciler that fails
-        if report["redriven"] + report["resubmitted"] + report["given_up"]:
-            return False   # a collection, a job or failure rows: see them through
+        if report["redriven"] + report["resubmitted"] + report["fenced"] + report["given_up"]:
+            return False   # a collection, a job, a give-up begun or failure rows: see them through
+        if report["giving_up"] and time.monotonic() + self.scheduler.give_up_wait_s < deadline:
+            return False   # a give-up waiting out collects in flight: its rows come within the drain
         return not (report["waiting"] and time.monotonic() + self.scheduler.after_s < deadline)
 
     def start_background(self) -> None:

@@ -131,6 +131,7 @@ class Scheduler(Scheduled):
         super().__init__(stack, stack.spec.reconcile_interval_s if interval_s is None else interval_s, env,
                          sagemaker=sagemaker, lambda_=self.lambda_)
         self.after_s = self.runtime.settings.reconcile_after_minutes * 60
+        self.give_up_wait_s = self.runtime.settings.give_up_wait_s
 
 
 class Dispatcher(Scheduled):
