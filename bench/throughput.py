@@ -10,6 +10,9 @@ distinct keys to ``--images``) and one model, measures:
    poller -> enqueue -> transform runner (S3 GET, decode, batched forward) -> collect ->
    Parquet rows, through the real local stack; its ratio to 1; once per heatmap mode of
    ``--heatmap-modes`` (default ``off,high``), so their transform rates are ratios in one run;
+   **transform**, once per heatmap mode too: one job of the same images, queued first and
+   then run with nothing else on the cores, so the modes compare on equal jobs (in the end-to-end
+   phase the number of jobs and the uploads beside them vary from run to run);
 3. **seed style**: per image a decoded float array -> JSON -> parse -> forward at batch 1
    (the design this project replaced), on a subset; the ratio of 2 to it;
 4. **decode**: JPEG decode + resize to the model input, one thread, with and without
@@ -70,7 +73,7 @@ log = logging.getLogger("dermscore.bench")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES_DIR = REPO_ROOT.parent / "shared" / "data" / "ham10000" / "fullres_sample"
 G4DN_XLARGE_USD_PER_HOUR = TRANSFORM_USD_PER_HOUR[DEFAULT_INSTANCE_TYPE]
-PHASES = ("decode", "forward", "seed", "e2e")
+PHASES = ("decode", "forward", "seed", "e2e", "transform")
 QUICK_IMAGES = 40
 BENCH_PREFIX = "incoming/bench/"
 
@@ -450,6 +453,88 @@ def count_parquet_rows(s3: Any, bucket: str, prefix: str) -> int:
 DISPATCH_EVERY_S = 2.0   # the local dispatcher's timer in the end-to-end phase
 
 
+@contextlib.contextmanager
+def bench_pipeline(args: argparse.Namespace, model_dir: Path, heatmaps: str | None, max_latency_s: float = 0,
+                   overrides: dict[str, Any] | None = None) -> Iterator[tuple[Any, MotoProcess, list, Any]]:
+    """A local pipeline on a moto server of its own, its transform container started outside any
+    clock (serving mode: the model server, whose GETs and PUTs are made in its own processes; else
+    the scorer): yields (pipeline, moto, servers, scorer)."""
+    from infra.local import LocalPipeline
+    from infra.stack import preserved_environ
+
+    moto = start_moto(args.moto)
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    try:
+        with preserved_environ():
+            os.environ["DERMSCORE_DEVICE"] = args.device_resolved
+            for var, value in (("DERMSCORE_BATCH_SIZE", args.batch_size), ("DERMSCORE_WORKERS", args.workers),
+                               ("DERMSCORE_GRADCAM", heatmaps), ("DERMSCORE_RUNTIME", args.runtime)):
+                if value:
+                    os.environ[var] = str(value)
+            # The dispatcher on a 2 s timer (60 s on AWS); with no latency bound every run dispatches
+            # what is pending, so jobs follow the uploads; its scheduled listings are counted.
+            pipeline = LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=moto.endpoint,
+                                     batching_window_s=args.batching_window, dispatch_interval_s=DISPATCH_EVERY_S,
+                                     max_latency_s=max_latency_s,
+                                     overrides={"ModelName": f"{name}-model", **(overrides or {})})
+            try:
+                runner = pipeline.runner
+                scorer, servers = None, []
+                if runner.mode == "serving":
+                    servers = runner.servers(pipeline.stack.model_name)
+                else:
+                    scorer = runner.model(pipeline.stack.model_name)
+                yield pipeline, moto, servers, scorer
+            finally:
+                pipeline.close()
+    finally:
+        moto.stop()
+
+
+def put_images(s3: Any, bucket: str, blobs: list[tuple[str, bytes]], i: int) -> None:
+    """Upload image ``i`` of the run: the ``blobs`` in turn, each under a key of its own."""
+    fname, blob = blobs[i % len(blobs)]
+    s3.put_object(Bucket=bucket, Key=f"{BENCH_PREFIX}{i:07d}-{fname}", Body=blob, ContentType="image/jpeg")
+
+
+def wait_collected(runner: Any, n: int, timeout_s: float, bar: Any = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while collected(runner) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {collected(runner)}/{n} images collected after {timeout_s}s")
+        if bar is not None:
+            bar.n = collected(runner)
+            bar.refresh()
+        time.sleep(0.02)
+
+
+def bench_transform(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, bytes]], n: int,
+                    rss: RssSampler, show: bool, heatmaps: str) -> dict[str, Any]:
+    """One transform job of ``n`` images with nothing else running: the images are uploaded and
+    queued first (the dispatcher holds them until ``MinImagesPerJob`` = n are pending), then the
+    job runs alone. Its rate and the serving processes' CPU compare heatmap modes on equal jobs:
+    in the end-to-end phase the number of jobs, and the uploads beside them, vary between runs."""
+    from dermscore import layout
+
+    with bench_pipeline(args, model_dir, heatmaps, max_latency_s=24 * 3600,
+                        overrides={"MinImagesPerJob": n}) as (pipeline, _moto, servers, _scorer), \
+            rss.phase(f"transform-heatmaps-{heatmaps}"):
+        s3, bucket, runner = pipeline.stack.client("s3"), pipeline.stack.bucket, pipeline.runner
+        with ThreadPoolExecutor(args.upload_threads, thread_name_prefix="bench-upload") as pool:
+            list(pool.map(lambda i: put_images(s3, bucket, blobs, i), range(n)))
+        s0 = sum(srv.cpu_seconds() for srv in servers)
+        pipeline.start_background()
+        wait_collected(runner, n, args.timeout, progress(n, f"one transform job, heatmaps {heatmaps}", show))
+        server_cpu = sum(srv.cpu_seconds() for srv in servers) - s0 if servers else None
+        jobs = list(runner.results)
+        seconds = sum(j["seconds"] for j in jobs)
+        pictures = sum(1 for k in pipeline.stack.list_keys(layout.IMAGES) if k.endswith(layout.HEATMAP_SUFFIX))
+        return {"images": n, "jobs": len(jobs), "heatmaps": heatmaps, "transform_seconds": seconds,
+                "transform_rate": sum(j["records"] for j in jobs) / seconds if seconds else 0.0,
+                "server_cpu_ms_per_image": 1000 * server_cpu / n if server_cpu is not None else None,
+                "heatmaps_stored": pictures, "transform_mode": runner.mode}
+
+
 def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, bytes]], n: int,
               rss: RssSampler, show: bool, heatmaps: str | None = None, phase: str = "e2e") -> dict[str, Any]:
     """S3 PUT -> Parquet rows through the local stack, with the pipeline running in the background.
@@ -460,126 +545,86 @@ def bench_e2e(args: argparse.Namespace, model_dir: Path, blobs: list[tuple[str, 
     before the clock starts.
     """
     from dermscore import layout
-    from infra.local import LocalPipeline
-    from infra.stack import preserved_environ
 
-    moto = start_moto(args.moto)
-    name = f"bench{uuid.uuid4().hex[:8]}"
-    try:
-        with preserved_environ():
-            os.environ["DERMSCORE_DEVICE"] = args.device_resolved
-            if args.batch_size:
-                os.environ["DERMSCORE_BATCH_SIZE"] = str(args.batch_size)
-            if args.workers:
-                os.environ["DERMSCORE_WORKERS"] = str(args.workers)
-            if heatmaps:
-                os.environ["DERMSCORE_GRADCAM"] = heatmaps
-            if args.runtime:
-                os.environ["DERMSCORE_RUNTIME"] = args.runtime
-            # The dispatcher on a 2 s timer (60 s on AWS) and no latency bound: every run dispatches what
-            # is pending, so jobs follow the uploads; its scheduled listings are counted below.
-            pipeline = LocalPipeline(model_dir, bucket=f"{name}-images", stack_name=name, endpoint=moto.endpoint,
-                                     batching_window_s=args.batching_window, dispatch_interval_s=DISPATCH_EVERY_S,
-                                     max_latency_s=0, overrides={"ModelName": f"{name}-model"})
-            try:
-                stack, runner = pipeline.stack, pipeline.runner
-                # Container start-up, outside the clock: the model server (serving mode: its GETs
-                # and PUTs are made in the server's processes, not counted below), or the scorer.
-                scorer, servers = None, []
-                if runner.mode == "serving":
-                    servers = runner.servers(stack.model_name)
-                else:
-                    scorer = runner.model(stack.model_name)
-                s3 = stack.client("s3")
-                bucket = stack.bucket
-                # Every client of the pipeline: the stack's own (poller, runner, uploads), the
-                # transform's, and (from boto3's default session) any created later.
-                clients = [stack.client(service) for service in ("s3", "sqs", "sagemaker")] + \
-                    ([scorer.s3] if scorer is not None else [])
-                # ...and the handlers' own (handlers.runtime.Runtime: a session of their own per function).
-                clients += [getattr(stack.runtime(fn), svc) for fn in ("enqueue", "dispatch", "collect")
-                            for svc in ("s3", "sqs", "sagemaker")]
-                with rss.phase(phase), ApiCalls(sessions=[default_session()], clients=clients) as api:
-                    pipeline.start_background()
-                    bar = progress(n, "end to end (rows)", show)
-                    c0, m0 = process_cpu_s(), moto.cpu_s()
-                    s0 = sum(srv.cpu_seconds() for srv in servers)
-                    t0 = time.perf_counter()
+    with bench_pipeline(args, model_dir, heatmaps) as (pipeline, moto, servers, scorer):
+        stack, runner = pipeline.stack, pipeline.runner
+        s3 = stack.client("s3")
+        bucket = stack.bucket
+        # Every client of the pipeline: the stack's own (poller, runner, uploads), the
+        # transform's, and (from boto3's default session) any created later.
+        clients = [stack.client(service) for service in ("s3", "sqs", "sagemaker")] + \
+            ([scorer.s3] if scorer is not None else [])
+        # ...and the handlers' own (handlers.runtime.Runtime: a session of their own per function).
+        clients += [getattr(stack.runtime(fn), svc) for fn in ("enqueue", "dispatch", "collect")
+                    for svc in ("s3", "sqs", "sagemaker")]
+        with rss.phase(phase), ApiCalls(sessions=[default_session()], clients=clients) as api:
+            pipeline.start_background()
+            bar = progress(n, "end to end (rows)", show)
+            c0, m0 = process_cpu_s(), moto.cpu_s()
+            s0 = sum(srv.cpu_seconds() for srv in servers)
+            t0 = time.perf_counter()
 
-                    uploads = itertools.count()   # the user's PutObject calls, not the pipeline's
+            uploads = itertools.count()   # the user's PutObject calls, not the pipeline's
 
-                    def put(i: int) -> None:
-                        fname, blob = blobs[i % len(blobs)]
-                        next(uploads)
-                        s3.put_object(Bucket=bucket, Key=f"{BENCH_PREFIX}{i:07d}-{fname}", Body=blob,
-                                      ContentType="image/jpeg")
+            def put(i: int) -> None:
+                next(uploads)
+                put_images(s3, bucket, blobs, i)
 
-                    # Closed loop: at most --max-ahead images uploaded and not yet collected. moto's
-                    # ReceiveMessage costs O(messages in the queue) (~0.4 ms each per call), so an
-                    # uploader far ahead of the pipeline makes the local SQS quadratic; real SQS is not.
-                    with ThreadPoolExecutor(args.upload_threads, thread_name_prefix="bench-upload") as pool:
-                        inflight: list = []
-                        for i in range(n):
-                            while i - collected(runner) >= args.max_ahead:
-                                bar.n = collected(runner)
-                                bar.refresh()
-                                time.sleep(0.01)
-                            inflight.append(pool.submit(put, i))
-                            if len(inflight) >= 2 * args.upload_threads:
-                                for f in inflight:
-                                    f.result()
-                                inflight = []
-                                bar.n = collected(runner)
-                                bar.refresh()
-                        for f in inflight:
-                            f.result()
-                    t_uploaded = time.perf_counter() - t0
-                    deadline = time.monotonic() + args.timeout
-                    while collected(runner) < n:
-                        if time.monotonic() > deadline:
-                            raise TimeoutError(f"only {collected(runner)}/{n} images collected after "
-                                               f"{args.timeout}s")
+            # Closed loop: at most --max-ahead images uploaded and not yet collected. moto's
+            # ReceiveMessage costs O(messages in the queue) (~0.4 ms each per call), so an
+            # uploader far ahead of the pipeline makes the local SQS quadratic; real SQS is not.
+            with ThreadPoolExecutor(args.upload_threads, thread_name_prefix="bench-upload") as pool:
+                inflight: list = []
+                for i in range(n):
+                    while i - collected(runner) >= args.max_ahead:
                         bar.n = collected(runner)
                         bar.refresh()
-                        time.sleep(0.02)
-                    elapsed = time.perf_counter() - t0
-                    cpu, m1 = process_cpu_s() - c0, moto.cpu_s()
-                    server_cpu = sum(srv.cpu_seconds() for srv in servers) - s0 if servers else None
-                    bar.n = n
-                    bar.close()
-                    pipeline.close()  # stop poller + runner threads inside the measured phase
-                jobs = list(runner.results)
-                rows = count_parquet_rows(s3, bucket, layout.PREDICTIONS)
-                scored = sum((j.get("collected") or {}).get("scored", 0) for j in jobs)
-                failed = sum((j.get("collected") or {}).get("failed", 0) for j in jobs)
-                transform_s = sum(j["seconds"] for j in jobs)
-                transform_images = sum(j["records"] for j in jobs)
-                sizing = None
-                with contextlib.suppress(Exception):  # informative only
-                    sizing = payload_sizing(s3, bucket, jobs[0]["job_name"],
-                                            int(stack.spec.dispatch_env.get("MAX_PAYLOAD_MB", 6)),
-                                            transform_images / transform_s if transform_s else 0.0)
-                by_op = api.pipeline_per_image(n, {"PutObject": next(uploads)})
-                out = {"images": n, "seconds": elapsed, "payload": sizing, "api_calls": api.summary(n),
-                       "api_calls_per_image": round(sum(by_op.values()), 3),
-                       "api_calls_per_image_by_operation": by_op,
-                       "rate": n / elapsed, "upload_seconds": t_uploaded,
-                       "parquet_rows": rows, "scored": scored, "failed": failed, "jobs": len(jobs),
-                       "transform_seconds": transform_s,
-                       "transform_rate": transform_images / transform_s if transform_s else 0.0,
-                       "transform_mode": runner.mode, "transform_stack": runner.describe(),
-                       "server_cpu_ms_per_image": 1000 * server_cpu / n if server_cpu is not None else None,
-                       "batch_size": scorer.batch_size if scorer else os.environ.get("DERMSCORE_BATCH_SIZE", "default"),
-                       "workers": scorer.workers if scorer else os.environ.get("DERMSCORE_WORKERS", "default"),
-                       "batching_window_s": args.batching_window, "moto": args.moto, "max_ahead": args.max_ahead,
-                       "heatmaps": heatmaps or "default",
-                       "moto_server_peak_rss_mb": moto.rss_mb(),
-                       "cpu_ms_per_image": 1000 * cpu / n,
-                       "moto_cpu_ms_per_image": 1000 * (m1 - m0) / n if m0 is not None and m1 is not None else None}
-            finally:
-                pipeline.close()
-    finally:
-        moto.stop()
+                        time.sleep(0.01)
+                    inflight.append(pool.submit(put, i))
+                    if len(inflight) >= 2 * args.upload_threads:
+                        for f in inflight:
+                            f.result()
+                        inflight = []
+                        bar.n = collected(runner)
+                        bar.refresh()
+                for f in inflight:
+                    f.result()
+            t_uploaded = time.perf_counter() - t0
+            wait_collected(runner, n, args.timeout, bar)
+            elapsed = time.perf_counter() - t0
+            cpu, m1 = process_cpu_s() - c0, moto.cpu_s()
+            server_cpu = sum(srv.cpu_seconds() for srv in servers) - s0 if servers else None
+            bar.n = n
+            bar.close()
+            pipeline.close()  # stop poller + runner threads inside the measured phase
+        jobs = list(runner.results)
+        rows = count_parquet_rows(s3, bucket, layout.PREDICTIONS)
+        scored = sum((j.get("collected") or {}).get("scored", 0) for j in jobs)
+        failed = sum((j.get("collected") or {}).get("failed", 0) for j in jobs)
+        transform_s = sum(j["seconds"] for j in jobs)
+        transform_images = sum(j["records"] for j in jobs)
+        sizing = None
+        with contextlib.suppress(Exception):  # informative only
+            sizing = payload_sizing(s3, bucket, jobs[0]["job_name"],
+                                    int(stack.spec.dispatch_env.get("MAX_PAYLOAD_MB", 6)),
+                                    transform_images / transform_s if transform_s else 0.0)
+        by_op = api.pipeline_per_image(n, {"PutObject": next(uploads)})
+        out = {"images": n, "seconds": elapsed, "payload": sizing, "api_calls": api.summary(n),
+               "api_calls_per_image": round(sum(by_op.values()), 3),
+               "api_calls_per_image_by_operation": by_op,
+               "rate": n / elapsed, "upload_seconds": t_uploaded,
+               "parquet_rows": rows, "scored": scored, "failed": failed, "jobs": len(jobs),
+               "transform_seconds": transform_s,
+               "transform_rate": transform_images / transform_s if transform_s else 0.0,
+               "transform_mode": runner.mode, "transform_stack": runner.describe(),
+               "server_cpu_ms_per_image": 1000 * server_cpu / n if server_cpu is not None else None,
+               "batch_size": scorer.batch_size if scorer else os.environ.get("DERMSCORE_BATCH_SIZE", "default"),
+               "workers": scorer.workers if scorer else os.environ.get("DERMSCORE_WORKERS", "default"),
+               "batching_window_s": args.batching_window, "moto": args.moto, "max_ahead": args.max_ahead,
+               "heatmaps": heatmaps or "default",
+               "moto_server_peak_rss_mb": moto.rss_mb(),
+               "cpu_ms_per_image": 1000 * cpu / n,
+               "moto_cpu_ms_per_image": 1000 * (m1 - m0) / n if m0 is not None and m1 is not None else None}
     return out
 
 
@@ -626,6 +671,16 @@ def serving_figures(result: dict[str, Any]) -> dict[str, float]:
             base = result["forward"]["cpu_ms_per_image"] + result["decode"]["with_draft_cpu_ms_per_image"]
             out["transform.forward_decode_cpu_ms_per_image"] = base
             out["transform.serving_vs_forward_decode"] = serving / base
+    one = result.get("transform_by_heatmaps") or {}
+    for mode, t in one.items():
+        out[f"transform_one_job.rate.{mode}"] = t["transform_rate"]
+        if t.get("server_cpu_ms_per_image") is not None:
+            out[f"transform_one_job.serving_cpu_ms_per_image.{mode}"] = t["server_cpu_ms_per_image"]
+    if "off" in one and "high" in one and one["off"]["transform_rate"]:
+        out["transform_one_job.high_vs_off"] = one["high"]["transform_rate"] / one["off"]["transform_rate"]
+    if one.get("off", {}).get("server_cpu_ms_per_image") and "transform.forward_decode_cpu_ms_per_image" in out:
+        out["transform_one_job.serving_vs_forward_decode"] = (one["off"]["server_cpu_ms_per_image"]
+                                                              / out["transform.forward_decode_cpu_ms_per_image"])
     moto = e.get("moto_cpu_ms_per_image")
     if moto is not None:
         out["moto.cpu_ms_per_image"] = moto
@@ -687,6 +742,15 @@ def render(result: dict[str, Any]) -> str:
             add("   serving CPU / (forward + decode) per image", f"{f['transform.serving_vs_forward_decode']:.2f}x",
                 f"{f['transform.serving_cpu_ms_per_image']:.1f} ms vs "
                 f"{f['transform.forward_decode_cpu_ms_per_image']:.1f} ms; target <= 1.2")
+        for mode, t in (result.get("transform_by_heatmaps") or {}).items():
+            add(f"   one job alone, heatmaps {mode}", f"{t['transform_rate']:.1f} img/s",
+                f"{t['images']} images, {t['heatmaps_stored']} heatmaps stored; "
+                f"serving CPU {t['server_cpu_ms_per_image'] or 0:.1f} ms/image")
+        if f.get("transform_one_job.high_vs_off") is not None:
+            add("   ratio one job high / off", f"{f['transform_one_job.high_vs_off']:.2f}x", "target >= 0.90")
+        if f.get("transform_one_job.serving_vs_forward_decode") is not None:
+            add("   one job: serving CPU / (forward + decode)",
+                f"{f['transform_one_job.serving_vs_forward_decode']:.2f}x", "target <= 1.2")
         if f.get("moto.cpu_share") is not None:
             add("   moto server's share of the CPU", f"{f['moto.cpu_share']:.0%}",
                 f"{f['moto.cpu_ms_per_image']:.1f} ms per image (the local stand-in for S3/SQS)")
@@ -861,6 +925,9 @@ def run(args: argparse.Namespace) -> int:
             result["e2e_by_heatmaps"] = by_mode
             result["e2e"] = by_mode[modes[0]]
             figures["e2e_rate"] = result["e2e"]["rate"]
+        if "transform" in phases:
+            result["transform_by_heatmaps"] = {mode: bench_transform(args, model_dir, blobs, n, rss, show, mode)
+                                               for mode in modes}
     figures["peak_rss_mb"] = rss.peak
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["memory"] = {"peak_rss_mb": rss.peak, "phases": rss.phases, "vmhwm_mb": (_status_kb("VmHWM") or 0) / 1024}

@@ -22,7 +22,10 @@ FIGURES = ("forward_rate", "e2e_rate", "e2e_vs_forward", "seed_rate", "e2e_vs_se
            "transform.rate.off", "transform.rate.high", "transform.high_vs_off",
            "transform.serving_cpu_ms_per_image", "transform.serving_cpu_ms_per_image.high",
            "transform.forward_decode_cpu_ms_per_image", "transform.serving_vs_forward_decode",
-           "transform.images_per_vcpu_s", "moto.cpu_ms_per_image", "moto.cpu_share")
+           "transform.images_per_vcpu_s", "moto.cpu_ms_per_image", "moto.cpu_share",
+           # one job alone per heatmap mode
+           "transform_one_job.rate.off", "transform_one_job.rate.high", "transform_one_job.high_vs_off",
+           "transform_one_job.serving_cpu_ms_per_image.off", "transform_one_job.serving_vs_forward_decode")
 # CPU per image of the serving processes minus the forward pass: a difference of two measurements,
 # only required to be there (and finite)
 PRESENT = ("transform.cpu_ms_outside_forward",)
@@ -64,17 +67,22 @@ def test_quick_bench_prints_every_figure(bench_model: Path, tmp_path: Path, caps
     by_op = result["e2e"]["api_calls_per_image_by_operation"]
     assert by_op and all(v > 0 for v in by_op.values())
     assert abs(sum(by_op.values()) - per_image) < 0.01
-    assert set(result["memory"]["phases"]) >= {"decode", "forward", "seed", "e2e", "e2e-heatmaps-high"}
+    assert set(result["memory"]["phases"]) >= {"decode", "forward", "seed", "e2e", "e2e-heatmaps-high",
+                                               "transform-heatmaps-off", "transform-heatmaps-high"}
     assert result["machine"]["device"].startswith("cpu")
     # the pipeline's forward figure is the chosen runtime's (auto on the CPU: ONNX Runtime)
     assert result["forward"] == result["forward_by_runtime"]["onnx"] and "onnxruntime" in result["machine"]["runtime"]
     assert set(result["e2e_by_heatmaps"]) == {"off", "high"} and result["e2e"] == result["e2e_by_heatmaps"]["off"]
     assert result["e2e_by_heatmaps"]["high"]["parquet_rows"] == 40 and result["e2e_by_heatmaps"]["high"]["failed"] == 0
+    one = result["transform_by_heatmaps"]
+    assert set(one) == {"off", "high"} and all(t["jobs"] == 1 and t["images"] == 40 for t in one.values())
+    assert one["off"]["heatmaps_stored"] == 0 and one["high"]["transform_mode"] == "serving"
 
     table = capsys.readouterr().out
     for label in ("1. model forward", "2. end to end", "3. seed style", "4. decode", "5. peak RSS",
                   "ml.g4dn.xlarge", "AWS API calls per image", "GetObject", "forward on onnx",
-                  "ratio transform high / off", "serving CPU / (forward + decode)", "moto server's share"):
+                  "ratio transform high / off", "serving CPU / (forward + decode)", "moto server's share",
+                  "one job alone, heatmaps high", "ratio one job high / off"):
         assert label in table
 
 
