@@ -58,13 +58,11 @@ from botocore.exceptions import ClientError
 from dermscore import layout, reasons, results
 from dermscore.aws import error_code, is_missing
 from dermscore.messages import ManifestLine
-from handlers.storage import put_json
+from handlers.storage import CONFLICT, PRECONDITION_FAILED, put_json
 
 WORKERS = 64                        # parallel document writes (I/O-bound; boto3 clients are thread-safe)
 RETRIES = 6                         # a conflicting writer (409, or an IfMatch lost) makes a write retry
 HISTORY = 16                        # earlier claims of a key (uploads, models) that its document remembers
-PRECONDITION_FAILED = ("PreconditionFailed", "412")
-CONFLICT = ("ConditionalRequestConflict", "409")
 
 
 def owner_of(job: str, input_key: str, index: int) -> str:

@@ -19,9 +19,11 @@ intent is written before anything else: a run that dies anywhere, or a second ru
 parts, finds the intent (or the job) and finishes that job instead of creating another, and a
 part leaves ``pending/`` only once a job that holds it exists. A part that still ends in two jobs
 (a redelivered batch re-written after its first copy was dispatched) is scored twice and
-collected once (``handlers.claims``). So two runs at once are safe, and the template reserves no
-concurrency by default (``DispatchReservedConcurrency``: new accounts refuse reservations). It
-runs on a schedule; enqueue also wakes it when the pending volume makes a job.
+collected once (``handlers.claims``). Shards are created, never replaced (:func:`write_shards`), so
+a run that met another on one intent cannot shorten that job's manifest. So two runs at once are
+safe, and the template reserves no concurrency by default (``DispatchReservedConcurrency``: new
+accounts refuse reservations). It runs on a schedule; enqueue also wakes it when the pending
+volume makes a job.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dermscore.aws import chunks, error_code, error_message, is_missing, iter_ob
 from dermscore.config import Settings
 from handlers import runtime
 from handlers.runtime import Runtime
-from handlers.storage import MANIFEST_CONTENT_TYPE, put_json, read_json, read_lines
+from handlers.storage import MANIFEST_CONTENT_TYPE, create_once, put_json, read_json, read_lines
 
 logger = Logger(service="dermscore-dispatch")
 metrics = Metrics(service="dermscore-dispatch")   # namespace: POWERTOOLS_METRICS_NAMESPACE (template.yaml)
@@ -142,7 +144,12 @@ def part_lines(s3, bucket: str, key: str) -> list[str]:
 
 def write_shards(rt: Runtime, intent: Intent) -> tuple[str, int]:
     """The job's manifest: its parts' lines, in order, cut into balanced shard files while they are
-    read (one part and one shard in memory, whatever the job's size). Returns (folder, files written)."""
+    read (one part and one shard in memory, whatever the job's size). Returns (folder, files written).
+
+    A shard is created only if it does not exist (``IfNoneMatch``). Another run of the same intent
+    may have written it, created the job and deleted the parts while this run was reading them:
+    this run's shard would lack the deleted parts' lines, and the job reads its manifest only when
+    it starts. Every run that writes a shard while all of its parts exist writes the same bytes."""
     settings, s3 = rt.settings, rt.s3
     shards = sharding.shards_for(intent.images, settings.instance_count, settings.min_images_per_shard,
                                  settings.max_images_per_shard)
@@ -151,8 +158,10 @@ def write_shards(rt: Runtime, intent: Intent) -> tuple[str, int]:
 
     def flush() -> None:
         nonlocal files, buffer
-        s3.put_object(Bucket=settings.bucket, Key=layout.shard_key(intent.job, files, shards),
-                      Body="".join(ln + "\n" for ln in buffer).encode(), ContentType=MANIFEST_CONTENT_TYPE)
+        key = layout.shard_key(intent.job, files, shards)
+        if not create_once(s3, settings.bucket, key, "".join(ln + "\n" for ln in buffer).encode(),
+                           MANIFEST_CONTENT_TYPE):
+            logger.info("shard already written by another run of this intent: kept", extra={"shard": key})
         files, buffer = files + 1, []
 
     for part in intent.parts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 from botocore.exceptions import ClientError
 
 from dermscore import layout, results
-from dermscore.aws import is_missing
+from dermscore.aws import error_code, is_missing
 
 MANIFEST_CONTENT_TYPE = "application/jsonlines"
 # The Parquet codecs the AWS SDK for pandas layer's pyarrow is built with (snappy and zlib; its
@@ -20,6 +21,26 @@ MANIFEST_CONTENT_TYPE = "application/jsonlines"
 # also what Athena and DuckDB read fastest.
 LAYER_PARQUET_CODECS = ("snappy", "gzip", "none")
 PARQUET_CODEC = "snappy"
+# What S3 answers a conditional write (IfNoneMatch / IfMatch) that lost, or that met a concurrent one.
+PRECONDITION_FAILED = ("PreconditionFailed", "412")
+CONFLICT = ("ConditionalRequestConflict", "409")
+RETRIES = 6
+
+
+def create_once(s3, bucket: str, key: str, body: bytes, content_type: str) -> bool:
+    """PUT ``key`` only if no object of that key exists (``IfNoneMatch``); False if one does. An
+    object written once is never replaced by a writer that saw less (a concurrent run)."""
+    for attempt in range(RETRIES):
+        try:
+            s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if error_code(exc) in PRECONDITION_FAILED:
+                return False
+            if error_code(exc) not in CONFLICT:
+                raise
+        time.sleep(0.02 * 2 ** attempt)   # a concurrent write of the key: its outcome decides
+    raise RuntimeError(f"{key}: conditional create still conflicting after {RETRIES} attempts")
 
 
 def read_lines(s3, bucket: str, key: str) -> list[str]:

@@ -49,6 +49,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from batch.bundle import sha256_file
 from dermscore.aws import iter_keys, parse_s3_uri
 from dermscore.template import LOCAL_ACCOUNT_ID, LOCAL_REGION
@@ -469,6 +471,16 @@ class LocalSageMaker:
         if outcome["failure_reason"]:
             job["FailureReason"] = outcome["failure_reason"]
         return job
+
+    def create_transform_job(self, **request: Any) -> dict[str, Any]:
+        """moto's create, refusing a name that exists as SageMaker does (moto accepts it twice)."""
+        name = request["TransformJobName"]
+        try:
+            self._client.describe_transform_job(TransformJobName=name)
+        except ClientError:
+            return self._client.create_transform_job(**request)
+        raise ClientError({"Error": {"Code": "ResourceInUse", "Message": f"Job name {name} already exists"}},
+                          "CreateTransformJob")
 
     def list_transform_jobs(self, StatusEquals: str | None = None, **kwargs: Any) -> dict[str, Any]:  # noqa: N803
         """moto's list, with each job's status as the runner knows it (filtered by ``StatusEquals``)."""
