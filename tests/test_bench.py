@@ -82,7 +82,7 @@ def test_quick_bench_prints_every_figure(bench_model: Path, tmp_path: Path, caps
     for label in ("1. model forward", "2. end to end", "3. seed style", "4. decode", "5. peak RSS",
                   "ml.g4dn.xlarge", "AWS API calls per image", "GetObject", "forward on onnx",
                   "ratio transform high / off", "serving CPU / (forward + decode)", "moto server's share",
-                  "one job alone, heatmaps high", "ratio one job high / off"):
+                  "one transform job alone, heatmaps high", "ratio one job high / off"):
         assert label in table
 
 
