@@ -652,20 +652,15 @@ def serving_figures(result: dict[str, Any]) -> dict[str, float]:
     """The transform by heatmap mode, the serving stack's CPU against the forward pass + decode,
     and the moto server's share of the CPU (docs/benchmark.md, "Runtime, heatmap and serving keys")."""
     out: dict[str, float] = {}
-    by_mode = result.get("e2e_by_heatmaps") or {}
-    for mode, e in by_mode.items():
-        out[f"transform.rate.{mode}"] = e["transform_rate"]
-        if e.get("server_cpu_ms_per_image") is not None:
-            out[f"transform.serving_cpu_ms_per_image.{mode}"] = e["server_cpu_ms_per_image"]
-    if "off" in by_mode and "high" in by_mode and by_mode["off"]["transform_rate"]:
-        out["transform.high_vs_off"] = by_mode["high"]["transform_rate"] / by_mode["off"]["transform_rate"]
+    for prefix, section in (("transform", "e2e_by_heatmaps"), ("transform_one_job", "transform_by_heatmaps")):
+        by_mode = result.get(section) or {}
+        for mode, e in by_mode.items():
+            out[f"{prefix}.rate.{mode}"] = e["transform_rate"]
+            if e.get("server_cpu_ms_per_image") is not None:
+                out[f"{prefix}.serving_cpu_ms_per_image.{mode}"] = e["server_cpu_ms_per_image"]
+        if "off" in by_mode and "high" in by_mode and by_mode["off"]["transform_rate"]:
+            out[f"{prefix}.high_vs_off"] = by_mode["high"]["transform_rate"] / by_mode["off"]["transform_rate"]
     one = result.get("transform_by_heatmaps") or {}
-    for mode, t in one.items():
-        out[f"transform_one_job.rate.{mode}"] = t["transform_rate"]
-        if t.get("server_cpu_ms_per_image") is not None:
-            out[f"transform_one_job.serving_cpu_ms_per_image.{mode}"] = t["server_cpu_ms_per_image"]
-    if "off" in one and "high" in one and one["off"]["transform_rate"]:
-        out["transform_one_job.high_vs_off"] = one["high"]["transform_rate"] / one["off"]["transform_rate"]
     if "forward" in result and "decode" in result:   # the work the container cannot avoid
         out["transform.forward_decode_cpu_ms_per_image"] = (result["forward"]["cpu_ms_per_image"]
                                                             + result["decode"]["with_draft_cpu_ms_per_image"])
